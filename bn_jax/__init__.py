@@ -1,0 +1,12 @@
+"""bn_jax: batch normalization as pure JAX functions with explicit state."""
+
+from bn_jax.core import BNParams
+from bn_jax.core import BNState
+from bn_jax.core import apply
+from bn_jax.core import batch_norm_backward
+from bn_jax.core import fold_into_preceding
+from bn_jax.core import init
+from bn_jax.core import moments
+from bn_jax.core import update_running_stats
+
+__version__ = "0.1.0"
