@@ -1,0 +1,215 @@
+"""One batch-norm op, forward + backward: bn_jax against flax.linen.BatchNorm.
+
+    .venv/bin/python benchmarks/bn_op.py            # full run (~2 minutes)
+    .venv/bin/python benchmarks/bn_op.py --quick    # smoke run
+
+Each timed call is one jitted training step of the op alone: y and the new
+running statistics from the forward pass, and (dx, dscale, dbias) for a given
+cotangent dy (the gradient of sum(y * dy)). Both implementations run with the
+same options (axis=-1, momentum=0.99, epsilon=1e-5, params in float32, y in
+x's dtype) in the same process, timed in interleaved rounds so that load from
+other processes hits both alike; the table shows the median over rounds.
+
+Bandwidth counts the bytes of x, y, dy and dx once each over the time of a
+call; a jitted `x + c` (a copy that really reads and writes) measured in the
+same rounds gives the machine's practical bandwidth beside it.
+
+Allocator: on Linux, glibc serves buffers larger than its mmap threshold
+(at most 32 MiB by default) with a fresh mmap, so a 51 MB activation costs
+page faults on every call. `--malloc both` (the default) measures each case
+twice: as the process starts, and in a child process started with
+MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ raised, which keeps such
+buffers in the heap. Neither setting is tuned for either library.
+
+`passes` counts, in the compiled HLO, the kernels that read a full-size
+tensor (r) and those that write one (w): the memory traffic that decides the
+time of an op like this one on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import bn_jax
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456",
+              "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+SHAPES = ((4096, 1024), (256, 28, 28, 64))
+DTYPES = (jnp.float32, jnp.bfloat16)
+MOMENTUM, EPSILON = 0.99, 1e-5
+
+
+def bn_jax_step(x_dtype):
+  """Returns f(params, state, x, dy) -> (y, new_state, grads) for bn_jax."""
+  del x_dtype  # y takes x's dtype by itself
+
+  def step(params, state, x, dy):
+    def forward(x, params):
+      return bn_jax.apply(params, state, x, training=True, momentum=MOMENTUM,
+                          epsilon=EPSILON)
+    y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
+    return y, new_state, vjp(dy)
+  return step
+
+
+def flax_step(x_dtype):
+  """The same step for flax.linen.BatchNorm; `dtype` keeps y in x's dtype."""
+  module = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM,
+                        epsilon=EPSILON, dtype=x_dtype,
+                        param_dtype=jnp.float32)
+
+  def step(params, state, x, dy):
+    def forward(x, params):
+      y, updates = module.apply({"params": params, "batch_stats": state}, x,
+                                mutable=["batch_stats"])
+      return y, updates["batch_stats"]
+    y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
+    return y, new_state, vjp(dy)
+  return step
+
+
+def copy_step(x, c):
+  return x + c
+
+
+# ----------------------------------------------------------------------------
+# Passes over full-size tensors in the compiled HLO.
+
+_SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s+"
+                          r"([a-z][a-z0-9-]*)\((.*)$")
+_NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element",
+                "bitcast"}
+
+
+def _sizes(type_text):
+  """Element counts of the array shapes in an HLO type (tuples included)."""
+  sizes = []
+  for dims in _SHAPE.findall(type_text):
+    size = 1
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    sizes.append(size)
+  return sizes
+
+
+def count_passes(hlo_text, full_size):
+  """(kernels reading, kernels writing) a tensor of `full_size` elements in
+  the entry computation of compiled HLO text."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  sizes, reads, writes = {}, 0, 0
+  for line in entry.splitlines()[1:]:
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, type_text, opcode, rest = match.groups()
+    sizes[name] = _sizes(type_text)
+    if opcode in _NOT_KERNELS:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
+    reads += any(full_size in sizes.get(o, ()) for o in operands)
+    writes += full_size in sizes[name]
+  return reads, writes
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def _time_call(fn, args):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def run_case(shape, dtype, rounds):
+  kx, kdy = jax.random.split(jax.random.key(0))
+  x = (3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dtype)
+  dy = jax.random.normal(kdy, shape, jnp.float32).astype(dtype)
+  features = shape[-1]
+  ours_params, ours_state = bn_jax.init(features)
+  flax_vars = nn.BatchNorm(use_running_average=False, dtype=dtype).init(
+      jax.random.key(1), x)
+  candidates = {
+      "bn_jax": (jax.jit(bn_jax_step(dtype)),
+                 (ours_params, ours_state, x, dy)),
+      "flax": (jax.jit(flax_step(dtype)),
+               (flax_vars["params"], flax_vars["batch_stats"], x, dy)),
+      "copy": (jax.jit(copy_step), (x, jnp.asarray(1, dtype))),
+  }
+  passes = {}
+  for name, (fn, args) in candidates.items():
+    passes[name] = count_passes(fn.lower(*args).compile().as_text(), x.size)
+    for _ in range(2):  # warm up: compile, first-touch allocations
+      _time_call(fn, args)
+  times = {name: [] for name in candidates}
+  for _ in range(rounds):  # interleaved, so background load hits all alike
+    for name, (fn, args) in candidates.items():
+      times[name].append(_time_call(fn, args))
+  median = {name: statistics.median(t) for name, t in times.items()}
+  return x.nbytes, median, passes
+
+
+def print_table(rounds, malloc_label):
+  print(f"\n### {malloc_label}  (jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}, median of {rounds} rounds)\n")
+  print("| x | bn_jax ms | flax ms | flax/bn_jax | bn_jax GB/s | flax GB/s "
+        "| copy GB/s | bn_jax % of copy | passes r/w bn_jax, flax |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+  for shape in SHAPES:
+    for dtype in DTYPES:
+      nbytes, median, passes = run_case(shape, dtype, rounds)
+      gbps = lambda seconds, n: n * nbytes / seconds / 1e9
+      ours, theirs = gbps(median["bn_jax"], 4), gbps(median["flax"], 4)
+      copy = gbps(median["copy"], 2)  # a copy reads x and writes its result
+      name = f"{shape} {jnp.dtype(dtype).name}"
+      print(f"| {name} | {median['bn_jax'] * 1e3:.2f} | "
+            f"{median['flax'] * 1e3:.2f} | "
+            f"{median['flax'] / median['bn_jax']:.2f} | {ours:.1f} | "
+            f"{theirs:.1f} | {copy:.1f} | {100 * ours / copy:.0f}% | "
+            f"{'/'.join(map(str, passes['bn_jax']))}, "
+            f"{'/'.join(map(str, passes['flax']))} |", flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="few rounds, current allocator only")
+  parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--malloc", choices=("default", "tuned", "both"),
+                      default=None, help="allocator setting(s) to measure "
+                      "(default: both; current only with --quick)")
+  args = parser.parse_args()
+  rounds = args.rounds or (5 if args.quick else 25)
+  malloc = args.malloc or ("default" if args.quick else "both")
+  tuned_now = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+
+  for setting in (("default", "tuned") if malloc == "both" else (malloc,)):
+    if (setting == "tuned") == tuned_now:
+      label = ("glibc malloc, " + ("MALLOC_MMAP_THRESHOLD_=268435456 "
+               "MALLOC_TRIM_THRESHOLD_=1073741824" if tuned_now else
+               "default thresholds"))
+      print_table(rounds, label)
+    else:  # the allocator reads its environment only at start-up
+      env = dict(os.environ)
+      for key, value in MALLOC_ENV.items():
+        if setting == "tuned":
+          env[key] = value
+        else:
+          env.pop(key, None)
+      subprocess.run([sys.executable, __file__, "--rounds", str(rounds),
+                      "--malloc", setting], env=env, check=True)
+
+
+if __name__ == "__main__":
+  main()

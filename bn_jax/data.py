@@ -1,0 +1,542 @@
+"""MNIST-family data sets as NumPy arrays, read from IDX files.
+
+    ds = load_dataset("mnist")                              # auto: see below
+    ds = load_dataset("mnist", data_dir="/path/to/idx")     # local files only
+    x = to_float(ds.train_images, "standardize")            # (N, 784) float32
+
+Where `source="auto"` looks, in order:
+  1. `data_dir` (the config field; `--config.data_dir=/path/to/idx`), else the
+     environment variable BN_JAX_DATA_DIR;
+  2. the download cache, `<cache_dir>/<name>` (default ~/.cache/bn_jax/<name>);
+  3. for fashion_mnist, the Debian package `dataset-fashion-mnist`
+     (/usr/share/datasets/fashion-mnist);
+  4. a download from the standard mirrors into the cache.
+
+Every file is checked: IDX magic number, header counts against the payload,
+28x28 images, as many labels as images, labels in 0..9, and the md5 of the
+uncompressed bytes where it is known. Checksums are of the *uncompressed*
+bytes because redistributed copies (this repo's shared MNIST, the Debian
+Fashion-MNIST) are often recompressed, which changes the .gz bytes but not
+the data. Every problem raises `DataError` naming the file, the problem and
+the fix. Nothing here imports JAX: arrays stay on the host until training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import shutil
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR_ENV = "BN_JAX_DATA_DIR"
+
+DATASETS = ("mnist", "fashion_mnist", "kmnist")
+SOURCES = ("auto", "idx", "download", "tfds")
+SCALINGS = ("unit", "standardize")
+
+# Pixel statistics of the MNIST training set after dividing by 255 (used by
+# "standardize" for every dataset, as is customary for MNIST-style inputs).
+MNIST_PIXEL_MEAN = 0.1307
+MNIST_PIXEL_STD = 0.3081
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+# Role -> the standard file name (without .gz).
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+# md5 of the *uncompressed* IDX bytes. MNIST: /work/shared/data/mnist's
+# README. Fashion-MNIST: computed from the Debian package
+# dataset-fashion-mnist and matching independently published lists.
+RAW_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+# md5 of the .gz files as published by the original mirrors (the values
+# torchvision uses). They verify downloads; a local .gz that differs is not
+# an error, since recompressing changes these bytes but not the data.
+GZ_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "kmnist": {
+        "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
+        "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
+        "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
+        "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134",
+    },
+}
+
+# Tried in order; each serves <mirror><standard name>.gz.
+MIRRORS = {
+    "mnist": (
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    ),
+    "fashion_mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/"
+        "master/data/fashion/",
+    ),
+    "kmnist": (
+        "https://codh.rois.ac.jp/kmnist/dataset/kmnist/",
+        "http://codh.rois.ac.jp/kmnist/dataset/kmnist/",
+    ),
+}
+
+# Read-only copies installed by system packages, tried by source="auto".
+SYSTEM_DATA_DIRS = {
+    "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
+}
+
+DEFAULT_CACHE_ROOT = Path("~/.cache/bn_jax")
+
+# Seconds a single network operation (connect, one read) may block, so an
+# offline machine fails fast instead of hanging.
+DOWNLOAD_TIMEOUT_S = 10.0
+_CHUNK_BYTES = 1 << 20
+
+
+class DataError(Exception):
+  """A data set could not be found, read or verified; the message says how
+  to fix it."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """One data set in memory. Arrays are host NumPy arrays.
+
+  `eq=False`: comparing datasets field by field would compare arrays
+  element-wise, which has no single truth value.
+  """
+  name: str  # "mnist", "fashion_mnist", "kmnist"
+  train_images: np.ndarray = dataclasses.field(repr=False)  # (N, 28, 28) u8
+  train_labels: np.ndarray = dataclasses.field(repr=False)  # (N,) int32
+  test_images: np.ndarray = dataclasses.field(repr=False)  # (M, 28, 28) u8
+  test_labels: np.ndarray = dataclasses.field(repr=False)  # (M,) int32
+  origin: str  # where the data came from; whether checksums were verified
+
+
+def _idx_file_list(name: str = "") -> str:
+  what = f"{name} " if name else ""
+  return (f"the four {what}IDX files ({', '.join(IDX_FILES.values())}; each "
+          "may be gzipped as .gz)")
+
+
+def _local_files_hint(name: str = "") -> str:
+  return (f"point the run at a directory holding {_idx_file_list(name)}: "
+          "--config.data_dir=/path/to/idx (config field `data_dir`) or "
+          f"export {DATA_DIR_ENV}=/path/to/idx.")
+
+
+_REPLACE_HINT = ("Replace it with an intact copy (if it is in the download "
+                 "cache, delete it and it is fetched again).")
+
+
+# ----------------------------------------------------------------------------
+# One IDX file.
+
+
+def _read_bytes(path: Path) -> tuple[bytes, bytes | None]:
+  """Returns (IDX bytes, compressed bytes or None if the file is raw)."""
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found. To fix, "
+                    f"{_local_files_hint()}") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the file ({e}).") from e
+  # Decide by content, not by name: a .gz suffix is often wrong either way.
+  if not data.startswith(_GZIP_MAGIC):
+    return data, None
+  try:
+    return gzip.decompress(data), data
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f"{path}: corrupt gzip data ({e}). {_REPLACE_HINT}") from e
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+  if len(data) < 4:
+    raise DataError(f"{path}: only {len(data)} bytes, too short for an IDX "
+                    f"header. {_REPLACE_HINT}")
+  magic = int.from_bytes(data[:4], "big")
+  ndim = data[3]
+  if data[:2] != b"\0\0" or data[2] != _IDX_UBYTE or ndim not in (1, 3):
+    note = (" (the name ends in .gz but the content is not gzip)"
+            if path.suffix == ".gz" else "")
+    raise DataError(
+        f"{path}: bad IDX magic number {magic} (0x{magic:08x}){note}; expected "
+        f"{IDX_LABELS_MAGIC} (labels) or {IDX_IMAGES_MAGIC} (images), i.e. "
+        "unsigned bytes with 1 or 3 dimensions. This is not an MNIST-style "
+        f"IDX file. {_REPLACE_HINT}")
+  header_bytes = 4 + 4 * ndim
+  if len(data) < header_bytes:
+    raise DataError(f"{path}: truncated header: expected {header_bytes} "
+                    f"bytes, found {len(data)}. {_REPLACE_HINT}")
+  shape = struct.unpack(f">{ndim}I", data[4:header_bytes])
+  expected = math.prod(shape)
+  actual = len(data) - header_bytes
+  if actual != expected:
+    problem = "truncated" if actual < expected else "trailing bytes"
+    raise DataError(
+        f"{path}: {problem}: the header declares shape {shape}, i.e. "
+        f"expected {expected} payload bytes, but found {actual} "
+        f"({header_bytes + expected} vs {len(data)} bytes uncompressed in "
+        f"all). {_REPLACE_HINT}")
+  # frombuffer on bytes is read-only; copy so callers own ordinary arrays.
+  return np.frombuffer(data, np.uint8, expected, header_bytes).reshape(
+      shape).copy()
+
+
+def read_idx(path) -> np.ndarray:
+  """Reads one IDX file (gzip or raw, detected by content) as a uint8 array.
+
+  Raises:
+    DataError: unreadable file, corrupt gzip, bad magic number, or a header
+      whose shape does not match the payload size.
+  """
+  path = Path(path)
+  data, _ = _read_bytes(path)
+  return _parse_idx(data, path)
+
+
+# ----------------------------------------------------------------------------
+# A directory of four IDX files.
+
+
+def _candidate_names(stem: str) -> list[str]:
+  dotted = stem.replace("-idx", ".idx")  # train-images.idx3-ubyte
+  return [stem, stem + ".gz", dotted, dotted + ".gz"]
+
+
+def _find_idx_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
+  """Returns ({role: path} for the files found, [missing standard names])."""
+  found, missing = {}, []
+  for role, stem in IDX_FILES.items():
+    for candidate in _candidate_names(stem):
+      if (directory / candidate).is_file():
+        found[role] = directory / candidate
+        break
+    else:
+      missing.append(stem)
+  return found, missing
+
+
+def _check_md5(name: str, stem: str, path: Path, data: bytes,
+               compressed: bytes | None) -> bool:
+  """True if verified, False if no reference is known. Raises on mismatch."""
+  expected = RAW_MD5.get(name, {}).get(stem)
+  if expected is not None:
+    actual = hashlib.md5(data).hexdigest()
+    if actual != expected:
+      raise DataError(
+          f"{path}: md5 checksum mismatch for {name} {stem}: expected "
+          f"{expected}, got {actual} (md5 of the uncompressed bytes). The "
+          f"file is corrupt or not the {name} file. {_REPLACE_HINT} To load "
+          "it anyway, pass verify_checksums=False.")
+    return True
+  published_gz = GZ_MD5.get(name, {}).get(stem)
+  return (compressed is not None and published_gz is not None
+          and hashlib.md5(compressed).hexdigest() == published_gz)
+
+
+def _validate_split(images, labels, images_file, labels_file) -> None:
+  if images.ndim != 3:
+    raise DataError(f"{images_file}: holds a {images.ndim}-d array (magic "
+                    f"{IDX_LABELS_MAGIC}, labels?) where images (magic "
+                    f"{IDX_IMAGES_MAGIC}) are expected. {_REPLACE_HINT}")
+  if images.shape[1:] != IMAGE_SHAPE:
+    raise DataError(
+        f"{images_file}: images are {images.shape[1]}x{images.shape[2]}, "
+        f"expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}. {_REPLACE_HINT}")
+  if labels.ndim != 1:
+    raise DataError(f"{labels_file}: holds a {labels.ndim}-d array (magic "
+                    f"{IDX_IMAGES_MAGIC}, images?) where labels (magic "
+                    f"{IDX_LABELS_MAGIC}) are expected. {_REPLACE_HINT}")
+  if len(images) != len(labels):
+    raise DataError(
+        f"{images_file} holds {len(images)} images but {labels_file} holds "
+        f"{len(labels)} labels; the counts must be equal (files from "
+        "different releases or splits?).")
+  bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+  if bad.size:
+    raise DataError(
+        f"{labels_file}: {bad.size} label(s) out of range 0..{NUM_CLASSES - 1}"
+        f", e.g. {int(labels[bad[0]])} at index {bad[0]}. {_REPLACE_HINT}")
+
+
+def _make_dataset(name, arrays, files, origin) -> Dataset:
+  for split in ("train", "test"):
+    _validate_split(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                    files[f"{split}_images"], files[f"{split}_labels"])
+  return Dataset(
+      name=name,
+      train_images=arrays["train_images"].astype(np.uint8, copy=False),
+      train_labels=arrays["train_labels"].astype(np.int32),
+      test_images=arrays["test_images"].astype(np.uint8, copy=False),
+      test_labels=arrays["test_labels"].astype(np.int32),
+      origin=origin)
+
+
+def load_idx_dir(directory, name: str = "mnist",
+                 verify_checksums: bool = True) -> Dataset:
+  """Loads the four standard IDX files of `directory`.
+
+  Accepts each of train-images-idx3-ubyte, train-labels-idx1-ubyte,
+  t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte raw or gzipped, also under
+  the dotted names (train-images.idx3-ubyte).
+
+  Args:
+    directory: the directory holding the files.
+    name: the data set, used for the checksum table and `Dataset.name`.
+    verify_checksums: compare md5s with the known ones; a mismatch raises.
+      With False, or for a data set without known md5s, `origin` says the
+      checksums were not verified.
+
+  Raises:
+    DataError: missing directory or file, or any invalid file.
+  """
+  directory = Path(directory).expanduser()
+  if not directory.is_dir():
+    what = "is not a directory" if directory.exists() else "does not exist"
+    raise DataError(f"Data directory {directory} {what}. To fix, "
+                    f"{_local_files_hint(name)}")
+  found, missing = _find_idx_files(directory)
+  if missing:
+    present = sorted(p.name for p in directory.iterdir())[:12]
+    raise DataError(
+        f"Data directory {directory} lacks {', '.join(missing)} (looked for "
+        "each raw, .gz, and as e.g. train-images.idx3-ubyte); it holds "
+        f"{present or 'nothing'}. To fix, {_local_files_hint(name)}")
+  arrays, verified = {}, {}
+  for role, path in found.items():
+    data, compressed = _read_bytes(path)
+    arrays[role] = _parse_idx(data, path)
+    if verify_checksums:
+      verified[role] = _check_md5(name, IDX_FILES[role], path, data,
+                                  compressed)
+  if not verify_checksums:
+    checks = "checksums not verified: verify_checksums=False"
+  elif all(verified.values()):
+    checks = "md5 verified"
+  else:
+    unknown = [found[r].name for r, ok in verified.items() if not ok]
+    checks = (f"checksums not verified: no known md5 for {name} "
+              f"{', '.join(unknown)}")
+  return _make_dataset(name, arrays, found, f"IDX files in {directory} "
+                       f"({checks})")
+
+
+# ----------------------------------------------------------------------------
+# Download.
+
+
+def _download_file(url: str, dest: Path, name: str, stem: str) -> None:
+  """Fetches url to dest atomically (temporary file, md5 check, replace)."""
+  fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part",
+                                  dir=dest.parent)
+  tmp = Path(tmp_name)
+  try:
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
+        url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+      shutil.copyfileobj(response, out, _CHUNK_BYTES)
+    content = tmp.read_bytes()
+    known = {GZ_MD5.get(name, {}).get(stem)}
+    actual = {hashlib.md5(content).hexdigest()}
+    if content.startswith(_GZIP_MAGIC):
+      known.add(RAW_MD5.get(name, {}).get(stem))
+      try:
+        actual.add(hashlib.md5(gzip.decompress(content)).hexdigest())
+      except (OSError, EOFError, zlib.error):
+        pass
+    known.discard(None)
+    if known and not known & actual:
+      raise ValueError(f"md5 mismatch (got {sorted(actual)}, expected one of "
+                       f"{sorted(known)})")
+    os.replace(tmp, dest)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _download(name: str, directory: Path) -> list[str]:
+  """Downloads the files missing from `directory`; returns the URLs used."""
+  if name not in MIRRORS:
+    raise DataError(f"No download mirrors are known for data set {name!r} "
+                    f"(known: {', '.join(MIRRORS)}). To use local files, "
+                    f"{_local_files_hint(name)}")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"Cannot create the download cache {directory} ({e}). "
+                    "Pass another cache_dir, or "
+                    f"{_local_files_hint(name)}") from e
+  found, _ = _find_idx_files(directory)
+  used = []
+  for role, stem in IDX_FILES.items():
+    if role in found:  # verified when loaded
+      continue
+    failures = []
+    for mirror in MIRRORS[name]:
+      url = mirror + stem + ".gz"
+      try:
+        _download_file(url, directory / (stem + ".gz"), name, stem)
+      except (OSError, http.client.HTTPException, ValueError) as e:
+        # OSError covers URLError, HTTPError, timeouts and refused
+        # connections; ValueError is a checksum mismatch.
+        failures.append(f"{url}: {type(e).__name__}: {e}")
+        continue
+      used.append(url)
+      break
+    else:
+      raise DataError(
+          f"Could not download {stem}.gz of {name} into {directory} (no "
+          "network, or every mirror failed):\n  " + "\n  ".join(failures)
+          + f"\nTo run offline, {_local_files_hint(name)}")
+  return used
+
+
+# ----------------------------------------------------------------------------
+# tensorflow-datasets.
+
+
+def _load_tfds(name: str) -> Dataset:
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(
+        f"source='tfds' needs TensorFlow and tensorflow-datasets ({e}). "
+        'Install them with `pip install -e ".[tfds]"` (tensorflow-cpu), or '
+        f"{_local_files_hint(name)}") from e
+  try:
+    splits = tfds.load(name, split=["train", "test"], batch_size=-1,
+                       as_supervised=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS raises many types (download, registration, preparation errors).
+    raise DataError(
+        f"tensorflow-datasets could not load {name!r} "
+        f"({type(e).__name__}: {e}). To run offline, "
+        f"{_local_files_hint(name)}") from e
+  (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+  squeeze = lambda x: x[..., 0] if x.ndim == 4 and x.shape[-1] == 1 else x
+  arrays = dict(train_images=squeeze(train_x), train_labels=train_y,
+                test_images=squeeze(test_x), test_labels=test_y)
+  files = {role: f"tfds {name} {role.split('_')[0]} split" for role in arrays}
+  return _make_dataset(name, arrays, files,
+                       f"tensorflow-datasets {name} (TFDS-verified)")
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+
+
+def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
+                 cache_dir=None) -> Dataset:
+  """Loads a data set; see the module docstring for where "auto" looks.
+
+  Args:
+    name: "mnist", "fashion_mnist" or "kmnist" (any name for local IDX files).
+    data_dir: a directory of IDX files; None or "" falls back to the
+      BN_JAX_DATA_DIR environment variable.
+    source: "auto"; "idx" (data_dir / BN_JAX_DATA_DIR only); "download" (the
+      standard mirrors, into the cache; files already there are reused;
+      BN_JAX_DATA_DIR is ignored);
+      "tfds" (tensorflow_datasets.load, needs TensorFlow).
+    cache_dir: root of the download cache; files go to `<cache_dir>/<name>`
+      (default ~/.cache/bn_jax/<name>).
+
+  Raises:
+    ValueError: unknown `source`.
+    DataError: no usable data; the message says how to point the run at
+      local files.
+  """
+  if source not in SOURCES:
+    raise ValueError(f"source={source!r}; choose one of {SOURCES}.")
+  if source == "tfds":
+    return _load_tfds(name)
+  if source == "download" and data_dir:
+    raise DataError(f"source='download' writes to the cache and does not "
+                    f"read data_dir={str(data_dir)!r}; use source='idx' or "
+                    "'auto' to read that directory.")
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+  if data_dir is not None and source != "download":
+    return load_idx_dir(data_dir, name)
+  if source == "idx":
+    raise DataError(f"source='idx' needs a directory: "
+                    f"{_local_files_hint(name)}")
+  cache = Path(cache_dir or DEFAULT_CACHE_ROOT).expanduser() / name
+  if source == "auto":
+    for directory in (cache, SYSTEM_DATA_DIRS.get(name)):
+      if directory is not None and not _find_idx_files(directory)[1]:
+        return load_idx_dir(directory, name)
+  used = _download(name, cache)
+  dataset = load_idx_dir(cache, name)
+  if not used:
+    return dataset
+  return dataclasses.replace(
+      dataset, origin=f"downloaded from {os.path.dirname(used[0])}/; "
+      f"{dataset.origin}")
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing.
+
+
+def to_float(images: np.ndarray, scaling: str) -> np.ndarray:
+  """uint8 images (N, 28, 28) -> float32 (N, 784).
+
+  Args:
+    images: uint8 pixel values in 0..255.
+    scaling: "unit" maps to [0, 1]; "standardize" to
+      (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD.
+  """
+  if scaling not in SCALINGS:
+    raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"to_float expects uint8 pixels, got {images.dtype}.")
+  x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+  if scaling == "standardize":
+    x = (x - np.float32(MNIST_PIXEL_MEAN)) / np.float32(MNIST_PIXEL_STD)
+  return x

@@ -1,0 +1,455 @@
+"""Config-driven experiments: BN placements x runs, with outputs in a workdir.
+
+`run_experiment(config, workdir)` is the one entry point; `experiments/main.py`
+only parses flags and calls it. For each placement, all runs (seeds x swept
+hyperparameters) train together as one vmapped program. Written to workdir:
+
+  config.json          the resolved config
+  metrics.jsonl        one line per placement, run and epoch
+  results.json         final metrics per run and the per-placement summary
+  summary.md           the summary table (also printed)
+  learning_curves.png  placements compared (mean over runs, std band)
+  curves_<placement>.png   every run of one placement
+  checkpoints/<placement>/ orbax checkpoints; rerunning resumes from them
+
+Every file is written to a temporary name and renamed, so none is ever
+half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bn_jax import data as data_lib
+from bn_jax import models
+from bn_jax import train
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field an experiment reads, with the reference Keras model's values.
+
+  Config files in configs/ start from this and change what they study.
+  """
+  c = ml_collections.ConfigDict()
+  c.dataset = "mnist"  # mnist | fashion_mnist | kmnist
+  c.data_dir = ""  # directory with the four IDX files; "" = $BN_JAX_DATA_DIR,
+  # then the cache, then a download (see bn_jax.data.load_dataset)
+  c.data_source = "auto"  # auto | idx | download | tfds
+  c.input_scaling = "unit"  # unit ([0, 1]) | standardize (MNIST mean/std)
+
+  c.model = "mlp"  # mlp | cnn
+  c.placements = ("after_activation",)
+  c.activation = "relu"
+  c.widths = (50,)
+  c.channels = (32, 64)  # cnn only
+
+  c.bn = ml_collections.ConfigDict()
+  c.bn.momentum = 0.99  # flax convention; PyTorch momentum = 1 - this
+  c.bn.epsilon = 1e-3  # Keras' default, as in the reference model
+  c.bn.unbiased_running_var = False
+  c.bn.stats_method = "shifted"
+  c.bn.analytic_grad = True
+
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.schedule = "constant"
+  c.warmup_steps = 0
+  c.weight_decay = 0.0
+  c.batch_size = 128
+  c.num_epochs = 10
+
+  c.seeds = (0, 1, 2)
+  # Numeric sweeps: a tuple of values per field multiplies the runs; () keeps
+  # the single value above. All runs of a placement train as one program.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.learning_rate = ()
+  c.sweep.bn_momentum = ()
+  c.sweep.bn_epsilon = ()
+
+  c.target_accuracy = 0.97  # "epochs to reach" column of the summary
+  c.heartbeat_seconds = 30.0  # progress line while a long epoch runs
+  c.keep_checkpoints = 2
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Runs and specs.
+
+
+def run_grid(config) -> list[dict[str, Any]]:
+  """Seeds x swept values: one dict (seed + hparams) per run."""
+  base = {"learning_rate": config.learning_rate,
+          "bn_momentum": config.bn.momentum, "bn_epsilon": config.bn.epsilon}
+  axes = {name: tuple(config.sweep[name]) or (base[name],)
+          for name in train.SWEEPABLE}
+  runs = []
+  for seed, *values in itertools.product(tuple(config.seeds),
+                                         *axes.values()):
+    runs.append({"seed": int(seed),
+                 "hparams": {n: float(v) for n, v in zip(axes, values)}})
+  return runs
+
+
+def make_spec(config, placement: str, num_train: int) -> train.TrainSpec:
+  return train.TrainSpec(
+      model=config.model, placement=placement, activation=config.activation,
+      widths=tuple(config.widths), channels=tuple(config.channels),
+      optimizer=config.optimizer, schedule=config.schedule,
+      warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+      batch_size=config.batch_size,
+      steps_per_epoch=num_train // config.batch_size,
+      num_epochs=config.num_epochs,
+      unbiased_running_var=config.bn.unbiased_running_var,
+      stats_method=config.bn.stats_method,
+      analytic_grad=config.bn.analytic_grad)
+
+
+def validate_config(config) -> None:
+  """Rejects bad values before anything is loaded or compiled."""
+  def choice(field, value, valid):
+    if value not in valid:
+      raise ValueError(f"config.{field}={value!r} is not valid; choose one "
+                       f"of {tuple(valid)}.")
+  choice("model", config.model, models.MODELS)
+  choice("activation", config.activation, tuple(models.ACTIVATIONS))
+  choice("optimizer", config.optimizer, train.OPTIMIZERS)
+  choice("schedule", config.schedule, train.SCHEDULES)
+  choice("data_source", config.data_source, data_lib.SOURCES)
+  choice("input_scaling", config.input_scaling, data_lib.SCALINGS)
+  choice("bn.stats_method", config.bn.stats_method, ("shifted", "two_pass",
+                                                     "one_pass"))
+  if not config.placements:
+    raise ValueError("config.placements is empty; give at least one of "
+                     f"{models.PLACEMENTS}.")
+  for placement in config.placements:
+    choice("placements", placement, models.PLACEMENTS)
+  for field in ("batch_size", "num_epochs"):
+    if not isinstance(config[field], int) or config[field] <= 0:
+      raise ValueError(f"config.{field}={config[field]!r} must be a "
+                       "positive integer.")
+  if not config.seeds:
+    raise ValueError("config.seeds is empty; give at least one seed.")
+  for run in run_grid(config):
+    momentum, epsilon = (run["hparams"]["bn_momentum"],
+                         run["hparams"]["bn_epsilon"])
+    if not 0.0 <= momentum <= 1.0:
+      raise ValueError(f"BN momentum {momentum} (config.bn.momentum or "
+                       "config.sweep.bn_momentum) is outside [0, 1].")
+    if not epsilon > 0:
+      raise ValueError(f"BN epsilon {epsilon} (config.bn.epsilon or "
+                       "config.sweep.bn_epsilon) must be > 0.")
+    if not run["hparams"]["learning_rate"] > 0:
+      raise ValueError("learning rate "
+                       f"{run['hparams']['learning_rate']} must be > 0.")
+
+
+# ----------------------------------------------------------------------------
+# Files: atomic writes, checkpoints.
+
+
+def write_atomic(path: Path, text: str) -> None:
+  """Writes to a temporary file in the same directory, then renames."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _checkpoint_manager(directory: Path, keep: int):
+  import orbax.checkpoint as ocp  # slow import; only runs need it
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False))
+
+
+def _save(manager, epoch: int, states, history) -> None:
+  import orbax.checkpoint as ocp
+  manager.save(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(states),
+      history=ocp.args.JsonSave({"rows": history})))
+  manager.wait_until_finished()
+
+
+def _restore(manager, abstract_states):
+  """(epoch, states, history) of the newest checkpoint, or None."""
+  import orbax.checkpoint as ocp
+  epoch = manager.latest_step()
+  if epoch is None:
+    return None
+  restored = manager.restore(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_states),
+      history=ocp.args.JsonRestore()))
+  return epoch, restored.state, restored.history["rows"]
+
+
+# ----------------------------------------------------------------------------
+# Training one placement.
+
+
+class _Heartbeat:
+  """Prints a line every `seconds` while a long epoch (or compile) runs."""
+
+  def __init__(self, seconds: float, label: str):
+    self._seconds, self._label = seconds, label
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._start = time.perf_counter()
+
+  def _run(self):
+    while not self._stop.wait(self._seconds):
+      print(f"  ... {self._label}: still running "
+            f"({time.perf_counter() - self._start:.0f} s)", flush=True)
+
+  def __enter__(self):
+    if self._seconds > 0:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+
+
+def train_placement(config, placement: str, data: train.DeviceData,
+                    runs: list[dict], workdir: Path,
+                    on_epoch=None) -> dict[str, Any]:
+  """Trains all runs of one placement, resuming from its checkpoints.
+
+  Returns {"history": rows, "wall_time": s, "compile_time": s}.
+  """
+  spec = make_spec(config, placement, data.train_images.shape[0])
+  seeds = [r["seed"] for r in runs]
+  hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE}
+  states = train.create_sweep_states(spec, seeds, hparams)
+  manager = _checkpoint_manager(workdir / "checkpoints" / placement,
+                                config.keep_checkpoints)
+  restored = _restore(manager, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states))
+  history, start_epoch, wall = [], 0, 0.0
+  if restored is not None:
+    start_epoch, states, history = restored
+    wall = history[-1]["wall_time"] if history else 0.0
+    print(f"[{placement}] resumed from checkpoint at epoch {start_epoch}",
+          flush=True)
+  compile_time = None
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    started = time.perf_counter()
+    with _Heartbeat(config.heartbeat_seconds, f"{placement} epoch {epoch}"):
+      states, metrics = train.sweep_epoch(states, data, spec=spec)
+      metrics = jax.device_get(metrics)  # the one host sync per epoch
+    seconds = time.perf_counter() - started
+    if compile_time is None and start_epoch == 0 and epoch == 1:
+      compile_time = seconds  # first epoch: compile + one epoch
+    wall += seconds
+    for i, run in enumerate(runs):
+      history.append({
+          "placement": placement, "run": i, "seed": run["seed"],
+          **run["hparams"], "epoch": epoch, "wall_time": wall,
+          **{k: float(v[i]) for k, v in metrics.items()}})
+    _save(manager, epoch, states, history)
+    accuracy = np.asarray(metrics["test_accuracy"])
+    print(f"[{placement}] epoch {epoch}/{config.num_epochs}  "
+          f"train loss {np.mean(metrics['train_loss']):.4f}  "
+          f"test acc {accuracy.mean():.4f} +- {accuracy.std():.4f} "
+          f"(batch-stats {np.mean(metrics['test_accuracy_batch_stats']):.4f})"
+          f"  {seconds:.1f} s", flush=True)
+    if on_epoch is not None:
+      on_epoch(history)
+  manager.close()
+  return {"history": history, "wall_time": wall, "compile_time": compile_time}
+
+
+# ----------------------------------------------------------------------------
+# Summary, plots.
+
+
+def summarize(placement: str, result: dict, num_runs: int,
+              target: float) -> dict[str, Any]:
+  rows = result["history"]
+  last_epoch = max(r["epoch"] for r in rows)
+  final = [r for r in rows if r["epoch"] == last_epoch]
+  acc = np.array([r["test_accuracy"] for r in final])
+  acc_bs = np.array([r["test_accuracy_batch_stats"] for r in final])
+  reached = []
+  for run in range(num_runs):
+    epochs = [r["epoch"] for r in rows
+              if r["run"] == run and r["test_accuracy"] >= target]
+    reached.append(min(epochs) if epochs else None)
+  hit = [e for e in reached if e is not None]
+  return {
+      "placement": placement, "runs": num_runs, "epochs": last_epoch,
+      "test_accuracy_mean": float(acc.mean()),
+      "test_accuracy_std": float(acc.std()),
+      "test_accuracy_batch_stats_mean": float(acc_bs.mean()),
+      "train_loss_mean": float(np.mean([r["train_loss"] for r in final])),
+      "epochs_to_target_mean": float(np.mean(hit)) if hit else None,
+      "runs_reaching_target": len(hit),
+      "wall_time": result["wall_time"],
+      "compile_time": result["compile_time"],
+  }
+
+
+def summary_markdown(summaries: list[dict], target: float) -> str:
+  lines = [
+      "| placement | runs | test acc (eval mode) | test acc (batch stats) | "
+      f"train loss | epochs to {target:.0%} | wall time (s) |",
+      "|---|---|---|---|---|---|---|"]
+  for s in summaries:
+    to_target = ("not reached" if s["epochs_to_target_mean"] is None else
+                 f"{s['epochs_to_target_mean']:.1f} "
+                 f"({s['runs_reaching_target']}/{s['runs']} runs)")
+    lines.append(
+        f"| {s['placement']} | {s['runs']} | "
+        f"{100 * s['test_accuracy_mean']:.2f} +- "
+        f"{100 * s['test_accuracy_std']:.2f} | "
+        f"{100 * s['test_accuracy_batch_stats_mean']:.2f} | "
+        f"{s['train_loss_mean']:.4f} | {to_target} | {s['wall_time']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+  tmp = path.with_name(f".{path.stem}.tmp.png")
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  os.replace(tmp, path)
+
+
+def plot_comparison(history: list[dict], path: Path) -> None:
+  """Train loss and test accuracy per epoch, mean over runs, std band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  for placement in dict.fromkeys(r["placement"] for r in history):
+    rows = [r for r in history if r["placement"] == placement]
+    epochs = sorted({r["epoch"] for r in rows})
+    for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_accuracy")):
+      values = np.array([[r[key] for r in rows if r["epoch"] == e]
+                         for e in epochs])
+      mean, std = values.mean(1), values.std(1)
+      line, = ax.plot(epochs, mean, marker="o", ms=3, label=placement)
+      ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
+                      color=line.get_color())
+  ax_loss.set(xlabel="epoch", ylabel="train loss (training mode)",
+              yscale="log", title="Training loss")
+  ax_acc.set(xlabel="epoch", ylabel="test accuracy (eval mode)",
+             title="Test accuracy")
+  ax_acc.legend(title="BN placement")
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+  _save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_runs(history: list[dict], placement: str, path: Path) -> None:
+  """Every run of one placement: test accuracy, eval mode vs batch stats."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  rows = [r for r in history if r["placement"] == placement]
+  for run in sorted({r["run"] for r in rows}):
+    mine = [r for r in rows if r["run"] == run]
+    line, = ax.plot([r["epoch"] for r in mine],
+                    [r["test_accuracy"] for r in mine],
+                    label=f"run {run} (seed {mine[0]['seed']})")
+    ax.plot([r["epoch"] for r in mine],
+            [r["test_accuracy_batch_stats"] for r in mine], ls="--",
+            color=line.get_color())
+  ax.set(xlabel="epoch", ylabel="test accuracy",
+         title=f"{placement}: eval mode (solid) vs batch stats (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save_figure(fig, path)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# The entry point.
+
+
+def load_data(config) -> tuple[train.DeviceData, str]:
+  dataset = data_lib.load_dataset(config.dataset,
+                                  data_dir=config.data_dir or None,
+                                  source=config.data_source)
+  device_data = train.to_device(
+      data_lib.to_float(dataset.train_images, config.input_scaling),
+      dataset.train_labels,
+      data_lib.to_float(dataset.test_images, config.input_scaling),
+      dataset.test_labels)
+  return device_data, dataset.origin
+
+
+def _check_workdir(workdir: Path, config_json: str) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file; give a directory.")
+  saved = workdir / "config.json"
+  if saved.exists() and saved.read_text() != config_json:
+    raise ValueError(
+        f"{workdir} holds a run with a different config ({saved}). Resuming "
+        "needs the same config; use a new --workdir for a new experiment.")
+
+
+def run_experiment(config, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Trains every placement, writes all outputs, returns the results."""
+  validate_config(config)
+  workdir = Path(workdir)
+  config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True,
+                           default=list) + "\n"
+  _check_workdir(workdir, config_json)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_atomic(workdir / "config.json", config_json)
+
+  data, origin = load_data(config)
+  num_train = data.train_images.shape[0]
+  if config.batch_size > num_train:
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than "
+                     f"the training set ({num_train} examples).")
+  runs = run_grid(config)
+  print(f"data: {config.dataset} from {origin}; {num_train} train / "
+        f"{data.test_images.shape[0]} test examples", flush=True)
+  print(f"{len(config.placements)} placement(s) x {len(runs)} run(s) x "
+        f"{config.num_epochs} epoch(s) on {jax.devices()[0].platform}",
+        flush=True)
+
+  history: list[dict] = []
+  summaries = []
+
+  def write_metrics(current: list[dict]) -> None:
+    lines = [json.dumps(r) for r in history + current]
+    write_atomic(workdir / "metrics.jsonl", "\n".join(lines) + "\n")
+
+  for placement in config.placements:
+    result = train_placement(config, placement, data, runs, workdir,
+                             on_epoch=write_metrics)
+    history += result["history"]
+    write_metrics([])
+    summaries.append(summarize(placement, result, len(runs),
+                               config.target_accuracy))
+    plot_runs(history, placement, workdir / f"curves_{placement}.png")
+
+  table = summary_markdown(summaries, config.target_accuracy)
+  print("\n" + table, flush=True)
+  write_atomic(workdir / "summary.md",
+               f"# {config.dataset}: BN placements\n\nData: {origin}\n\n"
+               + table)
+  plot_comparison(history, workdir / "learning_curves.png")
+  results = {"data_origin": origin, "runs": runs, "summary": summaries,
+             "final": [r for r in history
+                       if r["epoch"] == config.num_epochs]}
+  write_atomic(workdir / "results.json", json.dumps(results, indent=2) + "\n")
+  return results

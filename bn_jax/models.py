@@ -1,0 +1,126 @@
+"""MLP and small CNN with a choice of where batch normalization goes.
+
+Placements (the comparison this project is about):
+  none               no normalization.
+  before_activation  Dense (no bias, BN's beta replaces it) -> BN -> act,
+                     as in Ioffe & Szegedy (2015).
+  after_activation   Dense -> act -> BN, as in much Keras example code.
+  input              BN on the raw input as the only preprocessing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bn_jax import nn as bn_nn
+
+PLACEMENTS = ("none", "before_activation", "after_activation", "input")
+ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
+    "relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
+MODELS = ("mlp", "cnn")
+
+
+class _BNBlock(nn.Module):
+  """One hidden layer: a linear map, the activation and BN where placed."""
+  make_linear: Callable[..., nn.Module]
+  activation: str
+  placement: str
+  norm: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    act = ACTIVATIONS[self.activation]
+    if self.placement == "before_activation":
+      return act(self.norm()(self.make_linear(use_bias=False)(x),
+                             use_running_average=not train))
+    x = act(self.make_linear(use_bias=True)(x))
+    if self.placement == "after_activation":
+      x = self.norm()(x, use_running_average=not train)
+    return x
+
+
+class _Classifier(nn.Module):
+  """Shared frame: optional input BN, hidden blocks, linear readout."""
+  placement: str = "after_activation"
+  activation: str = "relu"
+  num_classes: int = 10
+  bn_momentum: Any = 0.99
+  bn_epsilon: Any = 1e-5
+  bn_options: dict = None  # extra keyword arguments for bn_jax.nn.BatchNorm
+  axis_name: Any = None  # synchronizes BN statistics over this named axis
+
+  def norm(self, **kwargs):
+    return bn_nn.BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                           axis_name=self.axis_name,
+                           **(self.bn_options or {}), **kwargs)
+
+  def check(self):
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"placement={self.placement!r}; choose one of "
+                       f"{PLACEMENTS}.")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r}; choose one of "
+                       f"{tuple(ACTIVATIONS)}.")
+
+  def block(self, make_linear, name):
+    return _BNBlock(make_linear=make_linear, activation=self.activation,
+                    placement=self.placement, norm=self.norm, name=name)
+
+
+class MLP(_Classifier):
+  """784 -> hidden widths -> num_classes, on flattened images."""
+  widths: Sequence[int] = (50,)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    self.check()
+    x = images.reshape(images.shape[0], -1)
+    if self.placement == "input":
+      x = self.norm(name="input_bn")(x, use_running_average=not train)
+    for i, width in enumerate(self.widths):
+      x = self.block(lambda use_bias, w=width: nn.Dense(w, use_bias=use_bias),
+                     name=f"hidden_{i}")(x, train=train)
+    return nn.Dense(self.num_classes, name="readout")(x)
+
+
+class CNN(_Classifier):
+  """Conv(3x3) blocks with 2x2 max-pooling, then one dense hidden layer."""
+  channels: Sequence[int] = (32, 64)
+  widths: Sequence[int] = (128,)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    self.check()
+    x = images.reshape(images.shape[0], 28, 28, 1)
+    if self.placement == "input":
+      x = self.norm(name="input_bn")(x, use_running_average=not train)
+    for i, channels in enumerate(self.channels):
+      conv = lambda use_bias, c=channels: nn.Conv(c, (3, 3), use_bias=use_bias)
+      x = self.block(conv, name=f"conv_{i}")(x, train=train)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    for i, width in enumerate(self.widths):
+      x = self.block(lambda use_bias, w=width: nn.Dense(w, use_bias=use_bias),
+                     name=f"hidden_{i}")(x, train=train)
+    return nn.Dense(self.num_classes, name="readout")(x)
+
+
+def make_model(model: str, *, placement: str, activation: str,
+               widths: Sequence[int], channels: Sequence[int] = (32, 64),
+               bn_momentum: Any = 0.99, bn_epsilon: Any = 1e-5,
+               bn_options: dict | None = None, axis_name: Any = None,
+               num_classes: int = 10) -> nn.Module:
+  """Builds the named model. BN momentum/epsilon may be traced scalars, so a
+  vmapped sweep can give every run its own value."""
+  common = dict(placement=placement, activation=activation,
+                num_classes=num_classes, bn_momentum=bn_momentum,
+                bn_epsilon=bn_epsilon, bn_options=bn_options,
+                axis_name=axis_name, widths=tuple(widths))
+  if model == "mlp":
+    return MLP(**common)
+  if model == "cnn":
+    return CNN(channels=tuple(channels), **common)
+  raise ValueError(f"model={model!r}; choose one of {MODELS}.")

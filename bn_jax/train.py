@@ -1,0 +1,282 @@
+"""Training: a pure train step, one epoch as a `lax.scan`, vmapped sweeps.
+
+Everything here is a function of (TrainSpec, TrainState, data): the spec is
+the static, hashable part of a config (architecture, optimizer, batch size),
+the state is what changes (params, batch_stats, opt_state, step) plus the
+per-run numbers a sweep may vary (learning rate, BN momentum and epsilon,
+data-order key). K runs of one architecture are K stacked states trained by
+`jax.vmap` of the same epoch function: one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bn_jax import models
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """The static part of an experiment: everything that shapes the program."""
+  model: str = "mlp"
+  placement: str = "after_activation"
+  activation: str = "relu"
+  widths: tuple[int, ...] = (50,)
+  channels: tuple[int, ...] = (32, 64)
+  optimizer: str = "adam"
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  batch_size: int = 128
+  steps_per_epoch: int = 468
+  num_epochs: int = 10
+  eval_chunk: int = 1000
+  unbiased_running_var: bool = False
+  stats_method: str = "shifted"
+  analytic_grad: bool = True
+  axis_name: str | None = None  # set for data-parallel (synchronized) BN
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.num_epochs
+
+  def make_model(self, hparams: dict[str, Any]):
+    return models.make_model(
+        self.model, placement=self.placement, activation=self.activation,
+        widths=self.widths, channels=self.channels,
+        bn_momentum=hparams["bn_momentum"], bn_epsilon=hparams["bn_epsilon"],
+        bn_options=dict(unbiased_running_var=self.unbiased_running_var,
+                        stats_method=self.stats_method,
+                        analytic_grad=self.analytic_grad),
+        axis_name=self.axis_name)
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  hparams: dict[str, jax.Array]  # float32 scalars, may differ per run
+  data_key: jax.Array  # uint32 key; epoch e shuffles with fold_in(key, e)
+
+
+class DeviceData(NamedTuple):
+  """The whole data set as device arrays (MNIST is 190 MB as float32)."""
+  train_images: jax.Array  # (N, 784) float32
+  train_labels: jax.Array  # (N,) int32
+  test_images: jax.Array
+  test_labels: jax.Array
+
+
+def make_optimizer(spec: TrainSpec, learning_rate) -> optax.GradientTransformation:
+  """optax optimizer; `learning_rate` may be a traced per-run scalar."""
+  if spec.schedule == "constant":
+    lr = learning_rate
+  elif spec.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(learning_rate, spec.total_steps)
+  elif spec.schedule == "warmup_cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, spec.warmup_steps, spec.total_steps)
+  else:
+    raise ValueError(f"schedule={spec.schedule!r}; choose one of {SCHEDULES}.")
+  if spec.optimizer == "adam":
+    return optax.adam(lr)
+  if spec.optimizer == "adamw":
+    return optax.adamw(lr, weight_decay=spec.weight_decay)
+  if spec.optimizer == "sgd":
+    return optax.sgd(lr)
+  if spec.optimizer == "momentum":
+    return optax.sgd(lr, momentum=0.9, nesterov=True)
+  raise ValueError(f"optimizer={spec.optimizer!r}; choose one of "
+                   f"{OPTIMIZERS}.")
+
+
+def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
+                       ) -> TrainState:
+  """Initializes one run. `seed` and `hparams` may be traced (vmap)."""
+  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+  init_key, data_key = jax.random.split(jax.random.key(seed))
+  model = spec.make_model(hparams)
+  variables = model.init(init_key, jnp.zeros((1, 784), jnp.float32),
+                         train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=make_optimizer(spec, hparams["learning_rate"]).init(params),
+      hparams=hparams, data_key=jax.random.key_data(data_key))
+
+
+def _pmean(value, axis_name):
+  return value if axis_name is None else jax.lax.pmean(value, axis_name)
+
+
+def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a batch, BN in training mode.
+
+  With `spec.axis_name` set, this is the per-device body of a data-parallel
+  step: BN statistics are synchronized by bn_jax's `axis_name` and the loss
+  and gradients are averaged over the same axis.
+  """
+  model = spec.make_model(state.hparams)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+    return loss, (logits, updates.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grads = _pmean(grads, spec.axis_name)
+  tx = make_optimizer(spec, state.hparams["learning_rate"])
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state._replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats, opt_state=opt_state)
+  metrics = {"loss_sum": loss * labels.shape[0],
+             "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+             "count": jnp.asarray(labels.shape[0], jnp.int32)}
+  return new_state, metrics
+
+
+def epoch_batches(data_key, epoch, num_examples: int, spec: TrainSpec):
+  """(steps, batch) example indices for an epoch: a permutation that depends
+  only on the run's key and the epoch number (so a resumed run sees the same
+  order), with the last partial batch dropped."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(data_key), epoch)
+  order = jax.random.permutation(key, num_examples)
+  used = spec.steps_per_epoch * spec.batch_size
+  return order[:used].reshape(spec.steps_per_epoch, spec.batch_size)
+
+
+def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One epoch as a single `lax.scan`; metrics are summed on device."""
+  epoch = state.step // spec.steps_per_epoch
+  batches = epoch_batches(state.data_key, epoch,
+                          data.train_images.shape[0], spec)
+
+  def body(carry, indices):
+    carry, metrics = train_step(carry, data.train_images[indices],
+                                data.train_labels[indices], spec=spec)
+    return carry, metrics
+
+  state, metrics = jax.lax.scan(body, state, batches)
+  return state, jax.tree.map(jnp.sum, metrics)
+
+
+def _padded_chunks(x, size: int):
+  """Splits the leading axis into (n, size, ...) chunks, zero-padding."""
+  pad = (-x.shape[0]) % size
+  x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape(-1, size, *x.shape[1:])
+
+
+def evaluate(state: TrainState, images, labels, *, spec: TrainSpec,
+             use_batch_stats: bool = False) -> dict[str, jax.Array]:
+  """Loss and accuracy sums on a test set.
+
+  Default: eval mode, BN with the running statistics (what deployment sees),
+  every example counted. `use_batch_stats=True` normalizes each test batch of
+  `spec.batch_size` with its own statistics, as in training; the last partial
+  batch is dropped. The gap between the two exposes train/test inconsistency.
+  """
+  model = spec.make_model(state.hparams)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if use_batch_stats:
+    usable = images.shape[0] // spec.batch_size * spec.batch_size
+    image_chunks = images[:usable].reshape(-1, spec.batch_size,
+                                           images.shape[-1])
+    label_chunks = labels[:usable].reshape(-1, spec.batch_size)
+    valid_chunks = jnp.ones(label_chunks.shape, bool)
+  else:
+    size = min(spec.eval_chunk, images.shape[0])
+    image_chunks = _padded_chunks(images, size)
+    label_chunks = _padded_chunks(labels, size)
+    valid_chunks = _padded_chunks(jnp.ones(labels.shape, bool), size)
+
+  def chunk_metrics(chunk):
+    x, y, valid = chunk
+    if use_batch_stats:
+      logits, _ = model.apply(variables, x, train=True,
+                              mutable=["batch_stats"])
+    else:
+      logits = model.apply(variables, x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return {"loss_sum": jnp.sum(jnp.where(valid, loss, 0.0)),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == y) & valid),
+            "count": jnp.sum(valid.astype(jnp.int32))}
+
+  per_chunk = jax.lax.map(chunk_metrics,
+                          (image_chunks, label_chunks, valid_chunks))
+  return jax.tree.map(jnp.sum, per_chunk)
+
+
+def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Train one epoch, then evaluate both ways; returns per-epoch summaries."""
+  state, train = train_epoch(state, data, spec=spec)
+  test = evaluate(state, data.test_images, data.test_labels, spec=spec)
+  test_bs = evaluate(state, data.test_images, data.test_labels, spec=spec,
+                     use_batch_stats=True)
+  metrics = {
+      "train_loss": train["loss_sum"] / train["count"],
+      "train_accuracy": train["correct"] / train["count"],
+      "test_loss": test["loss_sum"] / test["count"],
+      "test_accuracy": test["correct"] / test["count"],
+      "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
+  }
+  return state, metrics
+
+
+# Compiled entry points. `spec` is static (hashable); the state is donated so
+# XLA updates params and optimizer state in place.
+jit_train_step = jax.jit(train_step, static_argnames="spec",
+                         donate_argnames="state")
+jit_train_epoch = jax.jit(train_epoch, static_argnames="spec",
+                          donate_argnames="state")
+
+
+@functools.partial(jax.jit, static_argnames="spec", donate_argnames="states")
+def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
+  """K stacked runs of one architecture: one epoch and evaluation, vmapped.
+
+  The data are shared (not copied per run); each run keeps its own params,
+  BN statistics, optimizer state, hyperparameters and data order.
+  """
+  return jax.vmap(functools.partial(epoch_and_eval, spec=spec),
+                  in_axes=(0, None))(states, data)
+
+
+def create_sweep_states(spec: TrainSpec, seeds, hparams: dict[str, Any],
+                        ) -> TrainState:
+  """Stacked states for K runs: `seeds` (K,) and each hparam a (K,) array."""
+  seeds = jnp.asarray(seeds, jnp.int32)
+  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+  return jax.jit(jax.vmap(functools.partial(create_train_state, spec)),
+                 static_argnums=())(seeds, hparams)
+
+
+def to_device(train_images, train_labels, test_images, test_labels,
+              ) -> DeviceData:
+  """Puts the preprocessed data set on the default device once."""
+  return DeviceData(
+      train_images=jax.device_put(np.asarray(train_images, np.float32)),
+      train_labels=jax.device_put(np.asarray(train_labels, np.int32)),
+      test_images=jax.device_put(np.asarray(test_images, np.float32)),
+      test_labels=jax.device_put(np.asarray(test_labels, np.int32)))

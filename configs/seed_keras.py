@@ -1,0 +1,24 @@
+r"""The reference model of the Keras example this project started from.
+
+    python -m experiments.main --config=configs/seed_keras.py \
+        --workdir=workdirs/seed_keras --config.data_dir=../shared/data/mnist
+
+784 -> Dense(50, relu) -> BatchNormalization -> Dense(10) softmax, Adam 1e-3,
+batch 128, 10 epochs, inputs scaled to [0, 1], Keras' BN defaults (momentum
+0.99, epsilon 1e-3), 3 seeds trained together as one vmapped program.
+"""
+
+from bn_jax import experiment
+
+
+def get_config():
+  config = experiment.default_config()
+  config.placements = ("after_activation",)
+  config.widths = (50,)
+  config.activation = "relu"
+  config.optimizer = "adam"
+  config.learning_rate = 1e-3
+  config.batch_size = 128
+  config.num_epochs = 10
+  config.seeds = (0, 1, 2)
+  return config

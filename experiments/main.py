@@ -1,0 +1,32 @@
+"""Runs a bn_jax experiment from a config file.
+
+    python -m experiments.main --config=configs/placements.py \
+        --workdir=workdirs/placements --config.data_dir=../shared/data/mnist
+
+Fields of the config can be overridden as --config.FIELD=VALUE. Rerunning the
+same command resumes from the workdir's checkpoints. This file is kept short:
+the logic lives in bn_jax.experiment, importable and testable.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from bn_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for config, metrics, plots and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

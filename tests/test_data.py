@@ -1,0 +1,461 @@
+"""Tests for bn_jax.data: IDX parsing, validation, checksums, sources.
+
+No test touches the network: an autouse fixture makes urlopen raise, and the
+download tests serve generated files through a fake urlopen.
+"""
+
+import gzip
+import hashlib
+import io
+import struct
+import sys
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bn_jax import data
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+STEMS = data.IDX_FILES  # role -> standard file name
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+  """Independent IDX writer: magic 0x0000 08 ndim, big-endian dims, data."""
+  array = np.asarray(array, np.uint8)
+  header = struct.pack(">HBB", 0, 0x08, array.ndim)
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  return header + array.tobytes()
+
+
+def write_idx(path: Path, array, compress: bool) -> Path:
+  raw = idx_bytes(array)
+  path.write_bytes(gzip.compress(raw) if compress else raw)
+  return path
+
+
+def make_arrays(n_train=6, n_test=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "train_images": rng.integers(0, 256, (n_train, 28, 28), np.uint8),
+      "train_labels": np.arange(n_train, dtype=np.uint8) % 10,
+      "test_images": rng.integers(0, 256, (n_test, 28, 28), np.uint8),
+      "test_labels": np.arange(n_test, dtype=np.uint8)[::-1] % 10,
+  }
+
+
+def write_dir(directory: Path, arrays=None, compress=True, names=None):
+  """Writes the four files; `names` overrides role -> file name."""
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays = arrays or make_arrays()
+  for role, array in arrays.items():
+    fname = (names or {}).get(role, STEMS[role] + (".gz" if compress else ""))
+    write_idx(directory / fname, array, compress)
+  return arrays
+
+
+def raises_naming(fragments, fn, *args, **kwargs):
+  with pytest.raises(data.DataError) as info:
+    fn(*args, **kwargs)
+  message = str(info.value)
+  for fragment in fragments:
+    assert str(fragment) in message, message
+  return message
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+  def offline(*args, **kwargs):
+    raise urllib.error.URLError("network disabled in tests")
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(data, "DEFAULT_CACHE_ROOT", tmp_path / "default-cache")
+
+
+# ----------------------------------------------------------------------------
+# read_idx
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("suffix", ["", ".gz"])  # content decides, not name
+def test_read_idx_roundtrip(tmp_path, compress, suffix):
+  images = make_arrays()["train_images"]
+  labels = np.array([0, 9, 3], np.uint8)
+  got_images = data.read_idx(write_idx(tmp_path / f"i{suffix}", images,
+                                       compress))
+  got_labels = data.read_idx(write_idx(tmp_path / f"l{suffix}", labels,
+                                       compress))
+  assert got_images.dtype == np.uint8 and got_images.flags.writeable
+  np.testing.assert_array_equal(got_images, images)
+  np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_truncated(tmp_path, compress):
+  raw = idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-100]
+  path = tmp_path / "train-images-idx3-ubyte"
+  path.write_bytes(gzip.compress(raw) if compress else raw)
+  raises_naming([path, "truncated", "expected 2352", "found 2252"],
+                data.read_idx, path)
+
+
+def test_read_idx_trailing_bytes(tmp_path):
+  path = tmp_path / "labels"
+  path.write_bytes(idx_bytes(np.zeros(5, np.uint8)) + b"\0")
+  raises_naming([path, "trailing", "expected 5", "found 6"], data.read_idx,
+                path)
+
+
+@pytest.mark.parametrize("header", [
+    struct.pack(">I", 2052),  # ndim 4
+    struct.pack(">I", 0x0D03),  # float type
+    b"\x1a\x2b\x08\x03",  # nonzero leading bytes
+    b"PK\x03\x04",  # a zip file
+])
+def test_read_idx_wrong_magic(tmp_path, header):
+  path = tmp_path / "train-images-idx3-ubyte.gz"  # .gz name, raw content
+  path.write_bytes(header + bytes(32))
+  raises_naming([path, "magic", "2049", "2051", "not gzip"], data.read_idx,
+                path)
+
+
+def test_read_idx_bad_gzip(tmp_path):
+  good = gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)))
+  truncated = tmp_path / "truncated.gz"
+  truncated.write_bytes(good[:len(good) // 2])
+  raises_naming([truncated, "corrupt gzip"], data.read_idx, truncated)
+  garbled = tmp_path / "garbled.gz"
+  garbled.write_bytes(good[:10] + b"\xff" * 40 + good[50:])
+  raises_naming([garbled, "corrupt gzip"], data.read_idx, garbled)
+
+
+def test_read_idx_missing_file(tmp_path):
+  raises_naming([tmp_path / "nope", "not found", data.DATA_DIR_ENV],
+                data.read_idx, tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------
+# load_idx_dir
+
+
+def test_load_idx_dir_gzip_raw_and_dotted_names(tmp_path):
+  arrays = make_arrays()
+  names = {"train_images": "train-images.idx3-ubyte",  # dotted, raw
+           "train_labels": "train-labels.idx1-ubyte.gz",  # dotted, gz
+           "test_images": "t10k-images-idx3-ubyte",  # raw
+           "test_labels": "t10k-labels-idx1-ubyte.gz"}
+  directory = tmp_path / "d"
+  directory.mkdir()
+  for role, array in arrays.items():
+    write_idx(directory / names[role], array, names[role].endswith(".gz"))
+  ds = data.load_idx_dir(directory, name="custom")
+  assert ds.name == "custom"
+  for role, array in arrays.items():
+    np.testing.assert_array_equal(getattr(ds, role), array)
+  assert ds.train_images.dtype == np.uint8 and ds.train_images.shape == (
+      6, 28, 28)
+  assert ds.train_labels.dtype == np.int32 and ds.test_labels.dtype == np.int32
+  assert str(directory) in ds.origin and "not verified" in ds.origin
+
+
+def test_label_out_of_range(tmp_path):
+  arrays = make_arrays()
+  arrays["test_labels"][2] = 10
+  write_dir(tmp_path, arrays)
+  raises_naming([STEMS["test_labels"], "out of range", "0..9", "10"],
+                data.load_idx_dir, tmp_path, "custom")
+
+
+def test_wrong_image_size(tmp_path):
+  arrays = make_arrays()
+  arrays["train_images"] = arrays["train_images"][:, 1:, :]
+  write_dir(tmp_path, arrays)
+  raises_naming([STEMS["train_images"], "27x28", "expected 28x28"],
+                data.load_idx_dir, tmp_path, "custom")
+
+
+def test_count_mismatch(tmp_path):
+  arrays = make_arrays()
+  arrays["train_labels"] = arrays["train_labels"][:-1]
+  write_dir(tmp_path, arrays)
+  raises_naming([STEMS["train_images"], STEMS["train_labels"], "6 images",
+                 "5 labels"], data.load_idx_dir, tmp_path, "custom")
+
+
+def test_images_and_labels_swapped(tmp_path):
+  arrays = make_arrays()
+  write_dir(tmp_path, arrays, names={"test_images": STEMS["test_labels"] +
+                                     ".gz", "test_labels": "unused"})
+  (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(
+      arrays["test_labels"]))
+  raises_naming([STEMS["test_images"], "where images"], data.load_idx_dir,
+                tmp_path, "custom")
+
+
+def test_missing_directory(tmp_path):
+  missing = tmp_path / "no_such_dir"
+  raises_naming([missing, "does not exist", "--config.data_dir=",
+                 data.DATA_DIR_ENV, "train-images-idx3-ubyte"],
+                data.load_idx_dir, missing)
+
+
+def test_missing_file(tmp_path):
+  write_dir(tmp_path)
+  (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+  message = raises_naming([tmp_path, "t10k-labels-idx1-ubyte",
+                           "--config.data_dir=", data.DATA_DIR_ENV],
+                          data.load_idx_dir, tmp_path)
+  assert "lacks t10k-labels-idx1-ubyte (" in message  # only the missing one
+
+
+# ----------------------------------------------------------------------------
+# Checksums
+
+
+def test_checksum_mismatch_raises_and_can_be_skipped(tmp_path):
+  write_dir(tmp_path)  # synthetic data under the name "mnist"
+  raises_naming(["md5 checksum mismatch", STEMS["train_images"],
+                 data.RAW_MD5["mnist"]["train-images-idx3-ubyte"],
+                 "verify_checksums=False"], data.load_idx_dir, tmp_path,
+                "mnist")
+  ds = data.load_idx_dir(tmp_path, "mnist", verify_checksums=False)
+  assert "not verified" in ds.origin and "md5 verified" not in ds.origin
+
+
+def test_checksum_match_is_reported(tmp_path, monkeypatch):
+  arrays = write_dir(tmp_path, compress=False)
+  table = {STEMS[role]: hashlib.md5(idx_bytes(array)).hexdigest()
+           for role, array in arrays.items()}
+  monkeypatch.setitem(data.RAW_MD5, "mnist", table)
+  assert data.load_idx_dir(tmp_path, "mnist").origin == (
+      f"IDX files in {tmp_path} (md5 verified)")
+  # One corrupted byte in the payload is caught.
+  path = tmp_path / STEMS["test_images"]
+  content = bytearray(path.read_bytes())
+  content[-1] ^= 1
+  path.write_bytes(bytes(content))
+  raises_naming([path, "mismatch"], data.load_idx_dir, tmp_path, "mnist")
+
+
+def test_published_gz_md5_verifies_when_raw_md5_unknown(tmp_path,
+                                                         monkeypatch):
+  write_dir(tmp_path)
+  assert "kmnist" not in data.RAW_MD5
+  ds = data.load_idx_dir(tmp_path, "kmnist")  # .gz md5s differ: not an error
+  assert "not verified" in ds.origin
+  table = {stem: hashlib.md5((tmp_path / (stem + ".gz")).read_bytes())
+           .hexdigest() for stem in STEMS.values()}
+  monkeypatch.setitem(data.GZ_MD5, "kmnist", table)
+  assert "(md5 verified)" in data.load_idx_dir(tmp_path, "kmnist").origin
+
+
+# ----------------------------------------------------------------------------
+# load_dataset sources
+
+
+def test_data_dir_then_env_var(tmp_path, monkeypatch):
+  write_dir(tmp_path / "a", make_arrays(n_train=3))
+  write_dir(tmp_path / "b", make_arrays(n_train=5))
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "b"))
+  for source in ("auto", "idx"):
+    assert len(data.load_dataset("custom", source=source).train_images) == 5
+    ds = data.load_dataset("custom", data_dir=tmp_path / "a", source=source)
+    assert len(ds.train_images) == 3
+  # An explicit directory that is wrong is an error, not a fallback.
+  raises_naming([tmp_path / "c", "does not exist"], data.load_dataset,
+                "custom", data_dir=tmp_path / "c")
+
+
+def test_idx_source_needs_a_directory(tmp_path):
+  raises_naming(["--config.data_dir=/path/to/idx",
+                 f"export {data.DATA_DIR_ENV}=/path/to/idx"],
+                data.load_dataset, "mnist", source="idx", cache_dir=tmp_path)
+
+
+def test_auto_uses_cache_then_system_dir(tmp_path, monkeypatch):
+  write_dir(tmp_path / "system", make_arrays(n_train=7))
+  monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "custom", tmp_path / "system")
+  cache = tmp_path / "cache"
+  ds = data.load_dataset("custom", cache_dir=cache)
+  assert len(ds.train_images) == 7 and "system" in ds.origin
+  write_dir(cache / "custom", make_arrays(n_train=2))
+  assert len(data.load_dataset("custom", cache_dir=cache).train_images) == 2
+
+
+def test_offline_with_nothing_local(tmp_path):
+  cache = tmp_path / "cache"
+  message = raises_naming(
+      ["--config.data_dir=/path/to/idx",
+       f"export {data.DATA_DIR_ENV}=/path/to/idx", "train-images-idx3-ubyte",
+       "t10k-labels-idx1-ubyte", "network disabled in tests",
+       data.MIRRORS["mnist"][0], data.MIRRORS["mnist"][1]],
+      data.load_dataset, "mnist", cache_dir=cache)
+  assert "Could not download" in message
+  assert not any((cache / "mnist").iterdir())  # no partial files left
+
+
+def test_offline_timeout_is_reported(tmp_path, monkeypatch):
+  def timeout(url, timeout=None):
+    assert timeout is not None and timeout <= 30  # never an unbounded wait
+    raise TimeoutError("timed out")
+  monkeypatch.setattr(urllib.request, "urlopen", timeout)
+  raises_naming(["TimeoutError", "--config.data_dir=/path/to/idx"],
+                data.load_dataset, "kmnist", source="download",
+                cache_dir=tmp_path)
+
+
+class FakeResponse(io.BytesIO):
+  pass
+
+
+def serve(files, failing_prefix):
+  """A fake urlopen: `files` by basename; URLs under failing_prefix fail."""
+  requested = []
+  def urlopen(url, timeout=None):
+    requested.append(url)
+    if url.startswith(failing_prefix):
+      raise urllib.error.URLError("mirror down")
+    return FakeResponse(files[url.rsplit("/", 1)[1]])
+  return urlopen, requested
+
+
+def test_download_tries_mirrors_verifies_and_caches(tmp_path, monkeypatch):
+  arrays = make_arrays()
+  files = {STEMS[r] + ".gz": gzip.compress(idx_bytes(a))
+           for r, a in arrays.items()}
+  monkeypatch.setitem(data.GZ_MD5, "mnist", {
+      name[:-3]: hashlib.md5(content).hexdigest()
+      for name, content in files.items()})
+  monkeypatch.setitem(data.RAW_MD5, "mnist", {
+      STEMS[r]: hashlib.md5(idx_bytes(a)).hexdigest()
+      for r, a in arrays.items()})
+  first, second = data.MIRRORS["mnist"]
+  urlopen, requested = serve(files, failing_prefix=first)
+  monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+  ds = data.load_dataset("mnist", source="download", cache_dir=tmp_path)
+  np.testing.assert_array_equal(ds.train_images, arrays["train_images"])
+  assert second in ds.origin and "(md5 verified)" in ds.origin
+  assert len(requested) == 8  # each file: first mirror fails, second serves
+  assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(
+      files)  # no .part files left
+  # A second call finds the cache and does not download.
+  requested.clear()
+  ds = data.load_dataset("mnist", cache_dir=tmp_path)
+  assert not requested and "md5 verified" in ds.origin
+
+
+def test_download_checksum_mismatch_leaves_no_file(tmp_path, monkeypatch):
+  files = {STEMS[r] + ".gz": gzip.compress(idx_bytes(a))
+           for r, a in make_arrays().items()}  # not the real MNIST
+  urlopen, _ = serve(files, failing_prefix="none")
+  monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+  raises_naming(["md5 mismatch", "train-images-idx3-ubyte.gz",
+                 "--config.data_dir=/path/to/idx"],
+                data.load_dataset, "mnist", source="download",
+                cache_dir=tmp_path)
+  assert not any((tmp_path / "mnist").iterdir())
+
+
+def test_tfds_without_tensorflow(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+  raises_naming(['pip install -e ".[tfds]"', "tensorflow-cpu",
+                 "--config.data_dir="], data.load_dataset, "mnist",
+                source="tfds")
+
+
+def test_tfds_conversion_with_fake_tfds(monkeypatch):
+  """The (image, label) batches TFDS returns become a validated Dataset."""
+  arrays = make_arrays()
+  fake_tfds = types.ModuleType("tensorflow_datasets")
+  def load(name, split, batch_size, as_supervised):
+    assert (name, split, batch_size, as_supervised) == (
+        "kmnist", ["train", "test"], -1, True)
+    return [(arrays[f"{s}_images"][..., None], arrays[f"{s}_labels"]
+             .astype(np.int64)) for s in ("train", "test")]
+  fake_tfds.load = load
+  fake_tfds.as_numpy = lambda tree: tree
+  monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tf"))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds)
+  ds = data.load_dataset("kmnist", source="tfds")
+  assert ds.origin == "tensorflow-datasets kmnist (TFDS-verified)"
+  assert ds.train_images.shape == (6, 28, 28)
+  assert ds.train_images.dtype == np.uint8
+  assert ds.test_labels.dtype == np.int32
+  np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
+
+
+def test_unknown_source():
+  with pytest.raises(ValueError, match="auto"):
+    data.load_dataset("mnist", source="internet")
+
+
+# ----------------------------------------------------------------------------
+# to_float
+
+
+def test_to_float():
+  images = np.array([[[0, 255], [51, 102]]], np.uint8)
+  unit = data.to_float(images, "unit")
+  assert unit.dtype == np.float32 and unit.shape == (1, 4)
+  np.testing.assert_allclose(unit, [[0.0, 1.0, 0.2, 0.4]], rtol=1e-6)
+  standardized = data.to_float(images, "standardize")
+  assert standardized.dtype == np.float32
+  np.testing.assert_allclose(
+      standardized, (np.array([[0.0, 1.0, 0.2, 0.4]]) - 0.1307) / 0.3081,
+      rtol=1e-5)
+  with pytest.raises(ValueError, match="unit.*standardize"):
+    data.to_float(images, "minmax")
+
+
+# ----------------------------------------------------------------------------
+# Real data (skipped where absent)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+  if not SHARED_MNIST.is_dir():
+    pytest.skip(f"no MNIST at {SHARED_MNIST}")
+  return data.load_idx_dir(SHARED_MNIST, "mnist")
+
+
+def test_real_mnist(mnist):
+  assert mnist.train_images.shape == (60000, 28, 28)
+  assert mnist.test_images.shape == (10000, 28, 28)
+  assert mnist.train_labels.shape == (60000,)
+  assert mnist.test_labels.shape == (10000,)
+  assert mnist.train_images.dtype == np.uint8
+  assert mnist.train_labels.dtype == np.int32
+  np.testing.assert_array_equal(
+      np.bincount(mnist.train_labels, minlength=10),
+      [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+  assert np.bincount(mnist.test_labels, minlength=10).sum() == 10000
+  # Pixel statistics from the histogram (exact, no float copy of 47M values).
+  counts = np.bincount(mnist.train_images.ravel(), minlength=256)
+  values = np.arange(256) / 255.0
+  mean = (counts * values).sum() / counts.sum()
+  std = np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum())
+  assert abs(mean - data.MNIST_PIXEL_MEAN) < 5e-5
+  assert abs(std - data.MNIST_PIXEL_STD) < 5e-5
+  assert mnist.origin == f"IDX files in {SHARED_MNIST} (md5 verified)"
+
+
+def test_real_mnist_through_env_var(mnist, monkeypatch, tmp_path):
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(SHARED_MNIST))
+  ds = data.load_dataset("mnist", cache_dir=tmp_path)
+  assert ds.origin == mnist.origin
+
+
+@pytest.mark.skipif(not SYSTEM_FASHION.is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_system_package(tmp_path):
+  ds = data.load_dataset("fashion_mnist", cache_dir=tmp_path)
+  assert ds.origin == f"IDX files in {SYSTEM_FASHION} (md5 verified)"
+  assert ds.train_images.shape == (60000, 28, 28)
+  assert ds.test_images.shape == (10000, 28, 28)
+  np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
