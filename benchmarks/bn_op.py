@@ -103,21 +103,49 @@ def _sizes(type_text):
   return sizes
 
 
+def _computations(hlo_text):
+  """{computation name: [(name, type, opcode, arguments, attributes)]}."""
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
+    if header:
+      current = computations.setdefault(
+          "ENTRY" if line.startswith("ENTRY") else header.group(1), [])
+    elif current is not None and (match := _INSTRUCTION.match(line)):
+      name, type_text, opcode, rest = match.groups()
+      arguments, _, attributes = rest.partition(")")
+      current.append((name, type_text, opcode, arguments, attributes))
+  return computations
+
+
+def _operands(arguments):
+  return re.findall(r"%([\w.\-]+)", arguments)
+
+
+def _sliced_only(computation, index):
+  """Whether a fused computation uses its parameter `index` only through
+  slices (one example as a reference value), never reading it whole."""
+  params = [name for name, _, opcode, arguments, _ in computation
+            if opcode == "parameter" and arguments.strip() == str(index)]
+  users = [opcode for _, _, opcode, arguments, _ in computation
+           if params and params[0] in _operands(arguments)]
+  return bool(users) and all(u in ("slice", "dynamic-slice") for u in users)
+
+
 def count_passes(hlo_text, full_size):
   """(kernels reading, kernels writing) a tensor of `full_size` elements in
-  the entry computation of compiled HLO text."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  the entry computation of compiled HLO text. A fusion that only slices a
+  full-size operand (one example, as a reference value) does not read it."""
+  computations = _computations(hlo_text)
   sizes, reads, writes = {}, 0, 0
-  for line in entry.splitlines()[1:]:
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, type_text, opcode, rest = match.groups()
+  for name, type_text, opcode, arguments, attributes in computations["ENTRY"]:
     sizes[name] = _sizes(type_text)
     if opcode in _NOT_KERNELS:
       continue
-    operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
-    reads += any(full_size in sizes.get(o, ()) for o in operands)
+    called = re.search(r"calls=%([\w.\-]+)", attributes)
+    fused = computations.get(called.group(1), []) if called else []
+    reads += any(full_size in sizes.get(o, ()) and not _sliced_only(fused, i)
+                 for i, o in enumerate(_operands(arguments)))
     writes += full_size in sizes[name]
   return reads, writes
 

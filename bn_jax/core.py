@@ -21,12 +21,15 @@ Conventions (see the README for the table beside flax and PyTorch):
     `unbiased_running_var=True` stores m/(m-1) * var as the paper's
     Algorithm 2 and PyTorch do. Normalization in training always uses the
     biased batch variance (Algorithm 1), in every framework.
-  * statistics are computed in float32 whatever x's dtype; y has x's dtype.
+  * statistics are computed in float32 for float32 and narrower x (float64
+    x, under jax_enable_x64, keeps float64); y has x's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -96,12 +99,12 @@ def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
 def _check_hyperparameters(momentum, epsilon) -> None:
   # Traced values (a vmapped sweep over momentum or epsilon) are not checked
   # here; the experiment config is validated before anything is traced.
-  if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
+  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
     raise ValueError(
         f"momentum={momentum} is outside [0, 1]. bn_jax uses flax's "
         "convention running = momentum * running + (1 - momentum) * batch; "
         "a PyTorch momentum p corresponds to 1 - p.")
-  if isinstance(epsilon, (int, float)) and not epsilon > 0:
+  if isinstance(epsilon, numbers.Real) and not epsilon > 0:
     raise ValueError(f"epsilon={epsilon} must be > 0 (it keeps 1/sqrt(var + "
                      "epsilon) finite); the usual value is 1e-5.")
 
@@ -119,6 +122,20 @@ def _check_shapes(params: BNParams, state: BNState, feature_shape) -> None:
 
 # ----------------------------------------------------------------------------
 # Statistics.
+#
+# Performance on XLA:CPU (see benchmarks/README.md): each reduction is its
+# own kernel that reads x once, and any full-size value that a reduction
+# shares with another kernel, even a broadcast per-feature vector, is written
+# to memory first. So every full-size expression below appears in one kernel
+# only, and the shifts that keep float32 sums accurate use different
+# reference examples: the first (sum of x), the last (sum of squares), the
+# second, called the anchor (the output y and, in the backward pass, dx), and
+# the mean (the backward reduction of dy * (x - mean)).
+
+
+def _stats_dtype(dtype):
+  """float32 for bfloat16, float16 and float32 inputs; float64 stays."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _psum(values, axis_name, axis_index_groups):
@@ -127,61 +144,128 @@ def _psum(values, axis_name, axis_index_groups):
   return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
 
 
-def _reference(x32, reduction_axes, axis_name, axis_index_groups):
-  """A per-feature value near the mean: the first example along the reduced
-  axes. Subtracting it before squaring avoids the catastrophic cancellation
-  of E[x^2] - E[x]^2 when |mean| >> std, without a full-size centred copy."""
-  index = tuple(0 if a in reduction_axes else slice(None)
-                for a in range(x32.ndim))
-  ref = lax.stop_gradient(x32[index])
-  if axis_name is not None:  # every device must use the same reference
-    ref = lax.pmean(ref, axis_name, axis_index_groups=axis_index_groups)
-  return jnp.expand_dims(ref, reduction_axes)
+def _where(weight, values):
+  """Zeroes masked-out (padding) values; weight None means no mask."""
+  return values if weight is None else jnp.where(weight, values, 0.0)
+
+
+def _references(x32, weight, reduction_axes, axis_name, axis_index_groups):
+  """Per-feature values near the mean: the first, last and second example.
+
+  Subtracting one before summing avoids the catastrophic cancellation of
+  E[x^2] - E[x]^2 when |mean| >> std, without a full-size centred copy.
+  Examples are counted in row-major order over the reduced axes. They are
+  constants to differentiation: no statistic depends on the choice.
+  """
+  reduced_shape = tuple(x32.shape[a] for a in reduction_axes)
+  size = math.prod(reduced_shape)
+  refs = []
+  for position in (0, size - 1, min(1, size - 1)):
+    coords = []
+    for extent in reversed(reduced_shape):
+      position, coord = divmod(position, extent)
+      coords.insert(0, coord)
+    coords = iter(coords)
+    index = tuple(next(coords) if a in reduction_axes else slice(None)
+                  for a in range(x32.ndim))
+    ref = x32[index]
+    if weight is not None:  # a padded example may hold anything, even NaN
+      ref = jnp.where(weight[index], ref, 0.0)
+    refs.append(jnp.expand_dims(lax.stop_gradient(ref), reduction_axes))
+  if axis_name is not None:  # every device must use the same references
+    refs = lax.pmean(refs, axis_name, axis_index_groups=axis_index_groups)
+  return refs
+
+
+def _square_sum_fn(reduction_axes, x32, center, anchor, weight):
+  """sum((x - center)^2) per feature, dims kept; `center` is a constant."""
+  del anchor  # only the derivative uses it
+  return jnp.sum(_where(weight, jnp.square(x32 - center)), reduction_axes,
+                 keepdims=True)
+
+
+_square_sum = jax.custom_jvp(_square_sum_fn, nondiff_argnums=(0,))
+
+
+@_square_sum.defjvp
+def _square_sum_jvp(reduction_axes, primals, tangents):
+  x32, center, anchor, weight = primals
+  # d/dx = 2 (x - center), written as 2 ((x - anchor) - (center - anchor)):
+  # transposed (in jax.grad) it then shares x - anchor with y, not x - center
+  # with the forward sum (see the note on XLA:CPU above).
+  deviation = (x32 - anchor) - (center - anchor)
+  dsum = 2.0 * jnp.sum(_where(weight, tangents[0] * deviation),
+                       reduction_axes, keepdims=True)
+  return _square_sum_fn(reduction_axes, *primals), dsum
+
+
+def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
+             stats_method, analytic_grad=True):
+  """Returns (anchor, mean - anchor, var, count), float32, dims kept.
+
+  `anchor` is a per-feature value near the mean (the second example) and
+  `mean - anchor` is computed from small numbers, so that y = (x - anchor)
+  * m + o keeps the precision of x even where |mean| >> std and the mean
+  itself does not round well to float32.
+  """
+  if stats_method not in STATS_METHODS:
+    raise ValueError(f"stats_method={stats_method!r}; choose one of "
+                     f"{STATS_METHODS}.")
+  x32 = x.astype(_stats_dtype(x.dtype))
+  weight = None if mask is None else jnp.broadcast_to(mask, x.shape)
+  sum_ = lambda v: jnp.sum(_where(weight, v), reduction_axes, keepdims=True)
+  square_sum = functools.partial(
+      _square_sum if analytic_grad else _square_sum_fn, reduction_axes, x32)
+  if weight is None:
+    local_count = jnp.asarray(
+        math.prod(x.shape[a] for a in reduction_axes), x32.dtype)
+  else:
+    local_count = sum_(jnp.ones_like(x32))
+  first, last, anchor = _references(x32, weight, reduction_axes, axis_name,
+                                    axis_index_groups)
+  if stats_method == "one_pass":  # fastest; loses precision if |mean| >> std
+    total, sq, count = _psum(
+        (sum_(x32), square_sum(0.0, anchor, weight), local_count),
+        axis_name, axis_index_groups)
+    mean = total / count
+    var = sq / count - jnp.square(mean)
+    return anchor, mean - anchor, jnp.maximum(var, 0.0), count
+  total, count = _psum((sum_(x32 - first), local_count), axis_name,
+                       axis_index_groups)
+  mean_minus_first = total / count
+  if stats_method == "two_pass":
+    # The mean is a constant to the sum of squares: its derivative there,
+    # -2 sum(x - mean), is zero.
+    mean = lax.stop_gradient(first + mean_minus_first)
+    sq = _psum(square_sum(mean, anchor, weight), axis_name,
+               axis_index_groups)
+    var = sq / count
+  else:  # shifted
+    sq = _psum(square_sum(last, anchor, weight), axis_name,
+               axis_index_groups)
+    var = sq / count - jnp.square((first - last) + mean_minus_first)
+  return (anchor, (first - anchor) + mean_minus_first, jnp.maximum(var, 0.0),
+          count)
 
 
 def moments(x: jax.Array, reduction_axes: tuple[int, ...], *,
             mask: jax.Array | None = None, axis_name=None,
             axis_index_groups=None, stats_method: str = "shifted",
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Batch mean and biased variance in float32, reduced keeping dims.
+  """Batch mean and biased variance, reduced keeping dims.
 
+  Statistics are float32 for float32 and narrower x (float64 for float64).
   Returns (mean, var, count): `count` is the number of values per feature
   (summed over `axis_name` if given), used for the unbiased correction.
   The variance is clamped at 0, so it can never be negative.
   """
-  if stats_method not in STATS_METHODS:
-    raise ValueError(f"stats_method={stats_method!r}; choose one of "
-                     f"{STATS_METHODS}.")
-  x32 = x.astype(jnp.float32)
-  sum_ = lambda v: jnp.sum(v, axis=reduction_axes, keepdims=True)
-  if mask is None:
-    where = lambda v: v
-    local_count = jnp.float32(
-        math.prod(x.shape[a] for a in reduction_axes))
-  else:
-    weight = jnp.broadcast_to(mask, x.shape)
-    where = lambda v: jnp.where(weight, v, 0.0)
-    local_count = sum_(weight.astype(jnp.float32))
-  total, count = _psum((sum_(where(x32)), local_count), axis_name,
-                       axis_index_groups)
-  mean = total / count
-  if stats_method == "two_pass":
-    sq = _psum(sum_(where(jnp.square(x32 - mean))), axis_name,
-               axis_index_groups)
-    var = sq / count
-  elif stats_method == "shifted":
-    ref = _reference(x32, reduction_axes, axis_name, axis_index_groups)
-    sq = _psum(sum_(where(jnp.square(x32 - ref))), axis_name,
-               axis_index_groups)
-    var = sq / count - jnp.square(mean - ref)
-  else:  # one_pass: fastest, loses precision when |mean| >> std
-    sq = _psum(sum_(where(jnp.square(x32))), axis_name, axis_index_groups)
-    var = sq / count - jnp.square(mean)
-  return mean, jnp.maximum(var, 0.0), count
+  anchor, mean_minus_anchor, var, count = _moments(
+      x, reduction_axes, mask, axis_name, axis_index_groups, stats_method)
+  return anchor + mean_minus_anchor, var, count
 
 
 # ----------------------------------------------------------------------------
-# Training-mode normalization with the paper's analytic backward pass.
+# Normalization and the paper's analytic backward pass.
 
 
 def batch_norm_backward(dy, x, mean, inv_std, scale, reduction_axes, *,
@@ -193,8 +277,8 @@ def batch_norm_backward(dy, x, mean, inv_std, scale, reduction_axes, *,
       dgamma = sum(dy * xhat)
       dx     = gamma * inv_std * (dy - dbeta / m - xhat * dgamma / m)
   where the sums in dx run over the whole (possibly cross-device) batch.
-  dx is computed in one pass as A * dy + B * x + C with per-feature A, B, C,
-  recomputing xhat from x rather than storing it.
+  This is the closed form of what `jax.grad` of `apply` computes; it is
+  exposed for custom kernels and for testing.
 
   dgamma and dbeta are this device's contributions, exactly what autodiff
   gives: under `pmap` average or sum them as for any other gradient; under
@@ -203,85 +287,60 @@ def batch_norm_backward(dy, x, mean, inv_std, scale, reduction_axes, *,
   Arrays `mean`, `inv_std`, `scale` are float32 with reduced dims kept.
   Returns dx in x's dtype and dgamma, dbeta in float32 with dims kept.
   """
-  dy32 = dy.astype(jnp.float32)
-  x32 = x.astype(jnp.float32)
-  xhat = (x32 - mean) * inv_std
+  dtype = _stats_dtype(x.dtype)
+  dy32 = dy.astype(dtype)
+  xhat = (x.astype(dtype) - mean) * inv_std
   sum_dy = jnp.sum(dy32, axis=reduction_axes, keepdims=True)
   sum_dy_xhat = jnp.sum(dy32 * xhat, axis=reduction_axes, keepdims=True)
-  local_count = jnp.float32(math.prod(x.shape[a] for a in reduction_axes))
+  local_count = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes),
+                            dtype)
   g_sum_dy, g_sum_dy_xhat, count = _psum(
       (sum_dy, sum_dy_xhat, local_count), axis_name, axis_index_groups)
   a = scale * inv_std
-  b = -a * inv_std * g_sum_dy_xhat / count
-  c = -a * g_sum_dy / count - b * mean
-  dx = (a * dy32 + b * x32 + c).astype(x.dtype)
-  return dx, sum_dy_xhat, sum_dy
+  dx = a * (dy32 - g_sum_dy / count - xhat * (g_sum_dy_xhat / count))
+  return dx.astype(x.dtype), sum_dy_xhat, sum_dy
 
 
-def _normalize(x, mean, var, scale, bias, epsilon):
-  """y = (x - mean) / sqrt(var + eps) * scale + bias as one fused pass."""
-  inv_std = lax.rsqrt(var + epsilon)
+def _affine_fn(x, anchor, mean_minus_anchor, multiplier, offset):
+  """y = (x - anchor) * multiplier + offset in x's dtype, one pass over x.
+
+  With an anchor near the mean, x - anchor is exact for x near it, so y
+  keeps the precision of x where |mean| >> std (a constant feature gives
+  exactly its bias). `anchor` is a constant; `mean_minus_anchor` only
+  chooses how the derivative is written.
+  """
+  del mean_minus_anchor
+  dtype = jnp.promote_types(x.dtype, multiplier.dtype)
+  return ((x.astype(dtype) - anchor) * multiplier + offset).astype(x.dtype)
+
+
+_affine = jax.custom_jvp(_affine_fn)
+
+
+@_affine.defjvp
+def _affine_jvp(primals, tangents):
+  x, anchor, mean_minus_anchor, multiplier, offset = primals
+  dx, _, _, dmultiplier, doffset = tangents
+  # (x - anchor) dm written as (x - mean) dm + (mean - anchor) dm:
+  # transposed, dm's cotangent is the backward pass's own reduction
+  # sum(dy * (x - mean)), which shares no full-size value with y or dx.
+  mean = anchor + mean_minus_anchor
+  dtype = jnp.promote_types(x.dtype, multiplier.dtype)
+  dy = (dx.astype(dtype) * multiplier + (x.astype(dtype) - mean) * dmultiplier
+        + (doffset + mean_minus_anchor * dmultiplier))
+  return _affine_fn(*primals), dy.astype(x.dtype)
+
+
+def _normalize(x, anchor, mean_minus_anchor, inv_std, scale, bias,
+               analytic_grad=True):
+  """y = (x - mean) * inv_std * scale + bias, with mean = anchor +
+  mean_minus_anchor, as one fused pass over x."""
   multiplier = inv_std if scale is None else inv_std * scale
-  offset = -mean * multiplier
+  offset = -mean_minus_anchor * multiplier
   if bias is not None:
     offset = offset + bias
-  return (x.astype(jnp.float32) * multiplier + offset).astype(x.dtype)
-
-
-def _varying_axes(value) -> frozenset:
-  manual = getattr(jax.typeof(value), "manual_axis_type", None)
-  return getattr(manual, "varying", frozenset())
-
-
-def _vary_like_x(values, x, axis_name):
-  """Marks replicated gamma and beta as varying over the axes x varies over.
-
-  Under shard_map, gamma and beta are replicated but their cotangents (this
-  device's sums) vary; once marked varying, JAX psums the cotangents when
-  transposing, as autodiff does. Elsewhere (vmap, pmap) this is a no-op.
-  """
-  if axis_name is None:
-    return values
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  x_varying = _varying_axes(x)
-  def vary(value):
-    missing = tuple(n for n in names
-                    if n in x_varying and n not in _varying_axes(value))
-    return lax.pcast(value, missing, to="varying") if missing else value
-  return jax.tree.map(vary, values)
-
-
-def _make_train_normalize(reduction_axes, axis_name, axis_index_groups,
-                          stats_method):
-  """custom_vjp of x, scale, bias, epsilon -> (y, mean, var).
-
-  mean and var are returned under stop_gradient by the caller (running
-  statistics are state, never differentiated), so their cotangents are
-  zero and the backward pass ignores them.
-  """
-
-  @jax.custom_vjp
-  def normalize(x, scale, bias, epsilon):
-    mean, var, _ = moments(x, reduction_axes, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups,
-                           stats_method=stats_method)
-    return _normalize(x, mean, var, scale, bias, epsilon), mean, var
-
-  def forward(x, scale, bias, epsilon):
-    y, mean, var = normalize(x, scale, bias, epsilon)
-    return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale, epsilon)
-
-  def backward(residuals, cotangents):
-    x, mean, inv_std, scale, epsilon = residuals
-    dy, _, _ = cotangents
-    dx, dscale, dbias = batch_norm_backward(
-        dy, x, mean, inv_std, scale, reduction_axes, axis_name=axis_name,
-        axis_index_groups=axis_index_groups)
-    return (dx, dscale.reshape(scale.shape).astype(scale.dtype),
-            dbias.reshape(scale.shape), jnp.zeros_like(epsilon))
-
-  normalize.defvjp(forward, backward)
-  return normalize
+  affine = _affine if analytic_grad else _affine_fn
+  return affine(x, anchor, mean_minus_anchor, multiplier, offset)
 
 
 # ----------------------------------------------------------------------------
@@ -313,17 +372,23 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
     unbiased_running_var: store var * m / (m - 1) in the running variance
       (paper, PyTorch) instead of the biased var (flax, Keras; default).
     axis_name: a named axis (vmap, pmap, shard_map) over which statistics are
-      averaged, i.e. synchronized ("cross-replica") batch norm.
+      averaged, i.e. synchronized ("cross-replica") batch norm. Gradients
+      work in every nesting: `grad(vmap(f, axis_name=...))` (jitted or
+      not), `vmap(grad(f), axis_name=...)`, pmap and shard_map.
     axis_index_groups: optional groups of axis indices, each synchronized
       separately (see `lax.psum`).
     mask: optional boolean array broadcastable to x; False entries (padding)
-      do not count in the statistics. Masked training uses autodiff.
-    stats_method: "shifted" (default: a per-feature reference value is
-      subtracted before squaring, stable for large offsets), "two_pass"
-      (centre with the mean first) or "one_pass" (E[x^2] - E[x]^2, fastest,
-      inaccurate when |mean| >> std).
-    analytic_grad: use the paper's backward formulas as a custom VJP
-      (default); False differentiates the forward formula with autodiff.
+      do not count in the statistics (nor in the gradient through them).
+    stats_method: "shifted" (default: examples of the batch are subtracted
+      before summing, stable for large offsets, one read of x per sum),
+      "two_pass" (the sum of squares is centred on the mean, so it waits for
+      it) or "one_pass" (E[x^2] - E[x]^2, inaccurate when |mean| >> std).
+    analytic_grad: True (default) gives the full-size steps custom JVPs so
+      that `jax.grad` runs the paper's backward pass (`batch_norm_backward`)
+      with the fewest passes over x: two reductions, sum(dy) and
+      sum(dy * (x - mean)), and one elementwise pass for dx that recomputes
+      xhat from x. False differentiates the same forward pass with plain
+      autodiff, which on XLA:CPU writes two more full-size tensors.
 
   Returns:
     (y, new_state).
@@ -338,8 +403,10 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       v, reduction_axes)
 
   if not training:
-    y = _normalize(x, expand(state.mean), expand(state.var),
-                   expand(params.scale), expand(params.bias), epsilon)
+    inv_std = lax.rsqrt(expand(state.var) + epsilon)
+    y = _normalize(x, expand(state.mean), jnp.zeros_like(inv_std), inv_std,
+                   expand(params.scale), expand(params.bias),
+                   analytic_grad=False)
     return y, state
 
   values_per_feature = math.prod(x.shape[a] for a in reduction_axes)
@@ -352,27 +419,12 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
         f"{axes} has {values_per_feature}; use a batch larger than 1 or "
         f"training=False.")
 
-  use_custom = analytic_grad and mask is None
-  if use_custom:
-    scale = params.scale
-    if scale is None:
-      scale = jnp.ones(feature_shape, jnp.float32)
-    bias = params.bias
-    if bias is None:
-      bias = jnp.zeros(feature_shape, jnp.float32)
-    scale, bias = _vary_like_x((scale, bias), x, axis_name)
-    normalize = _make_train_normalize(reduction_axes, axis_name,
-                                      axis_index_groups, stats_method)
-    y, mean, var = normalize(x, expand(scale.astype(jnp.float32)),
-                             expand(bias.astype(jnp.float32)),
-                             jnp.asarray(epsilon, jnp.float32))
-    count = jnp.float32(values_per_feature)
-  else:
-    mean, var, count = moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, stats_method=stats_method)
-    y = _normalize(x, mean, var, expand(params.scale), expand(params.bias),
-                   epsilon)
+  anchor, mean_minus_anchor, var, count = _moments(
+      x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
+      analytic_grad)
+  y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
+                 expand(params.scale), expand(params.bias), analytic_grad)
+  mean = anchor + mean_minus_anchor
 
   new_state = update_running_stats(
       state, lax.stop_gradient(mean.reshape(feature_shape)),
@@ -418,5 +470,7 @@ def fold_into_preceding(kernel: jax.Array, bias: jax.Array | None,
   new_bias = (bias - state.mean) * multiplier
   if params.bias is not None:
     new_bias = new_bias + params.bias
-  return kernel * multiplier.astype(kernel.dtype), new_bias.astype(
+  # Output features are the kernel's last axis; the rest broadcast.
+  per_output = multiplier.reshape((1,) * (kernel.ndim - 1) + (-1,))
+  return kernel * per_output.astype(kernel.dtype), new_bias.astype(
       kernel.dtype)

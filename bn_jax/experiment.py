@@ -11,18 +11,24 @@ hyperparameters) train together as one vmapped program. Written to workdir:
   learning_curves.png  placements compared (mean over runs, std band)
   curves_<placement>.png   every run of one placement
   checkpoints/<placement>/ orbax checkpoints; rerunning resumes from them
+                     (one that does not load is moved to
+                     checkpoints/<placement>.corrupt/, the one before used)
 
 Every file is written to a temporary name and renamed, so none is ever
-half-written.
+half-written. With `config.nan_guard` (the default), a NaN or inf loss,
+gradient or BN statistic stops the run with `NonFiniteError` before that
+epoch is saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,10 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from bn_jax import data as data_lib
 from bn_jax import models
+from bn_jax import parallel
 from bn_jax import train
 
 
@@ -82,6 +90,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.target_accuracy = 0.97  # "epochs to reach" column of the summary
   c.heartbeat_seconds = 30.0  # progress line while a long epoch runs
   c.keep_checkpoints = 2
+  # Stop at the first NaN/inf loss, gradient or BN statistic (flags computed
+  # on device, read once per epoch); False skips the flags for speed.
+  c.nan_guard = True
+
+  # Data parallelism (bn_jax.parallel): each step's global batch of
+  # batch_size examples is split over mesh_devices devices.
+  c.mesh_devices = config_dict.FieldReference(1, field_type=object)
+  # ^ 1 (single-device code path) | N | "auto" (every device)
+  c.bn_stats = "sync"  # sync: global-batch BN statistics | per_device:
+  # ghost batches of batch_size / devices (running stats: mean over devices)
+  c.distributed = ml_collections.ConfigDict()  # several hosts; see parallel
+  c.distributed.coordinator_address = ""  # "host:port" of process 0; ""
+  # keeps one process (no jax.distributed.initialize)
+  c.distributed.num_processes = config_dict.placeholder(int)  # None: detect
+  c.distributed.process_id = config_dict.placeholder(int)  # (Slurm, MPI)
   return c
 
 
@@ -114,15 +137,20 @@ def make_spec(config, placement: str, num_train: int) -> train.TrainSpec:
       num_epochs=config.num_epochs,
       unbiased_running_var=config.bn.unbiased_running_var,
       stats_method=config.bn.stats_method,
-      analytic_grad=config.bn.analytic_grad)
+      analytic_grad=config.bn.analytic_grad,
+      nan_guard=config.nan_guard)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
 
 
 def validate_config(config) -> None:
   """Rejects bad values before anything is loaded or compiled."""
   def choice(field, value, valid):
     if value not in valid:
-      raise ValueError(f"config.{field}={value!r} is not valid; choose one "
-                       f"of {tuple(valid)}.")
+      raise ConfigError(f"config.{field}={value!r} is not valid; choose one "
+                        f"of {tuple(valid)}.")
   choice("model", config.model, models.MODELS)
   choice("activation", config.activation, tuple(models.ACTIVATIONS))
   choice("optimizer", config.optimizer, train.OPTIMIZERS)
@@ -132,28 +160,62 @@ def validate_config(config) -> None:
   choice("bn.stats_method", config.bn.stats_method, ("shifted", "two_pass",
                                                      "one_pass"))
   if not config.placements:
-    raise ValueError("config.placements is empty; give at least one of "
-                     f"{models.PLACEMENTS}.")
+    raise ConfigError("config.placements is empty; give at least one of "
+                       f"{models.PLACEMENTS}.")
   for placement in config.placements:
     choice("placements", placement, models.PLACEMENTS)
-  for field in ("batch_size", "num_epochs"):
-    if not isinstance(config[field], int) or config[field] <= 0:
-      raise ValueError(f"config.{field}={config[field]!r} must be a "
-                       "positive integer.")
+  def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+  for field in ("batch_size", "num_epochs", "keep_checkpoints"):
+    if not is_int(config[field]) or config[field] <= 0:
+      raise ConfigError(f"config.{field}={config[field]!r} must be a "
+                         "positive integer.")
+  if not is_int(config.warmup_steps) or config.warmup_steps < 0:
+    raise ConfigError(f"config.warmup_steps={config.warmup_steps!r} must be "
+                       "an integer >= 0.")
+  for field in ("widths", "channels"):
+    if not all(is_int(n) and n > 0 for n in config[field]):
+      raise ConfigError(f"config.{field}={tuple(config[field])!r} must hold "
+                         "positive integers (layer sizes).")
+  if not config.weight_decay >= 0:
+    raise ConfigError(f"config.weight_decay={config.weight_decay!r} must be "
+                       ">= 0.")
+  if not isinstance(config.nan_guard, bool):
+    raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True or "
+                       "False.")
+  try:
+    parallel.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if not config.seeds:
-    raise ValueError("config.seeds is empty; give at least one seed.")
+    raise ConfigError("config.seeds is empty; give at least one seed.")
   for run in run_grid(config):
     momentum, epsilon = (run["hparams"]["bn_momentum"],
                          run["hparams"]["bn_epsilon"])
     if not 0.0 <= momentum <= 1.0:
-      raise ValueError(f"BN momentum {momentum} (config.bn.momentum or "
-                       "config.sweep.bn_momentum) is outside [0, 1].")
+      raise ConfigError(f"BN momentum {momentum} (config.bn.momentum or "
+                         "config.sweep.bn_momentum) is outside [0, 1].")
     if not epsilon > 0:
-      raise ValueError(f"BN epsilon {epsilon} (config.bn.epsilon or "
-                       "config.sweep.bn_epsilon) must be > 0.")
+      raise ConfigError(f"BN epsilon {epsilon} (config.bn.epsilon or "
+                         "config.sweep.bn_epsilon) must be > 0.")
     if not run["hparams"]["learning_rate"] > 0:
-      raise ValueError("learning rate "
-                       f"{run['hparams']['learning_rate']} must be > 0.")
+      raise ConfigError("learning rate "
+                         f"{run['hparams']['learning_rate']} (config."
+                         "learning_rate or config.sweep.learning_rate) must "
+                         "be > 0.")
+
+
+def validate_data_size(config, num_train: int, num_test: int) -> None:
+  """Rejects a batch larger than the data (known once the data are loaded,
+  still before anything is compiled)."""
+  if config.batch_size > num_train:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than "
+                       f"the training set ({num_train} examples).")
+  if config.batch_size > num_test:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is larger than the test set "
+        f"({num_test} examples); the batch-statistics evaluation needs at "
+        "least one full batch.")
 
 
 # ----------------------------------------------------------------------------
@@ -174,8 +236,11 @@ def _checkpoint_manager(directory: Path, keep: int):
   import orbax.checkpoint as ocp  # slow import; only runs need it
   return ocp.CheckpointManager(
       directory.absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=False,
+          # Removes what a killed save left behind (orbax writes each step
+          # to a temporary directory and renames it when complete).
+          cleanup_tmp_directories=True))
 
 
 def _save(manager, epoch: int, states, history) -> None:
@@ -186,16 +251,48 @@ def _save(manager, epoch: int, states, history) -> None:
   manager.wait_until_finished()
 
 
-def _restore(manager, abstract_states):
-  """(epoch, states, history) of the newest checkpoint, or None."""
+def _move_aside(path: Path) -> Path:
+  """Renames a step directory to `<manager dir>.corrupt/<step>[-n]`, outside
+  the manager's directory, where a later save of the step cannot meet it."""
+  corrupt = path.parent.with_name(f"{path.parent.name}.corrupt")
+  corrupt.mkdir(parents=True, exist_ok=True)
+  dest, n = corrupt / path.name, 0
+  while dest.exists():
+    n += 1
+    dest = corrupt / f"{path.name}-{n}"
+  os.replace(path, dest)
+  return dest
+
+
+def _restore(manager, abstract_states, num_runs: int):
+  """(epoch, states, history) of the newest checkpoint that loads, or None.
+
+  A checkpoint that does not load (a truncated or garbled file; orbax and
+  TensorStore raise many kinds of errors) or whose history does not match
+  its epoch is reported, moved aside (`_move_aside`), and the next older one
+  is tried.
+  """
   import orbax.checkpoint as ocp
-  epoch = manager.latest_step()
-  if epoch is None:
-    return None
-  restored = manager.restore(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_states),
-      history=ocp.args.JsonRestore()))
-  return epoch, restored.state, restored.history["rows"]
+  for epoch in sorted(manager.all_steps(), reverse=True):
+    path = Path(manager.directory) / str(epoch)
+    try:
+      restored = manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_states),
+          history=ocp.args.JsonRestore()))
+      history = restored.history["rows"]
+      if len(history) != epoch * num_runs or history[-1]["epoch"] != epoch:
+        raise ValueError(f"its history has {len(history)} rows, expected "
+                         f"{epoch * num_runs} ending at epoch {epoch}")
+    except Exception as e:  # pylint: disable=broad-except
+      reason = (str(e).strip().splitlines() or [""])[0][:300]
+      aside = _move_aside(path)
+      print(f"WARNING: checkpoint {path} is corrupt or incomplete and was "
+            f"not used ({type(e).__name__}: {reason}). Moved it to {aside}; "
+            "trying the previous checkpoint.", file=sys.stderr, flush=True)
+      manager.reload()
+      continue
+    return epoch, restored.state, history
+  return None
 
 
 # ----------------------------------------------------------------------------
@@ -225,23 +322,68 @@ class _Heartbeat:
     self._stop.set()
 
 
+class NonFiniteError(FloatingPointError):
+  """A run's loss, gradient or BN statistics became NaN or inf (the NaN
+  guard, `config.nan_guard`); nothing of that epoch was saved."""
+
+
+def _nonfinite_error(placement: str, runs: list[dict], epoch: int,
+                     spec: train.TrainSpec, first_step, flags,
+                     checkpoint_dir: Path) -> NonFiniteError | None:
+  """The NaN guard's error for an epoch's per-run flags, or None if all runs
+  stayed finite. `first_step[i]` is run i's first bad global step or -1."""
+  bad = [i for i, step in enumerate(first_step) if step >= 0]
+  if not bad:
+    return None
+  lines = []
+  for i in bad:
+    step = int(first_step[i])
+    hparams = ", ".join(f"{k}={v:g}" for k, v in runs[i]["hparams"].items())
+    lines.append(
+        f"  run {i} (seed {runs[i]['seed']}, {hparams}): non-finite "
+        f"{train.describe_nonfinite(flags[i])} at global step {step} (step "
+        f"{step - (epoch - 1) * spec.steps_per_epoch} of "
+        f"{spec.steps_per_epoch} in epoch {epoch})")
+  kept = (f"the last good checkpoint (epoch {epoch - 1}) is in "
+          f"{checkpoint_dir} and metrics.jsonl holds the epochs before"
+          if epoch > 1 else "nothing of this placement was written")
+  return NonFiniteError(
+      f"[{placement}] NaN guard: training diverged in epoch {epoch}:\n"
+      + "\n".join(lines) + "\n"
+      f"Nothing of epoch {epoch} was saved; {kept}. To fix: lower the "
+      "learning rate (config.learning_rate / config.sweep.learning_rate), "
+      "raise BN epsilon (config.bn.epsilon), or check the input data for "
+      "NaN/inf, and rerun in a new --workdir. To train on regardless (no "
+      "checks, a little faster), set --config.nan_guard=False.")
+
+
 def train_placement(config, placement: str, data: train.DeviceData,
                     runs: list[dict], workdir: Path,
-                    on_epoch=None) -> dict[str, Any]:
+                    on_epoch=None, mesh=None) -> dict[str, Any]:
   """Trains all runs of one placement, resuming from its checkpoints.
+
+  With a `mesh` (from `parallel.setup`), each epoch is data-parallel over it.
 
   Returns {"history": rows, "wall_time": s, "compile_time": s}.
   """
   spec = make_spec(config, placement, data.train_images.shape[0])
+  sweep_epoch = parallel.sweep_epoch_fn(spec, mesh, config.bn_stats)
   seeds = [r["seed"] for r in runs]
   hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE}
-  states = train.create_sweep_states(spec, seeds, hparams)
+  create = functools.partial(train.create_sweep_states, spec, seeds, hparams)
   manager = _checkpoint_manager(workdir / "checkpoints" / placement,
                                 config.keep_checkpoints)
+  # Fresh and restored states alike are committed to one device, so that a
+  # resumed run executes the very program an uninterrupted one does. Shapes
+  # only here: a resumed run does not compile the initialization.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restored = _restore(manager, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(create)), len(runs))
   history, start_epoch, wall = [], 0, 0.0
-  if restored is not None:
+  if restored is None:
+    states = jax.device_put(create(), device)
+  else:
     start_epoch, states, history = restored
     wall = history[-1]["wall_time"] if history else 0.0
     print(f"[{placement}] resumed from checkpoint at epoch {start_epoch}",
@@ -250,8 +392,15 @@ def train_placement(config, placement: str, data: train.DeviceData,
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.perf_counter()
     with _Heartbeat(config.heartbeat_seconds, f"{placement} epoch {epoch}"):
-      states, metrics = train.sweep_epoch(states, data, spec=spec)
+      states, metrics = sweep_epoch(states, data)
       metrics = jax.device_get(metrics)  # the one host sync per epoch
+    if spec.nan_guard:  # checked before anything of the epoch is saved
+      error = _nonfinite_error(placement, runs, epoch, spec,
+                               metrics.pop("first_nonfinite_step"),
+                               metrics.pop("nonfinite"), manager.directory)
+      if error is not None:
+        manager.close()
+        raise error
     seconds = time.perf_counter() - started
     if compile_time is None and start_epoch == 0 and epoch == 1:
       compile_time = seconds  # first epoch: compile + one epoch
@@ -323,8 +472,12 @@ def summary_markdown(summaries: list[dict], target: float) -> str:
 
 
 def _save_figure(fig, path: Path) -> None:
+  """Like `write_atomic`: a temporary file, flushed to disk, then renamed."""
   tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  with open(tmp, "wb") as f:
+    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -395,11 +548,13 @@ def load_data(config) -> tuple[train.DeviceData, str]:
 
 
 def _check_workdir(workdir: Path, config_json: str) -> None:
-  if workdir.exists() and not workdir.is_dir():
-    raise ValueError(f"--workdir {workdir} is a file; give a directory.")
+  for path in (workdir, *workdir.parents):
+    if path.exists() and not path.is_dir():
+      raise ConfigError(f"--workdir {workdir}: {path} is a file; give a "
+                         "directory.")
   saved = workdir / "config.json"
   if saved.exists() and saved.read_text() != config_json:
-    raise ValueError(
+    raise ConfigError(
         f"{workdir} holds a run with a different config ({saved}). Resuming "
         "needs the same config; use a new --workdir for a new experiment.")
 
@@ -407,18 +562,20 @@ def _check_workdir(workdir: Path, config_json: str) -> None:
 def run_experiment(config, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains every placement, writes all outputs, returns the results."""
   validate_config(config)
+  mesh = parallel.setup(config)  # first JAX call (jax.distributed needs it)
   workdir = Path(workdir)
   config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True,
                            default=list) + "\n"
   _check_workdir(workdir, config_json)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_atomic(workdir / "config.json", config_json)
 
   data, origin = load_data(config)
   num_train = data.train_images.shape[0]
-  if config.batch_size > num_train:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than "
-                     f"the training set ({num_train} examples).")
+  validate_data_size(config, num_train, data.test_images.shape[0])
+  data = parallel.replicate(data, mesh)
+  # Only now: a run stopped by its data or config leaves no config.json to
+  # block the corrected command.
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_atomic(workdir / "config.json", config_json)
   runs = run_grid(config)
   print(f"data: {config.dataset} from {origin}; {num_train} train / "
         f"{data.test_images.shape[0]} test examples", flush=True)
@@ -435,7 +592,7 @@ def run_experiment(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
   for placement in config.placements:
     result = train_placement(config, placement, data, runs, workdir,
-                             on_epoch=write_metrics)
+                             on_epoch=write_metrics, mesh=mesh)
     history += result["history"]
     write_metrics([])
     summaries.append(summarize(placement, result, len(runs),

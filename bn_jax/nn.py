@@ -58,26 +58,28 @@ class BatchNorm(nn.Module):
     bias = (self.param("bias", self.bias_init, feature_shape,
                        self.param_dtype) if self.use_bias else None)
 
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-    elif scale is not None or bias is not None:
-      # flax promotes x with the params' dtype; so do we.
-      x = x.astype(jnp.result_type(x, *(p for p in (scale, bias)
-                                         if p is not None)))
+    # y's dtype follows flax: `dtype`, else x promoted with the params.
+    out_dtype = self.dtype or jnp.result_type(
+        x, *(p for p in (scale, bias) if p is not None))
+    # Widening x first is lossless; narrowing happens on y, as in flax, so
+    # that f32 activations with dtype=bfloat16 still give f32 statistics.
+    x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     state = core.BNState(
         mean=mean.value, var=var.value,
         count=count.value if count is not None else jnp.zeros((), jnp.int32))
+    # `init` only creates the variables and, as in flax, never updates them.
+    # It normalizes with the fresh running statistics, so it accepts a dummy
+    # batch of one example and runs outside the named axis' vmap or pmap.
+    training = not use_running_average and not self.is_initializing()
     y, new_state = core.apply(
-        core.BNParams(scale=scale, bias=bias), state, x,
-        training=not use_running_average, axis=self.axis,
-        momentum=self.momentum, epsilon=self.epsilon,
+        core.BNParams(scale=scale, bias=bias), state, x, training=training,
+        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
         unbiased_running_var=self.unbiased_running_var,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask, stats_method=self.stats_method,
         analytic_grad=self.analytic_grad)
-    # Like flax, initialization does not count as an update.
-    if not use_running_average and not self.is_initializing():
+    if training:
       mean.value, var.value = new_state.mean, new_state.var
       if count is not None:
         count.value = new_state.count
-    return y
+    return y.astype(out_dtype)

@@ -24,6 +24,8 @@ from bn_jax import models
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
+# Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
+NONFINITE_QUANTITIES = ("loss", "gradient (global norm)", "BN statistics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +44,13 @@ class TrainSpec:
   steps_per_epoch: int = 468
   num_epochs: int = 10
   eval_chunk: int = 1000
+  nan_guard: bool = True  # flag the first non-finite step (see train_epoch)
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
   analytic_grad: bool = True
   axis_name: str | None = None  # set for data-parallel (synchronized) BN
+  sync_bn: bool = True  # False: per-device BN statistics, grads still
+  # averaged over axis_name (bn_jax.parallel's bn_stats="per_device")
 
   @property
   def total_steps(self) -> int:
@@ -59,7 +64,7 @@ class TrainSpec:
         bn_options=dict(unbiased_running_var=self.unbiased_running_var,
                         stats_method=self.stats_method,
                         analytic_grad=self.analytic_grad),
-        axis_name=self.axis_name)
+        axis_name=self.axis_name if self.sync_bn else None)
 
 
 class TrainState(NamedTuple):
@@ -122,13 +127,47 @@ def _pmean(value, axis_name):
   return value if axis_name is None else jax.lax.pmean(value, axis_name)
 
 
+def device_share(x, axis_name, axis: int = 0):
+  """This device's contiguous 1/N of `x` along `axis` (N devices on the
+  named axis): how a data-parallel step splits a replicated global batch."""
+  size = x.shape[axis] // jax.lax.axis_size(axis_name)
+  return jax.lax.dynamic_slice_in_dim(
+      x, jax.lax.axis_index(axis_name) * size, size, axis=axis)
+
+
+def nonfinite_flags(loss, grads, batch_stats, axis_name=None) -> jax.Array:
+  """int32 bit set: bit i is set when NONFINITE_QUANTITIES[i] is NaN or inf.
+
+  Three scalar reductions on device (the loss, the global gradient norm, an
+  all-finite over the new BN statistics); nothing goes to the host. With
+  `axis_name`, a quantity counts as bad when it is bad on any device.
+  """
+  stats_ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(batch_stats)]
+  finite = jnp.stack([jnp.isfinite(loss),
+                      jnp.isfinite(optax.tree.norm(grads)),
+                      jnp.all(jnp.stack(stats_ok)) if stats_ok else True])
+  bad = (~finite).astype(jnp.int32)
+  if axis_name is not None:
+    bad = jax.lax.pmax(bad, axis_name)
+  return jnp.sum(bad << jnp.arange(len(NONFINITE_QUANTITIES), dtype=jnp.int32))
+
+
+def describe_nonfinite(flags: int) -> str:
+  """The names of the quantities set in `nonfinite_flags`' bit set."""
+  return ", ".join(name for i, name in enumerate(NONFINITE_QUANTITIES)
+                   if int(flags) >> i & 1)
+
+
 def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a batch, BN in training mode.
 
   With `spec.axis_name` set, this is the per-device body of a data-parallel
   step: BN statistics are synchronized by bn_jax's `axis_name` and the loss
-  and gradients are averaged over the same axis.
+  and gradients are averaged over the same axis; the metrics are sums over
+  the global batch. With `spec.sync_bn=False` each device normalizes with its
+  own batch's statistics and the mean of the devices' new running statistics
+  is kept (bn_jax.parallel's "per_device").
   """
   model = spec.make_model(state.hparams)
 
@@ -138,11 +177,18 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
         train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
+    # Averaged inside the differentiated function: under shard_map the
+    # transpose already sums replicated params' gradients over devices, so
+    # only a global-mean loss gives the mean gradient there (the pmean of
+    # grads below is then a no-op; under pmap it does the averaging).
+    loss = _pmean(loss, spec.axis_name)
     return loss, (logits, updates.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   grads = _pmean(grads, spec.axis_name)
+  if not spec.sync_bn:  # one copy of the per-device statistics
+    batch_stats = _pmean(batch_stats, spec.axis_name)
   tx = make_optimizer(spec, state.hparams["learning_rate"])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state._replace(
@@ -151,6 +197,11 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   metrics = {"loss_sum": loss * labels.shape[0],
              "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
              "count": jnp.asarray(labels.shape[0], jnp.int32)}
+  if spec.axis_name is not None:  # sums over the global batch
+    metrics = jax.lax.psum(metrics, spec.axis_name)
+  if spec.nan_guard:
+    metrics["nonfinite"] = nonfinite_flags(loss, grads, batch_stats,
+                                           spec.axis_name)
   return new_state, metrics
 
 
@@ -166,18 +217,39 @@ def epoch_batches(data_key, epoch, num_examples: int, spec: TrainSpec):
 
 def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One epoch as a single `lax.scan`; metrics are summed on device."""
+  """One epoch as a single `lax.scan`; metrics are summed on device.
+
+  With `spec.nan_guard`, the scan also carries the NaN guard: the global
+  step (1-based) of the epoch's first step whose loss, gradient or new BN
+  statistics were not finite, and which of them (`nonfinite_flags`), returned
+  as metrics "first_nonfinite_step" (-1: none) and "nonfinite". The host
+  reads them once, with the epoch's other metrics.
+  """
   epoch = state.step // spec.steps_per_epoch
   batches = epoch_batches(state.data_key, epoch,
                           data.train_images.shape[0], spec)
+  if spec.axis_name is not None:  # data parallel: this device's examples
+    batches = device_share(batches, spec.axis_name, axis=1)
+  no_step = jnp.asarray(-1, jnp.int32)
+  guard = (no_step, jnp.zeros((), jnp.int32)) if spec.nan_guard else ()
 
   def body(carry, indices):
+    carry, guard = carry
     carry, metrics = train_step(carry, data.train_images[indices],
                                 data.train_labels[indices], spec=spec)
-    return carry, metrics
+    if spec.nan_guard:
+      first_step, first_flags = guard
+      flags = metrics.pop("nonfinite")
+      is_first = (first_step < 0) & (flags != 0)
+      guard = (jnp.where(is_first, carry.step, first_step),
+               jnp.where(is_first, flags, first_flags))
+    return (carry, guard), metrics
 
-  state, metrics = jax.lax.scan(body, state, batches)
-  return state, jax.tree.map(jnp.sum, metrics)
+  (state, guard), metrics = jax.lax.scan(body, (state, guard), batches)
+  metrics = jax.tree.map(jnp.sum, metrics)
+  if spec.nan_guard:
+    metrics["first_nonfinite_step"], metrics["nonfinite"] = guard
+  return state, metrics
 
 
 def _padded_chunks(x, size: int):
@@ -228,12 +300,17 @@ def evaluate(state: TrainState, images, labels, *, spec: TrainSpec,
 
 
 def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
+                   evaluate_fn=evaluate,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """Train one epoch, then evaluate both ways; returns per-epoch summaries."""
+  """Train one epoch, then evaluate both ways; returns per-epoch summaries.
+
+  `evaluate_fn` replaces `evaluate` (bn_jax.parallel splits the test set
+  over devices).
+  """
   state, train = train_epoch(state, data, spec=spec)
-  test = evaluate(state, data.test_images, data.test_labels, spec=spec)
-  test_bs = evaluate(state, data.test_images, data.test_labels, spec=spec,
-                     use_batch_stats=True)
+  test = evaluate_fn(state, data.test_images, data.test_labels, spec=spec)
+  test_bs = evaluate_fn(state, data.test_images, data.test_labels, spec=spec,
+                        use_batch_stats=True)
   metrics = {
       "train_loss": train["loss_sum"] / train["count"],
       "train_accuracy": train["correct"] / train["count"],
@@ -241,6 +318,9 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
       "test_accuracy": test["correct"] / test["count"],
       "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
   }
+  if spec.nan_guard:
+    metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
+    metrics["nonfinite"] = train["nonfinite"]
   return state, metrics
 
 
@@ -263,13 +343,19 @@ def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
                   in_axes=(0, None))(states, data)
 
 
+# Module level, so compiled once per spec and shapes (a fresh jax.jit per call
+# would recompile the initialization every time: seconds on CPU).
+@functools.partial(jax.jit, static_argnames="spec")
+def _init_sweep(seeds, hparams, *, spec: TrainSpec) -> TrainState:
+  return jax.vmap(functools.partial(create_train_state, spec))(seeds, hparams)
+
+
 def create_sweep_states(spec: TrainSpec, seeds, hparams: dict[str, Any],
                         ) -> TrainState:
   """Stacked states for K runs: `seeds` (K,) and each hparam a (K,) array."""
   seeds = jnp.asarray(seeds, jnp.int32)
   hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-  return jax.jit(jax.vmap(functools.partial(create_train_state, spec)),
-                 static_argnums=())(seeds, hparams)
+  return _init_sweep(seeds, hparams, spec=spec)
 
 
 def to_device(train_images, train_labels, test_images, test_labels,

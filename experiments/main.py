@@ -8,10 +8,13 @@ same command resumes from the workdir's checkpoints. This file is kept short:
 the logic lives in bn_jax.experiment, importable and testable.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bn_jax import data
 from bn_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,11 +25,28 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's parser, with ml_collections' bare KeyError/AttributeError for an
+  unknown --config.FIELD turned into a message that says what is wrong."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    sys.exit(f"FATAL Flags parsing error: the config has no field '{field}'; see "
+             "the config file (or bn_jax.experiment.default_config) for the "
+             "valid fields.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+  try:
+    experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+  except (experiment.ConfigError, data.DataError,
+          experiment.NonFiniteError) as e:
+    # Problems the user can fix: the message says how; no traceback needed.
+    sys.exit(f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

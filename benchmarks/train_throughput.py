@@ -1,0 +1,511 @@
+"""Training throughput: bn_jax's epoch (a `lax.scan`) against a flax.linen loop.
+
+    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR          # ~3.5 min
+    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR --quick  # smoke
+    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR --malloc both
+
+Two models, trained on real MNIST ([0, 1] pixels, as the CLI loads them):
+
+  reference  784 -> Dense(50) -> relu -> BN -> Dense(10); Adam 1e-3, batch
+             128, 468 steps per epoch (the CLI's default config; its
+             default sweep is 3 seeds, K=3).
+  ioffe      Ioffe & Szegedy's MNIST net as configs/ioffe2015_mnist.py has it:
+             3 x [Dense(100, no bias) -> BN -> sigmoid] -> Dense(10); SGD
+             0.5, batch 60, 1000 steps per epoch, one seed (K=1).
+
+Candidates, timed in interleaved rounds in one process (medians):
+
+  bn_jax sweep K=1   what the CLI runs: `jax.vmap` of `train.train_epoch` over
+                     K=1 stacked runs (`train.sweep_epoch` vmaps
+                     `train.epoch_and_eval`, i.e. this same `train_epoch`
+                     followed by evaluation; evaluation is left out here).
+  bn_jax jit epoch   `train.jit_train_epoch` on an unstacked state.
+  flax loop (device) flax.linen.BatchNorm, the same model and optimizer: one
+                     jitted call shuffles and gathers the epoch's batches on
+                     the device, then a Python loop calls a jitted train step
+                     per batch (it slices batch i inside the step).
+  flax loop (host)   the flax examples/mnist loop: NumPy shuffle, NumPy batch
+                     gather, jitted train step per batch.
+  bn_jax sweep K=1, patched: ...
+                     the CLI path with changes to bn_jax.train proposed in
+                     benchmarks/README.md (PATCHES below, applied while the
+                     epoch is traced; --patches).
+  bn_jax train.sweep_epoch K=1 (+ eval)
+                     (--with_eval, reference only) the CLI's whole epoch
+                     function, for the cost of its evaluation.
+
+Every epoch shuffles (all candidates). Targets are judged against the faster
+flax loop. "CPU s/epoch" is process CPU time (all threads): on a shared
+machine it moves less with other people's load than wall time does. FLOPs are counted analytically: the matmuls a step needs, forward
+2B * sum(fan_in * fan_out), weight gradients the same again, and input
+gradients for every layer but the first (the images get no gradient); a
+jitted 2048 x 2048 @ 2048 x 2048 float32 matmul timed in the same rounds is
+the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from bn_jax import experiment  # noqa: E402
+from bn_jax import train  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A model as the CLI trains it: a config (the defaults or a file in
+  configs/), a few overrides, and the spec experiment.make_spec builds."""
+  name: str
+  config_file: str | None = None  # relative to the repository root
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  @functools.cached_property
+  def config(self):
+    if self.config_file is None:
+      config = experiment.default_config()
+    else:
+      path = REPO / self.config_file
+      module_spec = importlib.util.spec_from_file_location(path.stem, path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      config = module.get_config()
+    for field, value in self.overrides:
+      config[field] = value
+    return config
+
+  @property
+  def spec(self) -> train.TrainSpec:
+    return experiment.make_spec(self.config, self.config.placements[0],
+                                NUM_TRAIN)
+
+  @property
+  def learning_rate(self) -> float:
+    return self.config.learning_rate
+
+  @property
+  def hparams(self) -> dict[str, float]:
+    return {"learning_rate": self.config.learning_rate,
+            "bn_momentum": self.config.bn.momentum,
+            "bn_epsilon": self.config.bn.epsilon}
+
+  @property
+  def flops_per_step(self) -> float:
+    """Matmul FLOPs of one step (forward + backward), counted analytically."""
+    dims = (784, *self.spec.widths, 10)
+    layers = [2.0 * self.spec.batch_size * a * b
+              for a, b in zip(dims[:-1], dims[1:])]
+    forward = sum(layers)
+    return forward + forward + (forward - layers[0])
+
+
+NUM_TRAIN = 60000
+REPO = Path(__file__).resolve().parent.parent
+CASES = (
+    # The CLI's defaults: the reference Keras model.
+    Case("reference"),
+    # configs/ioffe2015_mnist.py, its BN variant (SGD lr 0.5, batch 60,
+    # BN epsilon 1e-5, unbiased running variance).
+    Case("ioffe", "configs/ioffe2015_mnist.py",
+         (("placements", ("before_activation",)),)),
+)
+
+
+# ----------------------------------------------------------------------------
+# The flax.linen baseline.
+
+
+class FlaxMLP(nn.Module):
+  """bn_jax.models.MLP with flax.linen.BatchNorm (placements used here)."""
+  widths: Sequence[int]
+  activation: Callable[[Any], Any]
+  placement: str
+  bn_momentum: float
+  bn_epsilon: float
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = lambda: nn.BatchNorm(use_running_average=not train,
+                                momentum=self.bn_momentum,
+                                epsilon=self.bn_epsilon)
+    for width in self.widths:
+      if self.placement == "before_activation":
+        x = self.activation(norm()(nn.Dense(width, use_bias=False)(x)))
+      else:
+        x = norm()(self.activation(nn.Dense(width)(x)))
+    return nn.Dense(10)(x)
+
+
+def flax_parts(case: Case):
+  """(init_state, train_step) of the flax loop for a case."""
+  spec = case.spec
+  model = FlaxMLP(widths=spec.widths, activation=getattr(nn, spec.activation),
+                  placement=spec.placement,
+                  bn_momentum=case.hparams["bn_momentum"],
+                  bn_epsilon=case.hparams["bn_epsilon"])
+  tx = (optax.adam(case.learning_rate) if spec.optimizer == "adam" else
+        optax.sgd(case.learning_rate))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 784)), train=False)
+  state = (variables["params"], variables["batch_stats"],
+           tx.init(variables["params"]))
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, images, train=True,
+          mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+      return loss, updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats,
+            opt_state), loss
+
+  return state, train_step
+
+
+def flax_device_loop(case: Case, data: train.DeviceData):
+  """Epoch function: batches shuffled and gathered on device, Python loop."""
+  state, step_fn = flax_parts(case)
+  steps, batch = case.spec.steps_per_epoch, case.spec.batch_size
+
+  @jax.jit
+  def shuffle(key, images, labels):
+    order = jax.random.permutation(key, images.shape[0])
+    order = order[:steps * batch].reshape(steps, batch)
+    return images[order], labels[order]
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, images, labels, i):
+    return step_fn(state, images[i], labels[i])
+
+  indices = [jax.device_put(np.int32(i)) for i in range(steps)]
+  epoch = [0]
+
+  def run_epoch(state):
+    epoch[0] += 1
+    images, labels = shuffle(jax.random.key(epoch[0]), data.train_images,
+                             data.train_labels)
+    for i in indices:
+      state, _ = step(state, images, labels, i)
+    return state
+
+  return state, run_epoch, step
+
+
+def flax_host_loop(case: Case, data: train.DeviceData):
+  """Epoch function in the style of flax's examples/mnist: NumPy batches."""
+  state, step_fn = flax_parts(case)
+  step = jax.jit(step_fn, donate_argnums=0)
+  images = np.asarray(data.train_images)
+  labels = np.asarray(data.train_labels)
+  epoch = [0]
+
+  def run_epoch(state):
+    epoch[0] += 1
+    order = _common.host_permutation(epoch[0], images.shape[0],
+                                      case.spec.steps_per_epoch,
+                                      case.spec.batch_size)
+    for batch in order:
+      state, _ = step(state, images[batch], labels[batch])
+    return state
+
+  return state, run_epoch, step
+
+
+# ----------------------------------------------------------------------------
+# Proposed train.py changes, applied while the patched epoch is traced (see
+# benchmarks/README.md). Each replaces one module-level function of
+# bn_jax.train, so the rest of the epoch is whatever train.py holds now.
+
+
+def all_finite_nonfinite_flags(loss, grads, batch_stats, axis_name=None):
+  """train.nonfinite_flags with one all-finite reduction over all gradient
+  leaves concatenated, and one over all BN statistics, instead of
+  optax.tree.norm (a reduction per leaf) and one reduction per statistic.
+  Same bits; the gradient bit means "some gradient entry is NaN or inf"."""
+  def all_finite(tree):
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+    if not leaves:
+      return jnp.asarray(True)
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
+
+  finite = jnp.stack([jnp.isfinite(loss), all_finite(grads),
+                      all_finite(batch_stats)])
+  bad = (~finite).astype(jnp.int32)
+  if axis_name is not None:
+    bad = jax.lax.pmax(bad, axis_name)
+  return jnp.sum(bad << jnp.arange(finite.shape[0], dtype=jnp.int32))
+
+
+def one_sort_epoch_batches(data_key, epoch, num_examples: int,
+                           spec: train.TrainSpec):
+  """train.epoch_batches with one sort on 64 random bits per example instead
+  of jax.random.permutation's rounds of 32-bit sorts (2 for 60000). A
+  different (still uniform, key- and epoch-determined) order."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(data_key), epoch)
+  bits = jax.random.bits(key, (2, num_examples), jnp.uint32)
+  _, _, order = jax.lax.sort(
+      (bits[0], bits[1], jnp.arange(num_examples, dtype=jnp.int32)),
+      num_keys=2)
+  used = spec.steps_per_epoch * spec.batch_size
+  return order[:used].reshape(spec.steps_per_epoch, spec.batch_size)
+
+
+# Replacements of module-level functions of bn_jax.train, by patch name.
+# "k1" is not a replacement: it changes sweep_train_epoch itself (below).
+PATCHES = {"guard": {"nonfinite_flags": all_finite_nonfinite_flags},
+           "perm": {"epoch_batches": one_sort_epoch_batches},
+           "k1": {}}
+
+
+@contextlib.contextmanager
+def patched_train(names: Sequence[str]):
+  """Temporarily replaces functions of bn_jax.train (at trace time)."""
+  replacements = {}
+  for name in names:
+    replacements.update(PATCHES[name])
+  missing = [n for n in replacements if not hasattr(train, n)]
+  if missing:
+    raise AttributeError(f"bn_jax.train has no {missing}; the patch is out "
+                         "of date.")
+  saved = {n: getattr(train, n) for n in replacements}
+  for n, fn in replacements.items():
+    setattr(train, n, fn)
+  try:
+    yield
+  finally:
+    for n, fn in saved.items():
+      setattr(train, n, fn)
+
+
+def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
+  """The training half of train.sweep_epoch: vmapped train.train_epoch.
+
+  `patches` (names in PATCHES) apply while it is traced. "k1" runs K=1
+  stacked runs without vmap, as the proposed train.sweep_epoch does: XLA
+  drops the size-1 batch dimension of every vmapped dot by swapping its
+  operands, which leaves each weight gradient transposed and makes its
+  consumers (optimizer update, NaN guard) copy-transpose it every step.
+  """
+  run = functools.partial(train.train_epoch, spec=spec)
+
+  def epoch(states, data):
+    with patched_train(patches):
+      if "k1" in patches and states.step.shape[0] == 1:
+        state, metrics = run(jax.tree.map(lambda x: x[0], states), data)
+        return jax.tree.map(lambda x: x[None], (state, metrics))
+      return jax.vmap(run, in_axes=(0, None))(states, data)
+  return jax.jit(epoch, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# One case.
+
+
+class Runner:
+  """Holds a candidate's state between calls; calling runs one epoch."""
+
+  def __init__(self, state, epoch_fn):
+    self.state, self._epoch_fn = state, epoch_fn
+
+  def __call__(self):
+    self.state = self._epoch_fn(self.state)
+    return self.state
+
+
+def run_case(case: Case, data, counter, matmul, rounds: int,
+             patch_sets: Sequence[str], with_eval: bool, with_flax: bool,
+             with_noguard: bool):
+  """Times every candidate on one case; returns the raw numbers."""
+  spec, hp = case.spec, case.hparams
+  stack = lambda: train.create_sweep_states(
+      spec, [0], {k: [v] for k, v in hp.items()})
+  sweep = sweep_train_epoch(spec)
+  runners = {
+      "bn_jax sweep K=1": Runner(stack(), lambda s: sweep(s, data)[0]),
+      "bn_jax jit epoch": Runner(
+          train.create_train_state(spec, 0, hp),
+          lambda s: train.jit_train_epoch(s, data, spec=spec)[0]),
+  }
+  caches = {"train.jit_train_epoch": train.jit_train_epoch,
+            "vmapped train_epoch": sweep}
+  for patch_set in patch_sets:
+    patched = sweep_train_epoch(spec, patch_set.split("+"))
+    runners[f"bn_jax sweep K=1, patched: {patch_set}"] = Runner(
+        stack(), lambda s, f=patched: f(s, data)[0])
+  if with_noguard:
+    unguarded = dataclasses.replace(spec, nan_guard=False)
+    sweep_unguarded = sweep_train_epoch(unguarded)
+    runners["bn_jax sweep K=1, config.nan_guard=False"] = Runner(
+        train.create_sweep_states(unguarded, [0],
+                                  {k: [v] for k, v in hp.items()}),
+        lambda s: sweep_unguarded(s, data)[0])
+  for label, make in ((("flax loop (device)", flax_device_loop),
+                       ("flax loop (host)", flax_host_loop))
+                      if with_flax else ()):
+    state, epoch_fn, caches[label] = make(case, data)
+    runners[label] = Runner(_common.tree_copy(state), epoch_fn)
+  if with_eval:
+    runners["bn_jax train.sweep_epoch K=1 (+ eval)"] = Runner(
+        stack(), lambda s: train.sweep_epoch(s, data, spec=spec)[0])
+
+  first = {name: _common.first_call(fn, counter)
+           for name, fn in runners.items()}
+  for fn in runners.values():  # second epoch: allocator and caches warm
+    _common.block(fn())
+  cache_before = {k: f._cache_size() for k, f in caches.items()}
+  compiles_before = counter.count
+  wall, cpu = _common.interleaved({**runners, "matmul 2048": matmul}, rounds)
+  recompiles = counter.count - compiles_before
+  cache_after = {k: f._cache_size() for k, f in caches.items()}
+  memory = _common.program_memory(
+      train.jit_train_epoch.lower(runners["bn_jax jit epoch"].state, data,
+                                  spec=spec).compile())
+  return dict(wall=wall, cpu=cpu, first=first, recompiles=recompiles,
+              cache_before=cache_before, cache_after=cache_after,
+              memory=memory)
+
+
+def with_flax(wall) -> bool:
+  return any(k.startswith("flax loop") for k in wall)
+
+
+def floor_flops(wall) -> float:
+  return 2.0 * _common.MATMUL_N ** 3 / _common.median(wall["matmul 2048"])
+
+
+def best_flax(wall) -> float:
+  """Median epoch time of the faster flax loop (bn_jax sweep K=1's if the
+  flax loops were left out)."""
+  return min((_common.median(v) for k, v in wall.items()
+              if k.startswith("flax loop")),
+             default=_common.median(wall["bn_jax sweep K=1"]))
+
+
+def report(case: Case, result, rounds: int):
+  spec, wall, cpu = case.spec, result["wall"], result["cpu"]
+  steps = spec.steps_per_epoch
+  flops = case.flops_per_step * steps
+  floor, flax = floor_flops(wall), best_flax(wall)
+  print(f"\n### {case.name}: {spec.model} widths={spec.widths} "
+        f"{spec.activation}, BN {spec.placement}, {spec.optimizer} "
+        f"lr={case.learning_rate}, batch {spec.batch_size}, {steps} "
+        f"steps/epoch, nan_guard={getattr(spec, 'nan_guard', 'n/a')}; "
+        f"median of {rounds} rounds\n")
+  print(f"Matmul FLOPs per epoch {flops / 1e9:.2f} GFLOP "
+        f"({case.flops_per_step / 1e6:.2f} MFLOP/step); floor: 2048^3 "
+        f"matmul {floor / 1e9:.1f} GFLOP/s (median of the same rounds)\n")
+  print("| candidate | s/epoch | min-max | CPU s/epoch | steps/s | "
+        f"vs {'best flax loop' if with_flax(wall) else 'bn_jax sweep K=1'} "
+        "| GFLOP/s | % of floor | first epoch s "
+        "(compile s) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for name, values in wall.items():
+    if name == "matmul 2048":
+      continue
+    seconds = _common.median(values)
+    f = result["first"][name]
+    print(f"| {name} | {seconds:.3f} | {_common.spread(values)} | "
+          f"{_common.median(cpu[name]):.3f} | {steps / seconds:.0f} | "
+          f"{flax / seconds:.2f}x | {flops / seconds / 1e9:.1f} | "
+          f"{100 * flops / seconds / floor:.0f}% | "
+          f"{f['first_call_s']:.1f} ({f['compile_s']:.1f}) |")
+  print(f"\nRecompilation: {result['recompiles']} XLA compilations during "
+        f"the {rounds} timed rounds (epochs 3 and on); jit cache sizes "
+        "before -> after: " + ", ".join(
+            f"{k} {result['cache_before'][k]} -> {result['cache_after'][k]}"
+            for k in result["cache_before"]) + ".")
+  print(f"XLA memory of the bn_jax jit epoch program: {result['memory']}.")
+
+
+def targets(results) -> None:
+  """The issue's targets, judged on the CLI path (bn_jax sweep K=1)."""
+  print("\n### Targets (on bn_jax sweep K=1, the CLI's training path; "
+        "bn_jax jit epoch in brackets)\n")
+  for case, result in results:
+    wall = result["wall"]
+    flax, floor = best_flax(wall), floor_flops(wall)
+    sweep = _common.median(wall["bn_jax sweep K=1"])
+    jit = _common.median(wall["bn_jax jit epoch"])
+    flops = case.flops_per_step * case.spec.steps_per_epoch
+    if case.name == "reference":
+      checks = (("epoch time, best flax loop / bn_jax", flax / sweep,
+                 flax / jit, 1.8),
+                ("achieved GFLOP/s / matmul floor", flops / sweep / floor,
+                 flops / jit / floor, 0.85))
+    else:
+      checks = (("steps/s, bn_jax / best flax loop", flax / sweep,
+                 flax / jit, 1.4),)
+    for label, value, bracket, goal in checks:
+      met = "met" if value >= goal else "NOT met"
+      print(f"- {case.name}, {label}: {value:.2f} [{bracket:.2f}] "
+            f"(target >= {goal}): {met}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  _common.add_common_flags(parser)
+  parser.add_argument("--cases", default="reference,ioffe")
+  parser.add_argument("--patches", default="k1+guard",
+                      help="comma-separated sets of PATCHES joined by '+', "
+                      "each timed as one more candidate; '' for none")
+  parser.add_argument("--no_flax", action="store_true",
+                      help="leave out the flax loops (to compare bn_jax "
+                      "variants only; no targets)")
+  parser.add_argument("--with_noguard", action="store_true",
+                      help="also time bn_jax sweep K=1 with "
+                      "config.nan_guard=False")
+  parser.add_argument("--with_eval", action="store_true",
+                      help="also time train.sweep_epoch (training + "
+                      "evaluation) on the reference model")
+  args = parser.parse_args()
+  rounds = args.rounds or (2 if args.quick else 7)
+  patch_sets = [p for p in args.patches.split(",") if p]
+
+  print(_common.header("Training throughput"), flush=True)
+  counter = _common.CompileCounter()
+  data = _common.load_mnist(args.data_dir)
+  rss_data = _common.peak_rss_mib()
+  matmul, _ = _common.matmul_candidate()
+  results = []
+  for case in CASES:
+    if case.name not in args.cases.split(","):
+      continue
+    result = run_case(case, data, counter, matmul, rounds, patch_sets,
+                      with_eval=args.with_eval and case.name == "reference",
+                      with_flax=not args.no_flax,
+                      with_noguard=args.with_noguard)
+    report(case, result, rounds)
+    results.append((case, result))
+  if not args.no_flax:
+    targets(results)
+  print(f"\nPeak RSS (ru_maxrss): {rss_data:.0f} MiB after loading MNIST, "
+        f"{_common.peak_rss_mib():.0f} MiB at the end (all candidates in "
+        f"one process); {_common.device_memory_line()}.", flush=True)
+  if args.malloc == "both":
+    _common.run_tuned_child(__file__)
+
+
+if __name__ == "__main__":
+  main()

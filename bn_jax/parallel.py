@@ -1,0 +1,257 @@
+"""Data-parallel training over a 1-D device mesh, BN synchronized or not.
+
+    python -m experiments.main --config=configs/placements.py \
+        --workdir=workdirs/placements_dp --config.mesh_devices=auto
+
+The global batch of every step (config.batch_size, the same indices as on
+one device: `train.epoch_batches`) is split over the mesh axis `data`: device
+i takes columns [i * b, (i + 1) * b) of each step's index array, b =
+batch_size / devices. MNIST is small, so the whole data set is replicated on
+every device and each device gathers its own rows; nothing is resharded
+between steps. The epoch runs under `jax.shard_map` (with its replication
+checks on), the K runs of a sweep vmapped inside it.
+
+BN statistics (config.bn_stats):
+  sync        (default) bn_jax's `axis_name="data"`: mean and variance are
+              those of the global batch, so N devices compute exactly what
+              one device computes on the whole batch (up to float rounding).
+              The running statistics are then identical on every device.
+  per_device  "ghost batch" statistics: every device normalizes with the
+              statistics of its own b examples. Gradients are still averaged.
+              Each device would update the running statistics with its own
+              batch; the kept state is their mean over devices, taken after
+              every step (so it stays identical everywhere). As the update is
+              linear, this is the exponential average of the devices' mean
+              ghost-batch mean and mean ghost-batch variance; the latter
+              misses the spread of the ghost-batch means, so it is a little
+              smaller than the global batch variance.
+
+The step and the epoch are `train.train_step` and `train.train_epoch` with
+`spec.axis_name="data"` (see `data_parallel_spec`): the loss is averaged over
+devices inside the differentiated function, which makes the gradient the
+global-batch mean under shard_map; metrics (sums) are summed over devices.
+
+Evaluation is sharded too: in eval mode each device scores a contiguous
+slice of the test set (a remainder of fewer than N examples is scored once,
+replicated); the batch-statistics evaluation splits each test batch over the
+devices exactly as training splits a training batch.
+
+Several hosts: set config.distributed.coordinator_address ("host:port" of
+process 0), .num_processes and .process_id on every host (num_processes and
+process_id may stay None where JAX detects them: Slurm, Open MPI, TPU), and
+run the same command on every host. `setup` then calls
+`jax.distributed.initialize` before any other JAX call, and the mesh spans
+every process's devices (mesh_devices must be "auto" or the global device
+count). Data: every host loads the whole data set into its memory, as on one
+host, and copies it only onto its own devices (`replicate` builds the global
+array from each process's local copy); every device then gathers its own
+rows of each global batch, so a host touches only the rows of its
+addressable devices and no data cross hosts. Outputs: every process runs the
+same loop and writes the same metrics and plots; Orbax checkpointing is
+collective and wants a --workdir on a file system all hosts share. Only the
+single-process path is tested (forced CPU devices); multi-host is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bn_jax import train
+
+DATA_AXIS = "data"
+BN_STATS = ("sync", "per_device")
+
+
+# ----------------------------------------------------------------------------
+# Config and mesh.
+
+
+def check_config(config) -> None:
+  """Rejects bad parallel fields before anything touches a device."""
+  if config.bn_stats not in BN_STATS:
+    raise ValueError(f"config.bn_stats={config.bn_stats!r} is not valid; "
+                     f"choose one of {BN_STATS}.")
+  devices = config.mesh_devices
+  if devices != "auto" and (isinstance(devices, bool)
+                            or not isinstance(devices, int) or devices < 1):
+    raise ValueError(f"config.mesh_devices={devices!r} must be a positive "
+                     "integer or 'auto' (all devices).")
+  if isinstance(devices, int):
+    check_batch_split(config.batch_size, devices)
+
+
+def check_batch_split(batch_size: int, num_devices: int) -> None:
+  if batch_size % num_devices:
+    raise ValueError(
+        f"config.batch_size={batch_size} does not divide evenly across "
+        f"{num_devices} devices (config.mesh_devices); use a global batch "
+        f"that is a multiple of {num_devices}, e.g. "
+        f"{max(1, batch_size // num_devices) * num_devices}.")
+
+
+def initialize_distributed(distributed) -> bool:
+  """Calls `jax.distributed.initialize` if a coordinator is configured.
+
+  Must run before any other JAX call of the process. Returns True if it did.
+  """
+  if not distributed.coordinator_address or jax.distributed.is_initialized():
+    return False
+  jax.distributed.initialize(
+      coordinator_address=distributed.coordinator_address,
+      num_processes=distributed.num_processes,
+      process_id=distributed.process_id)
+  return True
+
+
+def resolve_num_devices(mesh_devices) -> int:
+  available = jax.device_count()
+  n = available if mesh_devices == "auto" else mesh_devices
+  if n > available:
+    raise ValueError(
+        f"config.mesh_devices={mesh_devices} but only {available} device(s) "
+        f"are available ({jax.devices()[0].platform}). On a CPU, force more "
+        "with XLA_FLAGS=--xla_force_host_platform_device_count=N, set before "
+        "JAX is imported.")
+  if jax.process_count() > 1 and n != available:
+    raise ValueError(
+        f"config.mesh_devices={mesh_devices}: with {jax.process_count()} "
+        f"processes the mesh must span all {available} devices; use 'auto'.")
+  return n
+
+
+def make_mesh(num_devices: int) -> jax.sharding.Mesh:
+  """A 1-D mesh named `data` over the first `num_devices` devices."""
+  return jax.make_mesh((num_devices,), (DATA_AXIS,),
+                       devices=jax.devices()[:num_devices])
+
+
+def setup(config) -> jax.sharding.Mesh | None:
+  """Multi-host initialization if configured, then the data mesh.
+
+  Returns None when training uses one device (the default mesh_devices=1,
+  or "auto" on a machine with one device): the single-device code path runs
+  unchanged.
+  """
+  initialize_distributed(config.distributed)
+  n = resolve_num_devices(config.mesh_devices)
+  check_batch_split(config.batch_size, n)
+  if n == 1:
+    return None
+  print(f"data parallel: {n} {jax.devices()[0].platform} device(s) in "
+        f"{jax.process_count()} process(es), {config.batch_size // n} "
+        f"examples per device per step, BN statistics {config.bn_stats}",
+        flush=True)
+  return make_mesh(n)
+
+
+def replicate(tree, mesh: jax.sharding.Mesh | None):
+  """Puts every leaf on every device of `mesh` (no-op for None, or for
+  leaves already replicated there)."""
+  if mesh is None:
+    return tree
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    # Only a NamedSharding over this mesh counts: a single-device array is
+    # "equivalent" on a 1-device mesh, but would retrace the jitted epoch.
+    if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        and x.sharding.mesh == mesh
+        and x.sharding.is_equivalent_to(sharding, x.ndim)):
+      return x
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    # Several hosts: each process fills only its own devices, from its own
+    # (identical) host copy.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+  return jax.tree.map(put, tree)
+
+
+def data_parallel_spec(spec: train.TrainSpec, bn_stats: str = "sync",
+                       ) -> train.TrainSpec:
+  if bn_stats not in BN_STATS:
+    raise ValueError(f"bn_stats={bn_stats!r}; choose one of {BN_STATS}.")
+  return dataclasses.replace(spec, axis_name=DATA_AXIS,
+                             sync_bn=bn_stats == "sync")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation (the training step and epoch are train's own, which split each
+# global batch over `spec.axis_name` and sum metrics over it).
+
+
+def evaluate(state: train.TrainState, images, labels, *,
+             spec: train.TrainSpec, use_batch_stats: bool = False):
+  """`train.evaluate` with the test set split over the devices of
+  `spec.axis_name`; returns the same sums, identical on every device."""
+  axis = spec.axis_name
+  n = lax.axis_size(axis)
+  if use_batch_stats:
+    # Split every test batch as training splits a batch, so synchronized BN
+    # normalizes with the same global-batch statistics as one device would.
+    usable = images.shape[0] // spec.batch_size * spec.batch_size
+    def columns(x):
+      x = x[:usable].reshape(-1, spec.batch_size, *x.shape[1:])
+      return train.device_share(x, axis, axis=1).reshape(-1, *x.shape[2:])
+    local_spec = dataclasses.replace(spec, batch_size=spec.batch_size // n)
+    return lax.psum(train.evaluate(state, columns(images), columns(labels),
+                                   spec=local_spec, use_batch_stats=True),
+                    axis)
+  split = images.shape[0] // n * n
+  totals = []
+  if split:
+    rows = lambda x: train.device_share(x[:split], axis)
+    totals.append(lax.psum(train.evaluate(state, rows(images), rows(labels),
+                                          spec=spec), axis))
+  if split < images.shape[0]:  # fewer than n left: scored once, replicated
+    totals.append(train.evaluate(state, images[split:], labels[split:],
+                                 spec=spec))
+  return jax.tree.map(lambda *v: sum(v), *totals)
+
+
+# ----------------------------------------------------------------------------
+# Compiled entry points.
+
+
+def shard_sweep(per_device_fn, mesh: jax.sharding.Mesh):
+  """(stacked states, data) -> (states, outputs): `per_device_fn` vmapped
+  over the runs, under shard_map over `mesh`. States and data go in
+  replicated and come out replicated; shard_map's replication check
+  (check_vma) proves the params and BN statistics agree on every device."""
+  return jax.shard_map(jax.vmap(per_device_fn, in_axes=(0, None)), mesh=mesh,
+                       in_specs=(P(), P()), out_specs=P())
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh"),
+                   donate_argnames="states")
+def sweep_epoch(states: train.TrainState, data: train.DeviceData, *,
+                spec: train.TrainSpec, mesh: jax.sharding.Mesh):
+  """`train.sweep_epoch` over the mesh: K runs, one epoch and evaluation.
+
+  `states` and `data` must be replicated on `mesh` (see `replicate`).
+  """
+  return shard_sweep(functools.partial(train.epoch_and_eval, spec=spec,
+                                       evaluate_fn=evaluate), mesh)(
+      states, data)
+
+
+def sweep_epoch_fn(spec: train.TrainSpec, mesh: jax.sharding.Mesh | None,
+                   bn_stats: str = "sync"):
+  """The epoch function an experiment calls: (states, data) -> (states,
+  metrics). Without a mesh it is exactly `train.sweep_epoch`."""
+  if mesh is None:
+    return functools.partial(train.sweep_epoch, spec=spec)
+  parallel_spec = data_parallel_spec(spec, bn_stats)
+
+  def run(states, data):
+    return sweep_epoch(replicate(states, mesh), replicate(data, mesh),
+                       spec=parallel_spec, mesh=mesh)
+  return run

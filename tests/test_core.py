@@ -1,0 +1,600 @@
+"""Tests for bn_jax.core against references independent of the code tested.
+
+References: a float64 NumPy transcription of Ioffe & Szegedy (2015)
+(Algorithm 1, Algorithm 2, the running update, and the backward pass of
+Section 3 in its long form through dvar and dmean); autodiff of the plain
+formula (`analytic_grad=False`); finite differences (`check_grads` in
+float64); one batch against the same batch split over a named axis or an
+ensemble axis; and, for folding, the unfolded layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import bn_jax
+from bn_jax import core
+
+# (x shape, feature axis): dense, channels-last conv (reduces N, H, W), two
+# feature axes, and features first.
+CASES = [((32, 8), -1), ((4, 5, 6, 3), -1), ((4, 5, 6, 3), (1, 3)),
+         ((16, 6), 0)]
+CASE_IDS = ["dense", "nhwc", "axes13", "axis0"]
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+STATS_METHODS = ["shifted", "two_pass", "one_pass"]
+# Tolerance of y in x's dtype against the float64 reference (a few ulps).
+Y_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3,
+         jnp.float64: 1e-12}
+
+apply_jit = jax.jit(bn_jax.apply, static_argnames=(
+    "training", "axis", "momentum", "epsilon", "unbiased_running_var",
+    "axis_name", "axis_index_groups", "stats_method", "analytic_grad"))
+
+
+def assert_close(actual, expected, tol):
+  np.testing.assert_allclose(np.asarray(actual, np.float64),
+                             np.asarray(expected, np.float64),
+                             rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------
+# The paper in NumPy (float64).
+
+
+def np_axes(ndim, axis):
+  """(feature axes, reduction axes), computed here, not by bn_jax."""
+  features = sorted({a % ndim for a in ((axis,) if isinstance(axis, int)
+                                        else axis)})
+  return features, tuple(a for a in range(ndim) if a not in features)
+
+
+def np_expand(v, x, axis):
+  """Per-feature array (feature shape) -> broadcastable against x."""
+  return np.expand_dims(np.asarray(v, np.float64), np_axes(x.ndim, axis)[1])
+
+
+def np_train(x, gamma, beta, axis, eps, mask=None):
+  """Algorithm 1. Returns y, batch mean and biased variance (feature shape),
+  and m, the number of values per feature."""
+  x = np.asarray(x, np.float64)
+  _, red = np_axes(x.ndim, axis)
+  w = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape)
+  m = w.sum(red, keepdims=True)
+  mu = (w * x).sum(red, keepdims=True) / m  # mini-batch mean
+  var = (w * (x - mu) ** 2).sum(red, keepdims=True) / m  # mini-batch variance
+  xhat = (x - mu) / np.sqrt(var + eps)  # normalize
+  y = np_expand(gamma, x, axis) * xhat + np_expand(beta, x, axis)
+  squeeze = lambda v: v.reshape(np.asarray(gamma).shape)
+  return y, squeeze(mu), squeeze(var), squeeze(m)
+
+
+def np_eval(x, gamma, beta, mean, var, axis, eps):
+  """Algorithm 2, step 11: y = gamma / sqrt(Var + eps) x
+  + (beta - gamma E / sqrt(Var + eps))."""
+  x = np.asarray(x, np.float64)
+  g, b, e, v = (np_expand(p, x, axis) for p in (gamma, beta, mean, var))
+  return g / np.sqrt(v + eps) * x + (b - g * e / np.sqrt(v + eps))
+
+
+def np_running(running, batch, momentum):
+  """flax's convention; PyTorch's momentum is 1 - momentum."""
+  return momentum * np.asarray(running, np.float64) + (1 - momentum) * batch
+
+
+def np_backward(dy, x, gamma, axis, eps):
+  """Section 3, the chain rule written out: (dx, dgamma, dbeta)."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  _, red = np_axes(x.ndim, axis)
+  m = np.prod([x.shape[a] for a in red])
+  s = lambda v: v.sum(red, keepdims=True)
+  mu = s(x) / m
+  var = s((x - mu) ** 2) / m
+  xhat = (x - mu) / np.sqrt(var + eps)
+  dxhat = dy * np_expand(gamma, x, axis)
+  dvar = s(dxhat * (x - mu) * -0.5 * (var + eps) ** -1.5)
+  dmu = s(dxhat * -1 / np.sqrt(var + eps)) + dvar * s(-2 * (x - mu)) / m
+  dx = dxhat / np.sqrt(var + eps) + dvar * 2 * (x - mu) / m + dmu / m
+  shape = np.asarray(gamma).shape
+  return dx, s(dy * xhat).reshape(shape), s(dy).reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# Inputs.
+
+
+def make_inputs(shape, axis, dtype=jnp.float32, seed=0):
+  """x with a non-zero mean, non-trivial gamma, beta and running stats."""
+  rng = np.random.default_rng(seed)
+  features, _ = np_axes(len(shape), axis)
+  fshape = tuple(shape[a] for a in features)
+  x = jnp.asarray(2.0 + 3.0 * rng.standard_normal(shape), dtype)
+  params = bn_jax.BNParams(
+      scale=jnp.asarray(rng.uniform(0.5, 1.5, fshape), jnp.float32),
+      bias=jnp.asarray(rng.standard_normal(fshape), jnp.float32))
+  state = bn_jax.BNState(
+      mean=jnp.asarray(rng.standard_normal(fshape), jnp.float32),
+      var=jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
+      count=jnp.zeros((), jnp.int32))
+  dy = jnp.asarray(rng.standard_normal(shape), dtype)
+  return x, params, state, dy
+
+
+# ----------------------------------------------------------------------------
+# Forward: Algorithm 1 and 2 and the running update.
+
+
+# Every statistics method in float32; the default one in half precision.
+PRECISIONS = [(jnp.float32, m) for m in STATS_METHODS] + [
+    (jnp.bfloat16, "shifted"), (jnp.float16, "shifted")]
+
+
+@pytest.mark.parametrize("dtype,stats_method", PRECISIONS,
+                         ids=[f"{jnp.dtype(d).name}-{m}"
+                              for d, m in PRECISIONS])
+@pytest.mark.parametrize("shape,axis", CASES, ids=CASE_IDS)
+def test_training_matches_paper(shape, axis, dtype, stats_method):
+  x, params, state, _ = make_inputs(shape, axis, dtype)
+  y, new_state = apply_jit(params, state, x, training=True, axis=axis,
+                           momentum=0.9, epsilon=1e-3,
+                           stats_method=stats_method)
+  # The reference sees the same (rounded) x: statistics must be float32
+  # accurate whatever x's dtype, y is rounded once to x's dtype.
+  y_ref, mu, var, _ = np_train(x, params.scale, params.bias, axis, 1e-3)
+  assert y.dtype == dtype
+  assert new_state.mean.dtype == new_state.var.dtype == jnp.float32
+  assert_close(y, y_ref, Y_TOL[dtype])
+  assert_close(new_state.mean, np_running(state.mean, mu, 0.9), 1e-5)
+  assert_close(new_state.var, np_running(state.var, var, 0.9), 1e-5)
+  assert new_state.count == 1
+
+
+@pytest.mark.parametrize("shape,axis,dtype", [
+    c + (jnp.float32,) for c in CASES] + [CASES[1] + (jnp.bfloat16,),
+                                          CASES[1] + (jnp.float16,)],
+    ids=CASE_IDS + ["nhwc-bfloat16", "nhwc-float16"])
+def test_eval_matches_algorithm_2(shape, axis, dtype):
+  x, params, state, _ = make_inputs(shape, axis, dtype)
+  y, new_state = apply_jit(params, state, x, training=False, axis=axis)
+  assert y.dtype == dtype
+  assert_close(y, np_eval(x, params.scale, params.bias, state.mean,
+                          state.var, axis, 1e-5), Y_TOL[dtype])
+  _, same_state = bn_jax.apply(params, state, x, training=False, axis=axis)
+  assert same_state is state  # evaluation returns the state untouched
+  chex.assert_trees_all_equal(new_state, state)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_running_var_bias_correction(unbiased):
+  shape, axis = (4, 5, 6, 3), -1
+  x, params, state, _ = make_inputs(shape, axis)
+  _, new_state = apply_jit(params, state, x, training=True, axis=axis,
+                           momentum=0.8, unbiased_running_var=unbiased)
+  _, mu, var, m = np_train(x, params.scale, params.bias, axis, 1e-5)
+  if unbiased:  # Algorithm 2, step 10: Var[x] = m / (m - 1) E[var_B]
+    var = var * m / (m - 1)
+  assert_close(new_state.mean, np_running(state.mean, mu, 0.8), 1e-5)
+  assert_close(new_state.var, np_running(state.var, var, 0.8), 1e-5)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_momentum_none_is_exact_cumulative_average(unbiased):
+  shape, axis = (32, 8), -1
+  _, params, state, _ = make_inputs(shape, axis)
+  means, variances = [], []
+  for seed in range(4):
+    x = make_inputs(shape, axis, seed=seed + 1)[0] * (seed + 1)
+    _, state = apply_jit(params, state, x, training=True, axis=axis,
+                         momentum=None, unbiased_running_var=unbiased)
+    _, mu, var, m = np_train(x, params.scale, params.bias, axis, 1e-5)
+    means.append(mu)
+    variances.append(var * m / (m - 1) if unbiased else var)
+  assert state.count == 4
+  assert_close(state.mean, np.mean(means, axis=0), 1e-5)
+  assert_close(state.var, np.mean(variances, axis=0), 1e-5)
+
+
+@pytest.mark.parametrize("use_scale,use_bias",
+                         [(False, True), (True, False), (False, False)])
+def test_without_scale_or_bias(use_scale, use_bias):
+  shape, axis = (4, 5, 6, 3), -1
+  x, _, state, dy = make_inputs(shape, axis)
+  params, _ = bn_jax.init(3, use_scale=use_scale, use_bias=use_bias)
+  assert (params.scale is None) != use_scale
+  assert (params.bias is None) != use_bias
+  gamma, beta = np.ones(3), np.zeros(3)
+  y, _ = apply_jit(params, state, x, training=True)
+  assert_close(y, np_train(x, gamma, beta, axis, 1e-5)[0], 2e-5)
+  y, _ = apply_jit(params, state, x, training=False)
+  assert_close(y, np_eval(x, gamma, beta, state.mean, state.var, axis, 1e-5),
+               2e-5)
+  dx, _, _ = np_backward(dy, x, gamma, axis, 1e-5)
+  loss = lambda x: jnp.vdot(bn_jax.apply(params, state, x,
+                                         training=True)[0], dy)
+  assert_close(jax.jit(jax.grad(loss))(x), dx, 1e-4)
+
+
+@pytest.mark.parametrize("stats_method,analytic_grad", [
+    ("shifted", True), ("shifted", False), ("two_pass", True),
+    ("one_pass", True)])
+def test_mask_ignores_padding(stats_method, analytic_grad):
+  # The first and last rows are padding (and hold values far off the data),
+  # so the references (first and last example) are padded too.
+  shape, axis = (8, 4), -1
+  x, params, state, dy = make_inputs(shape, axis)
+  x = x.at[0].set(100.0).at[-1].set(-50.0)
+  valid = np.array([False] + [True] * 6 + [False])
+  kwargs = dict(training=True, stats_method=stats_method,
+                analytic_grad=analytic_grad)
+
+  def loss(x, params, mask):
+    y, new_state = bn_jax.apply(params, state, x, mask=mask, **kwargs)
+    return jnp.vdot(y[1:-1] if mask is not None else y, dy[1:-1]), (
+        y, new_state)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  (dx, dparams), (y, new_state) = grad(x, params, valid[:, None])
+  (dx_ref, dparams_ref), (y_ref, state_ref) = grad(x[1:-1], params, None)
+  chex.assert_trees_all_close(new_state, state_ref, rtol=1e-5, atol=1e-6)
+  assert_close(y[1:-1], y_ref, 1e-5)
+  assert_close(dx[1:-1], dx_ref, 1e-5)
+  chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-5, atol=1e-5)
+  # Padding gets no gradient through the statistics, only its own y.
+  assert_close(dx[np.array([0, -1])], 0.0, 1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Numerics.
+
+
+@pytest.mark.parametrize("stats_method", ["shifted", "two_pass"])
+def test_large_offset_normalizes_to_unit_variance(stats_method):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(1e4 + rng.standard_normal((512, 16)), jnp.float32)
+  params, state = bn_jax.init(16)
+  y, new_state = apply_jit(params, state, x, training=True, momentum=0.0,
+                           stats_method=stats_method)
+  y = np.asarray(y, np.float64)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-3)
+  np.testing.assert_allclose(y.var(0), 1.0, atol=1e-3)
+  x64 = np.asarray(x, np.float64)
+  np.testing.assert_allclose(new_state.var, x64.var(0), rtol=1e-3)
+  np.testing.assert_allclose(new_state.mean, x64.mean(0), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("stats_method", STATS_METHODS)
+def test_variance_never_negative(stats_method):
+  # Constant features, large and small: the variance is 0 (the one-pass
+  # formula may round to a small positive value), never negative, and y is
+  # finite.
+  x = jnp.broadcast_to(jnp.array([1e4, -3.0, 0.1, 7e3], jnp.float32),
+                       (64, 4))
+  params = bn_jax.BNParams(scale=jnp.ones(4), bias=jnp.arange(4.0))
+  _, state = bn_jax.init(4)
+  y, new_state = apply_jit(params, state, x, training=True, momentum=0.0,
+                           stats_method=stats_method)
+  assert np.all(np.asarray(new_state.var) >= 0)
+  assert np.all(np.isfinite(np.asarray(y)))
+  if stats_method == "shifted":
+    np.testing.assert_array_equal(new_state.var, 0.0)
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(4.0), y.shape))
+  # Random data with |mean| >> std, where E[x^2] - E[x]^2 cancels.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(3e4 + 1e-2 * rng.standard_normal((64, 4)), jnp.float32)
+  _, new_state = apply_jit(params, state, x, training=True, momentum=0.0,
+                           stats_method=stats_method)
+  assert np.all(np.asarray(new_state.var) >= 0)
+
+
+# ----------------------------------------------------------------------------
+# Gradients: analytic (default) vs autodiff vs finite differences vs paper.
+
+
+@pytest.mark.parametrize("shape,axis,dtype", [
+    c + (jnp.float32,) for c in CASES] + [CASES[1] + (jnp.bfloat16,),
+                                          CASES[2] + (jnp.bfloat16,)],
+    ids=CASE_IDS + ["nhwc-bfloat16", "axes13-bfloat16"])
+def test_grad_analytic_autodiff_and_paper_agree(shape, axis, dtype):
+  """The VJP of apply (analytic, the default, and autodiff of the plain
+  formula) and batch_norm_backward all equal Section 3's backward pass."""
+  x, params, state, dy = make_inputs(shape, axis, dtype)
+  _, red = np_axes(x.ndim, axis)
+  paper = np_backward(dy, x, params.scale, axis, 1e-5)
+  _, mu, var, _ = np_train(x, params.scale, params.bias, axis, 1e-5)
+  expand = lambda v: jnp.asarray(np_expand(v, x, axis), jnp.float32)
+
+  @jax.jit
+  def grads(x, params, dy):
+    def vjp(analytic_grad):
+      forward = lambda x, params: bn_jax.apply(
+          params, state, x, training=True, axis=axis,
+          analytic_grad=analytic_grad)[0]
+      dx, dparams = jax.vjp(forward, x, params)[1](dy)
+      return dx, dparams.scale, dparams.bias
+    closed_form = bn_jax.batch_norm_backward(
+        dy, x, expand(mu), expand(1 / np.sqrt(var + 1e-5)),
+        expand(params.scale), red)
+    return vjp(True), vjp(False), closed_form
+
+  tol = 1e-4 if dtype == jnp.float32 else 3e-2
+  for dx, dgamma, dbeta in grads(x, params, dy):
+    assert dx.dtype == dtype and dgamma.dtype == jnp.float32
+    scale = np.abs(paper[0]).max()  # dx in x's dtype: relative to its size
+    assert_close(np.asarray(dx, np.float64) / scale, paper[0] / scale, tol)
+    assert_close(dgamma.reshape(paper[1].shape), paper[1], tol)
+    assert_close(dbeta.reshape(paper[2].shape), paper[2], tol)
+
+
+# Small shapes: finite differences evaluate the function many times.
+FD_CASES = [((6, 3), -1), ((2, 3, 2, 2), -1), ((2, 3, 2, 2), (1, 3)),
+            ((5, 4), 0)]
+
+
+# Second order (rev over rev) where the reduction has a different layout.
+FD_ORDERS = [2, 1, 2, 1]
+
+
+@pytest.mark.parametrize("shape,axis,analytic_grad,order",
+                         [c + (True, o) for c, o in zip(FD_CASES, FD_ORDERS)]
+                         + [FD_CASES[1] + (False, 1)],
+                         ids=CASE_IDS + ["nhwc-autodiff"])
+def test_grad_finite_differences(shape, axis, analytic_grad, order):
+  with jax.enable_x64(True):
+    x, params, state, dy = make_inputs(shape, axis, jnp.float64)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+    def f(x, scale, bias):
+      y, _ = bn_jax.apply(bn_jax.BNParams(scale, bias), state, x,
+                          training=True, axis=axis,
+                          analytic_grad=analytic_grad)
+      return jnp.sum(y * dy + 0.1 * jnp.sin(y))
+    args = (x, params.scale, params.bias)
+    f = jax.jit(f)  # the checks evaluate f and its derivatives many times
+    check_grads(f, args, order=order, modes=["rev"], atol=1e-5, rtol=1e-5)
+    check_grads(f, args, order=1, modes=["fwd"], atol=1e-5, rtol=1e-5)
+
+
+def test_grad_finite_differences_named_axis():
+  """grad(vmap(f, axis_name)): the statistics span 3 groups of 4."""
+  with jax.enable_x64(True):
+    x, params, state, dy = make_inputs((12, 3), -1, jnp.float64)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+    def f(x, scale, bias):
+      def local(x, dy):
+        y, _ = bn_jax.apply(bn_jax.BNParams(scale, bias), state, x,
+                            training=True, axis_name="batch")
+        return jnp.sum(y * dy + 0.1 * jnp.sin(y))
+      return jax.vmap(local, axis_name="batch")(
+          x.reshape(3, 4, 3), dy.reshape(3, 4, 3)).sum()
+    check_grads(jax.jit(f), (x, params.scale, params.bias), order=1,
+                modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Named axes (synchronized BN) and unnamed ensembles.
+
+
+@pytest.mark.parametrize("shape,axis,analytic_grad", [
+    CASES[0] + (True,), CASES[1] + (True,), CASES[0] + (False,)],
+    ids=["dense", "nhwc", "dense-autodiff"])
+def test_named_axis_equals_one_batch(shape, axis, analytic_grad):
+  """Split into 4 groups over a named axis: same state and gradients as one
+  batch, with grad outside the vmap (jit around either) and inside it."""
+  x, params, state, dy = make_inputs(shape, axis)
+  groups = lambda v: v.reshape((4, -1) + v.shape[1:])
+
+  def loss(params, x, dy, **kwargs):
+    y, new_state = bn_jax.apply(params, state, x, training=True, axis=axis,
+                                analytic_grad=analytic_grad, **kwargs)
+    return jnp.sum(y * dy + 0.1 * jnp.sin(y)), new_state
+  grad = functools.partial(jax.grad, argnums=(0, 1), has_aux=True)
+  (dparams_ref, dx_ref), state_ref = jax.jit(grad(loss))(params, x, dy)
+
+  named = functools.partial(loss, axis_name="batch")
+  def total(params, x, dy):
+    losses, states = jax.vmap(named, (None, 0, 0), axis_name="batch")(
+        params, x, dy)
+    return losses.sum(), states
+  # jit outside grad, and inside it (JAX traces custom rules lazily, so a
+  # collective inside one would fail there with "unbound axis name").
+  for grad_total in (jax.jit(grad(total)), grad(jax.jit(total))):
+    (dparams, dx), states = grad_total(params, groups(x), groups(dy))
+    chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-4, atol=1e-4)
+    assert_close(dx.reshape(x.shape), dx_ref, 1e-4)
+    for i in range(4):  # every group holds the statistics of all groups
+      chex.assert_trees_all_close(jax.tree.map(lambda s: s[i], states),
+                                  state_ref, rtol=1e-5, atol=1e-6)
+
+  per_group = jax.jit(jax.vmap(grad(named), (None, 0, 0), axis_name="batch"))
+  (dparams, dx), _ = per_group(params, groups(x), groups(dy))
+  # Each group holds its own contribution to the replicated params.
+  chex.assert_trees_all_close(jax.tree.map(lambda g: g.sum(0), dparams),
+                              dparams_ref, rtol=1e-4, atol=1e-4)
+  assert_close(dx.reshape(x.shape), dx_ref, 1e-4)
+
+
+def test_batch_norm_backward_named_axis():
+  x, params, state, dy = make_inputs((32, 8), -1)
+  dx_ref, dgamma_ref, dbeta_ref = np_backward(dy, x, params.scale, -1, 1e-5)
+  _, mu, var, _ = np_train(x, params.scale, params.bias, -1, 1e-5)
+  per_feature = lambda v: jnp.asarray(v, jnp.float32)[None]
+  backward = functools.partial(
+      bn_jax.batch_norm_backward, mean=per_feature(mu),
+      inv_std=per_feature(1 / np.sqrt(var + 1e-5)),
+      scale=per_feature(params.scale), reduction_axes=(0,),
+      axis_name="batch")
+  dx, dgamma, dbeta = jax.vmap(backward, axis_name="batch")(
+      dy.reshape(4, 8, 8), x.reshape(4, 8, 8))
+  assert_close(dx.reshape(x.shape), dx_ref, 1e-4)
+  assert_close(dgamma.sum(0)[0], dgamma_ref, 1e-4)
+  assert_close(dbeta.sum(0)[0], dbeta_ref, 1e-4)
+
+
+def test_ensemble_keeps_statistics_per_member():
+  """vmap over an unnamed axis: K members, each with its own params, state
+  and data, are K independent batch norms."""
+  members, shape = 3, (16, 4)
+  inputs = [make_inputs(shape, -1, seed=k) for k in range(members)]
+  stack = lambda trees: jax.tree.map(lambda *v: jnp.stack(v), *trees)
+  x, params, state = (stack([i[j] for i in inputs]) for j in range(3))
+  step = jax.jit(jax.vmap(functools.partial(bn_jax.apply, training=True)))
+  y, new_state = step(params, state, x)
+  assert new_state.mean.shape == new_state.var.shape == (members, 4)
+  assert new_state.count.shape == (members,)
+  for k, (xk, pk, sk, _) in enumerate(inputs):
+    yk, state_k = apply_jit(pk, sk, xk, training=True)
+    assert_close(y[k], yk, 1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda s: s[k], new_state),
+                                state_k, rtol=1e-6, atol=1e-6)
+
+
+def test_pmap_and_shard_map_in_subprocess():
+  """4 forced CPU devices (JAX fixes the device count at start-up): pmap,
+  and grad outside shard_map, equal one batch. (tests/test_parallel.py
+  checks shard_map with the gradient inside on 8 devices.)"""
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      import bn_jax
+      assert jax.device_count() == 4
+      rng = np.random.default_rng(0)
+      x = jnp.asarray(2 + 3 * rng.standard_normal((16, 5)), jnp.float32)
+      dy = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
+      params = bn_jax.BNParams(jnp.linspace(0.5, 1.5, 5), jnp.arange(5.0))
+      _, state = bn_jax.init(5)
+      def loss(params, x, dy, **kw):
+        y, _ = bn_jax.apply(params, state, x, training=True, **kw)
+        return jnp.sum(y * dy + 0.1 * jnp.sin(y))
+      grad = jax.grad(loss, argnums=(0, 1))
+      ref = grad(params, x, dy)
+      close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                      atol=1e-4)
+      g = jax.pmap(lambda p, x, dy: grad(p, x, dy, axis_name="i"),
+                   axis_name="i", in_axes=(None, 0, 0))(
+          params, x.reshape(4, 4, 5), dy.reshape(4, 4, 5))
+      close(g[0].scale.sum(0), ref[0].scale)
+      close(g[1].reshape(16, 5), ref[1])
+      mesh = jax.make_mesh((4,), ("d",))
+      rows = NamedSharding(mesh, P("d"))
+      xs, dys = jax.device_put(x, rows), jax.device_put(dy, rows)
+      ps = jax.device_put(params, NamedSharding(mesh, P()))
+      total = jax.shard_map(
+          lambda p, x, dy: jax.lax.psum(loss(p, x, dy, axis_name="d"), "d"),
+          mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P())
+      g = jax.jit(jax.grad(total, argnums=(0, 1)))(ps, xs, dys)
+      close(g[0].scale, ref[0].scale)
+      close(g[1], ref[1])
+      print("ok")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Tracing, errors, folding.
+
+
+def test_jitted_apply_traces_once():
+  x, params, state, _ = make_inputs((32, 8), -1)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state, x):
+    return bn_jax.apply(params, state, x, training=True)
+
+  for i in range(3):  # threading the state must not change its types
+    _, state = step(params, state, x + i)
+  assert state.count == 3
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((1, 4)), training=True),
+     "at least 2 values per feature"),
+    (lambda: bn_jax.apply(bn_jax.init(3)[0], bn_jax.init(4)[1],
+                          jnp.ones((8, 4)), training=True),
+     r"params.scale has shape \(3,\)"),
+    (lambda: bn_jax.apply(bn_jax.init(4)[0], bn_jax.init(5)[1],
+                          jnp.ones((8, 4)), training=False),
+     r"state.mean has shape \(5,\)"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          momentum=1.5), "momentum=1.5 is outside"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          momentum=-0.1), "PyTorch momentum"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          epsilon=0.0), "epsilon=0.0 must be > 0"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          epsilon=-1e-5), "must be > 0"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          axis=2), "axis 2 is out of range"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          axis=(1, -1)), "same dimension twice"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          stats_method="welford"), "stats_method='welford'"),
+], ids=["one-value", "params-shape", "state-shape", "momentum-high",
+        "momentum-low", "epsilon-zero", "epsilon-negative", "axis-range",
+        "axis-twice", "stats-method"])
+def test_errors_are_helpful(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def _trained_bn(features, seed=0):
+  """Params and running stats as after training, not the identity."""
+  rng = np.random.default_rng(seed)
+  params = bn_jax.BNParams(
+      scale=jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
+      bias=jnp.asarray(rng.standard_normal(features), jnp.float32))
+  state = bn_jax.BNState(
+      mean=jnp.asarray(rng.standard_normal(features), jnp.float32),
+      var=jnp.asarray(rng.uniform(0.2, 3.0, features), jnp.float32),
+      count=jnp.asarray(10, jnp.int32))
+  return params, state
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_into_dense(with_bias):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(4), jnp.float32) if with_bias else None
+  params, state = _trained_bn(4)
+  dense = x @ kernel + (0.0 if bias is None else bias[None])
+  expected, _ = bn_jax.apply(params, state, dense, training=False,
+                             epsilon=1e-3)
+  kernel2, bias2 = bn_jax.fold_into_preceding(kernel, bias, params, state,
+                                              epsilon=1e-3)
+  assert_close(x @ kernel2 + bias2[None], expected, 1e-5)
+
+
+def test_fold_into_flax_conv():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+  conv = nn.Conv(features=4, kernel_size=(3, 3))
+  variables = conv.init(jax.random.key(0), x)
+  params, state = _trained_bn(4)
+  expected, _ = bn_jax.apply(params, state, conv.apply(variables, x),
+                             training=False)
+  kernel, bias = bn_jax.fold_into_preceding(
+      variables["params"]["kernel"], variables["params"]["bias"], params,
+      state)
+  assert kernel.shape == (3, 3, 3, 4)
+  folded = conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  assert_close(folded, expected, 1e-5)

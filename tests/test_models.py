@@ -1,0 +1,271 @@
+"""Tests for bn_jax.models: every placement x model x activation, the
+variables each placement creates, and a NumPy forward pass as reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bn_jax import models
+
+CHANNELS = (2, 3)  # tiny CNN: 28 -> 14 -> 7, so 7 * 7 * 3 = 147 features
+WIDTHS = (5, 4)
+BATCH = 8  # one batch size throughout: fewer shapes to compile
+EPSILON = 1e-3
+NP_ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+}
+
+
+def make(model="mlp", placement="before_activation", activation="relu",
+         momentum=0.9):
+  return models.make_model(model, placement=placement, activation=activation,
+                           widths=WIDTHS, channels=CHANNELS,
+                           bn_momentum=momentum, bn_epsilon=EPSILON)
+
+
+def images(n, seed=0):
+  return np.random.default_rng(seed).uniform(0, 1, (n, 784)).astype(
+      np.float32)
+
+
+def shapes(tree):
+  return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+
+@pytest.mark.parametrize("activation", tuple(models.ACTIVATIONS))
+@pytest.mark.parametrize("model", models.MODELS)
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_every_combination_builds_and_runs(placement, model, activation):
+  net = make(model, placement, activation)
+  x = images(BATCH)
+  variables = net.init(jax.random.key(0), x, train=False)
+  assert set(variables) == ({"params"} if placement == "none" else
+                            {"params", "batch_stats"})
+  logits = net.apply(variables, x, train=False)
+  train_logits, updates = net.apply(variables, x, train=True,
+                                    mutable=["batch_stats"])
+  for out in (logits, train_logits):
+    assert out.shape == (BATCH, 10) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+  if placement == "none":
+    assert updates == {}
+  else:
+    # A training-mode call moves every running statistic away from its
+    # initial value (mean 0, var 1).
+    for new, old in zip(jax.tree.leaves(updates["batch_stats"]),
+                        jax.tree.leaves(variables["batch_stats"])):
+      assert not np.allclose(new, old)
+
+
+def _dense(width_in, width_out, bias):
+  return ({"kernel": (width_in, width_out), "bias": (width_out,)} if bias
+          else {"kernel": (width_in, width_out)})
+
+
+def _bn(features):
+  return {"scale": (features,), "bias": (features,)}
+
+
+def _stats(features):
+  return {"mean": (features,), "var": (features,)}
+
+
+def expected_variables(model, placement):
+  """The variable shapes each placement should create, written out by hand:
+  every hidden block `<block>` holds its linear map and, where placed, its
+  own BatchNorm_0."""
+  with_bn = placement in ("before_activation", "after_activation")
+  bias = placement != "before_activation"  # BN's beta replaces the bias
+  params, stats = {}, {}
+  blocks = []
+  if model == "cnn":
+    c_in = 1
+    for i, c in enumerate(CHANNELS):
+      blocks.append((f"conv_{i}", "Conv_0",
+                     {"kernel": (3, 3, c_in, c), **({"bias": (c,)}
+                                                    if bias else {})}, c))
+      c_in = c
+    width_in = 7 * 7 * CHANNELS[-1]
+  else:
+    width_in = 784
+  for i, w in enumerate(WIDTHS):
+    blocks.append((f"hidden_{i}", "Dense_0", _dense(width_in, w, bias), w))
+    width_in = w
+  for block, linear, linear_shapes, features in blocks:
+    params[block] = {linear: linear_shapes}
+    if with_bn:
+      params[block]["BatchNorm_0"] = _bn(features)
+      stats[block] = {"BatchNorm_0": _stats(features)}
+  params["readout"] = _dense(width_in, 10, True)
+  if placement == "input":
+    # MLP: per pixel (784 features). CNN: channels-last input, so one
+    # feature (the single input channel), as usual for convolutions.
+    features = 784 if model == "mlp" else 1
+    params["input_bn"] = _bn(features)
+    stats["input_bn"] = _stats(features)
+  return ({"params": params, "batch_stats": stats} if stats
+          else {"params": params})
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_variable_structure(model, placement):
+  net = make(model, placement)
+  variables = net.init(jax.random.key(0), images(BATCH), train=False)
+  assert shapes(variables) == expected_variables(model, placement), (
+      "each hidden block must own its BatchNorm (e.g. params['hidden_0']"
+      "['BatchNorm_0']); got top-level names "
+      f"{sorted(variables['params'])}")
+
+
+# ----------------------------------------------------------------------------
+# The forward pass against NumPy.
+
+
+def _bn_vars(collection, name):
+  """The variables of BN `name` ("input_bn" or a hidden block's name)."""
+  if name == "input_bn":
+    return collection[name]
+  return collection[name]["BatchNorm_0"]
+
+
+def np_batch_norm(x, scale, bias, mean, var):
+  return (x - mean) / np.sqrt(var + EPSILON) * scale + bias
+
+
+def reference_mlp(variables, x, placement, activation, train):
+  """float64 NumPy forward pass of the MLP.
+
+  Returns (logits, {BN name: (mean, var) the layer normalized with}).
+  """
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                        variables["params"])
+  stats = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                       variables.get("batch_stats", {}))
+  act = NP_ACTIVATIONS[activation]
+  used = {}
+
+  def norm(h, name):
+    p, s = _bn_vars(params, name), _bn_vars(stats, name)
+    mean, var = (h.mean(0), h.var(0)) if train else (s["mean"], s["var"])
+    used[name] = (mean, var)
+    return np_batch_norm(h, p["scale"], p["bias"], mean, var)
+
+  h = np.asarray(x, np.float64)
+  if placement == "input":
+    h = norm(h, "input_bn")
+  for i in range(len(WIDTHS)):
+    block = f"hidden_{i}"
+    dense = params[block]["Dense_0"]
+    h = h @ dense["kernel"]
+    if placement == "before_activation":
+      h = act(norm(h, block))
+      continue
+    h = act(h + dense["bias"])
+    if placement == "after_activation":
+      h = norm(h, block)
+  return h @ params["readout"]["kernel"] + params["readout"]["bias"], used
+
+
+def _randomize(variables, seed):
+  """Non-trivial params and running statistics (var > 0)."""
+  leaves, tree = jax.tree.flatten(variables)
+  rng = np.random.default_rng(seed)
+  new = [np.asarray(rng.uniform(0.5, 1.5, v.shape) if v.ndim == 1 else
+                    rng.normal(0, 0.1, v.shape), np.float32) for v in leaves]
+  return jax.tree.unflatten(tree, new)
+
+
+@pytest.mark.parametrize("activation", tuple(models.ACTIVATIONS))
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_mlp_matches_numpy(placement, activation):
+  momentum = 0.9
+  net = make("mlp", placement, activation, momentum=momentum)
+  x = images(BATCH, seed=1)
+  variables = _randomize(net.init(jax.random.key(0), x, train=False), 2)
+
+  expected, _ = reference_mlp(variables, x, placement, activation, False)
+  np.testing.assert_allclose(net.apply(variables, x, train=False), expected,
+                             rtol=1e-4, atol=1e-5)
+
+  expected, batch = reference_mlp(variables, x, placement, activation, True)
+  logits, updates = net.apply(variables, x, train=True,
+                              mutable=["batch_stats"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  # Running statistics: flax's momentum convention, biased batch variance.
+  for name, (mean, var) in batch.items():
+    new = _bn_vars(updates["batch_stats"], name)
+    old = _bn_vars(variables["batch_stats"], name)
+    np.testing.assert_allclose(
+        new["mean"], momentum * np.asarray(old["mean"]) + (1 - momentum) * mean,
+        rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        new["var"], momentum * np.asarray(old["var"]) + (1 - momentum) * var,
+        rtol=1e-4, atol=1e-6)
+  assert len(batch) == {"none": 0, "input": 1}.get(placement, len(WIDTHS))
+
+
+# ----------------------------------------------------------------------------
+# Eval mode reads running statistics; training mode, the batch's.
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_eval_output_does_not_depend_on_the_batch(model, placement):
+  net = make(model, placement)
+  x = images(BATCH, seed=3)
+  variables = net.init(jax.random.key(0), x, train=False)
+  # One training-mode step, so that the running statistics are not 0 / 1.
+  _, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
+  variables = {**variables, **updates}
+  other = x.copy()
+  other[1:] = images(BATCH - 1, seed=4) * 3.0  # other batch-mates
+  moved = np.roll(x, 3, axis=0)  # the same batch, x[0] now at row 3
+
+  eval_a = net.apply(variables, x, train=False)
+  eval_b = net.apply(variables, other, train=False)
+  eval_moved = net.apply(variables, moved, train=False)
+  np.testing.assert_allclose(eval_a[0], eval_b[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eval_a, np.roll(eval_moved, -3, axis=0),
+                             rtol=1e-5, atol=1e-6)
+
+  train_a, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
+  train_b, _ = net.apply(variables, other, train=True,
+                         mutable=["batch_stats"])
+  gap = np.max(np.abs(np.asarray(train_a[0]) - np.asarray(train_b[0])))
+  if placement == "none":
+    assert gap < 1e-5
+  else:
+    assert gap > 1e-3  # the batch statistics changed the first output
+
+
+# ----------------------------------------------------------------------------
+# Invalid names.
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+def test_invalid_placement_lists_choices(model):
+  net = make(model, placement="before")
+  with pytest.raises(ValueError, match="placement='before'") as error:
+    net.init(jax.random.key(0), images(2), train=False)
+  for choice in models.PLACEMENTS:
+    assert repr(choice) in str(error.value)
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+def test_invalid_activation_lists_choices(model):
+  net = make(model, activation="gelu")
+  with pytest.raises(ValueError, match="activation='gelu'") as error:
+    net.init(jax.random.key(0), images(2), train=False)
+  for choice in models.ACTIVATIONS:
+    assert repr(choice) in str(error.value)
+
+
+def test_invalid_model_lists_choices():
+  with pytest.raises(ValueError, match="model='resnet'") as error:
+    make("resnet")
+  for choice in models.MODELS:
+    assert repr(choice) in str(error.value)

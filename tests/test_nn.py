@@ -1,0 +1,168 @@
+"""bn_jax.nn.BatchNorm against flax.linen.BatchNorm with the same options.
+
+flax is the independent reference: outputs, gradients (w.r.t. params and
+x) and updated batch_stats agree to float32 tolerance, and the variables
+have the same names and shapes, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+
+import chex
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bn_jax import nn as bn_nn
+
+# Options shared by both modules, and the input shape they suit.
+OPTIONS = {
+    "dense": ((16, 5), dict()),
+    "nhwc-momentum-epsilon": ((4, 3, 3, 6), dict(momentum=0.9, epsilon=1e-3)),
+    "axis1": ((6, 4, 3), dict(axis=1)),
+    "axes13": ((4, 3, 2, 5), dict(axis=(1, 3))),
+    "no-scale": ((16, 5), dict(use_scale=False)),
+    "no-affine": ((16, 5), dict(use_bias=False, use_scale=False)),
+    "scale-init": ((16, 5), dict(scale_init=flax_nn.initializers.constant(2.),
+                                 bias_init=flax_nn.initializers.constant(.5))),
+}
+# (x dtype, module dtype, param_dtype, tolerance on y, on gradients): y is
+# bfloat16 with dtype=bfloat16, dx is bfloat16 for bfloat16 x.
+DTYPES = {
+    "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
+    "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
+    "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
+}
+
+
+def _inputs(shape, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return x, dy
+
+
+def _modules(**options):
+  return bn_nn.BatchNorm(**options), flax_nn.BatchNorm(**options)
+
+
+def _train_step(module, variables, x, dy):
+  """(y, new batch_stats, grads w.r.t. params and x) for sum(y * dy)."""
+  def loss(params, x):
+    y, updates = module.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x,
+        use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(y.astype(jnp.float32) * dy), (y, updates["batch_stats"])
+  grads, (y, stats) = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      variables.get("params", {}), x)
+  return y, stats, grads
+
+
+def _nontrivial(variables, seed=1):
+  """Variables as after some training, so that loading them matters."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype),
+      variables)
+
+
+# Every option in float32; the mixed-precision settings on two of them.
+CASES = [(o, "f32") for o in OPTIONS] + [
+    (o, d) for o in ("dense", "nhwc-momentum-epsilon")
+    for d in ("bf16-compute", "bf16-input")]
+
+
+@pytest.mark.parametrize("case,dtypes", CASES,
+                         ids=[f"{o}-{d}" for o, d in CASES])
+def test_matches_flax(case, dtypes):
+  shape, options = OPTIONS[case]
+  x_dtype, dtype, param_dtype, tol, grad_tol = DTYPES[dtypes]
+  ours, theirs = _modules(dtype=dtype, param_dtype=param_dtype, **options)
+  x, dy = _inputs(shape, x_dtype)
+  init = lambda m: m.init(jax.random.key(0), x, use_running_average=False)
+  variables = init(theirs)
+  # Same names, shapes and dtypes: flax's variables are ours.
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      jax.eval_shape(lambda: init(ours)), variables)
+  variables = _nontrivial(variables)
+
+  @jax.jit  # one compilation for both modules, training and evaluation
+  def run(variables, x, dy):
+    return [(_train_step(m, variables, x, dy),
+             m.apply(variables, x, use_running_average=True))
+            for m in (ours, theirs)]
+  ((y, stats, grads), y_eval), ((y_ref, stats_ref, grads_ref), y_eval_ref) = (
+      run(variables, x, dy))
+  assert y.dtype == y_ref.dtype and y_eval.dtype == y_eval_ref.dtype
+  as_f32 = lambda *ys: [v.astype(jnp.float32) for v in ys]
+  chex.assert_trees_all_close(as_f32(y, y_eval), as_f32(y_ref, y_eval_ref),
+                              rtol=tol, atol=tol)
+  chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=grad_tol,
+                              atol=grad_tol)
+
+
+def test_variables_load_both_ways():
+  ours, theirs = _modules(momentum=0.9)
+  x, _ = _inputs((16, 5))
+  ours_vars = _nontrivial(ours.init(jax.random.key(0), x, False), seed=2)
+  theirs_vars = _nontrivial(theirs.init(jax.random.key(0), x, False), seed=3)
+  for variables in (ours_vars, theirs_vars):
+    for training in (False, True):
+      got = ours.apply(variables, x, use_running_average=not training,
+                       mutable=["batch_stats"])
+      want = theirs.apply(variables, x, use_running_average=not training,
+                          mutable=["batch_stats"])
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_named_axis_under_vmap_matches_flax():
+  ours, theirs = _modules(axis_name="batch", momentum=0.9)
+  x, dy = _inputs((4, 8, 5))  # 4 devices' worth of 8 examples
+  # As in flax, init runs outside the vmap that binds the axis name.
+  variables = _nontrivial(theirs.init(jax.random.key(0), x[0], False))
+
+  def step(module):
+    per_device = lambda x, dy: _train_step(module, variables, x, dy)
+    return jax.vmap(per_device, axis_name="batch")(x, dy)
+  (y, stats, grads), (y_ref, stats_ref, grads_ref) = (
+      jax.jit(lambda: step(ours))(), jax.jit(lambda: step(theirs))())
+  chex.assert_trees_all_close(y, y_ref, rtol=2e-5, atol=2e-5)
+  chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-4)
+  # Synchronized: every device holds the statistics of all 32 examples.
+  one_batch = flax_nn.BatchNorm(momentum=0.9).apply(
+      variables, x.reshape(32, 5), use_running_average=False,
+      mutable=["batch_stats"])[1]["batch_stats"]
+  chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], stats), one_batch,
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_init_does_not_update_stats():
+  x, _ = _inputs((16, 5))
+  variables = bn_nn.BatchNorm().init(jax.random.key(0), x,
+                                     use_running_average=False)
+  chex.assert_trees_all_equal(
+      variables["batch_stats"],
+      {"mean": jnp.zeros(5, jnp.float32), "var": jnp.ones(5, jnp.float32)})
+  # A dummy batch of one example, as model code often passes to init.
+  bn_nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[:1])
+
+
+def test_cumulative_average_counts_updates():
+  module = bn_nn.BatchNorm(momentum=None)
+  x, _ = _inputs((16, 5))
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  assert variables["batch_stats"]["count"] == 0
+  means = []
+  for seed in range(3):
+    x, _ = _inputs((16, 5), seed=seed)
+    _, updates = module.apply(variables, x, use_running_average=False,
+                              mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    means.append(np.asarray(x, np.float64).mean(0))
+  assert variables["batch_stats"]["count"] == 3
+  np.testing.assert_allclose(variables["batch_stats"]["mean"],
+                             np.mean(means, axis=0), rtol=1e-5, atol=1e-6)

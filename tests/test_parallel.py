@@ -1,0 +1,411 @@
+"""Tests for bn_jax.parallel: data-parallel training on 8 forced CPU devices.
+
+JAX fixes the device count when it starts, so the 8-device checks run in a
+subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8
+and the rest of the suite keeps its one device. This file is that
+subprocess's script too: `python tests/test_parallel.py` runs every `check_*`
+function below and prints one JSON line, {check name: "ok" or the
+traceback}, which the tests read (one JAX start-up for all of them).
+
+References are independent of the code under test: one device running the
+whole global batch (synchronized BN), and a `jax.vmap` over ghost batches
+(per-device BN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bn_jax
+from bn_jax import experiment
+from bn_jax import models
+from bn_jax import parallel
+from bn_jax import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICES = 8
+PER_DEVICE = 16
+GLOBAL_BATCH = DEVICES * PER_DEVICE
+
+
+def assert_trees_close(actual, expected, atol=2e-5, rtol=2e-5):
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
+                                              atol=atol, rtol=rtol),
+      actual, expected)
+
+
+# ----------------------------------------------------------------------------
+# Checks that need 8 devices (run in the subprocess).
+
+
+def _bn_vjp(params, state, x, dy, **bn_kwargs):
+  """(y, new_state, dx, dparams) of BN in training mode for cotangent dy."""
+  def forward(x, params):
+    return bn_jax.apply(params, state, x, training=True, momentum=0.9,
+                        **bn_kwargs)
+  y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
+  dx, dparams = vjp(dy)
+  return y, new_state, dx, dparams
+
+
+def _bn_inputs(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  features = shape[-1]
+  x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = bn_jax.BNParams(
+      scale=jnp.asarray(rng.uniform(0.5, 1.5, features), jnp.float32),
+      bias=jnp.asarray(rng.standard_normal(features), jnp.float32))
+  state = bn_jax.BNState(mean=jnp.full((features,), 0.5, jnp.float32),
+                         var=jnp.full((features,), 2.0, jnp.float32),
+                         count=jnp.zeros((), jnp.int32))
+  return params, state, x, dy
+
+
+def _split_rows(arrays, mesh):
+  return jax.device_put(arrays, NamedSharding(mesh, P("data")))
+
+
+def check_sync_bn_matches_one_device():
+  """8 devices x 16 examples, synchronized == one device on 128 examples."""
+  mesh = parallel.make_mesh(DEVICES)
+  # The analytic custom VJP on a dense and a conv-shaped activation; plain
+  # autodiff through the psums on the dense one.
+  for shape, analytic_grad in (((GLOBAL_BATCH, 5), True),
+                               ((GLOBAL_BATCH, 3, 3, 4), True),
+                               ((GLOBAL_BATCH, 5), False)):
+    params, state, x, dy = _bn_inputs(shape)
+    expected = _bn_vjp(params, state, x, dy, analytic_grad=analytic_grad)
+    sharded = jax.jit(jax.shard_map(
+        functools.partial(_bn_vjp, axis_name=parallel.DATA_AXIS,
+                          analytic_grad=analytic_grad),
+        mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+        # y, dx are split by rows; new state and (d gamma, d beta) are
+        # replicated: shard_map checks that they agree on every device.
+        out_specs=(P("data"), P(), P("data"), P())))
+    y, new_state, dx, dparams = sharded(
+        *parallel.replicate((params, state), mesh),
+        *_split_rows((x, dy), mesh))
+    assert_trees_close((y, dx), expected[0::2], atol=1e-5)
+    assert_trees_close(new_state, expected[1], atol=1e-5)
+    assert_trees_close(dparams, expected[3], atol=1e-4)
+
+
+def check_per_device_bn_matches_ghost_batches():
+  """BN without axis_name on 8 devices == BN on each ghost batch of 16."""
+  mesh = parallel.make_mesh(DEVICES)
+  params, state, x, dy = _bn_inputs((GLOBAL_BATCH, 5), seed=1)
+  ghost = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])
+  y_ref, state_ref, dx_ref, dparams_ref = jax.vmap(
+      _bn_vjp, in_axes=(None, None, 0, 0))(params, state, ghost(x), ghost(dy))
+
+  def per_device(params, state, x, dy):
+    y, new_state, dx, dparams = _bn_vjp(params, state, x, dy)
+    return y, jax.tree.map(lambda v: v[None], new_state), dx, dparams
+  y, new_state, dx, dparams = jax.jit(jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+      # Each device's own running statistics, stacked; the gradients of the
+      # replicated gamma and beta are summed over devices by shard_map.
+      out_specs=(P("data"), P("data"), P("data"), P())))(
+          *parallel.replicate((params, state), mesh),
+          *_split_rows((x, dy), mesh))
+  assert_trees_close((ghost(y), ghost(dx)), (y_ref, dx_ref), atol=1e-5)
+  assert_trees_close(new_state, state_ref, atol=1e-5)
+  assert_trees_close(dparams, jax.tree.map(lambda g: g.sum(0), dparams_ref),
+                     atol=1e-4)
+
+
+def _random_data(num_train=512, num_test=203, seed=0):
+  # 203 test examples: not a multiple of 8, so the eval remainder is used.
+  rng = np.random.default_rng(seed)
+  return train.to_device(
+      rng.random((num_train, 784), np.float32),
+      rng.integers(0, 10, num_train),
+      rng.random((num_test, 784), np.float32),
+      rng.integers(0, 10, num_test))
+
+
+def _small_spec(**overrides):
+  fields = dict(placement="before_activation", widths=(32,), optimizer="sgd",
+                batch_size=GLOBAL_BATCH, steps_per_epoch=512 // GLOBAL_BATCH,
+                num_epochs=2, eval_chunk=64)
+  return train.TrainSpec(**{**fields, **overrides})
+
+
+SWEEP_HPARAMS = {"learning_rate": [0.5, 0.1], "bn_momentum": [0.9, 0.8],
+                 "bn_epsilon": [1e-3, 1e-5]}
+
+
+@contextlib.contextmanager
+def _count_compiles():
+  """Yields a list that collects the XLA compilations made inside."""
+  compiles = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def check_training_matches_one_device():
+  """Two runs (vmapped), two epochs: params, BN statistics, optimizer state
+  and every metric equal the single-device sweep. SGD, so a gradient off by
+  the device count could not hide behind Adam's scale invariance."""
+  data = _random_data()
+  spec = _small_spec()
+  mesh = parallel.make_mesh(DEVICES)
+  one = train.create_sweep_states(spec, [0, 1], SWEEP_HPARAMS)
+  many = train.create_sweep_states(spec, [0, 1], SWEEP_HPARAMS)
+  epoch_many = parallel.sweep_epoch_fn(spec, mesh, "sync")
+  for epoch in range(spec.num_epochs):
+    one, metrics_one = train.sweep_epoch(one, data, spec=spec)
+    with _count_compiles() as compiles:
+      many, metrics_many = epoch_many(many, data)
+    # Epoch 2 takes epoch 1's output as it is: no retrace, no recompile.
+    assert epoch == 0 or not compiles, compiles
+    assert set(metrics_many) == set(metrics_one)
+    assert_trees_close(metrics_many, metrics_one, atol=1e-5)
+  assert_trees_close(many, one, atol=1e-5)
+  # Params and running statistics are the same on every device.
+  for leaf in jax.tree.leaves((many.params, many.batch_stats)):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == DEVICES
+    for shard in shards[1:]:
+      np.testing.assert_array_equal(shard, shards[0])
+
+
+def check_per_device_training_matches_ghost_batches():
+  """bn_stats="per_device": each step equals a vmap over 8 ghost batches
+  (mean loss, mean gradient, running statistics averaged over ghosts)."""
+  data = _random_data(seed=1)
+  spec = _small_spec(placement="after_activation", num_epochs=1)
+  hparams = {k: v[:1] for k, v in SWEEP_HPARAMS.items()}
+  states = train.create_sweep_states(spec, [3], hparams)
+  mesh = parallel.make_mesh(DEVICES)
+  parallel_spec = parallel.data_parallel_spec(spec, "per_device")
+  epoch = jax.jit(parallel.shard_sweep(
+      functools.partial(train.train_epoch, spec=parallel_spec), mesh))
+  trained, sums = epoch(parallel.replicate(states, mesh),
+                        parallel.replicate(data, mesh))
+
+  state = jax.tree.map(lambda v: v[0], states)
+  model = spec.make_model(state.hparams)
+  tx = train.make_optimizer(spec, state.hparams["learning_rate"])
+  ghost = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])
+
+  @jax.jit
+  def reference_step(state, images, labels):
+    def loss_fn(params):
+      def one_ghost(x, y):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x,
+            train=True, mutable=["batch_stats"])
+        return (optax.softmax_cross_entropy_with_integer_labels(
+            logits, y).mean(), updates["batch_stats"])
+      losses, stats = jax.vmap(one_ghost)(ghost(images), ghost(labels))
+      return losses.mean(), jax.tree.map(lambda s: s.mean(0), stats)
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state._replace(step=state.step + 1,
+                          params=optax.apply_updates(state.params, updates),
+                          batch_stats=stats, opt_state=opt_state), loss
+
+  losses = []
+  for indices in train.epoch_batches(state.data_key, 0,
+                                     data.train_images.shape[0], spec):
+    state, loss = reference_step(state, data.train_images[indices],
+                                 data.train_labels[indices])
+    losses.append(loss)
+  expected = jax.tree.map(lambda v: v[None], state)
+  assert_trees_close(trained, expected, atol=1e-5)
+  np.testing.assert_allclose(sums["loss_sum"][0],
+                             np.sum(losses) * GLOBAL_BATCH, rtol=1e-5)
+  assert int(sums["count"][0]) == spec.steps_per_epoch * GLOBAL_BATCH
+
+
+def check_uneven_batch_raises():
+  config = experiment.default_config()
+  config.batch_size, config.mesh_devices = 100, DEVICES
+  for check in (parallel.check_config, parallel.setup):
+    with pytest.raises(ValueError, match=r"config\.batch_size=100 .*8 devices"):
+      check(config)
+  config.mesh_devices = "auto"  # resolves to 8 here
+  with pytest.raises(ValueError, match=r"config\.batch_size=100 .*8 devices"):
+    parallel.setup(config)
+  config.batch_size, config.mesh_devices = 128, 16
+  with pytest.raises(ValueError, match="only 8 device"):
+    parallel.setup(config)
+  config.mesh_devices = "auto"
+  assert parallel.setup(config).shape == {"data": DEVICES}
+
+
+def _run_checks() -> dict[str, str]:
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  assert jax.device_count() == DEVICES, jax.devices()
+  report = {}
+  for name, check in list(globals().items()):
+    if name.startswith("check_"):
+      try:
+        started = time.perf_counter()
+        check()
+        print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        report[name] = "ok"
+      except Exception:  # every failure goes into the report
+        report[name] = traceback.format_exc()
+  return report
+
+
+# ----------------------------------------------------------------------------
+# pytest side: two 8-device subprocesses, the checks above and the CLI.
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+  """IDX: big-endian int32 magic (2051 images, 2049 labels), dims, bytes."""
+  magic = 2051 if array.ndim == 3 else 2049
+  header = struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
+  path.write_bytes(header + np.asarray(array, np.uint8).tobytes())
+
+
+def _tiny_mnist(directory: Path, num_train=256, num_test=100) -> Path:
+  rng = np.random.default_rng(0)
+  directory.mkdir()
+  for prefix, n in (("train", num_train), ("t10k", num_test)):
+    labels = rng.integers(0, 10, n)
+    # Class-dependent bright rows, so that training can make some progress.
+    images = rng.integers(0, 64, (n, 28, 28))
+    images[np.arange(n), 2 * labels + 4, :] = 255
+    _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+    _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+  return directory
+
+
+class _Child:
+  """A subprocess on 8 forced CPU devices, its output in files (a full pipe
+  would stall it while the other child is being waited for)."""
+
+  def __init__(self, args, directory: Path):
+    env = dict(os.environ)
+    # Unoptimized CPU code compiles about twice as fast; every comparison
+    # runs both sides in the same child, so the flags cannot hide a mismatch.
+    env["XLA_FLAGS"] = " ".join([
+        env.get("XLA_FLAGS", ""),
+        f"--xla_force_host_platform_device_count={DEVICES}",
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true"]).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    self.out, self.err = directory / "stdout", directory / "stderr"
+    with open(self.out, "w") as out, open(self.err, "w") as err:
+      self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=out,
+                                      stderr=err)
+
+  def wait(self) -> str:
+    try:
+      self.process.wait(timeout=300)
+    finally:
+      if self.process.poll() is None:
+        self.process.kill()
+    stdout = self.out.read_text()
+    assert self.process.returncode == 0, stdout + self.err.read_text()[-5000:]
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+  """Both 8-device subprocesses, started together: XLA compiles on one core
+  each, so on two cores the pair takes about as long as the longer one."""
+  root = tmp_path_factory.mktemp("parallel")
+  data_dir = _tiny_mnist(root / "idx")
+  (root / "checks").mkdir()
+  (root / "cli").mkdir()
+  checks = _Child([sys.executable, __file__], root / "checks")
+  cli = _Child(
+      [sys.executable, "-m", "experiments.main",
+       "--config=configs/placements.py", f"--workdir={root / 'work'}",
+       f"--config.mesh_devices={DEVICES}", f"--config.data_dir={data_dir}",
+       "--config.dataset=tiny_idx", "--config.data_source=idx",
+       "--config.num_epochs=1", "--config.batch_size=64",
+       "--config.heartbeat_seconds=0"], root / "cli")
+  yield {"checks": checks, "cli": cli, "workdir": root / "work"}
+  for child in (checks, cli):
+    if child.process.poll() is None:
+      child.process.kill()
+
+
+@pytest.fixture(scope="module")
+def report(children):
+  return json.loads(children["checks"].wait().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", sorted(
+    name for name in dir(sys.modules[__name__]) if name.startswith("check_")))
+def test_on_8_devices(report, check):
+  assert report[check] == "ok", report[check]
+
+
+def test_cli_placements_on_8_devices(children):
+  """The placement comparison through experiments.main, 8 CPU devices."""
+  stdout = children["cli"].wait()
+  assert "data parallel: 8 cpu device(s)" in stdout
+  results = json.loads((children["workdir"] / "results.json").read_text())
+  assert [s["placement"] for s in results["summary"]] == list(
+      models.PLACEMENTS)
+  for row in results["final"]:
+    assert np.isfinite(row["train_loss"]), row
+    assert 0.0 <= row["test_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------
+# One device (this process): config checks and the unchanged default path.
+
+
+def test_default_is_the_single_device_path():
+  config = experiment.default_config()
+  assert config.mesh_devices == 1 and config.bn_stats == "sync"
+  assert parallel.setup(config) is None
+  spec = _small_spec()
+  epoch = parallel.sweep_epoch_fn(spec, None)
+  assert epoch.func is train.sweep_epoch and epoch.keywords == {"spec": spec}
+  data = _random_data(num_train=4, num_test=3)
+  assert parallel.replicate(data, None) is data
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mesh_devices", 0, "must be a positive integer or 'auto'"),
+    ("mesh_devices", "all", "must be a positive integer or 'auto'"),
+    ("mesh_devices", 3, r"config\.batch_size=128 .*3 devices"),
+    ("bn_stats", "ghost", "config.bn_stats='ghost' is not valid"),
+])
+def test_bad_parallel_config_rejected(field, value, message):
+  config = experiment.default_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config)
+
+
+if __name__ == "__main__":
+  print(json.dumps(_run_checks()))

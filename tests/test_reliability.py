@@ -1,0 +1,406 @@
+"""Reliability: config checks, the NaN guard, resuming after SIGKILL, corrupt
+checkpoints, determinism, and errors through the CLI.
+
+Everything runs on tiny generated IDX files (data set name "tiny", for which
+no md5 is known) and 8-unit MLPs. One reference run, in this process, is
+compared bitwise with a second run, with runs resumed from corrupt
+checkpoints or after a NaN stop, and with a real CLI run killed by SIGKILL
+and restarted with the same command. Most of the time goes to compiling and
+to the CLI's start-up.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bn_jax import experiment
+from bn_jax import train
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST, BATCH = 128, 48, 32  # 4 steps per epoch
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+# Fields set on top of configs/placements.py, here and on the CLI.
+OVERRIDES = {"dataset": "tiny", "placements": ("before_activation",),
+             "widths": (8,), "seeds": (0, 1), "batch_size": BATCH,
+             "num_epochs": 3, "keep_checkpoints": 3,
+             "heartbeat_seconds": 0.0}
+CLI_TIMEOUT_S = 180
+
+
+def write_idx(path: Path, array, magic: int) -> None:
+  """IDX: big-endian int32 magic (2051 images, 2049 labels), the dims, then
+  the uint8 values."""
+  array = np.asarray(array, np.uint8)
+  path.write_bytes(struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
+                   + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+  """Class c brightens rows 2c..2c+4 over noise: learnable in a few steps."""
+  directory = tmp_path_factory.mktemp("idx")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 28, 28))
+    for i, c in enumerate(labels):
+      images[i, 2 * c:2 * c + 5] += 180
+    write_idx(directory / f"{split}-images-idx3-ubyte", images, 2051)
+    write_idx(directory / f"{split}-labels-idx1-ubyte", labels, 2049)
+  return directory
+
+
+def tiny_config(idx_dir: Path, **changes):
+  """configs/placements.py with OVERRIDES: the config the CLI builds."""
+  spec = importlib.util.spec_from_file_location(
+      "placements_config", REPO / "configs" / "placements.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for field, value in {**OVERRIDES, "data_dir": str(idx_dir),
+                       **changes}.items():
+    set_field(config, field, value)
+  return config
+
+
+def set_field(config, path: str, value) -> None:
+  *parents, name = path.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[name] = value
+
+
+def cli_command(idx_dir: Path, workdir: Path, *extra: str) -> list[str]:
+  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else
+           f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  return [sys.executable, "-m", "experiments.main",
+          "--config=configs/placements.py", f"--workdir={workdir}",
+          f"--config.data_dir={idx_dir}", *flags, *extra]
+
+
+def run_cli(command, **kwargs) -> subprocess.CompletedProcess:
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=CLI_TIMEOUT_S, **kwargs)
+
+
+def training_metrics(workdir: Path) -> list[dict]:
+  """metrics.jsonl without the timings (the only thing allowed to differ)."""
+  rows = [json.loads(line)
+          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+
+
+def final_metrics(workdir: Path) -> list[dict]:
+  final = json.loads((workdir / "results.json").read_text())["final"]
+  return [{k: v for k, v in row.items() if k != "wall_time"}
+          for row in final]
+
+
+def assert_same_run(workdir: Path, reference: Path) -> None:
+  """Bitwise: json floats round-trip exactly, and == compares them so."""
+  assert ((workdir / "config.json").read_text()
+          == (reference / "config.json").read_text())
+  assert training_metrics(workdir) == training_metrics(reference)
+  assert final_metrics(workdir) == final_metrics(reference)
+
+
+@pytest.fixture(scope="module")
+def reference(idx_dir, tmp_path_factory) -> Path:
+  """An uninterrupted run: the workdir."""
+  workdir = tmp_path_factory.mktemp("reference")
+  experiment.run_experiment(tiny_config(idx_dir), workdir)
+  return workdir
+
+
+# ----------------------------------------------------------------------------
+# Config validation.
+
+
+@pytest.mark.parametrize("field, value, fragments", [
+    ("placements", ("after_bn",), ["config.placements", "'after_bn'",
+                                   "before_activation"]),
+    ("activation", "swish2", ["config.activation", "'relu'"]),
+    ("optimizer", "adagrad", ["config.optimizer", "'sgd'"]),
+    ("model", "resnet", ["config.model", "'cnn'"]),
+    ("data_source", "ftp", ["config.data_source", "'idx'"]),
+    ("batch_size", 0, ["config.batch_size=0", "positive"]),
+    ("batch_size", -32, ["config.batch_size=-32", "positive"]),
+    ("num_epochs", 0, ["config.num_epochs=0", "positive"]),
+    ("warmup_steps", -1, ["config.warmup_steps=-1"]),
+    ("keep_checkpoints", 0, ["config.keep_checkpoints=0"]),
+    ("widths", (8, 0), ["config.widths"]),
+    ("bn.momentum", 1.5, ["config.bn.momentum", "[0, 1]"]),
+    ("bn.momentum", -0.1, ["config.bn.momentum", "[0, 1]"]),
+    ("sweep.bn_momentum", (0.9, 2.0), ["config.sweep.bn_momentum"]),
+    ("bn.epsilon", 0.0, ["config.bn.epsilon", "> 0"]),
+    ("bn.epsilon", -1e-3, ["config.bn.epsilon", "> 0"]),
+    ("learning_rate", 0.0, ["config.learning_rate", "> 0"]),
+])
+def test_validate_config_names_the_field(field, value, fragments):
+  config = experiment.default_config()
+  set_field(config, field, value)
+  with pytest.raises(ValueError) as info:
+    experiment.validate_config(config)
+  for fragment in fragments:
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_default_config_is_valid():
+  experiment.validate_config(experiment.default_config())
+
+
+def test_config_is_checked_before_data_and_workdir(tmp_path):
+  config = experiment.default_config()
+  config.data_dir = str(tmp_path / "no-such-dir")  # would be a DataError
+  config.bn.epsilon = 0.0
+  with pytest.raises(ValueError, match="config.bn.epsilon"):
+    experiment.run_experiment(config, tmp_path / "workdir")
+  assert not (tmp_path / "workdir").exists()
+
+
+@pytest.mark.parametrize("where", ["workdir", "parent"])
+def test_workdir_that_is_a_file(idx_dir, tmp_path, where):
+  file = tmp_path / "a_file"
+  file.write_text("not a directory")
+  workdir = file if where == "workdir" else file / "run"
+  with pytest.raises(ValueError, match=re.escape(f"{file} is a file")):
+    experiment.run_experiment(tiny_config(idx_dir), workdir)
+
+
+@pytest.mark.parametrize("batch_size, fragment", [
+    (N_TRAIN + 1, f"larger than the training set ({N_TRAIN} examples)"),
+    (N_TEST + 1, f"larger than the test set ({N_TEST} examples)"),
+])
+def test_batch_larger_than_data_stops_before_compiling(
+    idx_dir, tmp_path, monkeypatch, batch_size, fragment):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("compiled despite an invalid batch size")
+  monkeypatch.setattr(train, "create_sweep_states", must_not_run)
+  monkeypatch.setattr(train, "sweep_epoch", must_not_run)
+  with pytest.raises(ValueError) as info:
+    experiment.run_experiment(tiny_config(idx_dir, batch_size=batch_size),
+                              tmp_path)
+  assert f"config.batch_size={batch_size}" in str(info.value)
+  assert fragment in str(info.value)
+  # No config.json: the corrected command must not meet "different config".
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_cli_rejects_unknown_config_field(tmp_path):
+  result = run_cli([sys.executable, "-m", "experiments.main",
+                    "--config=configs/placements.py",
+                    f"--workdir={tmp_path / 'run'}", "--config.foo=1"])
+  assert result.returncode != 0
+  assert "has no field 'foo'" in result.stderr.strip().splitlines()[-1], (
+      result.stderr)
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_data_error(tmp_path):
+  missing = tmp_path / "no-idx-here"
+  result = run_cli(cli_command(missing, tmp_path / "run"))
+  assert result.returncode != 0
+  assert "DataError" in result.stderr
+  assert f"Data directory {missing} does not exist" in result.stderr
+  assert "--config.data_dir=" in result.stderr  # the fix
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------
+# NaN guard.
+
+
+def test_nonfinite_flags_name_each_quantity():
+  ok = jnp.float32(1.0), {"w": jnp.ones(3)}, {"bn": {"mean": jnp.zeros(2)}}
+  assert int(train.nonfinite_flags(*ok)) == 0
+  assert train.describe_nonfinite(0) == ""
+  cases = {
+      "loss": (jnp.float32(jnp.inf), ok[1], ok[2]),
+      "gradient (global norm)": (ok[0], {"w": jnp.array([1.0, jnp.nan])},
+                                 ok[2]),
+      "BN statistics": (ok[0], ok[1], {"bn": {"mean": jnp.array([jnp.nan,
+                                                                0.0])}}),
+  }
+  for name, args in cases.items():
+    assert train.describe_nonfinite(train.nonfinite_flags(*args)) == name
+  assert int(train.nonfinite_flags(ok[0], ok[1], {})) == 0  # no BN layers
+
+
+def test_nan_guard_off_computes_no_flags():
+  spec = train.TrainSpec(widths=(8,), batch_size=4, steps_per_epoch=2,
+                         num_epochs=1)
+  hparams = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
+  state = jax.eval_shape(functools.partial(train.create_train_state, spec),
+                         0, hparams)
+  data = train.DeviceData(*(jax.ShapeDtypeStruct(s, d) for s, d in (
+      ((8, 784), jnp.float32), ((8,), jnp.int32),
+      ((8, 784), jnp.float32), ((8,), jnp.int32))))
+  checks = {}
+  for nan_guard in (True, False):
+    epoch = functools.partial(
+        train.train_epoch,
+        spec=dataclasses.replace(spec, nan_guard=nan_guard))
+    metrics = jax.eval_shape(epoch, state, data)[1]
+    assert ("first_nonfinite_step" in metrics) == nan_guard
+    checks[nan_guard] = str(jax.make_jaxpr(epoch)(state, data)).count(
+        "is_finite")
+  # The loss's logsumexp has is_finite checks of its own.
+  assert checks[True] > checks[False]
+
+
+def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
+    idx_dir, reference, tmp_path, monkeypatch):
+  """NaN inputs in epoch 2: stopped there, epoch 1 intact, resumable."""
+  real_sweep_epoch = train.sweep_epoch
+  epochs = []
+
+  def sweep_epoch(states, data, *, spec):
+    epochs.append(None)
+    if len(epochs) == 2:
+      data = data._replace(
+          train_images=jnp.full_like(data.train_images, jnp.nan))
+    return real_sweep_epoch(states, data, spec=spec)
+
+  monkeypatch.setattr(train, "sweep_epoch", sweep_epoch)
+  config = tiny_config(idx_dir)
+  with pytest.raises(experiment.NonFiniteError) as info:
+    experiment.run_experiment(config, tmp_path)
+  assert isinstance(info.value, FloatingPointError)
+  message = str(info.value)
+  step = STEPS_PER_EPOCH + 1
+  for fragment in ["[before_activation]", "run 0 (seed 0", "run 1 (seed 1",
+                   f"global step {step} (step 1 of {STEPS_PER_EPOCH} in "
+                   "epoch 2)", "loss, gradient (global norm), BN statistics",
+                   "last good checkpoint (epoch 1)", "learning rate",
+                   "epsilon", "--config.nan_guard=False"]:
+    assert fragment in message, message
+  checkpoints = tmp_path / "checkpoints" / "before_activation"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]
+  rows = training_metrics(tmp_path)
+  assert [r["epoch"] for r in rows] == [1, 1]
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+  assert not (tmp_path / "results.json").exists()
+
+  # The same command resumes from epoch 1 as if nothing had happened.
+  monkeypatch.setattr(train, "sweep_epoch", real_sweep_epoch)
+  experiment.run_experiment(config, tmp_path)
+  assert_same_run(tmp_path, reference)
+
+
+def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
+  config = tiny_config(idx_dir, seeds=(0,))
+  config.sweep.learning_rate = (1e-3, 1e30)
+  with pytest.raises(experiment.NonFiniteError) as info:
+    experiment.run_experiment(config, tmp_path)
+  message = str(info.value)
+  assert "run 1 (seed 0, learning_rate=1e+30" in message, message
+  assert "run 0" not in message
+  assert "in epoch 1)" in message
+  assert not list((tmp_path / "checkpoints" / "before_activation").iterdir())
+
+
+# ----------------------------------------------------------------------------
+# Determinism, checkpoints, faults.
+
+
+def test_same_config_and_seed_give_identical_metrics(
+    idx_dir, reference, tmp_path):
+  experiment.run_experiment(tiny_config(idx_dir), tmp_path)
+  assert_same_run(tmp_path, reference)
+  # Every output was written whole: no temporary file is left behind.
+  assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_corrupt_checkpoints_fall_back_to_older_ones(
+    idx_dir, reference, tmp_path, capfd):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  (workdir / "results.json").unlink()
+  checkpoints = workdir / "checkpoints" / "before_activation"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2", "3"]
+  # Epoch 3's save killed before orbax renamed its temporary directory.
+  (checkpoints / "3").rename(checkpoints / "3.orbax-checkpoint-tmp")
+  # Epoch 2 finalized, then truncated: every file cut to half.
+  for file in (checkpoints / "2").rglob("*"):
+    if file.is_file():
+      file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+  experiment.run_experiment(tiny_config(idx_dir), workdir)
+  out, err = capfd.readouterr()
+  assert f"WARNING: checkpoint {checkpoints / '2'} is corrupt" in err
+  assert "[before_activation] resumed from checkpoint at epoch 1" in out
+  assert (checkpoints.parent / "before_activation.corrupt" / "2").is_dir()
+  # Epochs 2 and 3 saved again, without colliding with the old ones.
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2", "3"]
+  assert_same_run(workdir, reference)
+
+
+def test_sigkilled_cli_run_resumes_to_identical_metrics(
+    idx_dir, reference, tmp_path):
+  """A real CLI run, killed once its first checkpoint exists, then the
+  same command again: bitwise the metrics of the uninterrupted run (which
+  compiled its own programs, in this process)."""
+  workdir = tmp_path / "run"
+  command = cli_command(idx_dir, workdir)
+  # Only to save time: the restarted run loads the killed run's programs.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  with open(tmp_path / "killed.log", "w") as log:
+    process = subprocess.Popen(command, cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+      deadline = time.monotonic() + CLI_TIMEOUT_S
+      while not any(p.name.isdigit()
+                    for p in workdir.glob("checkpoints/*/*")):
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+      process.send_signal(signal.SIGKILL)
+    finally:
+      process.kill()
+      process.wait()
+  assert process.returncode == -signal.SIGKILL  # killed, not finished
+  assert not (workdir / "results.json").exists()
+
+  result = run_cli(command, env=env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "resumed from checkpoint" in result.stdout
+  assert_same_run(workdir, reference)
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  text, png = tmp_path / "results.json", tmp_path / "curves.png"
+  experiment.write_atomic(text, "old\n")
+  fig = plt.figure()
+  experiment._save_figure(fig, png)
+  old_png = png.read_bytes()
+
+  def crash(*args):
+    raise OSError("disk full")
+  monkeypatch.setattr(os, "replace", crash)
+  with pytest.raises(OSError):
+    experiment.write_atomic(text, "new\n")
+  fig.text(0.5, 0.5, "new")
+  with pytest.raises(OSError):
+    experiment._save_figure(fig, png)
+  plt.close(fig)
+  assert text.read_text() == "old\n"
+  assert png.read_bytes() == old_png

@@ -1,0 +1,450 @@
+"""Tests for bn_jax.train on a tiny synthetic, learnable data set.
+
+References are independent of the code under test where one exists: a loop
+of single-run steps for the vmapped sweep, NumPy for evaluation and for the
+running statistics.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from bn_jax import models
+from bn_jax import train
+
+NUM_TRAIN, NUM_TEST = 512, 200
+WIDTH = 16
+# eval_chunk=128 over 200 test examples: the last chunk is padded.
+SPEC = train.TrainSpec(
+    model="mlp", placement="before_activation", activation="relu",
+    widths=(WIDTH,), batch_size=64, steps_per_epoch=NUM_TRAIN // 64,
+    num_epochs=3, eval_chunk=128)
+# K = 3 runs that differ in everything a sweep can vary.
+SEEDS = (0, 1, 2)
+SWEEP = {"learning_rate": (3e-3, 1e-2, 2e-3),
+         "bn_momentum": (0.9, 0.5, 0.99),
+         "bn_epsilon": (1e-3, 1e-1, 1e-5)}
+
+
+@pytest.fixture(scope="module")
+def arrays():
+  """A learnable task: each class is a random binary image, faint under
+  uniform noise, in [-1, 1] (zero-mean, so that every placement, "none"
+  included, learns within 3 epochs; the losses stay well above 0)."""
+  rng = np.random.default_rng(0)
+  prototypes = rng.integers(0, 2, (10, 784))
+  labels = rng.integers(0, 10, NUM_TRAIN + NUM_TEST).astype(np.int32)
+  pixels = (0.1 * prototypes[labels]
+            + 0.9 * rng.uniform(0, 1, (len(labels), 784)))
+  x = (2 * pixels - 1).astype(np.float32)
+  return (x[:NUM_TRAIN], labels[:NUM_TRAIN], x[NUM_TRAIN:],
+          labels[NUM_TRAIN:])
+
+
+@pytest.fixture(scope="module")
+def data(arrays):
+  return train.to_device(*arrays)
+
+
+def spec_for(placement, **changes):
+  return dataclasses.replace(SPEC, placement=placement, **changes)
+
+
+def run_hparams(i):
+  return {name: values[i] for name, values in SWEEP.items()}
+
+
+def copy_tree(tree):
+  """A host copy: the jitted steps donate their input state."""
+  return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def assert_trees_close(actual, expected, rtol=1e-4, atol=1e-5):
+  actual_leaves, actual_def = jax.tree.flatten(actual)
+  expected_leaves, expected_def = jax.tree.flatten(expected)
+  assert actual_def == expected_def
+  for a, e in zip(actual_leaves, expected_leaves):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol,
+                               atol=atol)
+
+
+class TraceCounter:
+  """Counts traces of train steps: `train_step` calls `make_optimizer` once
+  per trace (Python runs only while tracing), never per compiled call."""
+
+  def __init__(self, monkeypatch):
+    self.count = 0
+    original = train.make_optimizer
+
+    def counting(*args, **kwargs):
+      self.count += 1
+      return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_optimizer", counting)
+
+
+@pytest.fixture(scope="module")
+def sweeps(data):
+  """Trains K = 3 runs of each placement for 3 epochs with `sweep_epoch`,
+  once per placement and module. Returns {placement: dict(initial,
+  final states, per-epoch metrics, traces of the 3 epochs)}.
+
+  These specs are used by nothing else, so the first epoch must trace and
+  compile and the others must reuse it.
+  """
+  results = {}
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    counter = TraceCounter(monkeypatch)
+    for placement in models.PLACEMENTS:
+      spec = spec_for(placement)
+      states = train.create_sweep_states(spec, SEEDS, SWEEP)
+      initial = copy_tree(states)
+      counter.count, history = 0, []
+      for _ in range(spec.num_epochs):
+        states, metrics = train.sweep_epoch(states, data, spec=spec)
+        history.append(jax.device_get(metrics))
+      results[placement] = dict(initial=initial, final=copy_tree(states),
+                                history=history, traces=counter.count)
+  return results
+
+
+# ----------------------------------------------------------------------------
+# Learning, compiled once.
+
+
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_every_placement_lowers_the_loss(placement, sweeps):
+  history = sweeps[placement]["history"]
+  first, last = history[0], history[-1]
+  for metrics in history:
+    for key, value in metrics.items():
+      assert value.shape == (len(SEEDS),)
+      assert np.all(np.isfinite(value)), key
+      if "accuracy" in key:
+        assert np.all((0 <= value) & (value <= 1)), key
+    if "nonfinite" in metrics:  # the NaN guard saw nothing wrong
+      np.testing.assert_array_equal(metrics["nonfinite"], 0)
+      np.testing.assert_array_equal(metrics["first_nonfinite_step"], -1)
+  # Every run: the training loss falls, the test loss too, and the test set
+  # is learned beyond chance (10 %).
+  assert np.all(last["train_loss"] < 0.8 * first["train_loss"]), (
+      first["train_loss"], last["train_loss"])
+  assert np.all(last["test_loss"] < first["test_loss"]), (
+      first["test_loss"], last["test_loss"])
+  assert np.all(last["test_accuracy"] > 0.3), last["test_accuracy"]
+  np.testing.assert_array_equal(sweeps[placement]["final"].step,
+                                SPEC.total_steps)
+
+
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_sweep_epoch_is_traced_once_across_epochs(placement, sweeps):
+  assert sweeps[placement]["traces"] == 1
+
+
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_bn_statistics_are_kept_per_run(placement, sweeps):
+  k = len(SEEDS)
+  features = {"before_activation": WIDTH, "after_activation": WIDTH,
+              "input": 784}.get(placement)
+  initial, final = sweeps[placement]["initial"], sweeps[placement]["final"]
+  for state in (initial, final):
+    stats = jax.tree.leaves(state.batch_stats)
+    if features is None:
+      assert not stats
+    else:
+      assert [s.shape for s in stats] == [(k, features)] * 2  # mean, var
+    assert all(v.shape == (k,) for v in state.hparams.values())
+    assert state.step.shape == (k,)
+  for stat in jax.tree.leaves(final.batch_stats):
+    # Each run moved its own statistics: no two runs share them.
+    for i in range(k):
+      for j in range(i):
+        assert not np.allclose(stat[i], stat[j])
+
+
+# ----------------------------------------------------------------------------
+# K vmapped runs == K separate runs.
+
+jit_create_train_state = jax.jit(train.create_train_state, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def evaluate_both(state, data, spec):
+  """`train.evaluate` in eval mode and with batch statistics, one program."""
+  return (train.evaluate(state, data.test_images, data.test_labels,
+                         spec=spec),
+          train.evaluate(state, data.test_images, data.test_labels,
+                         spec=spec, use_batch_stats=True))
+
+
+def epoch_metrics(train_sums, test, test_bs):
+  return {"train_loss": train_sums["loss_sum"] / train_sums["count"],
+          "train_accuracy": train_sums["correct"] / train_sums["count"],
+          "test_loss": test["loss_sum"] / test["count"],
+          "test_accuracy": test["correct"] / test["count"],
+          "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"]}
+
+
+def separate_run(state, spec, data, on_step):
+  """One run, unvmapped: a Python loop of `jit_train_step` over the batches
+  of `epoch_batches`, evaluated after each epoch. `on_step(before, indices,
+  after)` sees every step. Returns (state, metrics per epoch)."""
+  history = []
+  for epoch in range(spec.num_epochs):
+    batches = train.epoch_batches(state.data_key, epoch, NUM_TRAIN, spec)
+    sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for indices in np.asarray(batches):
+      before = copy_tree(state)
+      state, step = train.jit_train_step(
+          state, data.train_images[indices], data.train_labels[indices],
+          spec=spec)
+      on_step(before, indices, state)
+      sums = {k: v + float(step[k]) for k, v in sums.items()}
+    history.append(epoch_metrics(sums, *jax.device_get(
+        evaluate_both(state, data, spec))))
+  return copy_tree(state), history
+
+
+def assert_same_run(state, history, expected_state, expected_history):
+  np.testing.assert_array_equal(state.data_key, expected_state.data_key)
+  np.testing.assert_array_equal(state.step, expected_state.step)
+  assert_trees_close(state.hparams, expected_state.hparams, rtol=0, atol=0)
+  assert_trees_close(state.params, expected_state.params)
+  assert_trees_close(state.batch_stats, expected_state.batch_stats)
+  assert_trees_close(state.opt_state, expected_state.opt_state)
+  assert len(history) == len(expected_history)
+  for epoch, (metrics, expected) in enumerate(zip(history,
+                                                  expected_history)):
+    assert set(expected) <= set(metrics)
+    for key, value in expected.items():
+      np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{key}, epoch {epoch + 1}")
+
+
+def test_vmapped_runs_equal_separate_runs(arrays, data, sweeps,
+                                          monkeypatch):
+  """The 3 runs of `sweeps` (seeds, learning rates, BN momenta and epsilons
+  all different) against the same 3 runs one at a time. Along the way,
+  every step's running statistics are checked against NumPy."""
+  placement = "before_activation"
+  spec, sweep = spec_for(placement), sweeps[placement]
+  counter = TraceCounter(monkeypatch)
+  initial = [jit_create_train_state(spec, seed, run_hparams(i))
+             for i, seed in enumerate(SEEDS)]
+  counter.count = 0
+  train_x = arrays[0]
+
+  for i, state in enumerate(initial):
+    run = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
+    assert_trees_close(copy_tree(state), run(sweep["initial"]), 0, 0)
+
+    def check_running_stats(before, indices, after, i=i):
+      assert_momentum_update(before, after, train_x[indices], placement,
+                             SWEEP["bn_momentum"][i], unbiased=False)
+
+    state, history = separate_run(state, spec, data, check_running_stats)
+    assert_same_run(run(sweep["final"]), [run(m) for m in sweep["history"]],
+                    state, history)
+  assert counter.count == 1  # jit_train_step: 3 runs x 24 steps, one trace
+
+  # The differences between runs are real, so the comparison means something.
+  final = sweep["history"][-1]["train_loss"]
+  assert len(set(np.round(final, 4))) == len(SEEDS)
+
+
+def test_jit_train_epoch_equals_the_sweep_and_traces_once(data, sweeps,
+                                                          monkeypatch):
+  """Run 1 of `sweeps` again with the unvmapped `jit_train_epoch`: the epoch
+  number comes from the step count, the order from the run's own key."""
+  placement, i = "before_activation", 1
+  spec, sweep = spec_for(placement), sweeps[placement]
+  counter = TraceCounter(monkeypatch)
+  state = jit_create_train_state(spec, SEEDS[i], run_hparams(i))
+  counter.count = 0
+  history = []
+  for _ in range(spec.num_epochs):
+    state, sums = train.jit_train_epoch(state, data, spec=spec)
+    history.append(epoch_metrics(*jax.device_get(
+        (sums, *evaluate_both(state, data, spec)))))
+  assert counter.count == 1
+  run = lambda tree: jax.tree.map(lambda x: x[i], tree)
+  assert_same_run(run(sweep["final"]), [run(m) for m in sweep["history"]],
+                  copy_tree(state), history)
+
+
+# ----------------------------------------------------------------------------
+# Data order.
+
+
+def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs(
+    sweeps):
+  keys = sweeps["none"]["initial"].data_key  # seeds 0, 1, 2
+  num_examples = NUM_TRAIN + 3  # the last partial batch is dropped
+  order = lambda key, epoch: np.asarray(
+      train.epoch_batches(key, epoch, num_examples, SPEC))
+  first = order(keys[0], 0)
+  assert first.shape == (SPEC.steps_per_epoch, SPEC.batch_size)
+  # Part of a permutation: no example twice, all in range.
+  assert len(np.unique(first)) == first.size
+  assert first.min() >= 0 and first.max() < num_examples
+  np.testing.assert_array_equal(order(keys[0].copy(), 0), first)
+  # The same seed gives the same key whatever the placement or hparams.
+  np.testing.assert_array_equal(
+      sweeps["input"]["initial"].data_key, keys)
+  for other in (order(keys[1], 0), order(keys[2], 0), order(keys[0], 1),
+                order(keys[0], 2)):
+    assert np.mean(other != first) > 0.9
+  # Every epoch is shuffled: not the identity, nor a shift of it.
+  assert np.mean(np.diff(first.ravel()) == 1) < 0.1
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and running statistics against NumPy.
+
+NP_RELU = lambda x: np.maximum(x, 0.0)
+
+
+def bn_path(stats, path=()):
+  """Where the (only) BN's variables live: the key path to {mean, var}."""
+  if "mean" in stats:
+    return path
+  for name, sub in stats.items():
+    found = bn_path(sub, path + (name,))
+    if found is not None:
+      return found
+  return None
+
+
+def at_path(tree, path):
+  return functools.reduce(lambda subtree, key: subtree[key], path, tree)
+
+
+def np_forward(state, x, placement, *, train_mode):
+  """float64 NumPy forward pass of the one-hidden-layer relu MLP.
+
+  Returns (logits, (mean, biased var) of the BN input's batch, or None).
+  """
+  as64 = lambda tree: jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
+  params, stats = as64(state.params), as64(state.batch_stats)
+  epsilon = float(state.hparams["bn_epsilon"])
+  batch = []
+
+  def norm(h):
+    path = bn_path(stats)
+    p, s = at_path(params, path), at_path(stats, path)
+    batch.append((h.mean(0), h.var(0)))
+    mean, var = batch[-1] if train_mode else (s["mean"], s["var"])
+    return (h - mean) / np.sqrt(var + epsilon) * p["scale"] + p["bias"]
+
+  h = np.asarray(x, np.float64)
+  if placement == "input":
+    h = norm(h)
+  dense = params["hidden_0"]["Dense_0"]
+  h = h @ dense["kernel"]
+  if placement == "before_activation":
+    h = NP_RELU(norm(h))
+  else:
+    h = NP_RELU(h + dense["bias"])
+    if placement == "after_activation":
+      h = norm(h)
+  logits = h @ params["readout"]["kernel"] + params["readout"]["bias"]
+  return logits, (batch[0] if batch else None)
+
+
+def np_metrics(logits, labels):
+  logits = logits - logits.max(-1, keepdims=True)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return {"loss_sum": -log_probs[np.arange(len(labels)), labels].sum(),
+          "correct": np.sum(logits.argmax(-1) == labels),
+          "count": len(labels)}
+
+
+def assert_momentum_update(before, after, x, placement, momentum, unbiased):
+  """running = m * running + (1 - m) * batch statistic of the BN's input
+  (for before_activation, the first hidden layer's pre-activation), from
+  NumPy and the params before the step."""
+  _, (mean, var) = np_forward(before, x, placement, train_mode=True)
+  if unbiased:
+    var = var * len(x) / (len(x) - 1)
+  path = bn_path(before.batch_stats)
+  old, new = at_path(before.batch_stats, path), at_path(
+      jax.device_get(after.batch_stats), path)
+  np.testing.assert_allclose(
+      new["mean"], momentum * old["mean"] + (1 - momentum) * mean,
+      rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      new["var"], momentum * old["var"] + (1 - momentum) * var, rtol=1e-4,
+      atol=1e-6)
+
+
+def test_evaluate_matches_numpy(arrays, data, sweeps):
+  """`evaluate` called directly, on run 0 of the trained before_activation
+  sweep: running statistics far from their initial 0 / 1."""
+  placement = "before_activation"
+  state = jax.tree.map(lambda x: x[0], sweeps[placement]["final"])
+  _, _, test_x, test_y = arrays
+  test, test_bs = jax.device_get(evaluate_both(state, data,
+                                               spec_for(placement)))
+
+  # Eval mode: running statistics, all 200 examples (chunks of 128, padded).
+  expected = np_metrics(np_forward(state, test_x, placement,
+                                   train_mode=False)[0], test_y)
+  assert int(test["count"]) == NUM_TEST
+  assert int(test["correct"]) == expected["correct"]
+  np.testing.assert_allclose(test["loss_sum"], expected["loss_sum"],
+                             rtol=1e-5)
+
+  # Batch statistics: each full batch of 64 normalized by itself; the last
+  # 200 - 3 * 64 = 8 examples dropped.
+  chunks = [np_metrics(np_forward(state, test_x[i:i + 64], placement,
+                                  train_mode=True)[0], test_y[i:i + 64])
+            for i in range(0, 192, 64)]
+  assert int(test_bs["count"]) == 192
+  assert int(test_bs["correct"]) == sum(c["correct"] for c in chunks)
+  np.testing.assert_allclose(test_bs["loss_sum"],
+                             sum(c["loss_sum"] for c in chunks), rtol=1e-5)
+
+
+@pytest.mark.parametrize("placement", models.PLACEMENTS)
+def test_sweep_test_metrics_match_numpy(placement, arrays, sweeps):
+  """Every run's last-epoch test metrics (`evaluate` under the sweep's vmap)
+  against NumPy with that run's final params and running statistics."""
+  _, _, test_x, test_y = arrays
+  final = sweeps[placement]["history"][-1]
+  for i in range(len(SEEDS)):
+    state = jax.tree.map(lambda x, i=i: x[i], sweeps[placement]["final"])
+    expected = np_metrics(np_forward(state, test_x, placement,
+                                     train_mode=False)[0], test_y)
+    np.testing.assert_allclose(final["test_loss"][i],
+                               expected["loss_sum"] / NUM_TEST, rtol=1e-5)
+    np.testing.assert_allclose(final["test_accuracy"][i],
+                               expected["correct"] / NUM_TEST, rtol=1e-6)
+    chunks = [np_metrics(np_forward(state, test_x[j:j + 64], placement,
+                                    train_mode=True)[0], test_y[j:j + 64])
+              for j in range(0, 192, 64)]
+    np.testing.assert_allclose(final["test_accuracy_batch_stats"][i],
+                               sum(c["correct"] for c in chunks) / 192,
+                               rtol=1e-6)
+
+
+def test_spec_passes_bn_options_and_hparams_to_the_model(arrays):
+  """`TrainSpec.make_model`: the run's momentum and epsilon and the spec's
+  unbiased running variance reach every BN (one training-mode call)."""
+  spec = spec_for("after_activation", unbiased_running_var=True)
+  hparams = {"learning_rate": 1e-2, "bn_momentum": 0.8, "bn_epsilon": 0.5}
+  model = spec.make_model(hparams)
+  x = arrays[0][:64]
+  variables = model.init(jax.random.key(0), x, train=False)
+  state = train.TrainState(step=0, params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=None, hparams=hparams, data_key=None)
+  logits, updates = model.apply(variables, x, train=True,
+                                mutable=["batch_stats"])
+  expected, _ = np_forward(state, x, "after_activation", train_mode=True)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  assert_momentum_update(state, state._replace(
+      batch_stats=updates["batch_stats"]), x, "after_activation", 0.8,
+                         unbiased=True)
