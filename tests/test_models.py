@@ -247,20 +247,14 @@ def test_eval_output_does_not_depend_on_the_batch(model, placement):
 
 
 @pytest.mark.parametrize("model", models.MODELS)
-def test_invalid_placement_lists_choices(model):
-  net = make(model, placement="before")
-  with pytest.raises(ValueError, match="placement='before'") as error:
+@pytest.mark.parametrize("field, bad, choices", [
+    ("placement", "before", models.PLACEMENTS),
+    ("activation", "gelu", tuple(models.ACTIVATIONS))])
+def test_invalid_name_lists_choices(model, field, bad, choices):
+  net = make(model, **{field: bad})
+  with pytest.raises(ValueError, match=f"{field}='{bad}'") as error:
     net.init(jax.random.key(0), images(2), train=False)
-  for choice in models.PLACEMENTS:
-    assert repr(choice) in str(error.value)
-
-
-@pytest.mark.parametrize("model", models.MODELS)
-def test_invalid_activation_lists_choices(model):
-  net = make(model, activation="gelu")
-  with pytest.raises(ValueError, match="activation='gelu'") as error:
-    net.init(jax.random.key(0), images(2), train=False)
-  for choice in models.ACTIVATIONS:
+  for choice in choices:
     assert repr(choice) in str(error.value)
 
 
