@@ -19,9 +19,11 @@ import sys
 import time
 from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bn_jax import data as data_lib
 from bn_jax import train
@@ -42,7 +44,7 @@ def add_common_flags(parser) -> None:
   parser.add_argument("--malloc", choices=("current", "both"),
                       default="current", help="'both' repeats the run in a "
                       "child process with MALLOC_ENV (glibc reads it only "
-                      "at start-up)")
+                      "at start-up); doubles the run time")
 
 
 def run_tuned_child(script: str) -> None:
@@ -71,8 +73,6 @@ def header(title: str) -> str:
   malloc = ("MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_="
             "1073741824" if tuned else "glibc malloc defaults")
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  import flax
-  import optax
   return (f"## {title}\n\njax {jax.__version__}, flax {flax.__version__}, "
           f"optax {optax.__version__}, {jax.devices()[0].platform} "
           f"({os.cpu_count()} CPUs, {platform.machine()}), {malloc}; "
@@ -149,6 +149,31 @@ def median(values) -> float:
 def spread(values) -> str:
   """`min-max` of a list of seconds, to show how noisy the machine was."""
   return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def kernel_profile(fn: Callable[[], object], top: int = 12,
+                   ) -> list[tuple[str, float, int]]:
+  """(kernel, ms, calls) of the XLA kernels that one call of `fn` ran, the
+  `top` most expensive, summed over threads (jax.profiler on the CPU)."""
+  import collections
+  import glob
+  import tempfile
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      block(fn())
+    path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
+    profile = jax.profiler.ProfileData.from_file(path)
+  total, calls = collections.Counter(), collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):  # XLA's threads only
+        continue
+      for event in line.events:
+        if event.name.startswith(("ThunkExecutor", "while")):
+          continue  # containers of the kernels below
+        total[event.name] += event.duration_ns / 1e6
+        calls[event.name] += 1
+  return [(name, ms, calls[name]) for name, ms in total.most_common(top)]
 
 
 # ----------------------------------------------------------------------------

@@ -1,65 +1,57 @@
 """One batch-norm op, forward + backward: bn_jax against flax.linen.BatchNorm.
 
-    .venv/bin/python benchmarks/bn_op.py            # full run (~2 minutes)
+    .venv/bin/python benchmarks/bn_op.py            # full run (~1 minute)
     .venv/bin/python benchmarks/bn_op.py --quick    # smoke run
 
 Each timed call is one jitted training step of the op alone: y and the new
 running statistics from the forward pass, and (dx, dscale, dbias) for a given
 cotangent dy (the gradient of sum(y * dy)). Both implementations run with the
 same options (axis=-1, momentum=0.99, epsilon=1e-5, params in float32, y in
-x's dtype) in the same process, timed in interleaved rounds so that load from
-other processes hits both alike; the table shows the median over rounds.
+x's dtype; each its default variance formula: bn_jax's shifted sums, flax's
+E[x^2] - E[x]^2) in the same process, timed in interleaved rounds so that
+load from other processes hits both alike; the table shows medians.
 
 Bandwidth counts the bytes of x, y, dy and dx once each over the time of a
 call; a jitted `x + c` (a copy that really reads and writes) measured in the
 same rounds gives the machine's practical bandwidth beside it.
 
-Allocator: on Linux, glibc serves buffers larger than its mmap threshold
-(at most 32 MiB by default) with a fresh mmap, so a 51 MB activation costs
-page faults on every call. `--malloc both` (the default) measures each case
-twice: as the process starts, and in a child process started with
-MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ raised, which keeps such
-buffers in the heap. Neither setting is tuned for either library.
+Allocator: glibc serves buffers above its mmap threshold (at most 32 MiB by
+default) with a fresh mmap, so a 51 MB activation costs page faults on every
+call. `--malloc both` (the default) measures every case twice: as this
+process started, then in a child process with MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ raised (benchmarks/_common.py), which keeps such
+buffers in the heap. Neither setting favours either library.
 
-`passes` counts, in the compiled HLO, the kernels that read a full-size
-tensor (r) and those that write one (w): the memory traffic that decides the
-time of an op like this one on a CPU.
+`passes r/w` counts, in the compiled HLO, the kernels that read a full-size
+tensor and those that write one: on a CPU the time of an op like this one
+follows the full-size tensors it writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import re
-import statistics
-import subprocess
-import sys
-import time
 
+import _common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import bn_jax
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456",
-              "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 SHAPES = ((4096, 1024), (256, 28, 28, 64))
 DTYPES = (jnp.float32, jnp.bfloat16)
 MOMENTUM, EPSILON = 0.99, 1e-5
 
 
-def bn_jax_step(x_dtype):
-  """Returns f(params, state, x, dy) -> (y, new_state, grads) for bn_jax."""
-  del x_dtype  # y takes x's dtype by itself
-
-  def step(params, state, x, dy):
-    def forward(x, params):
-      return bn_jax.apply(params, state, x, training=True, momentum=MOMENTUM,
-                          epsilon=EPSILON)
-    y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
-    return y, new_state, vjp(dy)
-  return step
+def bn_jax_step(params, state, x, dy):
+  """(y, new_state, (dx, dparams)) for bn_jax; y takes x's dtype."""
+  def forward(x, params):
+    return bn_jax.apply(params, state, x, training=True, momentum=MOMENTUM,
+                        epsilon=EPSILON)
+  y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
+  return y, new_state, vjp(dy)
 
 
 def flax_step(x_dtype):
@@ -154,43 +146,31 @@ def count_passes(hlo_text, full_size):
 # Timing.
 
 
-def _time_call(fn, args):
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def run_case(shape, dtype, rounds):
   kx, kdy = jax.random.split(jax.random.key(0))
   x = (3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dtype)
   dy = jax.random.normal(kdy, shape, jnp.float32).astype(dtype)
-  features = shape[-1]
-  ours_params, ours_state = bn_jax.init(features)
-  flax_vars = nn.BatchNorm(use_running_average=False, dtype=dtype).init(
+  ours_params, ours_state = bn_jax.init(shape[-1])
+  flax_vars = jax.jit(nn.BatchNorm(use_running_average=False).init)(
       jax.random.key(1), x)
-  candidates = {
-      "bn_jax": (jax.jit(bn_jax_step(dtype)),
-                 (ours_params, ours_state, x, dy)),
+  programs = {
+      "bn_jax": (jax.jit(bn_jax_step), (ours_params, ours_state, x, dy)),
       "flax": (jax.jit(flax_step(dtype)),
                (flax_vars["params"], flax_vars["batch_stats"], x, dy)),
       "copy": (jax.jit(copy_step), (x, jnp.asarray(1, dtype))),
   }
-  passes = {}
-  for name, (fn, args) in candidates.items():
-    passes[name] = count_passes(fn.lower(*args).compile().as_text(), x.size)
-    for _ in range(2):  # warm up: compile, first-touch allocations
-      _time_call(fn, args)
-  times = {name: [] for name in candidates}
-  for _ in range(rounds):  # interleaved, so background load hits all alike
-    for name, (fn, args) in candidates.items():
-      times[name].append(_time_call(fn, args))
-  median = {name: statistics.median(t) for name, t in times.items()}
-  return x.nbytes, median, passes
+  passes = {name: count_passes(fn.lower(*args).compile().as_text(), x.size)
+            for name, (fn, args) in programs.items()}
+  candidates = {name: functools.partial(fn, *args)
+                for name, (fn, args) in programs.items()}
+  _common.interleaved(candidates, 2)  # warm up: compile, first allocations
+  wall, _ = _common.interleaved(candidates, rounds)
+  return x.nbytes, {name: _common.median(t) for name, t in wall.items()}, passes
 
 
-def print_table(rounds, malloc_label):
-  print(f"\n### {malloc_label}  (jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}, median of {rounds} rounds)\n")
+def print_table(rounds):
+  print(_common.header("bn_op: one batch-norm op, forward + backward"))
+  print(f"\n{_machine()}; median of {rounds} interleaved rounds.\n")
   print("| x | bn_jax ms | flax ms | flax/bn_jax | bn_jax GB/s | flax GB/s "
         "| copy GB/s | bn_jax % of copy | passes r/w bn_jax, flax |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -209,34 +189,26 @@ def print_table(rounds, malloc_label):
             f"{'/'.join(map(str, passes['flax']))} |", flush=True)
 
 
+def _machine():
+  try:
+    with open("/proc/cpuinfo") as f:
+      return re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+  except (OSError, AttributeError):
+    return "unknown CPU"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="few rounds, current allocator only")
+                      help="5 rounds, the allocator as this process started")
   parser.add_argument("--rounds", type=int, default=None)
-  parser.add_argument("--malloc", choices=("default", "tuned", "both"),
-                      default=None, help="allocator setting(s) to measure "
-                      "(default: both; current only with --quick)")
+  parser.add_argument("--malloc", choices=("current", "both"), default=None,
+                      help="'both' (the default without --quick) repeats "
+                      "the run in a child process with MALLOC_ENV set")
   args = parser.parse_args()
-  rounds = args.rounds or (5 if args.quick else 25)
-  malloc = args.malloc or ("default" if args.quick else "both")
-  tuned_now = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-
-  for setting in (("default", "tuned") if malloc == "both" else (malloc,)):
-    if (setting == "tuned") == tuned_now:
-      label = ("glibc malloc, " + ("MALLOC_MMAP_THRESHOLD_=268435456 "
-               "MALLOC_TRIM_THRESHOLD_=1073741824" if tuned_now else
-               "default thresholds"))
-      print_table(rounds, label)
-    else:  # the allocator reads its environment only at start-up
-      env = dict(os.environ)
-      for key, value in MALLOC_ENV.items():
-        if setting == "tuned":
-          env[key] = value
-        else:
-          env.pop(key, None)
-      subprocess.run([sys.executable, __file__, "--rounds", str(rounds),
-                      "--malloc", setting], env=env, check=True)
+  print_table(args.rounds or (5 if args.quick else 50))
+  if (args.malloc or ("current" if args.quick else "both")) == "both":
+    _common.run_tuned_child(__file__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Sweep throughput: K runs trained together by `jax.vmap` against one by one.
 
-    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR          # ~3 min
+    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR          # 2-3.5 min
     .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR --quick  # smoke
+    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR --patches k1+guard
 
 The reference model (the CLI's default config: 784 -> Dense(50) -> relu ->
 BN -> Dense(10), Adam 1e-3, batch 128, 468 steps per epoch) on real MNIST,
@@ -17,6 +18,8 @@ K = 1, 4, 8, 16 runs (seeds 0..K-1):
 Both are timed in interleaved rounds in one process; the table shows medians
 of the time for all K runs' epochs. Throughput ratio = sequential time /
 vmapped time (> 1: the vmapped sweep trains more runs per second).
+`--patches` applies train_throughput.PATCHES (changes to bn_jax.train
+proposed in benchmarks/README.md) to the vmapped epoch only.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def main():
                       help="train_throughput.PATCHES applied to the vmapped "
                       "epoch, e.g. 'guard+perm' (default: none)")
   args = parser.parse_args()
-  rounds = args.rounds or (1 if args.quick else 5)
+  rounds = args.rounds or (1 if args.quick else 4)
   ks = (1, 4) if args.quick else tuple(int(k) for k in args.ks.split(","))
   patches = [p for p in args.patches.split("+") if p]
 

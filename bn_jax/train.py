@@ -25,7 +25,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
-NONFINITE_QUANTITIES = ("loss", "gradient (global norm)", "BN statistics")
+NONFINITE_QUANTITIES = ("loss", "gradient", "BN statistics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +138,16 @@ def device_share(x, axis_name, axis: int = 0):
 def nonfinite_flags(loss, grads, batch_stats, axis_name=None) -> jax.Array:
   """int32 bit set: bit i is set when NONFINITE_QUANTITIES[i] is NaN or inf.
 
-  Three scalar reductions on device (the loss, the global gradient norm, an
-  all-finite over the new BN statistics); nothing goes to the host. With
-  `axis_name`, a quantity counts as bad when it is bad on any device.
+  Scalar all-finite reductions on device (the loss, every gradient entry,
+  every new BN statistic); nothing goes to the host. An all-finite check is
+  cheaper per step than a global norm (measured in benchmarks/README.md).
+  With `axis_name`, a quantity counts as bad when it is bad on any device.
   """
-  stats_ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(batch_stats)]
-  finite = jnp.stack([jnp.isfinite(loss),
-                      jnp.isfinite(optax.tree.norm(grads)),
-                      jnp.all(jnp.stack(stats_ok)) if stats_ok else True])
+  def all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+  finite = jnp.stack([jnp.isfinite(loss), all_finite(grads),
+                      all_finite(batch_stats)])
   bad = (~finite).astype(jnp.int32)
   if axis_name is not None:
     bad = jax.lax.pmax(bad, axis_name)
@@ -339,8 +341,14 @@ def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
   The data are shared (not copied per run); each run keeps its own params,
   BN statistics, optimizer state, hyperparameters and data order.
   """
-  return jax.vmap(functools.partial(epoch_and_eval, spec=spec),
-                  in_axes=(0, None))(states, data)
+  epoch = functools.partial(epoch_and_eval, spec=spec)
+  if states.step.shape[0] == 1:
+    # One run: skip vmap. With a batch axis of 1, XLA:CPU lays the weight
+    # gradients out transposed and transposes them back every step (25%
+    # slower on the Ioffe net; benchmarks/README.md).
+    state, metrics = epoch(jax.tree.map(lambda x: x[0], states), data)
+    return jax.tree.map(lambda x: x[None], (state, metrics))
+  return jax.vmap(epoch, in_axes=(0, None))(states, data)
 
 
 # Module level, so compiled once per spec and shapes (a fresh jax.jit per call

@@ -231,7 +231,7 @@ def test_nonfinite_flags_name_each_quantity():
   assert train.describe_nonfinite(0) == ""
   cases = {
       "loss": (jnp.float32(jnp.inf), ok[1], ok[2]),
-      "gradient (global norm)": (ok[0], {"w": jnp.array([1.0, jnp.nan])},
+      "gradient": (ok[0], {"w": jnp.array([1.0, jnp.nan])},
                                  ok[2]),
       "BN statistics": (ok[0], ok[1], {"bn": {"mean": jnp.array([jnp.nan,
                                                                 0.0])}}),
@@ -285,7 +285,7 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
   step = STEPS_PER_EPOCH + 1
   for fragment in ["[before_activation]", "run 0 (seed 0", "run 1 (seed 1",
                    f"global step {step} (step 1 of {STEPS_PER_EPOCH} in "
-                   "epoch 2)", "loss, gradient (global norm), BN statistics",
+                   "epoch 2)", "loss, gradient, BN statistics",
                    "last good checkpoint (epoch 1)", "learning rate",
                    "epsilon", "--config.nan_guard=False"]:
     assert fragment in message, message
