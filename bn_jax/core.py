@@ -123,14 +123,18 @@ def _check_shapes(params: BNParams, state: BNState, feature_shape) -> None:
 # ----------------------------------------------------------------------------
 # Statistics.
 #
-# Performance on XLA:CPU (see benchmarks/README.md): each reduction is its
-# own kernel that reads x once, and any full-size value that a reduction
-# shares with another kernel, even a broadcast per-feature vector, is written
-# to memory first. So every full-size expression below appears in one kernel
-# only, and the shifts that keep float32 sums accurate use different
-# reference examples: the first (sum of x), the last (sum of squares), the
-# second, called the anchor (the output y and, in the backward pass, dx), and
-# the mean (the backward reduction of dy * (x - mean)).
+# Performance on XLA:CPU (see benchmarks/README.md). A training step reads
+# x in four reductions (sum and sum of squares; sum(dy) and
+# sum(dy * (x - mean)) in the backward pass) and writes only y and dx; what
+# decides its time is how many full-size tensors are written. XLA makes each
+# reduction its own kernel and writes to memory any full-size value that a
+# reduction shares with another kernel, even a broadcast per-feature vector.
+# So every full-size expression below appears in one kernel only: the shifts
+# that keep float32 sums accurate use different reference examples, the
+# first (sum of x), the last (sum of squares), the second, called the anchor
+# (y and, in the backward pass, dx), and the mean (the backward reduction);
+# for bfloat16 x each kernel converts x to float32 itself (`_own_copy`); and
+# per-feature vectors are computed once (`_per_feature`).
 
 
 def _stats_dtype(dtype):
@@ -144,12 +148,42 @@ def _psum(values, axis_name, axis_index_groups):
   return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
 
 
+def _own_copy(x, tag):
+  """x as a value that XLA cannot identify with other uses of x; a no-op
+  at run time. Kernels that each convert their own copy of bfloat16 x read
+  it directly instead of sharing one float32 copy written to memory. `tag`,
+  a small array particular to the caller, keeps XLA from merging this
+  barrier with another one."""
+  return lax.optimization_barrier((x, tag))[0]
+
+
+@jax.custom_jvp
+def _per_feature(*values):
+  """Per-feature vectors computed once, before the full-size passes that use
+  them (and, under jax.grad, so are their cotangents).
+
+  XLA fuses every elementwise op on per-feature vectors into the full-size
+  loop that consumes them and repeats it for every element; a chain of ~20
+  such ops (the backward pass's) slows the loop measurably. A reduction is
+  computed once, on its own: here a sum over a stack of v and zeros, exact.
+  """
+  return tuple(jnp.stack([v, jnp.zeros_like(v)]).sum(0) for v in values)
+
+
+@_per_feature.defjvp
+def _per_feature_jvp(primals, tangents):
+  # The tangent, broadcast then sliced, is v itself; transposed (jax.grad),
+  # the broadcast becomes the sum that computes the cotangent once.
+  return _per_feature(*primals), tuple(
+      jnp.broadcast_to(t, (2,) + t.shape)[0] for t in tangents)
+
+
 def _where(weight, values):
   """Zeroes masked-out (padding) values; weight None means no mask."""
   return values if weight is None else jnp.where(weight, values, 0.0)
 
 
-def _references(x32, weight, reduction_axes, axis_name, axis_index_groups):
+def _references(x, weight, reduction_axes, axis_name, axis_index_groups):
   """Per-feature values near the mean: the first, last and second example.
 
   Subtracting one before summing avoids the catastrophic cancellation of
@@ -157,7 +191,7 @@ def _references(x32, weight, reduction_axes, axis_name, axis_index_groups):
   Examples are counted in row-major order over the reduced axes. They are
   constants to differentiation: no statistic depends on the choice.
   """
-  reduced_shape = tuple(x32.shape[a] for a in reduction_axes)
+  reduced_shape = tuple(x.shape[a] for a in reduction_axes)
   size = math.prod(reduced_shape)
   refs = []
   for position in (0, size - 1, min(1, size - 1)):
@@ -167,8 +201,8 @@ def _references(x32, weight, reduction_axes, axis_name, axis_index_groups):
       coords.insert(0, coord)
     coords = iter(coords)
     index = tuple(next(coords) if a in reduction_axes else slice(None)
-                  for a in range(x32.ndim))
-    ref = x32[index]
+                  for a in range(x.ndim))
+    ref = x[index].astype(_stats_dtype(x.dtype))
     if weight is not None:  # a padded example may hold anything, even NaN
       ref = jnp.where(weight[index], ref, 0.0)
     refs.append(jnp.expand_dims(lax.stop_gradient(ref), reduction_axes))
@@ -177,9 +211,10 @@ def _references(x32, weight, reduction_axes, axis_name, axis_index_groups):
   return refs
 
 
-def _square_sum_fn(reduction_axes, x32, center, anchor, weight):
+def _square_sum_fn(reduction_axes, x, center, anchor, weight):
   """sum((x - center)^2) per feature, dims kept; `center` is a constant."""
   del anchor  # only the derivative uses it
+  x32 = _own_copy(x, center).astype(center.dtype)
   return jnp.sum(_where(weight, jnp.square(x32 - center)), reduction_axes,
                  keepdims=True)
 
@@ -189,13 +224,15 @@ _square_sum = jax.custom_jvp(_square_sum_fn, nondiff_argnums=(0,))
 
 @_square_sum.defjvp
 def _square_sum_jvp(reduction_axes, primals, tangents):
-  x32, center, anchor, weight = primals
+  x, center, anchor, weight = primals
   # d/dx = 2 (x - center), written as 2 ((x - anchor) - (center - anchor)):
   # transposed (in jax.grad) it then shares x - anchor with y, not x - center
   # with the forward sum (see the note on XLA:CPU above).
-  deviation = (x32 - anchor) - (center - anchor)
-  dsum = 2.0 * jnp.sum(_where(weight, tangents[0] * deviation),
-                       reduction_axes, keepdims=True)
+  anchor, shift = _per_feature(anchor, center - anchor)
+  deviation = (_own_copy(x, anchor).astype(center.dtype) - anchor) - shift
+  dsum = 2.0 * jnp.sum(
+      _where(weight, tangents[0].astype(center.dtype) * deviation),
+      reduction_axes, keepdims=True)
   return _square_sum_fn(reduction_axes, *primals), dsum
 
 
@@ -211,38 +248,39 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
   if stats_method not in STATS_METHODS:
     raise ValueError(f"stats_method={stats_method!r}; choose one of "
                      f"{STATS_METHODS}.")
-  x32 = x.astype(_stats_dtype(x.dtype))
+  dtype = _stats_dtype(x.dtype)
   weight = None if mask is None else jnp.broadcast_to(mask, x.shape)
   sum_ = lambda v: jnp.sum(_where(weight, v), reduction_axes, keepdims=True)
   square_sum = functools.partial(
-      _square_sum if analytic_grad else _square_sum_fn, reduction_axes, x32)
+      _square_sum if analytic_grad else _square_sum_fn, reduction_axes, x)
   if weight is None:
     local_count = jnp.asarray(
-        math.prod(x.shape[a] for a in reduction_axes), x32.dtype)
+        math.prod(x.shape[a] for a in reduction_axes), dtype)
   else:
-    local_count = sum_(jnp.ones_like(x32))
-  first, last, anchor = _references(x32, weight, reduction_axes, axis_name,
+    local_count = sum_(jnp.ones(x.shape, dtype))
+  first, last, anchor = _references(x, weight, reduction_axes, axis_name,
                                     axis_index_groups)
+  x32 = _own_copy(x, first).astype(dtype)  # the others convert their own
   if stats_method == "one_pass":  # fastest; loses precision if |mean| >> std
-    total, sq, count = _psum(
-        (sum_(x32), square_sum(0.0, anchor, weight), local_count),
-        axis_name, axis_index_groups)
+    total, sq = _per_feature(
+        sum_(x32), square_sum(jnp.zeros_like(anchor), anchor, weight))
+    total, sq, count = _psum((total, sq, local_count), axis_name,
+                             axis_index_groups)
     mean = total / count
     var = sq / count - jnp.square(mean)
     return anchor, mean - anchor, jnp.maximum(var, 0.0), count
-  total, count = _psum((sum_(x32 - first), local_count), axis_name,
-                       axis_index_groups)
+  total, = _per_feature(sum_(x32 - first))
+  total, count = _psum((total, local_count), axis_name, axis_index_groups)
   mean_minus_first = total / count
   if stats_method == "two_pass":
     # The mean is a constant to the sum of squares: its derivative there,
     # -2 sum(x - mean), is zero.
     mean = lax.stop_gradient(first + mean_minus_first)
-    sq = _psum(square_sum(mean, anchor, weight), axis_name,
-               axis_index_groups)
-    var = sq / count
+    sq, = _per_feature(square_sum(mean, anchor, weight))
+    var = _psum(sq, axis_name, axis_index_groups) / count
   else:  # shifted
-    sq = _psum(square_sum(last, anchor, weight), axis_name,
-               axis_index_groups)
+    sq, = _per_feature(square_sum(last, anchor, weight))
+    sq = _psum(sq, axis_name, axis_index_groups)
     var = sq / count - jnp.square((first - last) + mean_minus_first)
   return (anchor, (first - anchor) + mean_minus_first, jnp.maximum(var, 0.0),
           count)
@@ -326,7 +364,8 @@ def _affine_jvp(primals, tangents):
   # sum(dy * (x - mean)), which shares no full-size value with y or dx.
   mean = anchor + mean_minus_anchor
   dtype = jnp.promote_types(x.dtype, multiplier.dtype)
-  dy = (dx.astype(dtype) * multiplier + (x.astype(dtype) - mean) * dmultiplier
+  dy = (dx.astype(dtype) * multiplier
+        + (_own_copy(x, mean).astype(dtype) - mean) * dmultiplier
         + (doffset + mean_minus_anchor * dmultiplier))
   return _affine_fn(*primals), dy.astype(x.dtype)
 
@@ -340,7 +379,8 @@ def _normalize(x, anchor, mean_minus_anchor, inv_std, scale, bias,
   if bias is not None:
     offset = offset + bias
   affine = _affine if analytic_grad else _affine_fn
-  return affine(x, anchor, mean_minus_anchor, multiplier, offset)
+  return affine(x, *_per_feature(anchor, mean_minus_anchor, multiplier,
+                                 offset))
 
 
 # ----------------------------------------------------------------------------
@@ -359,7 +399,8 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   Args:
     params: BNParams from `init` (gamma, beta of the feature shape).
     state: BNState from `init` or a previous `apply`.
-    x: input; any float dtype. y has x's dtype; statistics are float32.
+    x: input; any float dtype. y has x's dtype; statistics are float32
+      (float64 for float64 x).
     training: True normalizes with the batch's mean and biased variance and
       updates the running statistics (Algorithm 1); False normalizes with the
       running statistics and returns `state` unchanged (Algorithm 2).

@@ -25,8 +25,6 @@ OPTIONS = {
     "axes13": ((4, 3, 2, 5), dict(axis=(1, 3))),
     "no-scale": ((16, 5), dict(use_scale=False)),
     "no-affine": ((16, 5), dict(use_bias=False, use_scale=False)),
-    "scale-init": ((16, 5), dict(scale_init=flax_nn.initializers.constant(2.),
-                                 bias_init=flax_nn.initializers.constant(.5))),
 }
 # (x dtype, module dtype, param_dtype, tolerance on y, on gradients): y is
 # bfloat16 with dtype=bfloat16, dx is bfloat16 for bfloat16 x.
@@ -34,6 +32,7 @@ DTYPES = {
     "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
     "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
     "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
+    "bf16-params": (jnp.float32, None, jnp.bfloat16, 2e-5, 2e-2),
 }
 
 
@@ -61,7 +60,7 @@ def _train_step(module, variables, x, dy):
 
 
 def _nontrivial(variables, seed=1):
-  """Variables as after some training, so that loading them matters."""
+  """Variables (or their shapes) as after some training, not as at init."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(
       lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype),
@@ -71,7 +70,7 @@ def _nontrivial(variables, seed=1):
 # Every option in float32; the mixed-precision settings on two of them.
 CASES = [(o, "f32") for o in OPTIONS] + [
     (o, d) for o in ("dense", "nhwc-momentum-epsilon")
-    for d in ("bf16-compute", "bf16-input")]
+    for d in ("bf16-compute", "bf16-input")] + [("dense", "bf16-params")]
 
 
 @pytest.mark.parametrize("case,dtypes", CASES,
@@ -81,12 +80,11 @@ def test_matches_flax(case, dtypes):
   x_dtype, dtype, param_dtype, tol, grad_tol = DTYPES[dtypes]
   ours, theirs = _modules(dtype=dtype, param_dtype=param_dtype, **options)
   x, dy = _inputs(shape, x_dtype)
-  init = lambda m: m.init(jax.random.key(0), x, use_running_average=False)
-  variables = init(theirs)
+  shapes = [jax.eval_shape(lambda: m.init(jax.random.key(0), x, False))
+            for m in (ours, theirs)]
   # Same names, shapes and dtypes: flax's variables are ours.
-  chex.assert_trees_all_equal_shapes_and_dtypes(
-      jax.eval_shape(lambda: init(ours)), variables)
-  variables = _nontrivial(variables)
+  chex.assert_trees_all_equal_shapes_and_dtypes(*shapes)
+  variables = _nontrivial(shapes[1])
 
   @jax.jit  # one compilation for both modules, training and evaluation
   def run(variables, x, dy):
@@ -109,13 +107,15 @@ def test_variables_load_both_ways():
   x, _ = _inputs((16, 5))
   ours_vars = _nontrivial(ours.init(jax.random.key(0), x, False), seed=2)
   theirs_vars = _nontrivial(theirs.init(jax.random.key(0), x, False), seed=3)
+
+  @jax.jit
+  def both(variables):
+    return [[m.apply(variables, x, use_running_average=not training,
+                     mutable=["batch_stats"]) for training in (False, True)]
+            for m in (ours, theirs)]
   for variables in (ours_vars, theirs_vars):
-    for training in (False, True):
-      got = ours.apply(variables, x, use_running_average=not training,
-                       mutable=["batch_stats"])
-      want = theirs.apply(variables, x, use_running_average=not training,
-                          mutable=["batch_stats"])
-      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    got, want = both(variables)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_named_axis_under_vmap_matches_flax():
