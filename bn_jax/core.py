@@ -39,6 +39,10 @@ from jax import lax
 Axes = int | Sequence[int]
 
 STATS_METHODS = ("shifted", "two_pass", "one_pass")
+# True: the paper's backward pass through custom JVPs of the full-size steps
+# (fewest passes, every nesting); "vjp": a custom VJP that calls
+# batch_norm_backward; False: plain autodiff of the forward formula.
+GRAD_MODES = (True, False, "vjp")
 
 
 class BNParams(NamedTuple):
@@ -383,6 +387,65 @@ def _normalize(x, anchor, mean_minus_anchor, inv_std, scale, bias,
                                  offset))
 
 
+def _varying_axes(value) -> frozenset:
+  manual = getattr(jax.typeof(value), "manual_axis_type", None)
+  return getattr(manual, "varying", frozenset())
+
+
+def _vary_like(values, x, axis_name):
+  """Marks replicated gamma and beta as varying over the axes x varies over.
+
+  Under shard_map a custom VJP must return cotangents of its inputs' type;
+  gamma's and beta's (this device's sums) vary over the axis, so the inputs
+  must too. JAX then psums them when transposing, as autodiff does.
+  Elsewhere (vmap, pmap, no axis) this is a no-op.
+  """
+  if axis_name is None:
+    return values
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  varying = _varying_axes(x)
+  def vary(value):
+    missing = tuple(n for n in names
+                    if n in varying and n not in _varying_axes(value))
+    return lax.pcast(value, missing, to="varying") if missing else value
+  return jax.tree.map(vary, values)
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_vjp_normalize(reduction_axes, axis_name, axis_index_groups,
+                         stats_method):
+  """Training-mode BN as a `jax.custom_vjp` whose backward pass is
+  `batch_norm_backward`, the paper's formulas, literally.
+
+  Returns f(x, scale, bias, epsilon) -> (y, mean, var, count); the caller
+  stops the gradient of the statistics (state is never differentiated), so
+  their cotangents are zero and ignored. JAX runs a custom VJP's backward
+  pass after a surrounding vmap's axis scope has ended, so with an
+  `axis_name` under vmap take the gradient inside the vmap.
+  """
+  groups = None if axis_index_groups is None else [
+      list(g) for g in axis_index_groups]
+
+  def forward(x, scale, bias, epsilon):
+    mean, var, count = moments(x, reduction_axes, axis_name=axis_name,
+                               axis_index_groups=groups,
+                               stats_method=stats_method)
+    inv_std = lax.rsqrt(var + epsilon)
+    y = (x.astype(mean.dtype) - mean) * (inv_std * scale) + bias
+    return (y.astype(x.dtype), mean, var, count), (x, mean, inv_std, scale)
+
+  def backward(residuals, cotangents):
+    x, mean, inv_std, scale = residuals
+    dx, dscale, dbias = batch_norm_backward(
+        cotangents[0], x, mean, inv_std, scale, reduction_axes,
+        axis_name=axis_name, axis_index_groups=groups)
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype), None
+
+  normalize = jax.custom_vjp(lambda *args: forward(*args)[0])
+  normalize.defvjp(forward, backward)
+  return normalize
+
+
 # ----------------------------------------------------------------------------
 # The public apply.
 
@@ -392,7 +455,7 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
           epsilon: float = 1e-5, unbiased_running_var: bool = False,
           axis_name: Any = None, axis_index_groups: Any = None,
           mask: jax.Array | None = None, stats_method: str = "shifted",
-          analytic_grad: bool = True,
+          analytic_grad: bool | str = True,
           ) -> tuple[jax.Array, BNState]:
   """Batch-normalizes x; returns (y, new_state).
 
@@ -430,6 +493,11 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       sum(dy * (x - mean)), and one elementwise pass for dx that recomputes
       xhat from x. False differentiates the same forward pass with plain
       autodiff, which on XLA:CPU writes two more full-size tensors.
+      "vjp": a `jax.custom_vjp` whose backward pass calls
+      `batch_norm_backward` itself (the paper's compact formulas, no mask).
+      Same numbers; under `vmap(axis_name=...)` it needs the gradient taken
+      inside the vmap (`vmap(grad(f))`), as JAX runs a custom VJP's backward
+      pass outside the vmap's axis scope. shard_map and pmap work.
 
   Returns:
     (y, new_state).
@@ -439,6 +507,9 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   feature_shape = tuple(x.shape[a] for a in axes)
   _check_shapes(params, state, feature_shape)
   _check_hyperparameters(momentum, epsilon)
+  if analytic_grad not in GRAD_MODES:
+    raise ValueError(f"analytic_grad={analytic_grad!r}; choose one of "
+                     f"{GRAD_MODES}.")
   # Per-feature arrays are reshaped to broadcast against x.
   expand = lambda v: None if v is None else jnp.expand_dims(
       v, reduction_axes)
@@ -460,12 +531,29 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
         f"{axes} has {values_per_feature}; use a batch larger than 1 or "
         f"training=False.")
 
-  anchor, mean_minus_anchor, var, count = _moments(
-      x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
-      analytic_grad)
-  y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
-                 expand(params.scale), expand(params.bias), analytic_grad)
-  mean = anchor + mean_minus_anchor
+  if analytic_grad == "vjp":
+    if mask is not None:
+      raise ValueError("analytic_grad='vjp' does not take a mask; use "
+                       "analytic_grad=True (the default) for masked batches.")
+    dtype = _stats_dtype(x.dtype)
+    scale = (jnp.ones(feature_shape, dtype) if params.scale is None
+             else params.scale.astype(dtype))
+    bias = (jnp.zeros(feature_shape, dtype) if params.bias is None
+            else params.bias.astype(dtype))
+    scale, bias = _vary_like((expand(scale), expand(bias)), x, axis_name)
+    groups = None if axis_index_groups is None else tuple(
+        tuple(g) for g in axis_index_groups)
+    normalize = _paper_vjp_normalize(reduction_axes, axis_name, groups,
+                                     stats_method)
+    y, mean, var, count = normalize(x, scale, bias,
+                                    jnp.asarray(epsilon, dtype))
+  else:
+    anchor, mean_minus_anchor, var, count = _moments(
+        x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
+        analytic_grad)
+    y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
+                   expand(params.scale), expand(params.bias), analytic_grad)
+    mean = anchor + mean_minus_anchor
 
   new_state = update_running_stats(
       state, lax.stop_gradient(mean.reshape(feature_shape)),

@@ -324,7 +324,7 @@ def test_grad_analytic_autodiff_and_paper_agree(shape, axis, dtype):
       return dx, dparams.scale, dparams.bias
     closed_form = bn_jax.batch_norm_backward(dy, x, mean, inv_std, gamma,
                                              red)
-    return vjp(True), vjp(False), closed_form
+    return vjp(True), vjp(False), vjp("vjp"), closed_form
 
   tol = 1e-4 if dtype == jnp.float32 else 3e-2
   for dx, dgamma, dbeta in grads(x, params, dy):
@@ -346,8 +346,10 @@ FD_ORDERS = [1, 1, 2, 1]
 
 @pytest.mark.parametrize("shape,axis,analytic_grad,order",
                          [c + (True, o) for c, o in zip(FD_CASES, FD_ORDERS)]
-                         + [FD_CASES[1] + (False, 1)],
-                         ids=CASE_IDS + ["nhwc-autodiff"])
+                         + [FD_CASES[1] + (False, 1), FD_CASES[0] + ("vjp", 2),
+                            FD_CASES[2] + ("vjp", 1)],
+                         ids=CASE_IDS + ["nhwc-autodiff", "dense-vjp",
+                                         "axes13-vjp"])
 def test_grad_finite_differences(shape, axis, analytic_grad, order):
   with jax.enable_x64(True):
     x, params, state, dy = make_inputs(shape, axis, jnp.float64)
@@ -361,7 +363,8 @@ def test_grad_finite_differences(shape, axis, analytic_grad, order):
     args = (x, params.scale, params.bias)
     f = jax.jit(f)  # the checks evaluate f and its derivatives many times
     check_grads(f, args, order=order, modes=["rev"], atol=1e-5, rtol=1e-5)
-    check_grads(f, args, order=1, modes=["fwd"], atol=1e-5, rtol=1e-5)
+    if analytic_grad != "vjp":  # a custom VJP has no forward mode
+      check_grads(f, args, order=1, modes=["fwd"], atol=1e-5, rtol=1e-5)
 
 
 def test_grad_finite_differences_named_axis():
@@ -386,8 +389,9 @@ def test_grad_finite_differences_named_axis():
 
 
 @pytest.mark.parametrize("shape,axis,analytic_grad", [
-    CASES[0] + (True,), CASES[1] + (True,), CASES[0] + (False,)],
-    ids=["dense", "nhwc", "dense-autodiff"])
+    CASES[0] + (True,), CASES[1] + (True,), CASES[0] + (False,),
+    CASES[1] + ("vjp",)],
+    ids=["dense", "nhwc", "dense-autodiff", "nhwc-vjp"])
 def test_named_axis_equals_one_batch(shape, axis, analytic_grad):
   """Split into 4 groups over a named axis: same state and gradients as one
   batch, with grad outside the vmap (jit around either) and inside it."""
@@ -408,8 +412,10 @@ def test_named_axis_equals_one_batch(shape, axis, analytic_grad):
     return losses.sum(), states
   # jit outside grad, and inside it (JAX traces custom rules lazily, so a
   # collective inside one would fail there with "unbound axis name").
-  nestings = [jax.jit(grad(total))]
-  if analytic_grad:  # plain autodiff is JAX's own: one nesting suffices
+  # The custom VJP's backward pass runs outside the vmap's axis scope, so
+  # with it only the gradient inside the vmap (below) is supported.
+  nestings = [] if analytic_grad == "vjp" else [jax.jit(grad(total))]
+  if analytic_grad is True:  # plain autodiff is JAX's own: one nesting
     nestings.append(grad(jax.jit(total)))
   for grad_total in nestings:
     (dparams, dx), states = grad_total(params, groups(x), groups(dy))
@@ -551,9 +557,14 @@ def test_jitted_apply_traces_once():
                           axis=(1, -1)), "same dimension twice"),
     (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
                           stats_method="welford"), "stats_method='welford'"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          analytic_grad="fast"), "analytic_grad='fast'"),
+    (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                          analytic_grad="vjp", mask=jnp.ones((8, 1), bool)),
+     "does not take a mask"),
 ], ids=["one-value", "params-shape", "state-shape", "momentum-high",
         "momentum-low", "epsilon-zero", "epsilon-negative", "axis-range",
-        "axis-twice", "stats-method"])
+        "axis-twice", "stats-method", "grad-mode", "vjp-mask"])
 def test_errors_are_helpful(call, message):
   with pytest.raises(ValueError, match=message):
     call()
