@@ -119,15 +119,21 @@ def make_inputs(shape, axis, dtype=jnp.float32, seed=0):
   features, _ = np_axes(len(shape), axis)
   fshape = tuple(shape[a] for a in features)
   x = jnp.asarray(2.0 + 3.0 * rng.standard_normal(shape), dtype)
+  params, state = random_bn(rng, fshape)
+  dy = jnp.asarray(rng.standard_normal(shape), dtype)
+  return x, params, state, dy
+
+
+def random_bn(rng, fshape, count=0):
+  """Params and running statistics away from the identity (var > 0)."""
   params = bn_jax.BNParams(
-      scale=jnp.asarray(rng.uniform(0.5, 1.5, fshape), jnp.float32),
+      scale=jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
       bias=jnp.asarray(rng.standard_normal(fshape), jnp.float32))
   state = bn_jax.BNState(
       mean=jnp.asarray(rng.standard_normal(fshape), jnp.float32),
-      var=jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
-      count=jnp.zeros((), jnp.int32))
-  dy = jnp.asarray(rng.standard_normal(shape), dtype)
-  return x, params, state, dy
+      var=jnp.asarray(rng.uniform(0.2, 3.0, fshape), jnp.float32),
+      count=jnp.asarray(count, jnp.int32))
+  return params, state
 
 
 # ----------------------------------------------------------------------------
@@ -572,15 +578,7 @@ def test_errors_are_helpful(call, message):
 
 def _trained_bn(features, seed=0):
   """Params and running stats as after training, not the identity."""
-  rng = np.random.default_rng(seed)
-  params = bn_jax.BNParams(
-      scale=jnp.asarray(rng.uniform(0.5, 2.0, features), jnp.float32),
-      bias=jnp.asarray(rng.standard_normal(features), jnp.float32))
-  state = bn_jax.BNState(
-      mean=jnp.asarray(rng.standard_normal(features), jnp.float32),
-      var=jnp.asarray(rng.uniform(0.2, 3.0, features), jnp.float32),
-      count=jnp.asarray(10, jnp.int32))
-  return params, state
+  return random_bn(np.random.default_rng(seed), features, count=10)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
