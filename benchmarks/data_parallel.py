@@ -37,7 +37,8 @@ GLOBAL_BATCH = 128
 
 
 def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
-  """Runs in a subprocess with `devices` forced host devices; one JSON row
+  """Runs in a subprocess on `devices` devices (forced host devices on a
+  CPU, the first `devices` accelerators otherwise); one JSON row
   per code path (the no-mesh path only for one device)."""
   import jax
   import numpy as np
@@ -46,7 +47,7 @@ def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
   from bn_jax import parallel
   from bn_jax import train
 
-  assert jax.device_count() == devices, jax.devices()
+  assert jax.device_count() >= devices, jax.devices()
   counter = _common.CompileCounter()
   rng = np.random.default_rng(0)
   num = steps * GLOBAL_BATCH
@@ -100,9 +101,12 @@ def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
 
 def run_worker(devices: int, args) -> list:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={devices}")
-  env["JAX_PLATFORMS"] = "cpu"
+  if args.platform == "cpu":
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+  else:  # real accelerators: the mesh takes the first `devices` of them
+    env["JAX_PLATFORMS"] = args.platform
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(
       [repo] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -143,6 +147,10 @@ def main():
                       choices=("sync", "per_device"))
   parser.add_argument("--devices", default=",".join(map(str, DEVICE_COUNTS)),
                       help="comma-separated device counts")
+  parser.add_argument("--platform", default="cpu",
+                      help="cpu (forced host devices, the default) or a real "
+                      "accelerator platform, e.g. cuda or tpu: then the "
+                      "device counts must not exceed the devices present")
   parser.add_argument("--worker", type=int, default=None,
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -157,7 +165,9 @@ def main():
     counts.insert(0, 1)  # the baseline of the ratios
   # The children get their own device counts; this process needs only one.
   import _common
-  header = _common.header("Data-parallel train step (forced host devices)")
+  header = _common.header(
+      "Data-parallel train step (forced host devices)"
+      if args.platform == "cpu" else f"Data-parallel train step ({args.platform})")
   rows = []
   for devices in counts:
     rows += run_worker(devices, args)

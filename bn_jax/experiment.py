@@ -40,6 +40,7 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from bn_jax import core
 from bn_jax import data as data_lib
 from bn_jax import models
 from bn_jax import parallel
@@ -157,8 +158,18 @@ def validate_config(config) -> None:
   choice("schedule", config.schedule, train.SCHEDULES)
   choice("data_source", config.data_source, data_lib.SOURCES)
   choice("input_scaling", config.input_scaling, data_lib.SCALINGS)
-  choice("bn.stats_method", config.bn.stats_method, ("shifted", "two_pass",
-                                                     "one_pass"))
+  choice("bn.stats_method", config.bn.stats_method, core.STATS_METHODS)
+  for field in ("bn.unbiased_running_var", "bn.analytic_grad", "nan_guard"):
+    section, _, name = field.rpartition(".")
+    value = (config[section] if section else config)[name]
+    if not isinstance(value, bool):
+      raise ConfigError(f"config.{field}={value!r} must be True or False.")
+  if not config.heartbeat_seconds >= 0:
+    raise ConfigError(f"config.heartbeat_seconds={config.heartbeat_seconds!r}"
+                      " must be >= 0 (0 turns the progress line off).")
+  if not 0 < config.target_accuracy <= 1:
+    raise ConfigError(f"config.target_accuracy={config.target_accuracy!r} "
+                      "must be in (0, 1].")
   if not config.placements:
     raise ConfigError("config.placements is empty; give at least one of "
                        f"{models.PLACEMENTS}.")
@@ -180,9 +191,6 @@ def validate_config(config) -> None:
   if not config.weight_decay >= 0:
     raise ConfigError(f"config.weight_decay={config.weight_decay!r} must be "
                        ">= 0.")
-  if not isinstance(config.nan_guard, bool):
-    raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True or "
-                       "False.")
   try:
     parallel.check_config(config)
   except ValueError as e:
@@ -562,7 +570,10 @@ def _check_workdir(workdir: Path, config_json: str) -> None:
 def run_experiment(config, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains every placement, writes all outputs, returns the results."""
   validate_config(config)
-  mesh = parallel.setup(config)  # first JAX call (jax.distributed needs it)
+  try:
+    mesh = parallel.setup(config)  # first JAX call (jax.distributed needs it)
+  except ValueError as e:  # e.g. more mesh_devices than devices
+    raise ConfigError(str(e)) from e
   workdir = Path(workdir)
   config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True,
                            default=list) + "\n"

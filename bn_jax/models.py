@@ -1,5 +1,8 @@
 """MLP and small CNN with a choice of where batch normalization goes.
 
+Both take MNIST-family inputs: 784 pixels per example (28 x 28, one channel),
+10 classes.
+
 Placements (the comparison this project is about):
   none               no normalization.
   before_activation  Dense (no bias, BN's beta replaces it) -> BN -> act,

@@ -4,6 +4,10 @@ A drop-in for `flax.linen.BatchNorm`: same core arguments, same variable
 names (params `scale`, `bias`; batch_stats `mean`, `var`), so model code and
 checkpoints written for flax carry over. The only extra variable is
 batch_stats `count`, created only when `momentum=None` (cumulative average).
+One difference: during `init` the output is normalized with the fresh
+running statistics (mean 0, var 1), not the batch's, so `init` accepts a
+batch of one example and runs outside a named axis; the variables it creates
+are flax's, and `init_with_output`'s y differs from flax's.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
-  analytic_grad: bool = True
+  analytic_grad: bool | str = True  # True, False or "vjp"; see core.apply
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,

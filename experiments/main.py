@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from bn_jax import data
@@ -40,6 +41,10 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs hundreds of INFO lines per run, burying the progress lines;
+    # --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   try:
     experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
   except (experiment.ConfigError, data.DataError,

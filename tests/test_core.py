@@ -259,6 +259,22 @@ def test_mask_ignores_padding(stats_method, analytic_grad):
   assert_close(dx[np.array([0, -1])], 0.0, 1e-6)
 
 
+@pytest.mark.parametrize("stats_method", ["shifted", "two_pass"])
+def test_mask_with_large_offset_stays_accurate(stats_method):
+  """Trailing padding (the usual layout) must not cost the stable methods
+  their accuracy when |mean| >> std: no padded value may serve as a shift."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(1e4 + rng.standard_normal((512, 16)), jnp.float32)
+  x = x.at[-10:].set(0.0)
+  valid = (np.arange(512) < 502)[:, None]
+  y, new_state = bn_jax.apply(*bn_jax.init(16), x, training=True,
+                              mask=valid, momentum=0.0,
+                              stats_method=stats_method)
+  expected = np.asarray(x[:502], np.float64).var(0)
+  assert_close(new_state.var, expected, 1e-3)
+  assert_close(np.asarray(y[:502], np.float64).var(0), 1.0, 1e-3)
+
+
 # ----------------------------------------------------------------------------
 # Numerics.
 
@@ -478,7 +494,9 @@ def test_ensemble_keeps_statistics_per_member():
 
 def test_pmap_and_shard_map_in_subprocess():
   """4 forced CPU devices (JAX fixes the device count at start-up): pmap,
-  and grad outside shard_map, equal one batch. (tests/test_parallel.py
+  and grad outside shard_map, equal one batch, with the default gradient
+  and with analytic_grad="vjp"; index groups normalize each group on its
+  own. (tests/test_parallel.py
   checks shard_map with the gradient inside on 8 devices.)"""
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
@@ -497,21 +515,33 @@ def test_pmap_and_shard_map_in_subprocess():
       ref = grad(params, x, dy)
       close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                       atol=1e-4)
-      g = jax.pmap(lambda p, x, dy: grad(p, x, dy, axis_name="i"),
-                   axis_name="i", in_axes=(None, 0, 0))(
-          params, x.reshape(4, 4, 5), dy.reshape(4, 4, 5))
-      close(g[0].scale.sum(0), ref[0].scale)
-      close(g[1].reshape(16, 5), ref[1])
-      mesh = jax.make_mesh((4,), ("d",))
-      rows = NamedSharding(mesh, P("d"))
-      xs, dys = jax.device_put(x, rows), jax.device_put(dy, rows)
-      ps = jax.device_put(params, NamedSharding(mesh, P()))
-      total = jax.shard_map(
-          lambda p, x, dy: jax.lax.psum(loss(p, x, dy, axis_name="d"), "d"),
-          mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P())
-      g = jax.jit(jax.grad(total, argnums=(0, 1)))(ps, xs, dys)
-      close(g[0].scale, ref[0].scale)
-      close(g[1], ref[1])
+      for mode in (True, "vjp"):  # the default and the literal custom VJP
+        g = jax.pmap(
+            lambda p, x, dy: grad(p, x, dy, axis_name="i", analytic_grad=mode),
+            axis_name="i", in_axes=(None, 0, 0))(
+                params, x.reshape(4, 4, 5), dy.reshape(4, 4, 5))
+        close(g[0].scale.sum(0), ref[0].scale)
+        close(g[1].reshape(16, 5), ref[1])
+        mesh = jax.make_mesh((4,), ("d",))
+        rows = NamedSharding(mesh, P("d"))
+        xs, dys = jax.device_put(x, rows), jax.device_put(dy, rows)
+        ps = jax.device_put(params, NamedSharding(mesh, P()))
+        total = jax.shard_map(
+            lambda p, x, dy: jax.lax.psum(
+                loss(p, x, dy, axis_name="d", analytic_grad=mode), "d"),
+            mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P())
+        g = jax.jit(jax.grad(total, argnums=(0, 1)))(ps, xs, dys)
+        close(g[0].scale, ref[0].scale)
+        close(g[1], ref[1])
+      # axis_index_groups: devices {0, 1} and {2, 3} are two separate
+      # batches; each half equals plain BN on its 8 rows.
+      y = jax.pmap(lambda x: bn_jax.apply(
+          params, state, x, training=True, axis_name="i",
+          axis_index_groups=[[0, 1], [2, 3]])[0], axis_name="i")(
+              x.reshape(4, 4, 5)).reshape(16, 5)
+      for half in (slice(0, 8), slice(8, 16)):
+        close(y[half], bn_jax.apply(params, state, x[half],
+                                    training=True)[0])
       print("ok")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,13 @@ def test_results_json_and_summary(first_run, idx_dir):
   rows = read_rows(workdir)
   results = json.loads((workdir / "results.json").read_text())
   assert str(idx_dir) in results["data_origin"]
+  # Every run says where its data came from, checksums included.
+  assert (f"data: synthetic from IDX files in {idx_dir} (checksums not "
+          "verified") in stdout
+  # One progress line per placement and epoch.
+  for placement in PLACEMENTS:
+    for epoch in range(1, NUM_EPOCHS + 1):
+      assert f"[{placement}] epoch {epoch}/{NUM_EPOCHS}  train loss" in stdout
   assert results["runs"] == [
       {"seed": seed, "hparams": {"learning_rate": 1e-3, "bn_momentum": m,
                                  "bn_epsilon": 1e-3}}
@@ -317,3 +325,13 @@ def test_placements_config_cnn_variant_is_valid():
   experiment.validate_config(config)
   assert config.model == "cnn"
   assert tuple(config.placements) == PLACEMENTS
+
+
+def test_heartbeat_prints_while_a_long_epoch_runs(capsys):
+  with experiment._Heartbeat(0.05, "mlp epoch 3"):
+    time.sleep(0.3)
+  printed = capsys.readouterr().out
+  assert "... mlp epoch 3: still running" in printed
+  with experiment._Heartbeat(0.0, "off"):  # 0 turns it off
+    time.sleep(0.1)
+  assert capsys.readouterr().out == ""

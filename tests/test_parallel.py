@@ -87,7 +87,7 @@ def _split_rows(arrays, mesh):
 def check_sync_bn_matches_one_device():
   """8 devices x 16 examples, synchronized == one device on 128 examples."""
   mesh = parallel.make_mesh(DEVICES)
-  # The analytic custom VJP on a dense and a conv-shaped activation; plain
+  # The default analytic gradient (custom JVPs) on a dense and a conv-shaped activation; plain
   # autodiff through the psums on the dense one.
   for shape, analytic_grad in (((GLOBAL_BATCH, 5), True),
                                ((GLOBAL_BATCH, 3, 3, 4), True),
