@@ -22,9 +22,10 @@ def test_python_example_runs_and_sync_bn_matches_whole_batch():
 
 
 def test_commands_name_files_that_exist():
-  commands = re.findall(r"^(?:bash scripts/setup.sh && )?(\.venv/bin/python -m .*)$",
-                        README, re.M)
-  assert len(commands) >= 4
+  commands = re.findall(
+      r"^(?:bash scripts/setup.sh && |XLA_FLAGS=\S+ )?(\.venv/bin/python -m .*)$",
+      README, re.M)
+  assert len(commands) >= 5
   for command in commands:
     for arg in shlex.split(command):
       if arg.startswith("--config="):
@@ -37,3 +38,15 @@ def test_ci_runs_the_readme_test_command():
   assert "bash scripts/setup.sh" in ci
   assert ".venv/bin/python -m pytest -q" in README
   assert ".venv/bin/python -m pytest -q" in ci
+
+
+def test_config_fields_named_in_readme_exist():
+  from bn_jax import experiment
+  config = experiment.default_config()
+  fields = set(re.findall(r"--config\.([a-z_.]+)=", README))
+  assert {"data_dir", "mesh_devices", "bn.momentum"} <= fields
+  for field in fields:
+    node = config
+    for part in field.split("."):
+      assert part in node, f"README names --config.{field}, not in the config"
+      node = node[part]
