@@ -15,10 +15,11 @@ Two models, trained on real MNIST ([0, 1] pixels, as the CLI loads them):
 
 Candidates, timed in interleaved rounds in one process (medians):
 
-  bn_jax sweep K=1   what the CLI runs: `jax.vmap` of `train.train_epoch` over
-                     K=1 stacked runs (`train.sweep_epoch` vmaps
-                     `train.epoch_and_eval`, i.e. this same `train_epoch`
-                     followed by evaluation; evaluation is left out here).
+  bn_jax sweep K=1   what the CLI runs for one run: `train.train_epoch` on
+                     K=1 stacked runs, unstacked as `train.sweep_epoch` does
+                     for K=1 (it vmaps `train.epoch_and_eval`, i.e. this same
+                     `train_epoch` followed by evaluation, for K > 1;
+                     evaluation is left out here).
   bn_jax jit epoch   `train.jit_train_epoch` on an unstacked state.
   flax loop (device) flax.linen.BatchNorm, the same model and optimizer: one
                      jitted call shuffles and gathers the epoch's batches on
@@ -301,19 +302,18 @@ def patched_train(names: Sequence[str]):
 
 
 def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
-  """The training half of train.sweep_epoch: vmapped train.train_epoch.
+  """The training half of train.sweep_epoch: train.train_epoch, vmapped
+  over K stacked runs, and for K=1 run without vmap as train.sweep_epoch
+  does (XLA would otherwise leave each weight gradient transposed).
 
-  `patches` (names in PATCHES) apply while it is traced. "k1" runs K=1
-  stacked runs without vmap, as the proposed train.sweep_epoch does: XLA
-  drops the size-1 batch dimension of every vmapped dot by swapping its
-  operands, which leaves each weight gradient transposed and makes its
-  consumers (optimizer update, NaN guard) copy-transpose it every step.
+  `patches` (names in PATCHES) apply while it is traced ("k1" is now what
+  train.sweep_epoch does anyway).
   """
   run = functools.partial(train.train_epoch, spec=spec)
 
   def epoch(states, data):
     with patched_train(patches):
-      if "k1" in patches and states.step.shape[0] == 1:
+      if states.step.shape[0] == 1:
         state, metrics = run(jax.tree.map(lambda x: x[0], states), data)
         return jax.tree.map(lambda x: x[None], (state, metrics))
       return jax.vmap(run, in_axes=(0, None))(states, data)
