@@ -14,7 +14,7 @@ replicated on every device, as in the experiments.
 JAX fixes the device count at import, so every device count runs in its own
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N. The
 "1, no mesh" row is the single-device code path an experiment takes with
-mesh_devices=1 (`jax.vmap` of the same epoch, no shard_map), for the
+mesh_devices=1 (`train.over_runs` of the same epoch, no shard_map), for the
 overhead of the mesh itself.
 
 On a CPU the "devices" are slices of the same cores: more of them cannot be
@@ -65,8 +65,8 @@ def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
   paths = {}
   if devices == 1:
     paths["1, no mesh"] = (jax.jit(
-        jax.vmap(functools.partial(train.train_epoch, spec=spec),
-                 in_axes=(0, None)), donate_argnums=0), None)
+        train.over_runs(functools.partial(train.train_epoch, spec=spec)),
+        donate_argnums=0), None)
   mesh = parallel.make_mesh(devices)
   parallel_spec = parallel.data_parallel_spec(spec, bn_stats)
   paths[str(devices)] = (jax.jit(parallel.shard_sweep(

@@ -113,7 +113,7 @@ def main():
         f"{rounds} timed rounds (epochs 3 and on); jit cache sizes before -> "
         "after: " + ", ".join(f"{n} {cache_before[n]} -> {cache_after[n]}"
                                for n in caches) +
-        f" (one entry per K for the vmapped epoch).")
+        " (one entry per K for the vmapped epoch).")
   if 8 in ks:
     ratio = (_common.median(wall[("sequential", 8)])
              / _common.median(wall[("vmapped", 8)]))

@@ -302,9 +302,8 @@ def patched_train(names: Sequence[str]):
 
 
 def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
-  """The training half of train.sweep_epoch: train.train_epoch, vmapped
-  over K stacked runs, and for K=1 run without vmap as train.sweep_epoch
-  does (XLA would otherwise leave each weight gradient transposed).
+  """The training half of train.sweep_epoch: train.train_epoch over K
+  stacked runs through the same `train.over_runs` (no vmap for K=1).
 
   `patches` (names in PATCHES) apply while it is traced ("k1" is now what
   train.sweep_epoch does anyway).
@@ -313,10 +312,7 @@ def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
 
   def epoch(states, data):
     with patched_train(patches):
-      if states.step.shape[0] == 1:
-        state, metrics = run(jax.tree.map(lambda x: x[0], states), data)
-        return jax.tree.map(lambda x: x[None], (state, metrics))
-      return jax.vmap(run, in_axes=(0, None))(states, data)
+      return train.over_runs(run)(states, data)
   return jax.jit(epoch, donate_argnums=0)
 
 

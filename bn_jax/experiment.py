@@ -22,11 +22,10 @@ epoch is saved.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import itertools
 import json
-import math
 import os
 import sys
 import threading
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
@@ -230,14 +228,21 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
 # Files: atomic writes, checkpoints.
 
 
-def write_atomic(path: Path, text: str) -> None:
-  """Writes to a temporary file in the same directory, then renames."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+  """Yields a temporary file beside `path`; once written and synced to disk
+  it is renamed to `path`, so `path` is never half-written."""
   tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
+  with open(tmp, mode) as f:
+    yield f
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+  with atomic_file(path) as f:
+    f.write(text)
 
 
 def _checkpoint_manager(directory: Path, keep: int):
@@ -479,21 +484,22 @@ def summary_markdown(summaries: list[dict], target: float) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+  import matplotlib  # slow import; only plots need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def _save_figure(fig, path: Path) -> None:
-  """Like `write_atomic`: a temporary file, flushed to disk, then renamed."""
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  with open(tmp, "wb") as f:
+  with atomic_file(path, "wb") as f:
     fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _pyplot().close(fig)
 
 
 def plot_comparison(history: list[dict], path: Path) -> None:
   """Train loss and test accuracy per epoch, mean over runs, std band."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for placement in dict.fromkeys(r["placement"] for r in history):
     rows = [r for r in history if r["placement"] == placement]
@@ -513,14 +519,11 @@ def plot_comparison(history: list[dict], path: Path) -> None:
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
   _save_figure(fig, path)
-  plt.close(fig)
 
 
 def plot_runs(history: list[dict], placement: str, path: Path) -> None:
   """Every run of one placement: test accuracy, eval mode vs batch stats."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   rows = [r for r in history if r["placement"] == placement]
   for run in sorted({r["run"] for r in rows}):
@@ -536,7 +539,6 @@ def plot_runs(history: list[dict], placement: str, path: Path) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   _save_figure(fig, path)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from bn_jax import nn as bn_nn
 

@@ -222,11 +222,11 @@ def evaluate(state: train.TrainState, images, labels, *,
 
 
 def shard_sweep(per_device_fn, mesh: jax.sharding.Mesh):
-  """(stacked states, data) -> (states, outputs): `per_device_fn` vmapped
-  over the runs, under shard_map over `mesh`. States and data go in
+  """(stacked states, data) -> (states, outputs): `per_device_fn` over the
+  runs (`train.over_runs`), under shard_map over `mesh`. States and data go in
   replicated and come out replicated; shard_map's replication check
   (check_vma) proves the params and BN statistics agree on every device."""
-  return jax.shard_map(jax.vmap(per_device_fn, in_axes=(0, None)), mesh=mesh,
+  return jax.shard_map(train.over_runs(per_device_fn), mesh=mesh,
                        in_specs=(P(), P()), out_specs=P())
 
 

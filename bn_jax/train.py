@@ -341,14 +341,21 @@ def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
   The data are shared (not copied per run); each run keeps its own params,
   BN statistics, optimizer state, hyperparameters and data order.
   """
-  epoch = functools.partial(epoch_and_eval, spec=spec)
-  if states.step.shape[0] == 1:
-    # One run: skip vmap. With a batch axis of 1, XLA:CPU lays the weight
-    # gradients out transposed and transposes them back every step (25%
-    # slower on the Ioffe net; benchmarks/README.md).
-    state, metrics = epoch(jax.tree.map(lambda x: x[0], states), data)
-    return jax.tree.map(lambda x: x[None], (state, metrics))
-  return jax.vmap(epoch, in_axes=(0, None))(states, data)
+  return over_runs(functools.partial(epoch_and_eval, spec=spec))(states,
+                                                                 data)
+
+
+def over_runs(fn):
+  """fn(state, data) -> (state, out), applied to K stacked runs sharing the
+  data: vmapped, or for K=1 on the unstacked run. With a batch axis of 1,
+  XLA:CPU lays the weight gradients out transposed and transposes them back
+  every step (25% slower on the Ioffe net; benchmarks/README.md)."""
+  def run(states: TrainState, data):
+    if states.step.shape[0] == 1:
+      out = fn(jax.tree.map(lambda x: x[0], states), data)
+      return jax.tree.map(lambda x: x[None], out)
+    return jax.vmap(fn, in_axes=(0, None))(states, data)
+  return run
 
 
 # Module level, so compiled once per spec and shapes (a fresh jax.jit per call
