@@ -26,7 +26,6 @@ measure of scaling; run it on several GPUs for that.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -65,12 +64,12 @@ def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
   paths = {}
   if devices == 1:
     paths["1, no mesh"] = (jax.jit(
-        train.over_runs(functools.partial(train.train_epoch, spec=spec)),
+        train.over_runs(train.train_epoch, spec),
         donate_argnums=0), None)
   mesh = parallel.make_mesh(devices)
   parallel_spec = parallel.data_parallel_spec(spec, bn_stats)
   paths[str(devices)] = (jax.jit(parallel.shard_sweep(
-      functools.partial(train.train_epoch, spec=parallel_spec), mesh),
+      train.train_epoch, parallel_spec, mesh),
       donate_argnums=0), mesh)
 
   candidates, first = {}, {}

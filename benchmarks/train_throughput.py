@@ -308,11 +308,9 @@ def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
   `patches` (names in PATCHES) apply while it is traced ("k1" is now what
   train.sweep_epoch does anyway).
   """
-  run = functools.partial(train.train_epoch, spec=spec)
-
   def epoch(states, data):
     with patched_train(patches):
-      return train.over_runs(run)(states, data)
+      return train.over_runs(train.train_epoch, spec)(states, data)
   return jax.jit(epoch, donate_argnums=0)
 
 

@@ -79,6 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10
 
   c.seeds = (0, 1, 2)
+  # None: each run's data order follows its seed. An int: every run sees the
+  # batches (and order) that seed gives, so runs differ only in the init
+  # seed and swept values; the sweep also trains faster (each batch gathered
+  # once, the runs' first-layer matmuls fused into one).
+  c.data_seed = config_dict.placeholder(int)
   # Numeric sweeps: a tuple of values per field multiplies the runs; () keeps
   # the single value above. All runs of a placement train as one program.
   c.sweep = ml_collections.ConfigDict()
@@ -137,7 +142,7 @@ def make_spec(config, placement: str, num_train: int) -> train.TrainSpec:
       unbiased_running_var=config.bn.unbiased_running_var,
       stats_method=config.bn.stats_method,
       analytic_grad=config.bn.analytic_grad,
-      nan_guard=config.nan_guard)
+      nan_guard=config.nan_guard, data_seed=config.data_seed)
 
 
 class ConfigError(ValueError):
@@ -195,6 +200,11 @@ def validate_config(config) -> None:
     raise ConfigError(str(e)) from e
   if not config.seeds:
     raise ConfigError("config.seeds is empty; give at least one seed.")
+  if config.data_seed is not None and not (is_int(config.data_seed)
+                                           and 0 <= config.data_seed < 2**31):
+    raise ConfigError(f"config.data_seed={config.data_seed!r} must be None "
+                      "(each run's order follows its seed) or an integer in "
+                      "[0, 2**31).")
   for run in run_grid(config):
     momentum, epsilon = (run["hparams"]["bn_momentum"],
                          run["hparams"]["bn_epsilon"])

@@ -221,12 +221,14 @@ def evaluate(state: train.TrainState, images, labels, *,
 # Compiled entry points.
 
 
-def shard_sweep(per_device_fn, mesh: jax.sharding.Mesh):
-  """(stacked states, data) -> (states, outputs): `per_device_fn` over the
-  runs (`train.over_runs`), under shard_map over `mesh`. States and data go in
+def shard_sweep(per_device_fn, spec: train.TrainSpec,
+                mesh: jax.sharding.Mesh):
+  """(stacked states, data) -> (states, outputs): `per_device_fn` (called
+  with spec=spec) over the runs (`train.over_runs`), under shard_map over
+  `mesh`. States and data go in
   replicated and come out replicated; shard_map's replication check
   (check_vma) proves the params and BN statistics agree on every device."""
-  return jax.shard_map(train.over_runs(per_device_fn), mesh=mesh,
+  return jax.shard_map(train.over_runs(per_device_fn, spec), mesh=mesh,
                        in_specs=(P(), P()), out_specs=P())
 
 
@@ -238,8 +240,8 @@ def sweep_epoch(states: train.TrainState, data: train.DeviceData, *,
 
   `states` and `data` must be replicated on `mesh` (see `replicate`).
   """
-  return shard_sweep(functools.partial(train.epoch_and_eval, spec=spec,
-                                       evaluate_fn=evaluate), mesh)(
+  return shard_sweep(functools.partial(train.epoch_and_eval,
+                                       evaluate_fn=evaluate), spec, mesh)(
       states, data)
 
 

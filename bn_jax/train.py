@@ -51,6 +51,11 @@ class TrainSpec:
   axis_name: str | None = None  # set for data-parallel (synchronized) BN
   sync_bn: bool = True  # False: per-device BN statistics, grads still
   # averaged over axis_name (bn_jax.parallel's bn_stats="per_device")
+  # None: each run's data order follows its seed. An int: every run shuffles
+  # with the key seed `data_seed` would give it, so all runs of a sweep see
+  # the same batches, which are then gathered once for all of them (and the
+  # K first-layer matmuls become one wide one: `over_runs`).
+  data_seed: int | None = None
 
   @property
   def total_steps(self) -> int:
@@ -112,6 +117,8 @@ def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
   """Initializes one run. `seed` and `hparams` may be traced (vmap)."""
   hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
   init_key, data_key = jax.random.split(jax.random.key(seed))
+  if spec.data_seed is not None:  # the order run `data_seed` would have
+    data_key = jax.random.split(jax.random.key(spec.data_seed))[1]
   model = spec.make_model(hparams)
   variables = model.init(init_key, jnp.zeros((1, 784), jnp.float32),
                          train=False)
@@ -218,8 +225,12 @@ def epoch_batches(data_key, epoch, num_examples: int, spec: TrainSpec):
 
 
 def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
-                ) -> tuple[TrainState, dict[str, jax.Array]]:
+                batches=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One epoch as a single `lax.scan`; metrics are summed on device.
+
+  `batches` ((steps, batch) global example indices) defaults to the run's
+  own `epoch_batches`; `over_runs` passes them in for runs that share one
+  data order.
 
   With `spec.nan_guard`, the scan also carries the NaN guard: the global
   step (1-based) of the epoch's first step whose loss, gradient or new BN
@@ -227,9 +238,9 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   as metrics "first_nonfinite_step" (-1: none) and "nonfinite". The host
   reads them once, with the epoch's other metrics.
   """
-  epoch = state.step // spec.steps_per_epoch
-  batches = epoch_batches(state.data_key, epoch,
-                          data.train_images.shape[0], spec)
+  if batches is None:
+    batches = epoch_batches(state.data_key, state.step // spec.steps_per_epoch,
+                            data.train_images.shape[0], spec)
   if spec.axis_name is not None:  # data parallel: this device's examples
     batches = device_share(batches, spec.axis_name, axis=1)
   no_step = jnp.asarray(-1, jnp.int32)
@@ -302,14 +313,14 @@ def evaluate(state: TrainState, images, labels, *, spec: TrainSpec,
 
 
 def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
-                   evaluate_fn=evaluate,
+                   evaluate_fn=evaluate, batches=None,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Train one epoch, then evaluate both ways; returns per-epoch summaries.
 
   `evaluate_fn` replaces `evaluate` (bn_jax.parallel splits the test set
-  over devices).
+  over devices); `batches` as in `train_epoch`.
   """
-  state, train = train_epoch(state, data, spec=spec)
+  state, train = train_epoch(state, data, spec=spec, batches=batches)
   test = evaluate_fn(state, data.test_images, data.test_labels, spec=spec)
   test_bs = evaluate_fn(state, data.test_images, data.test_labels, spec=spec,
                         use_batch_stats=True)
@@ -341,20 +352,33 @@ def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
   The data are shared (not copied per run); each run keeps its own params,
   BN statistics, optimizer state, hyperparameters and data order.
   """
-  return over_runs(functools.partial(epoch_and_eval, spec=spec))(states,
-                                                                 data)
+  return over_runs(epoch_and_eval, spec)(states, data)
 
 
-def over_runs(fn):
-  """fn(state, data) -> (state, out), applied to K stacked runs sharing the
-  data: vmapped, or for K=1 on the unstacked run. With a batch axis of 1,
-  XLA:CPU lays the weight gradients out transposed and transposes them back
-  every step (25% slower on the Ioffe net; benchmarks/README.md)."""
+def over_runs(fn, spec: TrainSpec):
+  """fn(state, data, *, spec, batches=None) -> (state, out) (`train_epoch`,
+  `epoch_and_eval`), applied to K stacked runs sharing the data: vmapped, or for K=1 on the unstacked run. With a batch
+  axis of 1, XLA:CPU lays the weight gradients out transposed and transposes
+  them back every step (25% slower on the Ioffe net; benchmarks/README.md).
+
+  With `spec.data_seed` set, every run has the same data key, so the epoch's
+  batches are computed once, from run 0's key and step (a sweep's runs are
+  always at the same step), and passed to every run unbatched: the K runs
+  then gather each batch once and XLA turns the K first-layer matmuls
+  `x @ W_k` into one `x @ [W_1 ... W_K]` (benchmarks/README.md, sweeps).
+  """
   def run(states: TrainState, data):
+    if spec.data_seed is not None:
+      batches = epoch_batches(states.data_key[0],
+                              states.step[0] // spec.steps_per_epoch,
+                              data.train_images.shape[0], spec)
+      run_one = functools.partial(fn, spec=spec, batches=batches)
+    else:
+      run_one = functools.partial(fn, spec=spec)
     if states.step.shape[0] == 1:
-      out = fn(jax.tree.map(lambda x: x[0], states), data)
+      out = run_one(jax.tree.map(lambda x: x[0], states), data)
       return jax.tree.map(lambda x: x[None], out)
-    return jax.vmap(fn, in_axes=(0, None))(states, data)
+    return jax.vmap(run_one, in_axes=(0, None))(states, data)
   return run
 
 

@@ -172,9 +172,14 @@ def _count_compiles():
 def check_training_matches_one_device():
   """Two runs (vmapped), two epochs: params, BN statistics, optimizer state
   and every metric equal the single-device sweep. SGD, so a gradient off by
-  the device count could not hide behind Adam's scale invariance."""
+  the device count could not hide behind Adam's scale invariance. Each run
+  with its own data order, and both with one shared order (data_seed)."""
+  for data_seed in (None, 5):
+    _check_training_matches_one_device(_small_spec(data_seed=data_seed))
+
+
+def _check_training_matches_one_device(spec):
   data = _random_data()
-  spec = _small_spec()
   mesh = parallel.make_mesh(DEVICES)
   one = train.create_sweep_states(spec, [0, 1], SWEEP_HPARAMS)
   many = train.create_sweep_states(spec, [0, 1], SWEEP_HPARAMS)
@@ -205,8 +210,8 @@ def check_per_device_training_matches_ghost_batches():
   states = train.create_sweep_states(spec, [3], hparams)
   mesh = parallel.make_mesh(DEVICES)
   parallel_spec = parallel.data_parallel_spec(spec, "per_device")
-  epoch = jax.jit(parallel.shard_sweep(
-      functools.partial(train.train_epoch, spec=parallel_spec), mesh))
+  epoch = jax.jit(parallel.shard_sweep(train.train_epoch, parallel_spec,
+                                      mesh))
   trained, sums = epoch(parallel.replicate(states, mesh),
                         parallel.replicate(data, mesh))
 

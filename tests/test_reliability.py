@@ -150,6 +150,8 @@ def reference(idx_dir, tmp_path_factory) -> Path:
     ("bn.epsilon", 0.0, ["config.bn.epsilon", "> 0"]),
     ("bn.epsilon", -1e-3, ["config.bn.epsilon", "> 0"]),
     ("learning_rate", 0.0, ["config.learning_rate", "> 0"]),
+    ("data_seed", -1, ["config.data_seed=-1", "[0, 2**31)"]),
+    ("data_seed", 2**31, ["config.data_seed=2147483648"]),
 ])
 def test_validate_config_names_the_field(field, value, fragments):
   config = experiment.default_config()

@@ -7,6 +7,7 @@ running statistics.
 
 import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
@@ -299,6 +300,60 @@ def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs(
     assert np.mean(other != first) > 0.9
   # Every epoch is shuffled: not the identity, nor a shift of it.
   assert np.mean(np.diff(first.ravel()) == 1) < 0.1
+
+
+DATA_SEED = 7
+
+
+def test_shared_data_order_sweep_equals_separate_runs(data):
+  """spec.data_seed: the vmapped sweep (batches gathered once for all runs)
+  against each run alone with the per-run code path, its data key replaced
+  by the one seed DATA_SEED gets: same init per seed, same order for all."""
+  placement = "after_activation"
+  shared = spec_for(placement, data_seed=DATA_SEED, num_epochs=2)
+  per_run = spec_for(placement, num_epochs=2)
+  states = train.create_sweep_states(shared, SEEDS, SWEEP)
+  history = []
+  for _ in range(shared.num_epochs):
+    states, metrics = train.sweep_epoch(states, data, spec=shared)
+    history.append(jax.device_get(metrics))
+  order_key = np.asarray(jit_create_train_state(per_run, DATA_SEED,
+                                                run_hparams(0)).data_key)
+  for i, seed in enumerate(SEEDS):
+    state = jit_create_train_state(per_run, seed, run_hparams(i))
+    state = state._replace(data_key=jax.numpy.asarray(order_key))
+    expected = []
+    for _ in range(per_run.num_epochs):
+      state, sums = train.jit_train_epoch(state, data, spec=per_run)
+      expected.append(epoch_metrics(*jax.device_get(
+          (sums, *evaluate_both(state, data, per_run)))))
+    run = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
+    assert_same_run(run(copy_tree(states)), [run(m) for m in history],
+                    copy_tree(state), expected)
+  # The runs still differ (init seed and swept values), so this is no
+  # comparison of one run with itself.
+  assert len(set(np.round(history[-1]["train_loss"], 4))) == len(SEEDS)
+
+
+def _gather_result_types(spec, k, data):
+  """Result types of the batch gathers in the lowered sweep epoch."""
+  states = train.create_sweep_states(spec, SEEDS[:k], {
+      name: values[:k] for name, values in SWEEP.items()})
+  text = train.sweep_epoch.lower(states, data, spec=spec).as_text()
+  return re.findall(r"stablehlo.gather.*-> (tensor<[0-9x]*xf32>)", text)
+
+
+def test_shared_data_order_gathers_each_batch_once(data):
+  """With data_seed, the image gather inside the epoch is unbatched
+  (B, 784), not one per run (K, B, 784), which is what lets XLA fuse the
+  runs' first-layer matmuls."""
+  batch = SPEC.batch_size
+  shared = _gather_result_types(spec_for("none", data_seed=DATA_SEED), 3,
+                                data)
+  per_run = _gather_result_types(spec_for("none"), 3, data)
+  assert f"tensor<{batch}x784xf32>" in shared
+  assert f"tensor<3x{batch}x784xf32>" not in shared
+  assert f"tensor<3x{batch}x784xf32>" in per_run
 
 
 # ----------------------------------------------------------------------------
