@@ -329,6 +329,39 @@ class Runner:
     return self.state
 
 
+def matmuls_alone(case: Case, data) -> Runner:
+  """The dots of `case`'s training step and nothing else: forward, weight
+  gradients and input gradients (all layers but the first), on the epoch's
+  batches gathered up front, each step's weights updated by the last step's
+  weight gradients so that nothing can be hoisted out of the scan. No
+  gather, shuffle, BN, activation, loss or optimizer: its GFLOP/s is what
+  this step's matrix shapes reach through XLA:CPU, the ceiling for any
+  implementation of it here."""
+  spec = case.spec
+  dims = (784, *spec.widths, 10)
+  used = spec.steps_per_epoch * spec.batch_size
+  batches = data.train_images[:used].reshape(spec.steps_per_epoch,
+                                             spec.batch_size, 784)
+  weights = [jnp.full((a, b), 1.0 / a, jnp.float32)
+             for a, b in zip(dims[:-1], dims[1:])]
+
+  def step(weights, x):
+    inputs = [x]
+    for w in weights[:-1]:
+      inputs.append(inputs[-1] @ w)
+    grad = inputs[-1] @ weights[-1]  # the logits stand in for dloss/dlogits
+    updated = list(weights)
+    for i in reversed(range(len(weights))):
+      updated[i] = weights[i] - 1e-6 * (inputs[i].T @ grad)
+      if i:
+        grad = grad @ weights[i].T
+    return updated, None
+
+  epoch = jax.jit(lambda w: jax.lax.scan(step, w, batches)[0],
+                  donate_argnums=0)
+  return Runner(weights, epoch)
+
+
 def run_case(case: Case, data, counter, matmul, rounds: int,
              patch_sets: Sequence[str], with_eval: bool, flax_loops: bool,
              with_noguard: bool):
@@ -361,6 +394,7 @@ def run_case(case: Case, data, counter, matmul, rounds: int,
                       if flax_loops else ()):
     state, epoch_fn, caches[label] = make(case, data)
     runners[label] = Runner(_common.tree_copy(state), epoch_fn)
+  runners["its matmuls alone (ceiling)"] = matmuls_alone(case, data)
   if with_eval:
     runners["bn_jax train.sweep_epoch K=1 (+ eval)"] = Runner(
         stack(), lambda s: train.sweep_epoch(s, data, spec=spec)[0])
@@ -487,6 +521,14 @@ def targets(results) -> None:
                          if n != "bn_jax sweep K=1")
       print(f"- {case.name}, {label} (target >= {goal}): {main:.2f} on the "
             f"CLI path, {'met' if main >= goal else 'NOT met'} ({others})")
+    ceiling = wall.get("its matmuls alone (ceiling)")
+    if ceiling:
+      seconds = _common.median(ceiling)
+      print(f"- {case.name}, its matmuls alone (no other work): "
+            f"{flops / seconds / floor:.2f} of the matmul floor, "
+            f"{flax / seconds:.2f}x the best flax loop; bn_jax sweep K=1 "
+            f"spends {_common.median(wall['bn_jax sweep K=1']) / seconds:.2f}"
+            "x their time")
 
 
 def main():
