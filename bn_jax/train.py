@@ -214,12 +214,55 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   return new_state, metrics
 
 
+FEISTEL_ROUNDS = 8  # 3 already fail tests/test_train.py's uniformity checks
+
+
+def _feistel_round(half, round_key):
+  """A keyed 32-bit mix (multiply-xorshift, as in murmur3's finalizer)."""
+  h = (half ^ round_key) * jnp.uint32(0x9E3779B1)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x85EBCA77)
+  return h ^ (h >> 13)
+
+
+def random_permutation(key, n: int) -> jax.Array:
+  """A random permutation of 0..n-1 (int32) without sorting.
+
+  `jax.random.permutation` sorts n random keys, twice for MNIST's 60000:
+  ~30 ms on a CPU, 15% of the reference model's epoch. Here each index is
+  encrypted instead: a balanced Feistel network with FEISTEL_ROUNDS keyed
+  rounds is a bijection of [0, 4^h) (h bits per half, 4^h >= n), and
+  re-encrypting the values that land outside [0, n) until they land inside
+  ("cycle walking", as in format-preserving encryption) restricts it to a
+  bijection of [0, n). All elementwise: under 1 ms for 60000. The order is a
+  deterministic function of `key`; tests/test_train.py checks that it is a
+  permutation and that positions and neighbours look uniform.
+  """
+  half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
+  if 2 * half_bits > 32:
+    raise ValueError(f"random_permutation: n={n} needs more than 32 bits.")
+  mask = jnp.uint32((1 << half_bits) - 1)
+  round_keys = jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32)
+
+  def encrypt(x):
+    left, right = x >> half_bits, x & mask
+    for round_key in round_keys:
+      left, right = right, left ^ (_feistel_round(right, round_key) & mask)
+    return (left << half_bits) | right
+
+  outside = lambda x: x >= n
+  x = encrypt(jnp.arange(n, dtype=jnp.uint32))
+  x = jax.lax.while_loop(lambda x: jnp.any(outside(x)),
+                         lambda x: jnp.where(outside(x), encrypt(x), x), x)
+  return x.astype(jnp.int32)
+
+
 def epoch_batches(data_key, epoch, num_examples: int, spec: TrainSpec):
   """(steps, batch) example indices for an epoch: a permutation that depends
   only on the run's key and the epoch number (so a resumed run sees the same
   order), with the last partial batch dropped."""
   key = jax.random.fold_in(jax.random.wrap_key_data(data_key), epoch)
-  order = jax.random.permutation(key, num_examples)
+  order = random_permutation(key, num_examples)
   used = spec.steps_per_epoch * spec.batch_size
   return order[:used].reshape(spec.steps_per_epoch, spec.batch_size)
 

@@ -302,6 +302,45 @@ def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs(
   assert np.mean(np.diff(first.ravel()) == 1) < 0.1
 
 
+jit_permutation = jax.jit(train.random_permutation, static_argnums=1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 60000, 65537])
+def test_random_permutation_is_a_permutation(n):
+  order = np.asarray(jit_permutation(jax.random.key(n), n))
+  assert order.dtype == np.int32
+  np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_random_permutation_positions_are_uniform():
+  """Over 4000 keys, where each of 8 elements lands: a chi-square test of
+  the 8 x 8 (element, position) counts against uniform (df = 49; 85.35 is
+  its 0.999 quantile, scipy.stats.chi2.ppf(0.999, 49)). The identity, a
+  rotation, or a permutation that favours some positions fail by far."""
+  keys = jax.random.split(jax.random.key(0), 4000)
+  orders = np.asarray(jax.vmap(lambda k: train.random_permutation(k, 8))(keys))
+  counts = np.zeros((8, 8))
+  for order in orders:
+    counts[order, np.arange(8)] += 1
+  expected = len(keys) / 8
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < 85.35, counts
+
+
+def test_random_permutation_breaks_up_neighbours():
+  """MNIST-sized: consecutive examples land in the same batch of 128 as
+  often as in a uniform shuffle (127 / 59999), and the order is
+  uncorrelated with the index (|Spearman r| < 5 / sqrt(n))."""
+  n, batch = 60000, 128
+  for seed in range(3):
+    order = np.asarray(jit_permutation(jax.random.key(seed), n))
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    same_batch = np.mean(position[1:] // batch == position[:-1] // batch)
+    assert 0.5 < same_batch / (batch / n) < 1.5, same_batch
+    r = np.corrcoef(np.arange(n), position)[0, 1]  # ranks: Spearman
+    assert abs(r) < 5 / np.sqrt(n), r
+
 DATA_SEED = 7
 
 
