@@ -2,7 +2,6 @@
 
     .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR          # 2-3.5 min
     .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR --quick  # smoke
-    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR --patches k1+guard
 
 The reference model (the CLI's default config: 784 -> Dense(50) -> relu ->
 BN -> Dense(10), Adam 1e-3, batch 128, 468 steps per epoch) on real MNIST,
@@ -21,11 +20,9 @@ K = 1, 4, 8, 16 runs (seeds 0..K-1):
               program trains a run whatever its data order, so it is the
               baseline of both.
 
-Both are timed in interleaved rounds in one process; the table shows medians
+All are timed in interleaved rounds in one process; the table shows medians
 of the time for all K runs' epochs. Throughput ratio = sequential time /
 vmapped time (> 1: the vmapped sweep trains more runs per second).
-`--patches` applies train_throughput.PATCHES (changes to bn_jax.train
-proposed in benchmarks/README.md) to the vmapped epoch only.
 """
 
 from __future__ import annotations
@@ -63,22 +60,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   _common.add_common_flags(parser)
   parser.add_argument("--ks", default=",".join(map(str, KS)))
-  parser.add_argument("--patches", default="",
-                      help="train_throughput.PATCHES applied to the vmapped "
-                      "epoch, e.g. 'guard+perm' (default: none)")
   args = parser.parse_args()
   rounds = args.rounds or (1 if args.quick else 4)
   ks = (1, 4) if args.quick else tuple(int(k) for k in args.ks.split(","))
-  patches = [p for p in args.patches.split("+") if p]
 
   print(_common.header("Sweep throughput"), flush=True)
   counter = _common.CompileCounter()
   data = _common.load_mnist(args.data_dir)
   case = train_throughput.CASES[0]
   spec, hparams = case.spec, case.hparams
-  sweep = train_throughput.sweep_train_epoch(spec, patches)
+  sweep = train_throughput.sweep_train_epoch(spec)
   shared_spec = dataclasses.replace(spec, data_seed=0)
-  shared_sweep = train_throughput.sweep_train_epoch(shared_spec, patches)
+  shared_sweep = train_throughput.sweep_train_epoch(shared_spec)
 
   runners, first = {}, {}
   for k in ks:
@@ -105,9 +98,8 @@ def main():
 
   steps = spec.steps_per_epoch
   print(f"\n### reference model, K runs x 1 epoch ({steps} steps of batch "
-        f"{spec.batch_size}), nan_guard={getattr(spec, 'nan_guard', 'n/a')}"
-        f"{', patched: ' + '+'.join(patches) if patches else ''}; median of "
-        f"{rounds} rounds\n")
+        f"{spec.batch_size}), nan_guard={spec.nan_guard}; median of {rounds} "
+        "rounds\n")
   print("| K | vmapped s | min-max | CPU s | shared-order vmapped s | min-max "
         "| CPU s | sequential s | min-max | CPU s | throughput vs sequential: "
         "vmapped, shared | run-epochs/s vmapped, shared, sequential | "

@@ -27,10 +27,9 @@ Candidates, timed in interleaved rounds in one process (medians):
                      per batch (it slices batch i inside the step).
   flax loop (host)   the flax examples/mnist loop: NumPy shuffle, NumPy batch
                      gather, jitted train step per batch.
-  bn_jax sweep K=1, patched: ...
-                     the CLI path with changes to bn_jax.train proposed in
-                     benchmarks/README.md (PATCHES below, applied while the
-                     epoch is traced; --patches).
+  its matmuls alone (ceiling)
+                     the step's dots and nothing else (`matmuls_alone`): what
+                     these matrix shapes reach through XLA:CPU.
   bn_jax train.sweep_epoch K=1 (+ eval)
                      (--with_eval, reference only) the CLI's whole epoch
                      function, for the cost of its evaluation.
@@ -47,7 +46,6 @@ the floor.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -235,83 +233,10 @@ def flax_host_loop(case: Case, data: train.DeviceData):
   return state, run_epoch, step
 
 
-# ----------------------------------------------------------------------------
-# Proposed train.py changes, applied while the patched epoch is traced (see
-# benchmarks/README.md). Each replaces one module-level function of
-# bn_jax.train, so the rest of the epoch is whatever train.py holds now.
-
-
-def all_finite_nonfinite_flags(loss, grads, batch_stats, axis_name=None):
-  """train.nonfinite_flags with one all-finite reduction over all gradient
-  leaves concatenated, and one over all BN statistics, instead of
-  optax.tree.norm (a reduction per leaf) and one reduction per statistic.
-  Same bits; the gradient bit means "some gradient entry is NaN or inf"."""
-  def all_finite(tree):
-    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
-    if not leaves:
-      return jnp.asarray(True)
-    return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
-
-  finite = jnp.stack([jnp.isfinite(loss), all_finite(grads),
-                      all_finite(batch_stats)])
-  bad = (~finite).astype(jnp.int32)
-  if axis_name is not None:
-    bad = jax.lax.pmax(bad, axis_name)
-  return jnp.sum(bad << jnp.arange(finite.shape[0], dtype=jnp.int32))
-
-
-def one_sort_epoch_batches(data_key, epoch, num_examples: int,
-                           spec: train.TrainSpec):
-  """train.epoch_batches with one sort on 64 random bits per example instead
-  of jax.random.permutation's rounds of 32-bit sorts (2 for 60000). A
-  different (still uniform, key- and epoch-determined) order."""
-  key = jax.random.fold_in(jax.random.wrap_key_data(data_key), epoch)
-  bits = jax.random.bits(key, (2, num_examples), jnp.uint32)
-  _, _, order = jax.lax.sort(
-      (bits[0], bits[1], jnp.arange(num_examples, dtype=jnp.int32)),
-      num_keys=2)
-  used = spec.steps_per_epoch * spec.batch_size
-  return order[:used].reshape(spec.steps_per_epoch, spec.batch_size)
-
-
-# Replacements of module-level functions of bn_jax.train, by patch name.
-# "k1" is not a replacement: it changes sweep_train_epoch itself (below).
-PATCHES = {"guard": {"nonfinite_flags": all_finite_nonfinite_flags},
-           "perm": {"epoch_batches": one_sort_epoch_batches},
-           "k1": {}}
-
-
-@contextlib.contextmanager
-def patched_train(names: Sequence[str]):
-  """Temporarily replaces functions of bn_jax.train (at trace time)."""
-  replacements = {}
-  for name in names:
-    replacements.update(PATCHES[name])
-  missing = [n for n in replacements if not hasattr(train, n)]
-  if missing:
-    raise AttributeError(f"bn_jax.train has no {missing}; the patch is out "
-                         "of date.")
-  saved = {n: getattr(train, n) for n in replacements}
-  for n, fn in replacements.items():
-    setattr(train, n, fn)
-  try:
-    yield
-  finally:
-    for n, fn in saved.items():
-      setattr(train, n, fn)
-
-
-def sweep_train_epoch(spec: train.TrainSpec, patches: Sequence[str] = ()):
+def sweep_train_epoch(spec: train.TrainSpec):
   """The training half of train.sweep_epoch: train.train_epoch over K
-  stacked runs through the same `train.over_runs` (no vmap for K=1).
-
-  `patches` (names in PATCHES) apply while it is traced ("k1" is now what
-  train.sweep_epoch does anyway).
-  """
-  def epoch(states, data):
-    with patched_train(patches):
-      return train.over_runs(train.train_epoch, spec)(states, data)
-  return jax.jit(epoch, donate_argnums=0)
+  stacked runs through the same `train.over_runs` (no vmap for K=1)."""
+  return jax.jit(train.over_runs(train.train_epoch, spec), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------
@@ -363,7 +288,7 @@ def matmuls_alone(case: Case, data) -> Runner:
 
 
 def run_case(case: Case, data, counter, matmul, rounds: int,
-             patch_sets: Sequence[str], with_eval: bool, flax_loops: bool,
+             with_eval: bool, flax_loops: bool,
              with_noguard: bool):
   """Times every candidate on one case; returns the raw numbers."""
   spec, hp = case.spec, case.hparams
@@ -378,10 +303,6 @@ def run_case(case: Case, data, counter, matmul, rounds: int,
   }
   caches = {"train.jit_train_epoch": train.jit_train_epoch,
             "vmapped train_epoch": sweep}
-  for patch_set in patch_sets:
-    patched = sweep_train_epoch(spec, patch_set.split("+"))
-    runners[f"bn_jax sweep K=1, patched: {patch_set}"] = Runner(
-        stack(), lambda s, f=patched: f(s, data)[0])
   if with_noguard:
     unguarded = dataclasses.replace(spec, nan_guard=False)
     sweep_unguarded = sweep_train_epoch(unguarded)
@@ -440,7 +361,7 @@ def report(case: Case, result, rounds: int):
   print(f"\n### {case.name}: {spec.model} widths={spec.widths} "
         f"{spec.activation}, BN {spec.placement}, {spec.optimizer} "
         f"lr={case.learning_rate}, batch {spec.batch_size}, {steps} "
-        f"steps/epoch, nan_guard={getattr(spec, 'nan_guard', 'n/a')}; "
+        f"steps/epoch, nan_guard={spec.nan_guard}; "
         f"median of {rounds} rounds\n")
   print(f"Matmul FLOPs per epoch {flops / 1e9:.2f} GFLOP "
         f"({case.flops_per_step / 1e6:.2f} MFLOP/step); floor: 2048^3 "
@@ -497,7 +418,7 @@ def print_profile(case: Case, runner: Runner, data) -> None:
 
 def targets(results) -> None:
   """The issue's targets: on bn_jax sweep K=1 (the CLI's training path),
-  with bn_jax jit epoch and the patched candidates beside it."""
+  with bn_jax jit epoch beside it."""
   print("\n### Targets\n")
   for case, result in results:
     wall = result["wall"]
@@ -535,9 +456,6 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   _common.add_common_flags(parser)
   parser.add_argument("--cases", default="reference,ioffe")
-  parser.add_argument("--patches", default="k1+guard,k1+guard+perm",
-                      help="comma-separated sets of PATCHES joined by '+', "
-                      "each timed as one more candidate; '' for none")
   parser.add_argument("--no_flax", action="store_true",
                       help="leave out the flax loops (to compare bn_jax "
                       "variants only; no targets)")
@@ -552,7 +470,6 @@ def main():
                       "evaluation) on the reference model")
   args = parser.parse_args()
   rounds = args.rounds or (2 if args.quick else 5)
-  patch_sets = [p for p in args.patches.split(",") if p]
 
   print(_common.header("Training throughput"), flush=True)
   counter = _common.CompileCounter()
@@ -563,7 +480,7 @@ def main():
   for case in CASES:
     if case.name not in args.cases.split(","):
       continue
-    result = run_case(case, data, counter, matmul, rounds, patch_sets,
+    result = run_case(case, data, counter, matmul, rounds,
                       with_eval=args.with_eval and case.name == "reference",
                       flax_loops=not args.no_flax,
                       with_noguard=args.with_noguard)
