@@ -327,6 +327,17 @@ def test_placements_config_cnn_variant_is_valid():
   assert tuple(config.placements) == PLACEMENTS
 
 
+def test_data_seed_flag_reaches_the_train_spec():
+  """--config.data_seed (an int placeholder, None by default) is parsed by
+  the entry point's flags and handed to the TrainSpec the sweep runs."""
+  args = ["--config=configs/placements.py", "--workdir=unused"]
+  default = resolved_config(args)
+  assert experiment.make_spec(default, "none", 600).data_seed is None
+  config = resolved_config(args + ["--config.data_seed=4"])
+  experiment.validate_config(config)
+  assert experiment.make_spec(config, "none", 600).data_seed == 4
+
+
 def test_heartbeat_prints_while_a_long_epoch_runs(capsys):
   with experiment._Heartbeat(0.05, "mlp epoch 3"):
     time.sleep(0.3)
