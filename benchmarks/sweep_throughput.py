@@ -8,9 +8,9 @@ BN -> Dense(10), Adam 1e-3, batch 128, 468 steps per epoch) on real MNIST,
 K = 1, 4, 8, 16 runs (seeds 0..K-1):
 
   vmapped     one epoch of K stacked runs (`train.create_sweep_states`):
-              `jax.jit(jax.vmap(functools.partial(train.train_epoch,
-              spec=spec), in_axes=(0, None)))`, the function `train.sweep_epoch`
-              vmaps, without the evaluation that `sweep_epoch` appends.
+              `jax.jit(train.over_runs(train.train_epoch, spec))`, what
+              `train.sweep_epoch` runs without the evaluation it appends
+              (a vmap over the runs; none for K=1).
   shared      the same with one data order for all runs (`data_seed`, the
               CLI's `--config.data_seed`): `train.over_runs` gathers each
               batch once for the K runs, and XLA fuses their first-layer

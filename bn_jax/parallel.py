@@ -225,9 +225,9 @@ def shard_sweep(per_device_fn, spec: train.TrainSpec,
                 mesh: jax.sharding.Mesh):
   """(stacked states, data) -> (states, outputs): `per_device_fn` (called
   with spec=spec) over the runs (`train.over_runs`), under shard_map over
-  `mesh`. States and data go in
-  replicated and come out replicated; shard_map's replication check
-  (check_vma) proves the params and BN statistics agree on every device."""
+  `mesh`. States and data go in replicated and come out replicated;
+  shard_map's replication check (check_vma) proves the params and BN
+  statistics agree on every device."""
   return jax.shard_map(train.over_runs(per_device_fn, spec), mesh=mesh,
                        in_specs=(P(), P()), out_specs=P())
 

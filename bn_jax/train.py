@@ -239,8 +239,9 @@ def random_permutation(key, n: int) -> jax.Array:
   permutation and that positions and neighbours look uniform.
   """
   half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
-  if 2 * half_bits > 32:
-    raise ValueError(f"random_permutation: n={n} needs more than 32 bits.")
+  if not 1 <= n <= 2**31:
+    raise ValueError(f"random_permutation: n={n}; it permutes 1 to 2**31 "
+                     "indices (int32).")
   mask = jnp.uint32((1 << half_bits) - 1)
   round_keys = jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32)
 
@@ -393,20 +394,23 @@ def sweep_epoch(states: TrainState, data: DeviceData, *, spec: TrainSpec):
   """K stacked runs of one architecture: one epoch and evaluation, vmapped.
 
   The data are shared (not copied per run); each run keeps its own params,
-  BN statistics, optimizer state, hyperparameters and data order.
+  BN statistics, optimizer state, hyperparameters and data order (one order
+  for all with `spec.data_seed`).
   """
   return over_runs(epoch_and_eval, spec)(states, data)
 
 
 def over_runs(fn, spec: TrainSpec):
   """fn(state, data, *, spec, batches=None) -> (state, out) (`train_epoch`,
-  `epoch_and_eval`), applied to K stacked runs sharing the data: vmapped, or for K=1 on the unstacked run. With a batch
-  axis of 1, XLA:CPU lays the weight gradients out transposed and transposes
-  them back every step (25% slower on the Ioffe net; benchmarks/README.md).
+  `epoch_and_eval`), applied to K stacked runs sharing the data: vmapped, or
+  for K=1 on the unstacked run. With a batch axis of 1, XLA:CPU lays the
+  weight gradients out transposed and transposes them back every step (25%
+  slower on the Ioffe net; benchmarks/README.md).
 
-  With `spec.data_seed` set, every run has the same data key, so the epoch's
-  batches are computed once, from run 0's key and step (a sweep's runs are
-  always at the same step), and passed to every run unbatched: the K runs
+  With `spec.data_seed` set, every run has the same data key (states made
+  by `create_train_state` with that spec), so the epoch's batches are
+  computed once, from run 0's key and step (a sweep's runs are always at the
+  same step), and passed to every run unbatched: the K runs
   then gather each batch once and XLA turns the K first-layer matmuls
   `x @ W_k` into one `x @ [W_1 ... W_K]` (benchmarks/README.md, sweeps).
   """

@@ -329,7 +329,7 @@ def test_random_permutation_positions_are_uniform():
 
 def test_random_permutation_breaks_up_neighbours():
   """MNIST-sized: consecutive examples land in the same batch of 128 as
-  often as in a uniform shuffle (127 / 59999), and the order is
+  often as in a uniform shuffle (about 128 / 60000), and the order is
   uncorrelated with the index (|Spearman r| < 5 / sqrt(n))."""
   n, batch = 60000, 128
   for seed in range(3):
@@ -372,6 +372,29 @@ def test_shared_data_order_sweep_equals_separate_runs(data):
   # The runs still differ (init seed and swept values), so this is no
   # comparison of one run with itself.
   assert len(set(np.round(history[-1]["train_loss"], 4))) == len(SEEDS)
+
+
+def test_random_permutation_rejects_sizes_beyond_int32():
+  for n in (0, 2**31 + 1):
+    with pytest.raises(ValueError, match="1 to 2\\*\\*31"):
+      train.random_permutation(jax.random.key(0), n)
+
+
+def test_shared_data_order_single_run_path(data):
+  """K=1 with data_seed: `over_runs` unstacks the run (no vmap) and passes
+  the shared batches in; the result equals the per-run path given the same
+  key."""
+  shared = spec_for("before_activation", data_seed=DATA_SEED, num_epochs=1)
+  per_run = spec_for("before_activation", num_epochs=1)
+  states = train.create_sweep_states(shared, SEEDS[1:2], {
+      name: values[1:2] for name, values in SWEEP.items()})
+  states, _ = train.sweep_epoch(states, data, spec=shared)
+  order_key = jit_create_train_state(per_run, DATA_SEED, run_hparams(1))
+  state = jit_create_train_state(per_run, SEEDS[1], run_hparams(1))
+  state = state._replace(data_key=order_key.data_key)
+  state, _ = train.jit_train_epoch(state, data, spec=per_run)
+  assert_trees_close(jax.tree.map(lambda x: x[0], copy_tree(states.params)),
+                     copy_tree(state.params))
 
 
 def _gather_result_types(spec, k, data):
