@@ -80,11 +80,21 @@ def header(title: str) -> str:
 
 
 def load_mnist(data_dir: str) -> train.DeviceData:
-  """MNIST as the CLI loads it: [0, 1] float32 images on the device."""
+  """MNIST as the CLI loads it: uint8 pixels on the device, scaled to [0, 1]
+  per batch inside bn_jax's compiled step (`train.model_inputs`)."""
   dataset = data_lib.load_dataset("mnist", data_dir=data_dir or None)
   return train.to_device(
-      data_lib.to_float(dataset.train_images, "unit"), dataset.train_labels,
-      data_lib.to_float(dataset.test_images, "unit"), dataset.test_labels)
+      data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
+      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
+
+
+def float_images(data: train.DeviceData) -> train.DeviceData:
+  """The same data with [0, 1] float32 images, preprocessed once, as
+  flax's examples/mnist keep them (for the flax baselines)."""
+  scale = lambda x: jax.device_put(data_lib.scale_pixels(np.asarray(x),
+                                                         "unit"))
+  return data._replace(train_images=scale(data.train_images),
+                       test_images=scale(data.test_images))
 
 
 # ----------------------------------------------------------------------------

@@ -21,6 +21,10 @@ Candidates, timed in interleaved rounds in one process (medians):
                      `train_epoch` followed by evaluation, for K > 1;
                      evaluation is left out here).
   bn_jax jit epoch   `train.jit_train_epoch` on an unstacked state.
+  bn_jax jit epoch, float32 images
+                     the same on float32 images preprocessed once, as the
+                     flax loops get them (the CLI keeps uint8 pixels and
+                     scales each batch in the step: `train.model_inputs`).
   flax loop (device) flax.linen.BatchNorm, the same model and optimizer: one
                      jitted call shuffles and gathers the epoch's batches on
                      the device, then a Python loop calls a jitted train step
@@ -290,10 +294,10 @@ def matmuls_alone(case: Case, data) -> Runner:
   return Runner(weights, lambda w: epoch(w, batches))
 
 
-def run_case(case: Case, data, counter, matmul, rounds: int,
-             with_eval: bool, flax_loops: bool,
-             with_noguard: bool):
-  """Times every candidate on one case; returns the raw numbers."""
+def run_case(case: Case, data, float_data, counter, matmul, rounds: int,
+             with_eval: bool, flax_loops: bool, with_noguard: bool):
+  """Times every candidate on one case; returns the raw numbers. `data` has
+  uint8 images, as the CLI keeps them; `float_data` float32 ones."""
   spec, hp = case.spec, case.hparams
   stack = lambda: train.create_sweep_states(
       spec, [0], {k: [v] for k, v in hp.items()})
@@ -303,6 +307,9 @@ def run_case(case: Case, data, counter, matmul, rounds: int,
       "bn_jax jit epoch": Runner(
           train.create_train_state(spec, 0, hp),
           lambda s: train.jit_train_epoch(s, data, spec=spec)[0]),
+      "bn_jax jit epoch, float32 images": Runner(
+          train.create_train_state(spec, 0, hp),
+          lambda s: train.jit_train_epoch(s, float_data, spec=spec)[0]),
   }
   caches = {"train.jit_train_epoch": train.jit_train_epoch,
             "vmapped train_epoch": sweep}
@@ -316,9 +323,9 @@ def run_case(case: Case, data, counter, matmul, rounds: int,
   for label, make in ((("flax loop (device)", flax_device_loop),
                        ("flax loop (host)", flax_host_loop))
                       if flax_loops else ()):
-    state, epoch_fn, caches[label] = make(case, data)
+    state, epoch_fn, caches[label] = make(case, float_data)
     runners[label] = Runner(_common.tree_copy(state), epoch_fn)
-  runners["its matmuls alone (ceiling)"] = matmuls_alone(case, data)
+  runners["its matmuls alone (ceiling)"] = matmuls_alone(case, float_data)
   if with_eval:
     runners["bn_jax train.sweep_epoch K=1 (+ eval)"] = Runner(
         stack(), lambda s: train.sweep_epoch(s, data, spec=spec)[0])
@@ -477,13 +484,14 @@ def main():
   print(_common.header("Training throughput"), flush=True)
   counter = _common.CompileCounter()
   data = _common.load_mnist(args.data_dir)
+  float_data = _common.float_images(data)
   rss_data = _common.peak_rss_mib()
   matmul, _ = _common.matmul_candidate()
   results = []
   for case in CASES:
     if case.name not in args.cases.split(","):
       continue
-    result = run_case(case, data, counter, matmul, rounds,
+    result = run_case(case, data, float_data, counter, matmul, rounds,
                       with_eval=args.with_eval and case.name == "reference",
                       flax_loops=not args.no_flax,
                       with_noguard=args.with_noguard)

@@ -523,20 +523,39 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
 # Preprocessing.
 
 
-def to_float(images: np.ndarray, scaling: str) -> np.ndarray:
-  """uint8 images (N, 28, 28) -> float32 (N, 784).
+def scale_pixels(pixels, scaling: str):
+  """uint8 pixels (any shape, NumPy or JAX) -> float32, same shape.
 
-  Args:
-    images: uint8 pixel values in 0..255.
-    scaling: "unit" maps to [0, 1]; "standardize" to
-      (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD.
+  "unit" maps 0..255 to [0, 1]; "standardize" to
+  (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD. The one definition of the
+  input scalings: `to_float` runs it on the host, bn_jax.train inside the
+  compiled step on pixels kept as uint8 on the device.
   """
   if scaling not in SCALINGS:
     raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    raise ValueError(f"to_float expects uint8 pixels, got {images.dtype}.")
-  x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
+  if pixels.dtype != np.uint8:
+    raise ValueError(f"expected uint8 pixels, got {pixels.dtype}.")
+  x = pixels.astype(np.float32) / np.float32(255)
   if scaling == "standardize":
     x = (x - np.float32(MNIST_PIXEL_MEAN)) / np.float32(MNIST_PIXEL_STD)
   return x
+
+
+def flatten_pixels(images) -> np.ndarray:
+  """uint8 images (N, 28, 28) -> uint8 (N, 784), checked."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"expected uint8 pixels, got {images.dtype}.")
+  return images.reshape(len(images), -1)
+
+
+def to_float(images: np.ndarray, scaling: str) -> np.ndarray:
+  """uint8 images (N, 28, 28) -> float32 (N, 784), on the host.
+
+  Args:
+    images: uint8 pixel values in 0..255.
+    scaling: one of SCALINGS (see `scale_pixels`).
+  """
+  if scaling not in SCALINGS:
+    raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")
+  return scale_pixels(flatten_pixels(images), scaling)

@@ -142,7 +142,8 @@ def make_spec(config, placement: str, num_train: int) -> train.TrainSpec:
       unbiased_running_var=config.bn.unbiased_running_var,
       stats_method=config.bn.stats_method,
       analytic_grad=config.bn.analytic_grad,
-      nan_guard=config.nan_guard, data_seed=config.data_seed)
+      nan_guard=config.nan_guard, data_seed=config.data_seed,
+      input_scaling=config.input_scaling)
 
 
 class ConfigError(ValueError):
@@ -559,11 +560,11 @@ def load_data(config) -> tuple[train.DeviceData, str]:
   dataset = data_lib.load_dataset(config.dataset,
                                   data_dir=config.data_dir or None,
                                   source=config.data_source)
+  # uint8 on the device; each batch is scaled (config.input_scaling) in the
+  # compiled step (train.model_inputs).
   device_data = train.to_device(
-      data_lib.to_float(dataset.train_images, config.input_scaling),
-      dataset.train_labels,
-      data_lib.to_float(dataset.test_images, config.input_scaling),
-      dataset.test_labels)
+      data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
+      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
   return device_data, dataset.origin
 
 

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -410,6 +411,19 @@ def test_to_float():
       rtol=1e-5)
   with pytest.raises(ValueError, match="unit.*standardize"):
     data.to_float(images, "minmax")
+  with pytest.raises(ValueError, match="uint8"):
+    data.to_float(images.astype(np.float32), "unit")
+
+
+@pytest.mark.parametrize("scaling", data.SCALINGS)
+def test_scale_pixels_on_the_device_matches_the_host(scaling):
+  """The compiled step scales uint8 batches with the same definition as the
+  host's to_float (the literal formula is checked above)."""
+  pixels = np.arange(256, dtype=np.uint8).reshape(2, 128)
+  on_device = jax.jit(lambda p: data.scale_pixels(p, scaling))(pixels)
+  assert on_device.dtype == np.float32
+  np.testing.assert_allclose(on_device, data.to_float(pixels, scaling),
+                             rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------

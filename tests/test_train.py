@@ -397,6 +397,32 @@ def test_shared_data_order_single_run_path(data):
                      copy_tree(state.params))
 
 
+@pytest.mark.parametrize("scaling", ["unit", "standardize"])
+def test_uint8_pixels_train_like_floats_scaled_on_the_host(arrays, scaling):
+  """DeviceData with uint8 pixels (the CLI's: scaled per batch inside the
+  step, `train.model_inputs`) trains and evaluates like float32 images
+  scaled once on the host by `bn_jax.data.to_float`."""
+  from bn_jax import data as data_lib
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (NUM_TRAIN + NUM_TEST, 784), dtype=np.uint8)
+  labels = np.concatenate(arrays[1::2])
+  # SGD: Adam's first steps amplify float-rounding differences in tiny
+  # gradients (its update is about lr * sign(g)).
+  spec = spec_for("after_activation", input_scaling=scaling, num_epochs=1,
+                  optimizer="sgd")
+  results = []
+  for images in (pixels, data_lib.to_float(pixels, scaling)):
+    device_data = train.to_device(images[:NUM_TRAIN], labels[:NUM_TRAIN],
+                                  images[NUM_TRAIN:], labels[NUM_TRAIN:])
+    assert device_data.train_images.dtype == images.dtype
+    state = jit_create_train_state(spec, 0, run_hparams(0))
+    state, sums = train.jit_train_epoch(state, device_data, spec=spec)
+    results.append((copy_tree(state), epoch_metrics(*jax.device_get(
+        (sums, *evaluate_both(state, device_data, spec))))))
+  (state, metrics), (expected_state, expected_metrics) = results
+  assert_same_run(state, [metrics], expected_state, [expected_metrics])
+
+
 def _gather_result_types(spec, k, data):
   """Result types of the batch gathers in the lowered sweep epoch."""
   states = train.create_sweep_states(spec, SEEDS[:k], {
