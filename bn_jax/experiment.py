@@ -16,7 +16,7 @@ hyperparameters) train together as one vmapped program. Written to workdir:
 
 Every file is written to a temporary name and renamed, so none is ever
 half-written. With `config.nan_guard` (the default), a NaN or inf loss,
-gradient or BN statistic stops the run with `NonFiniteError` before that
+parameter or BN statistic stops the run with `NonFiniteError` before that
 epoch is saved.
 """
 
@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.target_accuracy = 0.97  # "epochs to reach" column of the summary
   c.heartbeat_seconds = 30.0  # progress line while a long epoch runs
   c.keep_checkpoints = 2
-  # Stop at the first NaN/inf loss, gradient or BN statistic (flags computed
+  # Stop at the first NaN/inf loss, parameter or BN statistic (flags computed
   # on device, read once per epoch); False skips the flags for speed.
   c.nan_guard = True
 
@@ -347,7 +347,7 @@ class _Heartbeat:
 
 
 class NonFiniteError(FloatingPointError):
-  """A run's loss, gradient or BN statistics became NaN or inf (the NaN
+  """A run's loss, parameters or BN statistics became NaN or inf (the NaN
   guard, `config.nan_guard`); nothing of that epoch was saved."""
 
 
@@ -374,6 +374,9 @@ def _nonfinite_error(placement: str, runs: list[dict], epoch: int,
   return NonFiniteError(
       f"[{placement}] NaN guard: training diverged in epoch {epoch}:\n"
       + "\n".join(lines) + "\n"
+      "(A non-finite loss can come from the update of the step before: the "
+      "guard checks losses and BN statistics every step, parameters after "
+      "the epoch's last step.) "
       f"Nothing of epoch {epoch} was saved; {kept}. To fix: lower the "
       "learning rate (config.learning_rate / config.sweep.learning_rate), "
       "raise BN epsilon (config.bn.epsilon), or check the input data for "

@@ -233,14 +233,55 @@ def test_nonfinite_flags_name_each_quantity():
   assert train.describe_nonfinite(0) == ""
   cases = {
       "loss": (jnp.float32(jnp.inf), ok[1], ok[2]),
-      "gradient": (ok[0], {"w": jnp.array([1.0, jnp.nan])},
-                                 ok[2]),
+      "parameters": (ok[0], {"w": jnp.array([1.0, jnp.nan])}, ok[2]),
       "BN statistics": (ok[0], ok[1], {"bn": {"mean": jnp.array([jnp.nan,
                                                                 0.0])}}),
   }
   for name, args in cases.items():
     assert train.describe_nonfinite(train.nonfinite_flags(*args)) == name
   assert int(train.nonfinite_flags(ok[0], ok[1], {})) == 0  # no BN layers
+  # Quantities left out (None) are not checked.
+  assert int(train.nonfinite_flags(jnp.float32(jnp.nan))) == 1
+  assert int(train.nonfinite_flags(params={"w": jnp.array([jnp.inf])})) == 2
+
+
+def _one_epoch_guard(spec, data, poison_step=None):
+  """(first_nonfinite_step, described flags) of one epoch of one run whose
+  parameters are made NaN by the update of `poison_step` (1-based)."""
+  real_step = train.train_step
+
+  def step(state, images, labels, *, spec):
+    new_state, metrics = real_step(state, images, labels, spec=spec)
+    if poison_step is not None:
+      poison = jnp.where(new_state.step == poison_step, jnp.nan, 0.0)
+      new_state = new_state._replace(params=jax.tree.map(
+          lambda p: p + poison, new_state.params))
+    return new_state, metrics
+
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    monkeypatch.setattr(train, "train_step", step)
+    state = train.create_train_state(spec, 0, {
+        "learning_rate": 1e-3, "bn_momentum": 0.9, "bn_epsilon": 1e-3})
+    _, metrics = jax.jit(functools.partial(train.train_epoch, spec=spec))(
+        state, data)
+  return (int(metrics["first_nonfinite_step"]),
+          train.describe_nonfinite(metrics["nonfinite"]))
+
+
+def test_nan_guard_catches_a_bad_update_at_the_next_loss_or_at_epoch_end():
+  """An update that makes the parameters NaN (a NaN gradient's effect) is
+  reported at the next step's loss and BN statistics, or, after the epoch's
+  last step, as the parameters."""
+  spec = train.TrainSpec(placement="before_activation", widths=(8,),
+                         batch_size=4, steps_per_epoch=3, num_epochs=1)
+  rng = np.random.default_rng(0)
+  data = train.to_device(rng.random((12, 784), np.float32),
+                         rng.integers(0, 10, 12), rng.random((4, 784),
+                                                             np.float32),
+                         rng.integers(0, 10, 4))
+  assert _one_epoch_guard(spec, data) == (-1, "")
+  assert _one_epoch_guard(spec, data, 1) == (2, "loss, BN statistics")
+  assert _one_epoch_guard(spec, data, 3) == (3, "parameters")
 
 
 def test_nan_guard_off_computes_no_flags():
@@ -273,9 +314,9 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
 
   def sweep_epoch(states, data, *, spec):
     epochs.append(None)
-    if len(epochs) == 2:
-      data = data._replace(
-          train_images=jnp.full_like(data.train_images, jnp.nan))
+    if len(epochs) == 2:  # float NaN images (uint8 pixels cannot be NaN)
+      data = data._replace(train_images=jnp.full(
+          data.train_images.shape, jnp.nan, jnp.float32))
     return real_sweep_epoch(states, data, spec=spec)
 
   monkeypatch.setattr(train, "sweep_epoch", sweep_epoch)
@@ -287,7 +328,7 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
   step = STEPS_PER_EPOCH + 1
   for fragment in ["[before_activation]", "run 0 (seed 0", "run 1 (seed 1",
                    f"global step {step} (step 1 of {STEPS_PER_EPOCH} in "
-                   "epoch 2)", "loss, gradient, BN statistics",
+                   "epoch 2)", "loss, BN statistics",
                    "last good checkpoint (epoch 1)", "learning rate",
                    "epsilon", "--config.nan_guard=False"]:
     assert fragment in message, message
