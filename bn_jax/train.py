@@ -99,11 +99,11 @@ class DeviceData(NamedTuple):
 def model_inputs(images, spec: TrainSpec) -> jax.Array:
   """The model's float32 inputs for a batch of `DeviceData` images.
 
-  Keeping the pixels as uint8 on the device and scaling each batch in the
-  step (`spec.input_scaling`, the same `bn_jax.data.scale_pixels` as on the
-  host) makes each step's batch gather move a quarter of the bytes: 10% of
-  the reference model's epoch and 19% of the Ioffe net's on a CPU
-  (benchmarks/README.md).
+  The pixels stay uint8 on the device (a quarter of float32's memory, and
+  of the bytes each step's batch gather moves) and each batch is scaled here,
+  inside the compiled step, by `spec.input_scaling` with the host's
+  definition (`bn_jax.data.scale_pixels`). On a 2-core CPU the epoch time
+  is the same as with float32 images (benchmarks/README.md).
   """
   if images.dtype == jnp.uint8:
     return data_lib.scale_pixels(images, spec.input_scaling)
@@ -446,9 +446,9 @@ def over_runs(fn, spec: TrainSpec):
   With `spec.data_seed` set, every run has the same data key (states made
   by `create_train_state` with that spec), so the epoch's batches are
   computed once, from run 0's key and step (a sweep's runs are always at the
-  same step), and passed to every run unbatched: the K runs
-  then gather each batch once and XLA turns the K first-layer matmuls
-  `x @ W_k` into one `x @ [W_1 ... W_K]` (benchmarks/README.md, sweeps).
+  same step), and passed to every run unbatched: the K runs then gather each
+  batch once and XLA turns the K first-layer matmuls `x @ W_k` into one
+  `x @ [W_1 ... W_K]` (benchmarks/README.md, sweeps).
   """
   def run(states: TrainState, data):
     if spec.data_seed is not None:
