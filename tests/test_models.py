@@ -263,3 +263,36 @@ def test_invalid_model_lists_choices():
     make("resnet")
   for choice in models.MODELS:
     assert repr(choice) in str(error.value)
+
+
+# ----------------------------------------------------------------------------
+# The CNN's convolution: flax.linen.Conv as a matmul.
+
+
+@pytest.mark.parametrize("kernel_size, use_bias", [((3, 3), True),
+                                                   ((3, 3), False),
+                                                   ((5, 3), True)])
+def test_conv_matches_flax_conv(kernel_size, use_bias):
+  """models.Conv against flax.linen.Conv (XLA's convolution, stride 1, SAME):
+  the same initial parameters from the same key, the same output and the
+  same gradients with respect to input and parameters."""
+  import flax.linen as flax_nn
+  x = jax.random.normal(jax.random.key(0), (3, 9, 7, 4))
+  ours = models.Conv(6, kernel_size, use_bias=use_bias)
+  theirs = flax_nn.Conv(6, kernel_size, use_bias=use_bias)
+  variables = theirs.init(jax.random.key(1), x)
+  for a, b in zip(jax.tree.leaves(ours.init(jax.random.key(1), x)),
+                  jax.tree.leaves(variables), strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(ours.apply(variables, x),
+                             theirs.apply(variables, x), rtol=1e-5, atol=1e-5)
+  loss = lambda module: lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+  grads = [jax.grad(loss(m), argnums=(0, 1))(variables, x)
+           for m in (ours, theirs)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_rejects_even_kernels():
+  with pytest.raises(ValueError, match="odd sizes"):
+    models.Conv(4, (2, 2)).init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))
