@@ -5,9 +5,10 @@
 
 The `:cnn` variant of configs/placements.py (two 3x3 conv blocks of 32 and
 64 channels with 2x2 max-pooling, Dense(128), BN after each activation;
-Adam, batch 128) on real MNIST, trained by `train.jit_train_epoch` for
-`--steps` steps of one epoch, in two versions timed in interleaved rounds in
-one process:
+Adam, batch 128) on real MNIST, trained by `train.train_epoch` (under its
+own `jax.jit`, so that the convolution can be swapped while it is traced)
+for `--steps` steps of one epoch, in two versions timed in interleaved
+rounds in one process:
 
   models.Conv     what the CLI runs: each 3x3 convolution as one matmul over
                   the 9 shifted copies of its padded input (im2col).
@@ -62,7 +63,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   _common.add_common_flags(parser)
   parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per timed call (default 40; "
+                      help="training steps per timed call (default 20; "
                       "--quick: 4)")
   args = parser.parse_args()
   rounds = args.rounds or (1 if args.quick else 5)

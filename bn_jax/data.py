@@ -529,7 +529,8 @@ def scale_pixels(pixels, scaling: str):
   "unit" maps 0..255 to [0, 1]; "standardize" to
   (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD. The one definition of the
   input scalings: `to_float` runs it on the host, bn_jax.train inside the
-  compiled step on pixels kept as uint8 on the device.
+  compiled step on pixels kept as uint8 on the device (equal to within one
+  float32 ulp: XLA multiplies by 1/255 where NumPy divides).
   """
   if scaling not in SCALINGS:
     raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")

@@ -486,7 +486,12 @@ def to_device(train_images, train_labels, test_images, test_labels,
   pixels (kept as they are; see `DeviceData`) or as float32 inputs."""
   def images(x):
     x = np.asarray(x)
-    return jax.device_put(x if x.dtype == np.uint8 else x.astype(np.float32))
+    if x.dtype == np.uint8:
+      return jax.device_put(x)
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"images of dtype {x.dtype}: give uint8 pixels "
+                       "(scaled in the step) or float inputs.")
+    return jax.device_put(x.astype(np.float32))
   return DeviceData(
       train_images=images(train_images),
       train_labels=jax.device_put(np.asarray(train_labels, np.int32)),

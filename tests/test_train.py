@@ -423,6 +423,13 @@ def test_uint8_pixels_train_like_floats_scaled_on_the_host(arrays, scaling):
   assert_same_run(state, [metrics], expected_state, [expected_metrics])
 
 
+def test_to_device_rejects_integer_images_other_than_uint8(arrays):
+  """int32 pixels would reach the model unscaled: an error instead."""
+  pixels = np.zeros((4, 784), np.int32)
+  with pytest.raises(ValueError, match="uint8 pixels"):
+    train.to_device(pixels, arrays[1][:4], pixels, arrays[1][:4])
+
+
 def _gather_result_types(spec, k, data):
   """Result types of the batch gathers in the lowered sweep epoch."""
   states = train.create_sweep_states(spec, SEEDS[:k], {
