@@ -555,8 +555,6 @@ def to_float(images: np.ndarray, scaling: str) -> np.ndarray:
 
   Args:
     images: uint8 pixel values in 0..255.
-    scaling: one of SCALINGS (see `scale_pixels`).
+    scaling: one of SCALINGS (see `scale_pixels`, which checks it).
   """
-  if scaling not in SCALINGS:
-    raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")
   return scale_pixels(flatten_pixels(images), scaling)

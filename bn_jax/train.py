@@ -264,10 +264,10 @@ def random_permutation(key, n: int) -> jax.Array:
   deterministic function of `key`; tests/test_train.py checks that it is a
   permutation and that positions and neighbours look uniform.
   """
-  half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
   if not 1 <= n <= 2**31:
     raise ValueError(f"random_permutation: n={n}; it permutes 1 to 2**31 "
                      "indices (int32).")
+  half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
   mask = jnp.uint32((1 << half_bits) - 1)
   round_keys = jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32)
 
