@@ -36,7 +36,8 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 def add_common_flags(parser) -> None:
   parser.add_argument("--data_dir", default=os.environ.get(
       "BN_JAX_DATA_DIR", ""), help="directory with the MNIST IDX files "
-      "(default: $BN_JAX_DATA_DIR, then bn_jax.data's cache)")
+      "(default: $BN_JAX_DATA_DIR, then bn_jax.data's cache, then the "
+      "MNIST bundled with bn_jax)")
   parser.add_argument("--quick", action="store_true",
                       help="a short smoke run: fewer rounds")
   parser.add_argument("--rounds", type=int, default=None,

@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/bn_op.py            # full run (~1 minute)
     .venv/bin/python benchmarks/bn_op.py --quick    # smoke run
+    .venv/bin/python benchmarks/bn_op.py --impl=plain --grad=autodiff
+
+`--grad` and `--impl` choose bn_jax's `grad` mode and `impl` (defaults:
+"paper_jvp", "xla_cpu"; see `bn_jax.apply`).
 
 Each timed call is one jitted training step of the op alone: y and the new
 running statistics from the forward pass, and (dx, dscale, dbias) for a given
@@ -45,11 +49,11 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 MOMENTUM, EPSILON = 0.99, 1e-5
 
 
-def bn_jax_step(params, state, x, dy):
+def bn_jax_step(params, state, x, dy, *, grad="paper_jvp", impl="xla_cpu"):
   """(y, new_state, (dx, dparams)) for bn_jax; y takes x's dtype."""
   def forward(x, params):
     return bn_jax.apply(params, state, x, training=True, momentum=MOMENTUM,
-                        epsilon=EPSILON)
+                        epsilon=EPSILON, grad=grad, impl=impl)
   y, vjp, new_state = jax.vjp(forward, x, params, has_aux=True)
   return y, new_state, vjp(dy)
 
@@ -146,7 +150,7 @@ def count_passes(hlo_text, full_size):
 # Timing.
 
 
-def run_case(shape, dtype, rounds):
+def run_case(shape, dtype, rounds, bn_options):
   kx, kdy = jax.random.split(jax.random.key(0))
   x = (3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)).astype(dtype)
   dy = jax.random.normal(kdy, shape, jnp.float32).astype(dtype)
@@ -154,7 +158,8 @@ def run_case(shape, dtype, rounds):
   flax_vars = jax.jit(nn.BatchNorm(use_running_average=False).init)(
       jax.random.key(1), x)
   programs = {
-      "bn_jax": (jax.jit(bn_jax_step), (ours_params, ours_state, x, dy)),
+      "bn_jax": (jax.jit(functools.partial(bn_jax_step, **bn_options)),
+                 (ours_params, ours_state, x, dy)),
       "flax": (jax.jit(flax_step(dtype)),
                (flax_vars["params"], flax_vars["batch_stats"], x, dy)),
       "copy": (jax.jit(copy_step), (x, jnp.asarray(1, dtype))),
@@ -168,15 +173,16 @@ def run_case(shape, dtype, rounds):
   return x.nbytes, {name: _common.median(t) for name, t in wall.items()}, passes
 
 
-def print_table(rounds):
+def print_table(rounds, bn_options):
   print(_common.header("bn_op: one batch-norm op, forward + backward"))
-  print(f"\n{_machine()}; median of {rounds} interleaved rounds.\n")
+  print(f"\n{_machine()}; median of {rounds} interleaved rounds; bn_jax "
+        + ", ".join(f"{k}={v!r}" for k, v in bn_options.items()) + ".\n")
   print("| x | bn_jax ms | flax ms | flax/bn_jax | bn_jax GB/s | flax GB/s "
         "| copy GB/s | bn_jax % of copy | passes r/w bn_jax, flax |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
   for shape in SHAPES:
     for dtype in DTYPES:
-      nbytes, median, passes = run_case(shape, dtype, rounds)
+      nbytes, median, passes = run_case(shape, dtype, rounds, bn_options)
       gbps = lambda seconds, n: n * nbytes / seconds / 1e9
       ours, theirs = gbps(median["bn_jax"], 4), gbps(median["flax"], 4)
       copy = gbps(median["copy"], 2)  # a copy reads x and writes its result
@@ -205,8 +211,13 @@ def main():
   parser.add_argument("--malloc", choices=("current", "both"), default=None,
                       help="'both' (the default without --quick) repeats "
                       "the run in a child process with MALLOC_ENV set")
+  parser.add_argument("--grad", choices=bn_jax.GRAD_MODES,
+                      default="paper_jvp", help="bn_jax.apply's grad mode")
+  parser.add_argument("--impl", choices=bn_jax.IMPLS, default="xla_cpu",
+                      help="bn_jax.apply's impl")
   args = parser.parse_args()
-  print_table(args.rounds or (5 if args.quick else 50))
+  print_table(args.rounds or (5 if args.quick else 50),
+              dict(grad=args.grad, impl=args.impl))
   if (args.malloc or ("current" if args.quick else "both")) == "both":
     _common.run_tuned_child(__file__)
 

@@ -1,19 +1,19 @@
 """The CNN's training step: bn_jax's matmul convolution against flax's Conv.
 
-    .venv/bin/python benchmarks/cnn_conv.py --data_dir DIR          # ~2.5 min
-    .venv/bin/python benchmarks/cnn_conv.py --data_dir DIR --quick  # smoke
+    .venv/bin/python benchmarks/cnn_conv.py          # ~2.5 min
+    .venv/bin/python benchmarks/cnn_conv.py --quick  # smoke
 
 The `:cnn` variant of configs/placements.py (two 3x3 conv blocks of 32 and
 64 channels with 2x2 max-pooling, Dense(128), BN after each activation;
-Adam, batch 128) on real MNIST, trained by `train.train_epoch` (under its
-own `jax.jit`, so that the convolution can be swapped while it is traced)
-for `--steps` steps of one epoch, in two versions timed in interleaved
-rounds in one process:
+Adam, batch 128) on real MNIST, trained by `train.train_epoch` for
+`--steps` steps of one epoch, in two versions (`TrainSpec.conv`, the
+config's `conv`) timed in interleaved rounds in one process:
 
-  models.Conv     what the CLI runs: each 3x3 convolution as one matmul over
-                  the 9 shifted copies of its padded input (im2col).
-  flax.linen.Conv the same model with flax's Conv (XLA's convolution), put
-                  in place of models.Conv while the epoch is traced.
+  im2col          what the CLI runs on a CPU (config.conv="auto"): each 3x3
+                  convolution as one matmul over the 9 shifted copies of its
+                  padded input (`models.Conv`).
+  xla             the same model with flax.linen.Conv (XLA's convolution),
+                  what "auto" picks on GPU and TPU.
 
 Both have the same parameters (names, shapes, initial values); the table
 gives milliseconds per step (medians) and the ratio.
@@ -26,33 +26,27 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from bn_jax import models  # noqa: E402
 from bn_jax import train  # noqa: E402
 
 HPARAMS = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
 
 
-def epoch_fn(spec: train.TrainSpec, conv):
-  """A jitted epoch of the CNN with `conv` as its convolution."""
+def epoch_fn(spec: train.TrainSpec):
+  """A jitted epoch of the CNN (its convolution: `spec.conv`)."""
   def epoch(state, data):
-    saved, models.Conv = models.Conv, conv
-    try:
-      return train.train_epoch(state, data, spec=spec)[0]
-    finally:
-      models.Conv = saved
+    return train.train_epoch(state, data, spec=spec)[0]
   return jax.jit(epoch, donate_argnums=0)
 
 
 class Runner:
-  def __init__(self, spec, conv, data):
+  def __init__(self, spec, data):
     self.state = train.create_train_state(spec, 0, HPARAMS)
-    self._epoch, self._data = epoch_fn(spec, conv), data
+    self._epoch, self._data = epoch_fn(spec), data
 
   def __call__(self):
     self.state = self._epoch(self.state, self._data)
@@ -77,8 +71,10 @@ def main():
                       widths=(128,), channels=(32, 64)),
       steps_per_epoch=steps)
   counter = _common.CompileCounter()
-  runners = {"models.Conv (im2col matmul)": Runner(spec, models.Conv, data),
-             "flax.linen.Conv": Runner(spec, nn.Conv, data)}
+  runners = {
+      "models.Conv (im2col matmul)": Runner(
+          dataclasses.replace(spec, conv="im2col"), data),
+      "flax.linen.Conv": Runner(dataclasses.replace(spec, conv="xla"), data)}
   first = {name: _common.first_call(fn, counter)
            for name, fn in runners.items()}
   for fn in runners.values():

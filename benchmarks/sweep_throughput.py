@@ -1,7 +1,7 @@
 """Sweep throughput: K runs trained together by `jax.vmap` against one by one.
 
-    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR          # 2-3.5 min
-    .venv/bin/python benchmarks/sweep_throughput.py --data_dir DIR --quick  # smoke
+    .venv/bin/python benchmarks/sweep_throughput.py          # 2-3.5 min
+    .venv/bin/python benchmarks/sweep_throughput.py --quick  # smoke
 
 The reference model (the CLI's default config: 784 -> Dense(50) -> relu ->
 BN -> Dense(10), Adam 1e-3, batch 128, 468 steps per epoch) on real MNIST,

@@ -1,8 +1,8 @@
 """Training throughput: bn_jax's epoch (a `lax.scan`) against a flax.linen loop.
 
-    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR          # 1.5-4 min
-    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR --quick  # smoke
-    .venv/bin/python benchmarks/train_throughput.py --data_dir DIR --malloc both
+    .venv/bin/python benchmarks/train_throughput.py          # 1.5-4 min
+    .venv/bin/python benchmarks/train_throughput.py --quick  # smoke
+    .venv/bin/python benchmarks/train_throughput.py --malloc both
 
 Two models, trained on real MNIST ([0, 1] pixels, as the CLI loads them):
 
@@ -66,16 +66,18 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/
 import _common  # noqa: E402
 
-from bn_jax import experiment  # noqa: E402
+from bn_jax import study  # noqa: E402
 from bn_jax import train  # noqa: E402
+from configs import base  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """A model as the CLI trains it: a config (the defaults or a file in
-  configs/), a few overrides, and the spec experiment.make_spec builds."""
+  configs/), a few overrides, and the spec study.make_spec builds."""
   name: str
   config_file: str | None = None  # relative to the repository root
   overrides: tuple[tuple[str, Any], ...] = ()
@@ -83,7 +85,7 @@ class Case:
   @functools.cached_property
   def config(self):
     if self.config_file is None:
-      config = experiment.default_config()
+      config = base.get_config()
     else:
       path = REPO / self.config_file
       module_spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -96,8 +98,8 @@ class Case:
 
   @property
   def spec(self) -> train.TrainSpec:
-    return experiment.make_spec(self.config, self.config.placements[0],
-                                NUM_TRAIN)
+    combo, *_ = study.combinations(self.config)
+    return study.make_spec(combo.config, NUM_TRAIN)
 
   @property
   def learning_rate(self) -> float:

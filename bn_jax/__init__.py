@@ -2,6 +2,9 @@
 
 from bn_jax.core import BNParams
 from bn_jax.core import BNState
+from bn_jax.core import GRAD_MODES
+from bn_jax.core import IMPLS
+from bn_jax.core import STATS_METHODS
 from bn_jax.core import apply
 from bn_jax.core import batch_norm_backward
 from bn_jax.core import fold_into_preceding

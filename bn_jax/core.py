@@ -39,10 +39,16 @@ from jax import lax
 Axes = int | Sequence[int]
 
 STATS_METHODS = ("shifted", "two_pass", "one_pass")
-# True: the paper's backward pass through custom JVPs of the full-size steps
-# (fewest passes, every nesting); "vjp": a custom VJP that calls
-# batch_norm_backward; False: plain autodiff of the forward formula.
-GRAD_MODES = (True, False, "vjp")
+# How training-mode BN is differentiated (same derivatives, see `apply`):
+# "paper_jvp", the paper's backward pass through custom JVPs of the
+# full-size steps (fewest passes, every nesting and order); "paper_vjp", a
+# custom VJP that calls batch_norm_backward (no forward mode over it);
+# "autodiff", plain autodiff of the forward formula.
+GRAD_MODES = ("paper_jvp", "paper_vjp", "autodiff")
+# How the passes are written for the compiler (same mathematics):
+# "xla_cpu" with the devices of the note "Performance on XLA:CPU" below,
+# "plain" without them, for backends that fuse well on their own.
+IMPLS = ("xla_cpu", "plain")
 
 
 class BNParams(NamedTuple):
@@ -100,6 +106,13 @@ def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
   return normalized
 
 
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+  # A string first: an array must not reach `in`, and the old boolean
+  # modes (grad=True) must fail.
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"{name}={value!r}; choose one of {choices}.")
+
+
 def _check_hyperparameters(momentum, epsilon) -> None:
   # Traced values (a vmapped sweep over momentum or epsilon) are not checked
   # here; the experiment config is validated before anything is traced.
@@ -138,7 +151,9 @@ def _check_shapes(params: BNParams, state: BNState, feature_shape) -> None:
 # first (sum of x), the last (sum of squares), the second, called the anchor
 # (y and, in the backward pass, dx), and the mean (the backward reduction);
 # for bfloat16 x each kernel converts x to float32 itself (`_own_copy`); and
-# per-feature vectors are computed once (`_per_feature`).
+# per-feature vectors are computed once (`_per_feature`). With impl="plain"
+# these two devices are identities and the same code is plain jnp: the
+# devices constrain compilers that fuse well on their own (GPU, TPU).
 
 
 def _stats_dtype(dtype):
@@ -152,33 +167,42 @@ def _psum(values, axis_name, axis_index_groups):
   return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
 
 
-def _own_copy(x, tag):
+def _own_copy(x, tag, impl):
   """x as a value that XLA cannot identify with other uses of x; a no-op
   at run time. Kernels that each convert their own copy of bfloat16 x read
   it directly instead of sharing one float32 copy written to memory. `tag`,
   a small array particular to the caller, keeps XLA from merging this
-  barrier with another one."""
+  barrier with another one. impl="plain": x itself."""
+  if impl == "plain":
+    return x
   return lax.optimization_barrier((x, tag))[0]
 
 
-@jax.custom_jvp
-def _per_feature(*values):
+def _per_feature(impl, *values):
   """Per-feature vectors computed once, before the full-size passes that use
-  them (and, under jax.grad, so are their cotangents).
+  them (and, under jax.grad, so are their cotangents); impl="plain": the
+  values themselves.
 
   XLA fuses every elementwise op on per-feature vectors into the full-size
   loop that consumes them and repeats it for every element; a chain of ~20
   such ops (the backward pass's) slows the loop measurably. A reduction is
   computed once, on its own: here a sum over a stack of v and zeros, exact.
   """
+  if impl == "plain":
+    return values
+  return _reduced_once(*values)
+
+
+@jax.custom_jvp
+def _reduced_once(*values):
   return tuple(jnp.stack([v, jnp.zeros_like(v)]).sum(0) for v in values)
 
 
-@_per_feature.defjvp
-def _per_feature_jvp(primals, tangents):
+@_reduced_once.defjvp
+def _reduced_once_jvp(primals, tangents):
   # The tangent, broadcast then sliced, is v itself; transposed (jax.grad),
   # the broadcast becomes the sum that computes the cotangent once.
-  return _per_feature(*primals), tuple(
+  return _reduced_once(*primals), tuple(
       jnp.broadcast_to(t, (2,) + t.shape)[0] for t in tangents)
 
 
@@ -224,48 +248,54 @@ def _references(x, weight, reduction_axes, axis_name, axis_index_groups):
   return refs
 
 
-def _square_sum_fn(reduction_axes, x, center, anchor, weight):
+def _square_sum_fn(impl, reduction_axes, x, center, anchor, weight):
   """sum((x - center)^2) per feature, dims kept; `center` is a constant."""
   del anchor  # only the derivative uses it
-  x32 = _own_copy(x, center).astype(center.dtype)
+  x32 = _own_copy(x, center, impl).astype(center.dtype)
   return jnp.sum(_where(weight, jnp.square(x32 - center)), reduction_axes,
                  keepdims=True)
 
 
-_square_sum = jax.custom_jvp(_square_sum_fn, nondiff_argnums=(0,))
+_square_sum = jax.custom_jvp(_square_sum_fn, nondiff_argnums=(0, 1))
 
 
 @_square_sum.defjvp
-def _square_sum_jvp(reduction_axes, primals, tangents):
+def _square_sum_jvp(impl, reduction_axes, primals, tangents):
   x, center, anchor, weight = primals
   # d/dx = 2 (x - center), written as 2 ((x - anchor) - (center - anchor)):
   # transposed (in jax.grad) it then shares x - anchor with y, not x - center
   # with the forward sum (see the note on XLA:CPU above).
-  anchor, shift = _per_feature(anchor, center - anchor)
-  deviation = (_own_copy(x, anchor).astype(center.dtype) - anchor) - shift
+  anchor, shift = _per_feature(impl, anchor, center - anchor)
+  deviation = (_own_copy(x, anchor, impl).astype(center.dtype) - anchor
+               ) - shift
   dsum = 2.0 * jnp.sum(
       _where(weight, tangents[0].astype(center.dtype) * deviation),
       reduction_axes, keepdims=True)
-  return _square_sum_fn(reduction_axes, *primals), dsum
+  return _square_sum_fn(impl, reduction_axes, *primals), dsum
 
 
 def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
-             stats_method, analytic_grad=True):
+             stats_method, grad="paper_jvp", impl="xla_cpu"):
   """Returns (anchor, mean - anchor, var, count), float32, dims kept.
 
   `anchor` is a per-feature value near the mean (the second example) and
   `mean - anchor` is computed from small numbers, so that y = (x - anchor)
   * m + o keeps the precision of x even where |mean| >> std and the mean
   itself does not round well to float32.
+
+  Every variance below is sum((x - c)^2) / m - (mean - c)^2 for a constant
+  shift c (stop_gradient), exact for any c, so its derivatives of every
+  order are the variance's. (A centred sum of squares with the correction
+  left out, because it is zero in value, has the right value and first
+  derivative but not the right second derivative.)
   """
-  if stats_method not in STATS_METHODS:
-    raise ValueError(f"stats_method={stats_method!r}; choose one of "
-                     f"{STATS_METHODS}.")
   dtype = _stats_dtype(x.dtype)
   weight = None if mask is None else jnp.broadcast_to(mask, x.shape)
   sum_ = lambda v: jnp.sum(_where(weight, v), reduction_axes, keepdims=True)
   square_sum = functools.partial(
-      _square_sum if analytic_grad else _square_sum_fn, reduction_axes, x)
+      _square_sum_fn if grad == "autodiff" else _square_sum, impl,
+      reduction_axes, x)
+  per_feature = functools.partial(_per_feature, impl)
   if weight is None:
     local_count = jnp.asarray(
         math.prod(x.shape[a] for a in reduction_axes), dtype)
@@ -273,26 +303,29 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
     local_count = sum_(jnp.ones(x.shape, dtype))
   first, last, anchor = _references(x, weight, reduction_axes, axis_name,
                                     axis_index_groups)
-  x32 = _own_copy(x, first).astype(dtype)  # the others convert their own
+  x32 = _own_copy(x, first, impl).astype(dtype)  # the others convert theirs
   if stats_method == "one_pass":  # fastest; loses precision if |mean| >> std
-    total, sq = _per_feature(
+    total, sq = per_feature(
         sum_(x32), square_sum(jnp.zeros_like(anchor), anchor, weight))
     total, sq, count = _psum((total, sq, local_count), axis_name,
                              axis_index_groups)
     mean = total / count
     var = sq / count - jnp.square(mean)
     return anchor, mean - anchor, jnp.maximum(var, 0.0), count
-  total, = _per_feature(sum_(x32 - first))
+  total, = per_feature(sum_(x32 - first))
   total, count = _psum((total, local_count), axis_name, axis_index_groups)
   mean_minus_first = total / count
   if stats_method == "two_pass":
-    # The mean is a constant to the sum of squares: its derivative there,
-    # -2 sum(x - mean), is zero.
-    mean = lax.stop_gradient(first + mean_minus_first)
-    sq, = _per_feature(square_sum(mean, anchor, weight))
-    var = _psum(sq, axis_name, axis_index_groups) / count
+    # The shift c is the mean itself (as a constant), so the correction
+    # (mean - c)^2 is exactly 0 and so is its first derivative; its second,
+    # 2 dmean dmean, is what gives the variance its Hessian
+    # 2 (delta_ij - 1/m) / m rather than 2 delta_ij / m.
+    center = lax.stop_gradient(mean_minus_first)
+    sq, = per_feature(square_sum(first + center, anchor, weight))
+    var = (_psum(sq, axis_name, axis_index_groups) / count
+           - jnp.square(mean_minus_first - center))
   else:  # shifted
-    sq, = _per_feature(square_sum(last, anchor, weight))
+    sq, = per_feature(square_sum(last, anchor, weight))
     sq = _psum(sq, axis_name, axis_index_groups)
     var = sq / count - jnp.square((first - last) + mean_minus_first)
   return (anchor, (first - anchor) + mean_minus_first, jnp.maximum(var, 0.0),
@@ -302,16 +335,23 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
 def moments(x: jax.Array, reduction_axes: tuple[int, ...], *,
             mask: jax.Array | None = None, axis_name=None,
             axis_index_groups=None, stats_method: str = "shifted",
+            impl: str = "xla_cpu",
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Batch mean and biased variance, reduced keeping dims.
 
   Statistics are float32 for float32 and narrower x (float64 for float64).
   Returns (mean, var, count): `count` is the number of values per feature
   (summed over `axis_name` if given), used for the unbiased correction.
-  The variance is clamped at 0, so it can never be negative.
+  The variance is clamped at 0, so it can never be negative. `mask`,
+  `axis_name`, `axis_index_groups`, `stats_method` and `impl` are as in
+  `apply`; derivatives of every order are exact (the paper's backward pass
+  for the first).
   """
+  _check_choice("stats_method", stats_method, STATS_METHODS)
+  _check_choice("impl", impl, IMPLS)
   anchor, mean_minus_anchor, var, count = _moments(
-      x, reduction_axes, mask, axis_name, axis_index_groups, stats_method)
+      x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
+      impl=impl)
   return anchor + mean_minus_anchor, var, count
 
 
@@ -352,7 +392,7 @@ def batch_norm_backward(dy, x, mean, inv_std, scale, reduction_axes, *,
   return dx.astype(x.dtype), sum_dy_xhat, sum_dy
 
 
-def _affine_fn(x, anchor, mean_minus_anchor, multiplier, offset):
+def _affine_fn(impl, x, anchor, mean_minus_anchor, multiplier, offset):
   """y = (x - anchor) * multiplier + offset in x's dtype, one pass over x.
 
   With an anchor near the mean, x - anchor is exact for x near it, so y
@@ -360,16 +400,16 @@ def _affine_fn(x, anchor, mean_minus_anchor, multiplier, offset):
   exactly its bias). `anchor` is a constant; `mean_minus_anchor` only
   chooses how the derivative is written.
   """
-  del mean_minus_anchor
+  del impl, mean_minus_anchor  # only the derivative uses them
   dtype = jnp.promote_types(x.dtype, multiplier.dtype)
   return ((x.astype(dtype) - anchor) * multiplier + offset).astype(x.dtype)
 
 
-_affine = jax.custom_jvp(_affine_fn)
+_affine = jax.custom_jvp(_affine_fn, nondiff_argnums=(0,))
 
 
 @_affine.defjvp
-def _affine_jvp(primals, tangents):
+def _affine_jvp(impl, primals, tangents):
   x, anchor, mean_minus_anchor, multiplier, offset = primals
   dx, _, _, dmultiplier, doffset = tangents
   # (x - anchor) dm written as (x - mean) dm + (mean - anchor) dm:
@@ -378,22 +418,22 @@ def _affine_jvp(primals, tangents):
   mean = anchor + mean_minus_anchor
   dtype = jnp.promote_types(x.dtype, multiplier.dtype)
   dy = (dx.astype(dtype) * multiplier
-        + (_own_copy(x, mean).astype(dtype) - mean) * dmultiplier
+        + (_own_copy(x, mean, impl).astype(dtype) - mean) * dmultiplier
         + (doffset + mean_minus_anchor * dmultiplier))
-  return _affine_fn(*primals), dy.astype(x.dtype)
+  return _affine_fn(impl, *primals), dy.astype(x.dtype)
 
 
-def _normalize(x, anchor, mean_minus_anchor, inv_std, scale, bias,
-               analytic_grad=True):
+def _normalize(x, anchor, mean_minus_anchor, inv_std, scale, bias, grad,
+               impl):
   """y = (x - mean) * inv_std * scale + bias, with mean = anchor +
   mean_minus_anchor, as one fused pass over x."""
   multiplier = inv_std if scale is None else inv_std * scale
   offset = -mean_minus_anchor * multiplier
   if bias is not None:
     offset = offset + bias
-  affine = _affine if analytic_grad else _affine_fn
-  return affine(x, *_per_feature(anchor, mean_minus_anchor, multiplier,
-                                 offset))
+  affine = _affine_fn if grad == "autodiff" else _affine
+  return affine(impl, x, *_per_feature(impl, anchor, mean_minus_anchor,
+                                       multiplier, offset))
 
 
 def _varying_axes(value) -> frozenset:
@@ -422,7 +462,7 @@ def _vary_like(values, x, axis_name):
 
 @functools.lru_cache(maxsize=None)
 def _paper_vjp_normalize(reduction_axes, axis_name, axis_index_groups,
-                         stats_method):
+                         stats_method, impl):
   """Training-mode BN as a `jax.custom_vjp` whose backward pass is
   `batch_norm_backward`, the paper's formulas, literally.
 
@@ -438,7 +478,7 @@ def _paper_vjp_normalize(reduction_axes, axis_name, axis_index_groups,
   def forward(x, scale, bias, epsilon):
     mean, var, count = moments(x, reduction_axes, axis_name=axis_name,
                                axis_index_groups=groups,
-                               stats_method=stats_method)
+                               stats_method=stats_method, impl=impl)
     inv_std = lax.rsqrt(var + epsilon)
     y = (x.astype(mean.dtype) - mean) * (inv_std * scale) + bias
     return (y.astype(x.dtype), mean, var, count), (x, mean, inv_std, scale)
@@ -464,7 +504,7 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
           epsilon: float = 1e-5, unbiased_running_var: bool = False,
           axis_name: Any = None, axis_index_groups: Any = None,
           mask: jax.Array | None = None, stats_method: str = "shifted",
-          analytic_grad: bool | str = True,
+          grad: str = "paper_jvp", impl: str = "xla_cpu",
           ) -> tuple[jax.Array, BNState]:
   """Batch-normalizes x; returns (y, new_state).
 
@@ -496,17 +536,34 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       before summing, stable for large offsets, one read of x per sum),
       "two_pass" (the sum of squares is centred on the mean, so it waits for
       it) or "one_pass" (E[x^2] - E[x]^2, inaccurate when |mean| >> std).
-    analytic_grad: True (default) gives the full-size steps custom JVPs so
-      that `jax.grad` runs the paper's backward pass (`batch_norm_backward`)
+    grad: how training-mode BN is differentiated, one of GRAD_MODES; the
+      derivatives are the same (to rounding), the computation differs.
+      "paper_jvp" (default): the full-size steps have custom JVPs, so that
+      `jax.grad` runs the paper's backward pass (`batch_norm_backward`)
       with the fewest passes over x: two reductions, sum(dy) and
       sum(dy * (x - mean)), and one elementwise pass for dx that recomputes
-      xhat from x. False differentiates the same forward pass with plain
-      autodiff, which on XLA:CPU writes two more full-size tensors.
-      "vjp": a `jax.custom_vjp` whose backward pass calls
+      xhat from x. Everything works: forward and reverse mode, derivatives
+      of any order, every nesting with named axes.
+      "paper_vjp": a `jax.custom_vjp` whose backward pass calls
       `batch_norm_backward` itself (the paper's compact formulas, no mask).
-      Same numbers; under `vmap(axis_name=...)` it needs the gradient taken
-      inside the vmap (`vmap(grad(f))`), as JAX runs a custom VJP's backward
-      pass outside the vmap's axis scope. shard_map and pmap work.
+      As for any custom VJP, forward mode over it (`jax.jvp`, `jacfwd`,
+      and so forward-over-forward or reverse-over-forward) raises; reverse
+      mode (`jax.grad`, `jax.vjp`) works, and so do second derivatives of
+      it, reverse-over-reverse (`jacrev(jax.grad(f))`) and
+      forward-over-reverse (`jax.hessian`). Under
+      `vmap(axis_name=...)` take the gradient inside the vmap
+      (`vmap(grad(f))`), as JAX runs a custom VJP's backward pass outside
+      the vmap's axis scope; shard_map and pmap work.
+      "autodiff": plain autodiff of the same forward pass, which on
+      XLA:CPU writes two more full-size tensors.
+    impl: how the passes are written for the compiler, one of IMPLS; same
+      mathematics and numbers (to rounding), with every stats_method,
+      grad mode, mask and axis_name. "xla_cpu" (default) adds devices that
+      make XLA:CPU write fewer full-size tensors (optimization barriers so
+      that each kernel converts x itself, per-feature vectors computed once
+      by a reduction; see "Performance on XLA:CPU" in the source). "plain"
+      leaves them out, plain jnp ops, for GPU and TPU, where the devices
+      only constrain XLA's fusion.
 
   Returns:
     (y, new_state).
@@ -516,9 +573,9 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   feature_shape = tuple(x.shape[a] for a in axes)
   _check_shapes(params, state, feature_shape)
   _check_hyperparameters(momentum, epsilon)
-  if analytic_grad not in GRAD_MODES:
-    raise ValueError(f"analytic_grad={analytic_grad!r}; choose one of "
-                     f"{GRAD_MODES}.")
+  _check_choice("stats_method", stats_method, STATS_METHODS)
+  _check_choice("grad", grad, GRAD_MODES)
+  _check_choice("impl", impl, IMPLS)
   # Per-feature arrays are reshaped to broadcast against x.
   expand = lambda v: None if v is None else jnp.expand_dims(
       v, reduction_axes)
@@ -526,8 +583,8 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   if not training:
     inv_std = lax.rsqrt(expand(state.var) + epsilon)
     y = _normalize(x, expand(state.mean), jnp.zeros_like(inv_std), inv_std,
-                   expand(params.scale), expand(params.bias),
-                   analytic_grad=False)
+                   expand(params.scale), expand(params.bias), "autodiff",
+                   impl)
     return y, state
 
   values_per_feature = math.prod(x.shape[a] for a in reduction_axes)
@@ -540,10 +597,10 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
         f"{axes} has {values_per_feature}; use a batch larger than 1 or "
         f"training=False.")
 
-  if analytic_grad == "vjp":
+  if grad == "paper_vjp":
     if mask is not None:
-      raise ValueError("analytic_grad='vjp' does not take a mask; use "
-                       "analytic_grad=True (the default) for masked batches.")
+      raise ValueError("grad='paper_vjp' does not take a mask; use "
+                       "grad='paper_jvp' (the default) or 'autodiff'.")
     dtype = _stats_dtype(x.dtype)
     scale = (jnp.ones(feature_shape, dtype) if params.scale is None
              else params.scale.astype(dtype))
@@ -553,15 +610,15 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
     groups = None if axis_index_groups is None else tuple(
         tuple(g) for g in axis_index_groups)
     normalize = _paper_vjp_normalize(reduction_axes, axis_name, groups,
-                                     stats_method)
+                                     stats_method, impl)
     y, mean, var, count = normalize(x, scale, bias,
                                     jnp.asarray(epsilon, dtype))
   else:
     anchor, mean_minus_anchor, var, count = _moments(
         x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
-        analytic_grad)
+        grad, impl)
     y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
-                   expand(params.scale), expand(params.bias), analytic_grad)
+                   expand(params.scale), expand(params.bias), grad, impl)
     mean = anchor + mean_minus_anchor
 
   new_state = update_running_stats(
@@ -593,13 +650,22 @@ def update_running_stats(state: BNState, batch_mean, batch_var, count, *,
 
 def fold_into_preceding(kernel: jax.Array, bias: jax.Array | None,
                         params: BNParams, state: BNState, *,
-                        epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+                        epsilon: float) -> tuple[jax.Array, jax.Array]:
   """Folds eval-mode BN into the preceding Dense or Conv layer.
 
-  `kernel` has its output features last: (in, out) for Dense, (H, W, in, out)
-  for a flax Conv. For layer(x) = x @ kernel + bias followed by eval BN,
-  returns (kernel', bias') with x @ kernel' + bias' == BN(layer(x)).
+  For layer(x) = x @ kernel + bias followed by eval BN, returns
+  (kernel', bias') with x @ kernel' + bias' == BN(layer(x)).
+
+  Args:
+    kernel: output features last: (in, out) for Dense, (H, W, in, out) for
+      a flax Conv.
+    bias: the layer's bias (out,), or None.
+    params, state: the BN's params and running statistics.
+    epsilon: the BN's epsilon, required: there is no safe default (flax and
+      PyTorch use 1e-5, Keras 1e-3), and a wrong one gives folded weights
+      that are wrong without any error.
   """
+  _check_hyperparameters(None, epsilon)
   multiplier = lax.rsqrt(state.var + epsilon)
   if params.scale is not None:
     multiplier = multiplier * params.scale

@@ -8,14 +8,18 @@ Where `source="auto"` looks, in order:
   1. `data_dir` (the config field; `--config.data_dir=/path/to/idx`), else the
      environment variable BN_JAX_DATA_DIR;
   2. the download cache, `<cache_dir>/<name>` (default ~/.cache/bn_jax/<name>);
-  3. for fashion_mnist, the Debian package `dataset-fashion-mnist`
+  3. for mnist, the copy bundled with the package (bn_jax/bundled/mnist), so
+     MNIST loads with no configuration and no network;
+  4. for fashion_mnist, the Debian package `dataset-fashion-mnist`
      (/usr/share/datasets/fashion-mnist);
-  4. a download from the standard mirrors into the cache.
+  5. a download from the standard mirrors into the cache (pooch, checked
+     against the md5 the mirrors publish).
+`Dataset.origin` says which of these was used.
 
 Every file is checked: IDX magic number, header counts against the payload,
 28x28 images, as many labels as images, labels in 0..9, and the md5 of the
 uncompressed bytes where it is known. Checksums are of the *uncompressed*
-bytes because redistributed copies (this repo's shared MNIST, the Debian
+bytes because redistributed copies (the bundled MNIST, the Debian
 Fashion-MNIST) are often recompressed, which changes the .gz bytes but not
 the data. Every problem raises `DataError` naming the file, the problem and
 the fix. Nothing here imports JAX: arrays stay on the host until training.
@@ -23,21 +27,19 @@ the fix. Nothing here imports JAX: arrays stay on the host until training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
-import http.client
+import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pooch
 
 DATA_DIR_ENV = "BN_JAX_DATA_DIR"
 
@@ -66,9 +68,9 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
-# md5 of the *uncompressed* IDX bytes. MNIST: /work/shared/data/mnist's
-# README. Fashion-MNIST: computed from the Debian package
-# dataset-fashion-mnist and matching independently published lists.
+# md5 of the *uncompressed* IDX bytes. MNIST: bn_jax/bundled/mnist/README.md.
+# Fashion-MNIST: computed from the Debian package dataset-fashion-mnist and
+# matching independently published lists.
 RAW_MD5 = {
     "mnist": {
         "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -84,9 +86,10 @@ RAW_MD5 = {
     },
 }
 
-# md5 of the .gz files as published by the original mirrors (the values
-# torchvision uses). They verify downloads; a local .gz that differs is not
-# an error, since recompressing changes these bytes but not the data.
+# md5 of the .gz files as the mirrors below serve them (the values in
+# torchvision/datasets/mnist.py). pooch checks every download against them; a
+# local .gz that differs is not an error, since recompressing changes these
+# bytes but not the data.
 GZ_MD5 = {
     "mnist": {
         "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -125,6 +128,12 @@ MIRRORS = {
     ),
 }
 
+# Copies installed with the package (package data in pyproject.toml), tried
+# by source="auto" after the cache.
+BUNDLED_DATA_DIRS = {
+    "mnist": Path(__file__).resolve().parent / "bundled" / "mnist",
+}
+
 # Read-only copies installed by system packages, tried by source="auto".
 SYSTEM_DATA_DIRS = {
     "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
@@ -135,7 +144,6 @@ DEFAULT_CACHE_ROOT = Path("~/.cache/bn_jax")
 # Seconds a single network operation (connect, one read) may block, so an
 # offline machine fails fast instead of hanging.
 DOWNLOAD_TIMEOUT_S = 10.0
-_CHUNK_BYTES = 1 << 20
 
 
 class DataError(Exception):
@@ -372,31 +380,56 @@ def load_idx_dir(directory, name: str = "mnist",
 # Download.
 
 
-def _download_file(url: str, dest: Path, name: str, stem: str) -> None:
-  """Fetches url to dest atomically (temporary file, md5 check, replace)."""
-  fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part",
-                                  dir=dest.parent)
-  tmp = Path(tmp_name)
+@contextlib.contextmanager
+def _quiet_pooch():
+  """Silences pooch's INFO lines ("Downloading data from ...") while keeping
+  its warnings: pooch's logger prints through its own stderr handler, and
+  `Dataset.origin` already says where the data came from."""
+  logger = pooch.get_logger()
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))
   try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-        url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-      shutil.copyfileobj(response, out, _CHUNK_BYTES)
-    content = tmp.read_bytes()
-    known = {GZ_MD5.get(name, {}).get(stem)}
-    actual = {hashlib.md5(content).hexdigest()}
-    if content.startswith(_GZIP_MAGIC):
-      known.add(RAW_MD5.get(name, {}).get(stem))
-      try:
-        actual.add(hashlib.md5(gzip.decompress(content)).hexdigest())
-      except (OSError, EOFError, zlib.error):
-        pass
-    known.discard(None)
-    if known and not known & actual:
-      raise ValueError(f"md5 mismatch (got {sorted(actual)}, expected one of "
-                       f"{sorted(known)})")
-    os.replace(tmp, dest)
+    yield
   finally:
-    tmp.unlink(missing_ok=True)
+    logger.setLevel(level)
+
+
+def _failure(url: str, error: Exception) -> str:
+  """One line per failed attempt, for the DataError."""
+  if isinstance(error, ValueError):
+    # pooch's hash mismatch; its first sentence names both md5s, the rest
+    # says it deleted the download.
+    return f"{url}: md5 mismatch ({str(error).split('. ')[0]}); not kept"
+  # requests' errors (OSErrors) wrap urllib3's, whose `reason` is the part
+  # that says what happened (refused, name not resolved, timed out).
+  reason = getattr(error.args[0], "reason", None) if error.args else None
+  return f"{url}: {type(error).__name__}: {reason or error}"
+
+
+def _download_file(name: str, stem: str, directory: Path) -> str:
+  """Fetches <stem>.gz into `directory` from the first mirror that serves it
+  with the published md5; returns that URL.
+
+  pooch writes to a temporary file in `directory` and moves it into place
+  only once the md5 matches, so a failed or corrupt download leaves nothing.
+  """
+  downloader = pooch.HTTPDownloader(progressbar=False,
+                                    timeout=DOWNLOAD_TIMEOUT_S)
+  failures = []
+  for mirror in MIRRORS[name]:
+    url = mirror + stem + ".gz"
+    try:
+      pooch.retrieve(url, known_hash=f"md5:{GZ_MD5[name][stem]}",
+                     fname=stem + ".gz", path=directory,
+                     downloader=downloader)
+    except (OSError, ValueError) as e:
+      failures.append(_failure(url, e))
+      continue
+    return url
+  raise DataError(
+      f"Could not download {stem}.gz of {name} into {directory} (no network, "
+      "or every mirror failed):\n  " + "\n  ".join(failures)
+      + f"\nTo run offline, {_local_files_hint(name)}")
 
 
 def _download(name: str, directory: Path) -> list[str]:
@@ -412,28 +445,11 @@ def _download(name: str, directory: Path) -> list[str]:
                     "Pass another cache_dir, or "
                     f"{_local_files_hint(name)}") from e
   found, _ = _find_idx_files(directory)
-  used = []
-  for role, stem in IDX_FILES.items():
-    if role in found:  # verified when loaded
-      continue
-    failures = []
-    for mirror in MIRRORS[name]:
-      url = mirror + stem + ".gz"
-      try:
-        _download_file(url, directory / (stem + ".gz"), name, stem)
-      except (OSError, http.client.HTTPException, ValueError) as e:
-        # OSError covers URLError, HTTPError, timeouts and refused
-        # connections; ValueError is a checksum mismatch.
-        failures.append(f"{url}: {type(e).__name__}: {e}")
-        continue
-      used.append(url)
-      break
-    else:
-      raise DataError(
-          f"Could not download {stem}.gz of {name} into {directory} (no "
-          "network, or every mirror failed):\n  " + "\n  ".join(failures)
-          + f"\nTo run offline, {_local_files_hint(name)}")
-  return used
+  # Files already in the cache are kept (and verified when loaded): a
+  # recompressed copy put there by hand has other .gz md5s but the same data.
+  missing = [stem for role, stem in IDX_FILES.items() if role not in found]
+  with _quiet_pooch():
+    return [_download_file(name, stem, directory) for stem in missing]
 
 
 # ----------------------------------------------------------------------------
@@ -471,6 +487,20 @@ def _load_tfds(name: str) -> Dataset:
 # Entry point.
 
 
+def _local_sources(name: str, cache: Path) -> list[tuple[str, Path]]:
+  """(label, directory) that source="auto" tries after data_dir and the
+  environment variable, in order; a directory is used if it holds all four
+  files."""
+  candidates = [("download cache", cache),
+                ("bundled copy", BUNDLED_DATA_DIRS.get(name)),
+                ("system package", SYSTEM_DATA_DIRS.get(name))]
+  return [(label, d) for label, d in candidates if d is not None]
+
+
+def _labelled(dataset: Dataset, label: str) -> Dataset:
+  return dataclasses.replace(dataset, origin=f"{label}: {dataset.origin}")
+
+
 def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
                  cache_dir=None) -> Dataset:
   """Loads a data set; see the module docstring for where "auto" looks.
@@ -486,6 +516,10 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
     cache_dir: root of the download cache; files go to `<cache_dir>/<name>`
       (default ~/.cache/bn_jax/<name>).
 
+  Returns:
+    The Dataset; its `origin` names the source used (for "auto", which of
+    the places it tried) and whether the checksums were verified.
+
   Raises:
     ValueError: unknown `source`.
     DataError: no usable data; the message says how to point the run at
@@ -499,24 +533,26 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
     raise DataError(f"source='download' writes to the cache and does not "
                     f"read data_dir={str(data_dir)!r}; use source='idx' or "
                     "'auto' to read that directory.")
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
-  if data_dir is not None and source != "download":
-    return load_idx_dir(data_dir, name)
+  if source != "download":
+    # An explicit directory that is wrong is an error, not a fallback.
+    if data_dir:
+      return load_idx_dir(data_dir, name)
+    if os.environ.get(DATA_DIR_ENV):
+      return _labelled(load_idx_dir(os.environ[DATA_DIR_ENV], name),
+                       f"${DATA_DIR_ENV}")
   if source == "idx":
     raise DataError(f"source='idx' needs a directory: "
                     f"{_local_files_hint(name)}")
   cache = Path(cache_dir or DEFAULT_CACHE_ROOT).expanduser() / name
   if source == "auto":
-    for directory in (cache, SYSTEM_DATA_DIRS.get(name)):
-      if directory is not None and not _find_idx_files(directory)[1]:
-        return load_idx_dir(directory, name)
+    for label, directory in _local_sources(name, cache):
+      if not _find_idx_files(directory)[1]:
+        return _labelled(load_idx_dir(directory, name), label)
   used = _download(name, cache)
   dataset = load_idx_dir(cache, name)
   if not used:
-    return dataset
-  return dataclasses.replace(
-      dataset, origin=f"downloaded from {os.path.dirname(used[0])}/; "
-      f"{dataset.origin}")
+    return _labelled(dataset, "download cache")
+  return _labelled(dataset, f"downloaded from {os.path.dirname(used[0])}/")
 
 
 # ----------------------------------------------------------------------------

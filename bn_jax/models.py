@@ -15,12 +15,16 @@ Placements (the comparison this project is about):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from bn_jax import core
 from bn_jax import nn as bn_nn
 
 PLACEMENTS = ("none", "before_activation", "after_activation", "input")
@@ -29,12 +33,15 @@ ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
 MODELS = ("mlp", "cnn")
 
 
+ModuleDef = Callable[..., nn.Module]
+
+
 class _BNBlock(nn.Module):
   """One hidden layer: a linear map, the activation and BN where placed."""
-  make_linear: Callable[..., nn.Module]
+  make_linear: ModuleDef
   activation: str
   placement: str
-  norm: Callable[..., nn.Module]
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -49,22 +56,16 @@ class _BNBlock(nn.Module):
 
 
 class _Classifier(nn.Module):
-  """Shared frame: optional input BN, hidden blocks, linear readout."""
+  """Shared frame: optional input BN, hidden blocks, linear readout.
+
+  `norm` is the normalization layer with all its options bound (`make_norm`
+  builds it from `config.bn`), still to be named and placed: the model only
+  decides where it goes, as in flax's ImageNet example.
+  """
   placement: str = "after_activation"
   activation: str = "relu"
   num_classes: int = 10
-  bn_momentum: Any = 0.99
-  bn_epsilon: Any = 1e-5
-  bn_options: dict = None  # extra keyword arguments for bn_jax.nn.BatchNorm
-  axis_name: Any = None  # synchronizes BN statistics over this named axis
-
-  def norm(self) -> Callable[..., nn.Module]:
-    """BN with this model's options, still to be named and placed. A partial
-    of the class rather than a method, so a block that calls it owns the BN
-    (flax scopes a module by where it is constructed)."""
-    return functools.partial(
-        bn_nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        axis_name=self.axis_name, **(self.bn_options or {}))
+  norm: ModuleDef = bn_nn.BatchNorm
 
   def check(self):
     if self.placement not in PLACEMENTS:
@@ -76,7 +77,7 @@ class _Classifier(nn.Module):
 
   def block(self, make_linear, name):
     return _BNBlock(make_linear=make_linear, activation=self.activation,
-                    placement=self.placement, norm=self.norm(), name=name)
+                    placement=self.placement, norm=self.norm, name=name)
 
 
 class Conv(nn.Module):
@@ -131,7 +132,7 @@ class MLP(_Classifier):
     self.check()
     x = images.reshape(images.shape[0], -1)
     if self.placement == "input":
-      x = self.norm()(name="input_bn")(x, use_running_average=not train)
+      x = self.norm(name="input_bn")(x, use_running_average=not train)
     for i, width in enumerate(self.widths):
       x = self.block(lambda use_bias, w=width: nn.Dense(w, use_bias=use_bias),
                      name=f"hidden_{i}")(x, train=train)
@@ -139,18 +140,24 @@ class MLP(_Classifier):
 
 
 class CNN(_Classifier):
-  """Conv(3x3) blocks with 2x2 max-pooling, then one dense hidden layer."""
+  """Conv(3x3) blocks with 2x2 max-pooling, then one dense hidden layer.
+
+  `conv` is the convolution module: `Conv` (im2col) or `flax.linen.Conv`,
+  which share parameter names and initial values (`CONVS`).
+  """
   channels: Sequence[int] = (32, 64)
   widths: Sequence[int] = (128,)
+  conv: ModuleDef = Conv
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     self.check()
     x = images.reshape(images.shape[0], 28, 28, 1)
     if self.placement == "input":
-      x = self.norm()(name="input_bn")(x, use_running_average=not train)
+      x = self.norm(name="input_bn")(x, use_running_average=not train)
     for i, channels in enumerate(self.channels):
-      conv = lambda use_bias, c=channels: Conv(c, (3, 3), use_bias=use_bias)
+      conv = lambda use_bias, c=channels: self.conv(c, (3, 3),
+                                                    use_bias=use_bias)
       x = self.block(conv, name=f"conv_{i}")(x, train=train)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
@@ -160,19 +167,83 @@ class CNN(_Classifier):
     return nn.Dense(self.num_classes, name="readout")(x)
 
 
+# The convolutions a CNN can use (config.conv; "auto" picks by backend).
+CONVS: dict[str, ModuleDef] = {"im2col": Conv, "xla": nn.Conv}
+
+
+def resolve_backend_choice(value: str, on_cpu: str, elsewhere: str,
+                           backend: str | None = None) -> str:
+  """"auto" -> `on_cpu` on a CPU backend, else `elsewhere`; other values
+  pass through. For XLA:CPU work-arounds that only help there."""
+  if value != "auto":
+    return value
+  backend = backend or jax.default_backend()
+  return on_cpu if backend == "cpu" else elsewhere
+
+
+# config.bn fields with a fixed set of values, checked by `make_norm`.
+NORM_CHOICES = {
+    "stats_method": core.STATS_METHODS,
+    "grad": core.GRAD_MODES,
+    "impl": ("auto", *core.IMPLS),
+}
+
+
+def check_norm_options(options: Mapping[str, Any]) -> None:
+  """Rejects a bad config.bn value with a message naming the field."""
+  for name, valid in NORM_CHOICES.items():
+    if options[name] not in valid:
+      raise ValueError(f"config.bn.{name}={options[name]!r} is not valid; "
+                       f"choose one of {tuple(valid)}.")
+  momentum, epsilon = options["momentum"], options["epsilon"]
+  if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+      momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
+    raise ValueError(f"config.bn.momentum={momentum!r} must be a number in "
+                     "[0, 1] (flax convention; PyTorch's momentum is 1 - "
+                     "this) or None (exact cumulative average).")
+  if isinstance(epsilon, bool) or not isinstance(
+      epsilon, numbers.Real) or not epsilon > 0:
+    raise ValueError(f"config.bn.epsilon={epsilon!r} must be a number > 0.")
+  if not isinstance(options["unbiased_running_var"], bool):
+    raise ValueError("config.bn.unbiased_running_var="
+                     f"{options['unbiased_running_var']!r} must be True or "
+                     "False.")
+  unknown = set(options) - {f.name for f in dataclasses.fields(
+      bn_nn.BatchNorm)}
+  if unknown:
+    raise ValueError(f"config.bn has fields bn_jax.nn.BatchNorm does not "
+                     f"take: {sorted(unknown)}.")
+
+
+def make_norm(options: Mapping[str, Any], *, axis_name: Any = None,
+              backend: str | None = None) -> ModuleDef:
+  """The normalization layer of a model, built once from `config.bn`.
+
+  Every field of `options` is an argument of `bn_jax.nn.BatchNorm` (so a new
+  BN option is a new config field, plus its check above if it has a fixed
+  set of values); an absent one keeps BatchNorm's default. Swept values (momentum, epsilon per run of a vmapped
+  sweep) are passed in `options` as traced scalars. `impl="auto"` resolves
+  by backend. Returns `functools.partial(BatchNorm, ...)`, to be called with
+  a name where the model places it.
+  """
+  options = dict(options)
+  if "impl" in options:
+    options["impl"] = resolve_backend_choice(options["impl"], "xla_cpu",
+                                             "plain", backend)
+  return functools.partial(bn_nn.BatchNorm, axis_name=axis_name, **options)
+
+
 def make_model(model: str, *, placement: str, activation: str,
                widths: Sequence[int], channels: Sequence[int] = (32, 64),
-               bn_momentum: Any = 0.99, bn_epsilon: Any = 1e-5,
-               bn_options: dict | None = None, axis_name: Any = None,
+               norm: ModuleDef = bn_nn.BatchNorm, conv: str = "auto",
                num_classes: int = 10) -> nn.Module:
-  """Builds the named model. BN momentum/epsilon may be traced scalars, so a
-  vmapped sweep can give every run its own value."""
+  """Builds the named model with `norm` (see `make_norm`) and, for the CNN,
+  the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla)."""
   common = dict(placement=placement, activation=activation,
-                num_classes=num_classes, bn_momentum=bn_momentum,
-                bn_epsilon=bn_epsilon, bn_options=bn_options,
-                axis_name=axis_name, widths=tuple(widths))
+                num_classes=num_classes, norm=norm, widths=tuple(widths))
   if model == "mlp":
     return MLP(**common)
   if model == "cnn":
-    return CNN(channels=tuple(channels), **common)
+    conv = CONVS[resolve_backend_choice(conv, "im2col", "xla")]
+    return CNN(channels=tuple(channels), conv=conv, **common)
   raise ValueError(f"model={model!r}; choose one of {MODELS}.")

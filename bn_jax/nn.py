@@ -24,8 +24,10 @@ class BatchNorm(nn.Module):
   """Batch normalization with state in the `batch_stats` collection.
 
   Attributes mirror flax.linen.BatchNorm; see `bn_jax.core.apply` for the
-  extra numerics options (`stats_method`, `unbiased_running_var`,
-  `analytic_grad`).
+  extra options: `unbiased_running_var`, `stats_method` (a
+  `core.STATS_METHODS` name), `grad` (how it is differentiated, a
+  `core.GRAD_MODES` name) and `impl` (how the passes are written for the
+  compiler, a `core.IMPLS` name).
   """
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
@@ -41,7 +43,8 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
-  analytic_grad: bool | str = True  # True, False or "vjp"; see core.apply
+  grad: str = "paper_jvp"  # "paper_jvp", "paper_vjp" or "autodiff"
+  impl: str = "xla_cpu"  # "xla_cpu" or "plain" (GPU, TPU)
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -81,7 +84,7 @@ class BatchNorm(nn.Module):
         unbiased_running_var=self.unbiased_running_var,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         mask=mask, stats_method=self.stats_method,
-        analytic_grad=self.analytic_grad)
+        grad=self.grad, impl=self.impl)
     if training:
       mean.value, var.value = new_state.mean, new_state.var
       if count is not None:

@@ -47,8 +47,9 @@ host, and copies it only onto its own devices (`replicate` builds the global
 array from each process's local copy); every device then gathers its own
 rows of each global batch, so a host touches only the rows of its
 addressable devices and no data cross hosts. Outputs: every process runs the
-same loop and writes the same metrics and plots; Orbax checkpointing is
-collective and wants a --workdir on a file system all hosts share. Only the
+same loop; process 0 alone writes metrics, TensorBoard files and results;
+Orbax checkpointing is collective and wants a --workdir on a file system all
+hosts share. Only the
 single-process path is tested (forced CPU devices); multi-host is not.
 """
 
@@ -57,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from absl import logging
 import jax
 import numpy as np
 from jax import lax
@@ -132,22 +134,23 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
                        devices=jax.devices()[:num_devices])
 
 
-def setup(config) -> jax.sharding.Mesh | None:
+def setup(config, batch_sizes=None) -> jax.sharding.Mesh | None:
   """Multi-host initialization if configured, then the data mesh.
 
-  Returns None when training uses one device (the default mesh_devices=1,
-  or "auto" on a machine with one device): the single-device code path runs
-  unchanged.
+  `batch_sizes` (default: config.batch_size) must each split evenly over
+  the mesh. Returns None when training uses one device (the default
+  mesh_devices=1, or "auto" on a machine with one device): the
+  single-device code path runs unchanged.
   """
   initialize_distributed(config.distributed)
   n = resolve_num_devices(config.mesh_devices)
-  check_batch_split(config.batch_size, n)
+  for batch_size in batch_sizes or (config.batch_size,):
+    check_batch_split(batch_size, n)
   if n == 1:
     return None
-  print(f"data parallel: {n} {jax.devices()[0].platform} device(s) in "
-        f"{jax.process_count()} process(es), {config.batch_size // n} "
-        f"examples per device per step, BN statistics {config.bn_stats}",
-        flush=True)
+  logging.info("data parallel: %d %s device(s) in %d process(es), BN "
+               "statistics %s", n, jax.devices()[0].platform,
+               jax.process_count(), config.bn_stats)
   return make_mesh(n)
 
 

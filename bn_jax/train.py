@@ -1,10 +1,12 @@
 """Training: a pure train step, one epoch as a `lax.scan`, vmapped sweeps.
 
 Everything here is a function of (TrainSpec, TrainState, data): the spec is
-the static, hashable part of a config (architecture, optimizer, batch size),
-the state is what changes (params, batch_stats, opt_state, step) plus the
-per-run numbers a sweep may vary (learning rate, BN momentum and epsilon,
-data-order key). K runs of one architecture are K stacked states trained by
+the static, hashable part of a config (architecture, normalization options,
+optimizer, batch size), the state is what changes (params, batch_stats,
+opt_state, step) plus the per-run numbers a sweep may vary: the learning
+rate, inside the optimizer state (`optax.inject_hyperparams`), BN momentum
+and epsilon (`TrainState.bn_hparams`, handed to `models.make_norm`), and the
+data-order key. K runs of one architecture are K stacked states trained by
 `jax.vmap` of the same epoch function: one compiled program.
 """
 
@@ -24,7 +26,10 @@ from bn_jax import models
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+# Per-run values a vmapped sweep may vary (config.sweep.<name>), and for
+# the BN ones the bn_jax.nn.BatchNorm argument each sets.
 SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
+BN_SWEEPABLE = {"bn_momentum": "momentum", "bn_epsilon": "epsilon"}
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
 
@@ -37,6 +42,11 @@ class TrainSpec:
   activation: str = "relu"
   widths: tuple[int, ...] = (50,)
   channels: tuple[int, ...] = (32, 64)
+  conv: str = "auto"  # models.CONVS key, or "auto" (by backend)
+  # (name, value) pairs of bn_jax.nn.BatchNorm arguments (config.bn's
+  # fields); () keeps BatchNorm's defaults. Swept values override them per
+  # run (TrainState.bn_hparams).
+  bn: tuple[tuple[str, Any], ...] = ()
   optimizer: str = "adam"
   schedule: str = "constant"
   warmup_steps: int = 0
@@ -46,9 +56,6 @@ class TrainSpec:
   num_epochs: int = 10
   eval_chunk: int = 1000
   nan_guard: bool = True  # flag the first non-finite step (see train_epoch)
-  unbiased_running_var: bool = False
-  stats_method: str = "shifted"
-  analytic_grad: bool = True
   axis_name: str | None = None  # set for data-parallel (synchronized) BN
   sync_bn: bool = True  # False: per-device BN statistics, grads still
   # averaged over axis_name (bn_jax.parallel's bn_stats="per_device")
@@ -65,23 +72,26 @@ class TrainSpec:
   def total_steps(self) -> int:
     return self.steps_per_epoch * self.num_epochs
 
-  def make_model(self, hparams: dict[str, Any]):
+  def make_model(self, bn_hparams: dict[str, Any]):
+    """The model, its norm built from `self.bn` with the run's swept BN
+    values (`TrainState.bn_hparams`, traced under a sweep's vmap)."""
+    norm = models.make_norm({**dict(self.bn), **bn_hparams},
+                            axis_name=self.axis_name if self.sync_bn
+                            else None)
     return models.make_model(
         self.model, placement=self.placement, activation=self.activation,
-        widths=self.widths, channels=self.channels,
-        bn_momentum=hparams["bn_momentum"], bn_epsilon=hparams["bn_epsilon"],
-        bn_options=dict(unbiased_running_var=self.unbiased_running_var,
-                        stats_method=self.stats_method,
-                        analytic_grad=self.analytic_grad),
-        axis_name=self.axis_name if self.sync_bn else None)
+        widths=self.widths, channels=self.channels, norm=norm,
+        conv=self.conv)
 
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   batch_stats: Any
-  opt_state: Any
-  hparams: dict[str, jax.Array]  # float32 scalars, may differ per run
+  opt_state: Any  # holds the run's learning rate (optax.inject_hyperparams)
+  # BatchNorm arguments swept per run ("momentum", "epsilon"): float32
+  # scalars that override TrainSpec.bn.
+  bn_hparams: dict[str, jax.Array]
   data_key: jax.Array  # uint32 key; epoch e shuffles with fold_in(key, e)
 
 
@@ -110,45 +120,80 @@ def model_inputs(images, spec: TrainSpec) -> jax.Array:
   return images
 
 
-def make_optimizer(spec: TrainSpec, learning_rate) -> optax.GradientTransformation:
-  """optax optimizer; `learning_rate` may be a traced per-run scalar."""
-  if spec.schedule == "constant":
-    lr = learning_rate
-  elif spec.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(learning_rate, spec.total_steps)
-  elif spec.schedule == "warmup_cosine":
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, spec.warmup_steps, spec.total_steps)
-  else:
-    raise ValueError(f"schedule={spec.schedule!r}; choose one of {SCHEDULES}.")
-  if spec.optimizer == "adam":
-    return optax.adam(lr)
-  if spec.optimizer == "adamw":
-    return optax.adamw(lr, weight_decay=spec.weight_decay)
-  if spec.optimizer == "sgd":
-    return optax.sgd(lr)
-  if spec.optimizer == "momentum":
-    return optax.sgd(lr, momentum=0.9, nesterov=True)
-  raise ValueError(f"optimizer={spec.optimizer!r}; choose one of "
-                   f"{OPTIMIZERS}.")
+def _momentum(learning_rate):
+  return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
+
+
+_OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd,
+               "momentum": _momentum}
+_SCHEDULES = {  # the factor the learning rate is multiplied by at step t
+    "constant": lambda spec: None,
+    "cosine": lambda spec: optax.cosine_decay_schedule(1.0, spec.total_steps),
+    "warmup_cosine": lambda spec: optax.warmup_cosine_decay_schedule(
+        0.0, 1.0, spec.warmup_steps, spec.total_steps),
+}
+
+
+def make_optimizer(spec: TrainSpec, learning_rate=0.0,
+                   ) -> optax.GradientTransformation:
+  """The optax optimizer of `spec`, its learning rate a hyperparameter of
+  the optimizer state (`optax.inject_hyperparams`).
+
+  `init` stores `learning_rate` (a per-run, possibly traced, scalar) in the
+  state and `update` reads it from there, so the training step builds this
+  with the default. A schedule multiplies the updates by its factor at the
+  step (optax's learning rate is always the last scaling, so this is the
+  scheduled learning rate).
+  """
+  if spec.optimizer not in _OPTIMIZERS:
+    raise ValueError(f"optimizer={spec.optimizer!r}; choose one of "
+                     f"{OPTIMIZERS}.")
+  if spec.schedule not in _SCHEDULES:
+    raise ValueError(f"schedule={spec.schedule!r}; choose one of "
+                     f"{SCHEDULES}.")
+  extra = {"weight_decay": spec.weight_decay} if spec.optimizer == "adamw" else {}
+  tx = optax.inject_hyperparams(_OPTIMIZERS[spec.optimizer])(
+      learning_rate=learning_rate, **extra)
+  factor = _SCHEDULES[spec.schedule](spec)
+  return tx if factor is None else optax.chain(
+      tx, optax.scale_by_schedule(factor))
+
+
+def learning_rate(state: TrainState) -> jax.Array:
+  """The run's (unscheduled) learning rate, read from its optimizer state."""
+  inject_state = state.opt_state
+  if isinstance(inject_state, tuple) and not hasattr(inject_state,
+                                                     "hyperparams"):
+    inject_state = inject_state[0]  # chained with a schedule
+  return inject_state.hyperparams["learning_rate"]
+
+
+def split_hparams(hparams: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """A run's swept values ({"learning_rate", "bn_momentum", "bn_epsilon"};
+  the BN ones may be absent or None: the spec's value) -> (learning rate,
+  BatchNorm arguments for `TrainState.bn_hparams`)."""
+  bn = {BN_SWEEPABLE[k]: jnp.asarray(v, jnp.float32)
+        for k, v in hparams.items() if k in BN_SWEEPABLE and v is not None}
+  return jnp.asarray(hparams["learning_rate"], jnp.float32), bn
 
 
 def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
                        ) -> TrainState:
-  """Initializes one run. `seed` and `hparams` may be traced (vmap)."""
-  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+  """Initializes one run. `seed` and `hparams` (see `split_hparams`) may be
+  traced (vmap)."""
+  lr, bn_hparams = split_hparams(hparams)
   init_key, data_key = jax.random.split(jax.random.key(seed))
   if spec.data_seed is not None:  # the order run `data_seed` would have
     data_key = jax.random.split(jax.random.key(spec.data_seed))[1]
-  model = spec.make_model(hparams)
+  model = spec.make_model(bn_hparams)
   variables = model.init(init_key, jnp.zeros((1, 784), jnp.float32),
                          train=False)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=make_optimizer(spec, hparams["learning_rate"]).init(params),
-      hparams=hparams, data_key=jax.random.key_data(data_key))
+      opt_state=make_optimizer(spec, lr).init(params),
+      bn_hparams=bn_hparams, data_key=jax.random.key_data(data_key))
 
 
 def _pmean(value, axis_name):
@@ -200,7 +245,7 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   own batch's statistics and the mean of the devices' new running statistics
   is kept (bn_jax.parallel's "per_device").
   """
-  model = spec.make_model(state.hparams)
+  model = spec.make_model(state.bn_hparams)
   inputs = model_inputs(images, spec)
 
   def loss_fn(params):
@@ -221,8 +266,8 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   grads = _pmean(grads, spec.axis_name)
   if not spec.sync_bn:  # one copy of the per-device statistics
     batch_stats = _pmean(batch_stats, spec.axis_name)
-  tx = make_optimizer(spec, state.hparams["learning_rate"])
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = make_optimizer(spec).update(grads, state.opt_state,
+                                                   state.params)
   new_state = state._replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state)
@@ -360,7 +405,7 @@ def evaluate(state: TrainState, images, labels, *, spec: TrainSpec,
   `spec.batch_size` with its own statistics, as in training; the last partial
   batch is dropped. The gap between the two exposes train/test inconsistency.
   """
-  model = spec.make_model(state.hparams)
+  model = spec.make_model(state.bn_hparams)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if use_batch_stats:
     usable = images.shape[0] // spec.batch_size * spec.batch_size
@@ -474,9 +519,11 @@ def _init_sweep(seeds, hparams, *, spec: TrainSpec) -> TrainState:
 
 def create_sweep_states(spec: TrainSpec, seeds, hparams: dict[str, Any],
                         ) -> TrainState:
-  """Stacked states for K runs: `seeds` (K,) and each hparam a (K,) array."""
+  """Stacked states for K runs: `seeds` (K,) and each hparam a (K,) array
+  (a BN one may be absent: the spec's value for every run)."""
   seeds = jnp.asarray(seeds, jnp.int32)
-  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()
+             if v is not None}
   return _init_sweep(seeds, hparams, spec=spec)
 
 

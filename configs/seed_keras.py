@@ -1,19 +1,20 @@
 r"""The reference model of the Keras example this project started from.
 
-    python -m experiments.main --config=configs/seed_keras.py \
-        --workdir=workdirs/seed_keras --config.data_dir=../shared/data/mnist
+    python -m experiments.main --config=configs/seed_keras.py --workdir=workdirs/seed_keras
 
 784 -> Dense(50, relu) -> BatchNormalization -> Dense(10) softmax, Adam 1e-3,
 batch 128, 10 epochs, inputs scaled to [0, 1], Keras' BN defaults (momentum
-0.99, epsilon 1e-3), 3 seeds trained together as one vmapped program.
+0.99, epsilon 1e-3), 3 seeds trained together as one vmapped program. These
+are the base config's values, restated here so the file reads on its own.
 """
 
-from bn_jax import experiment
+from configs import base
 
 
 def get_config():
-  config = experiment.default_config()
-  config.placements = ("after_activation",)
+  config = base.get_config()
+  config.study = "the Keras example's model"
+  config.placement = "after_activation"
   config.widths = (50,)
   config.activation = "relu"
   config.optimizer = "adam"

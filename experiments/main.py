@@ -1,13 +1,15 @@
-"""Runs a bn_jax experiment from a config file.
+"""Runs a bn_jax study from a config file, then writes its report.
 
-    python -m experiments.main --config=configs/placements.py \
-        --workdir=workdirs/placements --config.data_dir=../shared/data/mnist
+    python -m experiments.main --config=configs/placements.py --workdir=workdirs/placements
 
 Fields of the config can be overridden as --config.FIELD=VALUE. Rerunning the
 same command resumes from the workdir's checkpoints. This file is kept short:
-the logic lives in bn_jax.experiment, importable and testable.
+training lives in bn_jax.experiment, the tables and plots in
+experiments/report.py, each importable and testable.
 """
 
+import logging as py_logging
+import os
 import sys
 
 from absl import app
@@ -17,38 +19,51 @@ from ml_collections import config_flags
 
 from bn_jax import data
 from bn_jax import experiment
+from bn_jax import study
+from bn_jax import workdir as workdir_lib
+from experiments import report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for config, metrics, plots and checkpoints.")
+    "workdir", None, "Directory for config, metrics, checkpoints and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_OWN_CODE = (os.sep + "bn_jax" + os.sep, os.sep + "experiments" + os.sep)
 
 
 def parse_flags(argv):
-  """absl's parser, with ml_collections' bare KeyError/AttributeError for an
-  unknown --config.FIELD turned into a message that says what is wrong."""
+  """absl's parser, with a bad flag or config field reported in one line."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
+    # ml_collections' bare error for an unknown --config.FIELD.
     field = str(e.args[0] if e.args else e).strip("'\"")
-    sys.exit(f"FATAL Flags parsing error: the config has no field '{field}'; see "
-             "the config file (or bn_jax.experiment.default_config) for the "
-             "valid fields.")
+    sys.exit(f"FATAL Flags parsing error: the config has no field "
+             f"'{field}'; see configs/base.py for the valid fields.")
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+
+
+def _only_own_info(record: py_logging.LogRecord) -> bool:
+  """INFO lines from bn_jax and experiments (progress), warnings from all:
+  orbax logs hundreds of INFO lines per run that would bury the progress."""
+  return (record.levelno >= py_logging.WARNING
+          or any(part in record.pathname for part in _OWN_CODE))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
-    # Orbax logs hundreds of INFO lines per run, burying the progress lines;
-    # --verbosity=0 brings them back.
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_only_own_info)
   try:
-    experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
-  except (experiment.ConfigError, data.DataError,
-          experiment.NonFiniteError) as e:
+    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(report.write_report([_WORKDIR.value], _WORKDIR.value), flush=True)
+  except (study.ConfigError, data.DataError, experiment.NonFiniteError,
+          workdir_lib.WorkdirError) as e:
     # Problems the user can fix: the message says how; no traceback needed.
     sys.exit(f"{type(e).__name__}: {e}")
 

@@ -1,29 +1,48 @@
 """Tests for bn_jax.data: IDX parsing, validation, checksums, sources.
 
-No test touches the network: an autouse fixture makes urlopen raise, and the
-download tests serve generated files through a fake urlopen.
+No test touches the network: an autouse fixture lets names resolve only to
+the loopback interface, and the download tests run a local HTTP server on
+127.0.0.1 that serves generated files.
 """
 
+import contextlib
+import functools
 import gzip
 import hashlib
-import io
+import http.server
+import socket
 import struct
 import sys
+import threading
+import tomllib
 import types
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jax
 import numpy as np
+import pooch
 import pytest
+import requests
 
 from bn_jax import data
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared/data/mnist"
+BUNDLED_MNIST = REPO / "bn_jax/bundled/mnist"
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 STEMS = data.IDX_FILES  # role -> standard file name
+
+# md5 of the bundled .gz files (a recompressed copy: not the mirrors' md5s).
+BUNDLED_GZ_MD5 = {
+    "train-images-idx3-ubyte": "56f11203c65dcbeead45b51e76a4d637",
+    "train-labels-idx1-ubyte": "e7b6794769634574359eea14a747abe8",
+    "t10k-images-idx3-ubyte": "a3ecf3149c20433655c67fbfd8a8d3a4",
+    "t10k-labels-idx1-ubyte": "4134d8bfaa6f217c1c831e48c83339aa",
+}
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                      5949]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -71,9 +90,17 @@ def raises_naming(fragments, fn, *args, **kwargs):
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, tmp_path):
-  def offline(*args, **kwargs):
-    raise urllib.error.URLError("network disabled in tests")
-  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  """Loopback only, no $BN_JAX_DATA_DIR, an empty default cache."""
+  resolve = socket.getaddrinfo
+  def loopback_only(host, *args, **kwargs):
+    if host not in LOOPBACK:
+      raise socket.gaierror(f"network disabled in tests ({host})")
+    return resolve(host, *args, **kwargs)
+  monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+  # A proxy from the environment would send loopback requests elsewhere.
+  for proxy in ("http_proxy", "https_proxy", "all_proxy"):
+    monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.delenv(proxy.upper(), raising=False)
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   monkeypatch.setattr(data, "DEFAULT_CACHE_ROOT", tmp_path / "default-cache")
 
@@ -270,6 +297,9 @@ def test_data_dir_then_env_var(tmp_path, monkeypatch):
   # An explicit directory that is wrong is an error, not a fallback.
   raises_naming([tmp_path / "c", "does not exist"], data.load_dataset,
                 "custom", data_dir=tmp_path / "c")
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "c"))
+  raises_naming([tmp_path / "c", "does not exist"], data.load_dataset,
+                "custom")
 
 
 def test_idx_source_needs_a_directory(tmp_path):
@@ -278,88 +308,206 @@ def test_idx_source_needs_a_directory(tmp_path):
                 data.load_dataset, "mnist", source="idx", cache_dir=tmp_path)
 
 
-def test_auto_uses_cache_then_system_dir(tmp_path, monkeypatch):
-  write_dir(tmp_path / "system", make_arrays(n_train=7))
-  monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "custom", tmp_path / "system")
-  cache = tmp_path / "cache"
-  ds = data.load_dataset("custom", cache_dir=cache)
-  assert len(ds.train_images) == 7 and "system" in ds.origin
-  write_dir(cache / "custom", make_arrays(n_train=2))
-  assert len(data.load_dataset("custom", cache_dir=cache).train_images) == 2
+def test_auto_order_data_dir_env_cache_bundled_system(tmp_path, monkeypatch):
+  """Each source wins over the ones after it; `origin` names the winner."""
+  dirs = {"data_dir": tmp_path / "d", "env": tmp_path / "e",
+          "cache": tmp_path / "cache" / "custom", "bundled": tmp_path / "b",
+          "system": tmp_path / "s"}
+  for n_train, directory in enumerate(dirs.values(), start=1):
+    write_dir(directory, make_arrays(n_train=n_train))
+  monkeypatch.setitem(data.BUNDLED_DATA_DIRS, "custom", dirs["bundled"])
+  monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "custom", dirs["system"])
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(dirs["env"]))
+  load = functools.partial(data.load_dataset, "custom",
+                           cache_dir=tmp_path / "cache")
+  ds = load(data_dir=dirs["data_dir"])
+  assert len(ds.train_images) == 1
+  assert ds.origin.startswith(f"IDX files in {dirs['data_dir']} (")
+  expected = [("env", f"${data.DATA_DIR_ENV}"), ("cache", "download cache"),
+              ("bundled", "bundled copy"), ("system", "system package")]
+  for n_train, (where, label) in enumerate(expected, start=2):
+    ds = load()
+    assert len(ds.train_images) == n_train, where
+    assert ds.origin.startswith(f"{label}: IDX files in {dirs[where]} ("), (
+        ds.origin)
+    if where == "env":
+      monkeypatch.delenv(data.DATA_DIR_ENV)
+    else:  # an incomplete directory is passed over
+      (dirs[where] / (STEMS["test_labels"] + ".gz")).unlink()
 
 
 def test_offline_with_nothing_local(tmp_path):
+  """kmnist has no bundled copy: auto falls through to the real mirrors,
+  which the autouse fixture makes unreachable."""
   cache = tmp_path / "cache"
   message = raises_naming(
-      ["--config.data_dir=/path/to/idx",
+      ["Could not download", "--config.data_dir=/path/to/idx",
        f"export {data.DATA_DIR_ENV}=/path/to/idx", "train-images-idx3-ubyte",
-       "t10k-labels-idx1-ubyte", "network disabled in tests",
-       data.MIRRORS["mnist"][0], data.MIRRORS["mnist"][1]],
-      data.load_dataset, "mnist", cache_dir=cache)
-  assert "Could not download" in message
-  assert not any((cache / "mnist").iterdir())  # no partial files left
+       "network disabled in tests", data.MIRRORS["kmnist"][0],
+       data.MIRRORS["kmnist"][1]],
+      data.load_dataset, "kmnist", cache_dir=cache)
+  assert "no network, or every mirror failed" in message
+  assert not any((cache / "kmnist").iterdir())  # no partial files left
 
 
-def test_offline_timeout_is_reported(tmp_path, monkeypatch):
-  def timeout(url, timeout=None):
-    assert timeout is not None and timeout <= 30  # never an unbounded wait
-    raise TimeoutError("timed out")
-  monkeypatch.setattr(urllib.request, "urlopen", timeout)
-  raises_naming(["TimeoutError", "--config.data_dir=/path/to/idx"],
+def test_download_has_a_timeout(tmp_path, monkeypatch):
+  """Every request is bounded, so an offline machine fails fast."""
+  timeouts = []
+  def retrieve(url, known_hash, fname, path, downloader):
+    del url, known_hash, fname, path
+    timeouts.append(downloader.kwargs["timeout"])
+    raise requests.exceptions.ConnectTimeout("timed out")
+  monkeypatch.setattr(pooch, "retrieve", retrieve)
+  raises_naming(["ConnectTimeout", "--config.data_dir=/path/to/idx"],
                 data.load_dataset, "kmnist", source="download",
                 cache_dir=tmp_path)
+  assert timeouts and all(0 < t <= 30 for t in timeouts)
 
 
-class FakeResponse(io.BytesIO):
-  pass
+def test_unknown_data_set_has_no_mirrors(tmp_path):
+  raises_naming(["No download mirrors", "'custom'", "--config.data_dir="],
+                data.load_dataset, "custom", cache_dir=tmp_path)
 
 
-def serve(files, failing_prefix):
-  """A fake urlopen: `files` by basename; URLs under failing_prefix fail."""
-  requested = []
-  def urlopen(url, timeout=None):
-    requested.append(url)
-    if url.startswith(failing_prefix):
-      raise urllib.error.URLError("mirror down")
-    return FakeResponse(files[url.rsplit("/", 1)[1]])
-  return urlopen, requested
+class _Handler(http.server.SimpleHTTPRequestHandler):
+  """Serves a directory; records each request path instead of logging."""
+
+  def log_message(self, *args):  # no access log on stderr
+    pass
+
+  def send_head(self):
+    self.server.requested.append(self.path)
+    return super().send_head()
 
 
-def test_download_tries_mirrors_verifies_and_caches(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def http_server(root: Path):
+  """An HTTP server on 127.0.0.1 serving `root`; yields (base URL, the
+  list of requested paths)."""
+  root.mkdir(parents=True, exist_ok=True)
+  handler = functools.partial(_Handler, directory=str(root))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  server.requested = []
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_port}", server.requested
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def closed_port() -> int:
+  """A loopback port with nothing listening (connections are refused)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def serve_arrays(directory: Path, arrays) -> dict[str, str]:
+  """Writes gzipped IDX files to `directory`; returns stem -> .gz md5."""
+  write_dir(directory, arrays)
+  return {stem: hashlib.md5((directory / (stem + ".gz")).read_bytes())
+          .hexdigest() for stem in STEMS.values()}
+
+
+@pytest.fixture
+def server(tmp_path):
+  """(base URL, requested paths, served directory)."""
+  with http_server(tmp_path / "served") as (base, requested):
+    yield base, requested, tmp_path / "served"
+
+
+def test_download_from_local_server_verifies_and_caches(
+    server, tmp_path, monkeypatch, capfd):
+  base, requested, root = server
   arrays = make_arrays()
-  files = {STEMS[r] + ".gz": gzip.compress(idx_bytes(a))
-           for r, a in arrays.items()}
-  monkeypatch.setitem(data.GZ_MD5, "mnist", {
-      name[:-3]: hashlib.md5(content).hexdigest()
-      for name, content in files.items()})
+  monkeypatch.setitem(data.GZ_MD5, "mnist",
+                      serve_arrays(root / "mnist", arrays))
   monkeypatch.setitem(data.RAW_MD5, "mnist", {
       STEMS[r]: hashlib.md5(idx_bytes(a)).hexdigest()
       for r, a in arrays.items()})
-  first, second = data.MIRRORS["mnist"]
-  urlopen, requested = serve(files, failing_prefix=first)
-  monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+  # The first mirror answers 404, the second serves the files.
+  monkeypatch.setitem(data.MIRRORS, "mnist",
+                      (f"{base}/gone/", f"{base}/mnist/"))
+  level = pooch.get_logger().level
   ds = data.load_dataset("mnist", source="download", cache_dir=tmp_path)
   np.testing.assert_array_equal(ds.train_images, arrays["train_images"])
-  assert second in ds.origin and "(md5 verified)" in ds.origin
-  assert len(requested) == 8  # each file: first mirror fails, second serves
+  assert ds.origin == (f"downloaded from {base}/mnist/: IDX files in "
+                       f"{tmp_path / 'mnist'} (md5 verified)")
+  assert len(requested) == 8  # each file: 404 on the first, then served
   assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(
-      files)  # no .part files left
-  # A second call finds the cache and does not download.
+      stem + ".gz" for stem in STEMS.values())  # no temporary files left
+  # Quiet: pooch's INFO lines are suppressed, and its level is restored.
+  assert "Downloading" not in capfd.readouterr().err
+  assert pooch.get_logger().level == level
+  # The cache now beats the bundled MNIST, with no further requests.
   requested.clear()
   ds = data.load_dataset("mnist", cache_dir=tmp_path)
-  assert not requested and "md5 verified" in ds.origin
+  assert not requested and len(ds.train_images) == len(
+      arrays["train_images"])
+  assert ds.origin == (f"download cache: IDX files in {tmp_path / 'mnist'} "
+                       "(md5 verified)")
 
 
-def test_download_checksum_mismatch_leaves_no_file(tmp_path, monkeypatch):
-  files = {STEMS[r] + ".gz": gzip.compress(idx_bytes(a))
-           for r, a in make_arrays().items()}  # not the real MNIST
-  urlopen, _ = serve(files, failing_prefix="none")
-  monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-  raises_naming(["md5 mismatch", "train-images-idx3-ubyte.gz",
-                 "--config.data_dir=/path/to/idx"],
-                data.load_dataset, "mnist", source="download",
-                cache_dir=tmp_path)
-  assert not any((tmp_path / "mnist").iterdir())
+def test_download_only_fetches_missing_files(server, tmp_path, monkeypatch):
+  base, requested, root = server
+  arrays = make_arrays()
+  monkeypatch.setitem(data.GZ_MD5, "kmnist",
+                      serve_arrays(root / "kmnist", arrays))
+  monkeypatch.setitem(data.MIRRORS, "kmnist", (f"{base}/kmnist/",))
+  write_dir(tmp_path / "kmnist", arrays)
+  (tmp_path / "kmnist" / (STEMS["test_images"] + ".gz")).unlink()
+  ds = data.load_dataset("kmnist", source="download", cache_dir=tmp_path)
+  assert requested == [f"/kmnist/{STEMS['test_images']}.gz"]
+  np.testing.assert_array_equal(ds.test_images, arrays["test_images"])
+
+
+def test_download_hash_mismatch_is_rejected(server, tmp_path, monkeypatch):
+  """The served files are not the real MNIST: their md5s differ from the
+  published ones, and nothing is kept."""
+  base, requested, root = server
+  serve_arrays(root / "mnist", make_arrays())
+  monkeypatch.setitem(data.MIRRORS, "mnist", (f"{base}/mnist/",))
+  message = raises_naming(
+      ["train-images-idx3-ubyte.gz", "md5 mismatch",
+       data.GZ_MD5["mnist"]["train-images-idx3-ubyte"],
+       f"{base}/mnist/train-images-idx3-ubyte.gz",
+       "--config.data_dir=/path/to/idx"],
+      data.load_dataset, "mnist", source="download", cache_dir=tmp_path)
+  assert requested == ["/mnist/train-images-idx3-ubyte.gz"], message
+  assert not any((tmp_path / "mnist").iterdir())  # nothing corrupt cached
+
+
+def test_download_skips_a_mirror_with_a_wrong_file(server, tmp_path,
+                                                   monkeypatch):
+  base, _, root = server
+  arrays = make_arrays()
+  monkeypatch.setitem(data.GZ_MD5, "kmnist",
+                      serve_arrays(root / "good", arrays))
+  serve_arrays(root / "other", make_arrays(seed=1))
+  monkeypatch.setitem(data.MIRRORS, "kmnist",
+                      (f"{base}/other/", f"{base}/good/"))
+  ds = data.load_dataset("kmnist", source="download", cache_dir=tmp_path)
+  np.testing.assert_array_equal(ds.train_images, arrays["train_images"])
+  assert f"downloaded from {base}/good/" in ds.origin
+
+
+def test_all_mirrors_down_gives_the_offline_message(server, tmp_path,
+                                                    monkeypatch):
+  base, _, _ = server
+  refused = f"http://127.0.0.1:{closed_port()}/mnist/"
+  monkeypatch.setitem(data.MIRRORS, "mnist", (f"{base}/gone/", refused))
+  message = raises_naming(
+      ["Could not download train-images-idx3-ubyte.gz of mnist",
+       "no network, or every mirror failed",
+       f"{base}/gone/train-images-idx3-ubyte.gz", "404",
+       f"{refused}train-images-idx3-ubyte.gz", "ConnectionError",
+       "--config.data_dir=/path/to/idx",
+       f"export {data.DATA_DIR_ENV}=/path/to/idx"],
+      data.load_dataset, "mnist", source="download", cache_dir=tmp_path)
+  assert not any((tmp_path / "mnist").iterdir()), message
 
 
 def test_tfds_without_tensorflow(monkeypatch):
@@ -427,17 +575,19 @@ def test_scale_pixels_on_the_device_matches_the_host(scaling):
 
 
 # ----------------------------------------------------------------------------
-# Real data (skipped where absent)
+# Real data: the bundled MNIST; Fashion-MNIST where installed
 
 
-@pytest.fixture(scope="module")
-def mnist():
-  if not SHARED_MNIST.is_dir():
-    pytest.skip(f"no MNIST at {SHARED_MNIST}")
-  return data.load_idx_dir(SHARED_MNIST, "mnist")
+def test_bundled_mnist_is_the_default(bundled_mnist):
+  """No data_dir, no $BN_JAX_DATA_DIR, an empty cache, no mirrors: the
+  bundled copy, with every checksum verified."""
+  assert bundled_mnist.origin == (
+      f"bundled copy: IDX files in {BUNDLED_MNIST} (md5 verified)")
+  assert bundled_mnist.name == "mnist"
 
 
-def test_real_mnist(mnist):
+def test_bundled_mnist_contents(bundled_mnist):
+  mnist = bundled_mnist
   assert mnist.train_images.shape == (60000, 28, 28)
   assert mnist.test_images.shape == (10000, 28, 28)
   assert mnist.train_labels.shape == (60000,)
@@ -445,8 +595,7 @@ def test_real_mnist(mnist):
   assert mnist.train_images.dtype == np.uint8
   assert mnist.train_labels.dtype == np.int32
   np.testing.assert_array_equal(
-      np.bincount(mnist.train_labels, minlength=10),
-      [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+      np.bincount(mnist.train_labels, minlength=10), MNIST_TRAIN_COUNTS)
   assert np.bincount(mnist.test_labels, minlength=10).sum() == 10000
   # Pixel statistics from the histogram (exact, no float copy of 47M values).
   counts = np.bincount(mnist.train_images.ravel(), minlength=256)
@@ -455,20 +604,58 @@ def test_real_mnist(mnist):
   std = np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum())
   assert abs(mean - data.MNIST_PIXEL_MEAN) < 5e-5
   assert abs(std - data.MNIST_PIXEL_STD) < 5e-5
-  assert mnist.origin == f"IDX files in {SHARED_MNIST} (md5 verified)"
 
 
-def test_real_mnist_through_env_var(mnist, monkeypatch, tmp_path):
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(SHARED_MNIST))
-  ds = data.load_dataset("mnist", cache_dir=tmp_path)
-  assert ds.origin == mnist.origin
+def test_bundled_files_and_their_readme():
+  """The .gz and uncompressed md5s, and that the README lists both."""
+  assert data.BUNDLED_DATA_DIRS["mnist"] == BUNDLED_MNIST
+  readme = (BUNDLED_MNIST / "README.md").read_text()
+  for stem, gz_md5 in BUNDLED_GZ_MD5.items():
+    content = (BUNDLED_MNIST / (stem + ".gz")).read_bytes()
+    assert hashlib.md5(content).hexdigest() == gz_md5, stem
+    raw_md5 = hashlib.md5(gzip.decompress(content)).hexdigest()
+    assert raw_md5 == data.RAW_MD5["mnist"][stem], stem
+    assert f"| {stem}.gz |" in readme and gz_md5 in readme, stem
+    assert raw_md5 in readme, stem
+  assert "CC BY-SA 3.0" in readme and "86(11)" in readme
+
+
+def test_bundled_files_are_package_data():
+  """pyproject.toml installs every bundled file with the package."""
+  config = tomllib.loads((REPO / "pyproject.toml").read_text())
+  patterns = config["tool"]["setuptools"]["package-data"]["bn_jax"]
+  package = REPO / "bn_jax"
+  files = sorted(BUNDLED_MNIST.iterdir())
+  assert len(files) == 5  # four .gz and the README
+  for path in files:
+    assert any(path.relative_to(package).match(p) for p in patterns), path
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no {SHARED_MNIST}")
+def test_bundled_mnist_is_byte_identical_to_the_shared_copy():
+  for stem in STEMS.values():
+    name = stem + ".gz"
+    assert (BUNDLED_MNIST / name).read_bytes() == (
+        SHARED_MNIST / name).read_bytes(), name
+
+
+def test_env_var_is_not_overridden_by_the_bundled_copy(monkeypatch,
+                                                        tmp_path):
+  """Synthetic files under the name "mnist" fail its checksums: the error
+  shows the env var's directory was read, with no fallback to the bundled
+  copy."""
+  write_dir(tmp_path / "env", make_arrays(n_train=3))
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+  raises_naming([tmp_path / "env", "md5 checksum mismatch"],
+                data.load_dataset, "mnist", cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.skipif(not SYSTEM_FASHION.is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_system_package(tmp_path):
   ds = data.load_dataset("fashion_mnist", cache_dir=tmp_path)
-  assert ds.origin == f"IDX files in {SYSTEM_FASHION} (md5 verified)"
+  assert ds.origin == (
+      f"system package: IDX files in {SYSTEM_FASHION} (md5 verified)")
   assert ds.train_images.shape == (60000, 28, 28)
   assert ds.test_images.shape == (10000, 28, 28)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)

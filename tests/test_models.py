@@ -1,12 +1,17 @@
 """Tests for bn_jax.models: every placement x model x activation, the
 variables each placement creates, and a NumPy forward pass as reference."""
 
+import re
+
+import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bn_jax import models
+from bn_jax import nn as bn_nn
 
 CHANNELS = (2, 3)  # tiny CNN: 28 -> 14 -> 7, so 7 * 7 * 3 = 147 features
 WIDTHS = (5, 4)
@@ -23,7 +28,9 @@ def make(model="mlp", placement="before_activation", activation="relu",
          momentum=0.9):
   return models.make_model(model, placement=placement, activation=activation,
                            widths=WIDTHS, channels=CHANNELS,
-                           bn_momentum=momentum, bn_epsilon=EPSILON)
+                           norm=models.make_norm({"momentum": momentum,
+                                                  "epsilon": EPSILON,
+                                                  "impl": "auto"}))
 
 
 def images(n, seed=0):
@@ -35,9 +42,9 @@ def shapes(tree):
   return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
-@pytest.mark.parametrize("activation", tuple(models.ACTIVATIONS))
-@pytest.mark.parametrize("model", models.MODELS)
-@pytest.mark.parametrize("placement", models.PLACEMENTS)
+@pytest.mark.parametrize("placement,model,activation", helpers.slow_except(
+    [(p, m, a) for p in models.PLACEMENTS for m in models.MODELS
+     for a in models.ACTIVATIONS], lambda p, m, a: m == "mlp" and a == "relu"))
 def test_every_combination_builds_and_runs(placement, model, activation):
   net = make(model, placement, activation)
   x = images(BATCH)
@@ -110,9 +117,10 @@ def expected_variables(model, placement):
           else {"params": params})
 
 
-@pytest.mark.parametrize("model", models.MODELS)
-@pytest.mark.parametrize("placement", models.PLACEMENTS)
-def test_variable_structure(model, placement):
+@pytest.mark.parametrize("placement,model", helpers.slow_except(
+    [(p, m) for m in models.MODELS for p in models.PLACEMENTS],
+    lambda p, m: m == "mlp"))
+def test_variable_structure(placement, model):
   net = make(model, placement)
   variables = net.init(jax.random.key(0), images(BATCH), train=False)
   assert shapes(variables) == expected_variables(model, placement), (
@@ -212,9 +220,10 @@ def test_mlp_matches_numpy(placement, activation):
 # Eval mode reads running statistics; training mode, the batch's.
 
 
-@pytest.mark.parametrize("model", models.MODELS)
-@pytest.mark.parametrize("placement", models.PLACEMENTS)
-def test_eval_output_does_not_depend_on_the_batch(model, placement):
+@pytest.mark.parametrize("placement,model", helpers.slow_except(
+    [(p, m) for m in models.MODELS for p in models.PLACEMENTS],
+    lambda p, m: m == "mlp"))
+def test_eval_output_does_not_depend_on_the_batch(placement, model):
   net = make(model, placement)
   x = images(BATCH, seed=3)
   variables = net.init(jax.random.key(0), x, train=False)
@@ -269,6 +278,7 @@ def test_invalid_model_lists_choices():
 # The CNN's convolution: flax.linen.Conv as a matmul.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_size, use_bias", [((3, 3), True),
                                                    ((3, 3), False),
                                                    ((5, 3), True)])
@@ -296,3 +306,77 @@ def test_conv_matches_flax_conv(kernel_size, use_bias):
 def test_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="odd sizes"):
     models.Conv(4, (2, 2)).init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))
+
+
+# ----------------------------------------------------------------------------
+# Backend switches and the norm factory.
+
+
+@pytest.mark.slow
+def test_cnn_with_either_convolution_gives_the_same_model():
+  """conv="im2col" (models.Conv) and conv="xla" (flax.linen.Conv): same
+  parameters from the same key, same outputs and gradients."""
+  x = jnp.asarray(images(4))
+  outputs, grads = [], []
+  for conv in ("im2col", "xla"):
+    model = models.make_model("cnn", placement="after_activation",
+                              activation="relu", widths=WIDTHS,
+                              channels=CHANNELS, conv=conv)
+    variables = model.init(jax.random.key(0), x, train=False)
+    loss = lambda p, v=variables, m=model: jnp.sum(m.apply(
+        {**v, "params": p}, x, train=True, mutable=["batch_stats"])[0] ** 2)
+    outputs.append(variables["params"])
+    grads.append(jax.grad(loss)(variables["params"]))
+  chex.assert_trees_all_equal(*outputs)
+  # To float rounding (summation order differs; BN amplifies it a little).
+  chex.assert_trees_all_close(*grads, rtol=2e-3, atol=1e-4)
+
+
+def test_auto_choices_follow_the_backend():
+  choose = models.resolve_backend_choice
+  assert choose("auto", "im2col", "xla", backend="cpu") == "im2col"
+  assert choose("auto", "im2col", "xla", backend="gpu") == "xla"
+  assert choose("auto", "im2col", "xla", backend="tpu") == "xla"
+  assert choose("xla", "im2col", "xla", backend="cpu") == "xla"  # override
+  options = {"momentum": 0.9, "epsilon": 1e-3, "impl": "auto"}
+  assert models.make_norm(options, backend="gpu").keywords["impl"] == "plain"
+  assert models.make_norm(options, backend="cpu").keywords["impl"] == (
+      "xla_cpu")
+
+
+def test_make_norm_passes_every_option_to_batch_norm():
+  """The norm the factory builds normalizes as a BatchNorm given the same
+  arguments directly (here: the exact cumulative average, an unbiased
+  running variance and a large epsilon)."""
+  options = {"momentum": None, "epsilon": 0.5, "unbiased_running_var": True,
+             "stats_method": "two_pass", "grad": "autodiff", "impl": "plain"}
+  x = jnp.asarray(images(6)[:, :5])
+  direct = bn_nn.BatchNorm(**options)
+  built = models.make_norm(options)()
+  results = []
+  for module in (direct, built):
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = module.apply(variables, x, use_running_average=False,
+                              mutable=["batch_stats"])
+    results.append((y, updates))
+  chex.assert_trees_all_equal(*results)
+  stats = results[0][1]["batch_stats"]
+  np.testing.assert_allclose(stats["var"], np.var(np.asarray(x), 0, ddof=1),
+                             rtol=1e-5)  # momentum None, first update: exact
+  assert int(stats["count"]) == 1
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("stats_method", "welford", "config.bn.stats_method='welford'"),
+    ("grad", True, "config.bn.grad=True"),
+    ("impl", "gpu", "config.bn.impl='gpu'"),
+    ("momentum", 1.5, "config.bn.momentum=1.5"),
+    ("epsilon", 0, "config.bn.epsilon=0"),
+    ("unbiased_running_var", "yes", "config.bn.unbiased_running_var='yes'"),
+])
+def test_check_norm_options_names_the_field(field, value, fragment):
+  options = {"momentum": 0.99, "epsilon": 1e-3, "unbiased_running_var": False,
+             "stats_method": "shifted", "grad": "paper_jvp", "impl": "auto",
+             field: value}
+  with pytest.raises(ValueError, match=re.escape(fragment)):
+    models.check_norm_options(options)

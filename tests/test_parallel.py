@@ -18,7 +18,6 @@ import contextlib
 import functools
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -34,10 +33,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bn_jax
-from bn_jax import experiment
+import helpers
 from bn_jax import models
 from bn_jax import parallel
+from bn_jax import study
 from bn_jax import train
+from configs import base
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -87,16 +88,17 @@ def _split_rows(arrays, mesh):
 def check_sync_bn_matches_one_device():
   """8 devices x 16 examples, synchronized == one device on 128 examples."""
   mesh = parallel.make_mesh(DEVICES)
-  # The default analytic gradient (custom JVPs) on a dense and a conv-shaped activation; plain
-  # autodiff through the psums on the dense one.
-  for shape, analytic_grad in (((GLOBAL_BATCH, 5), True),
-                               ((GLOBAL_BATCH, 3, 3, 4), True),
-                               ((GLOBAL_BATCH, 5), False)):
+  # The default gradient (the paper's, through custom JVPs) on a dense and
+  # a conv-shaped activation; plain autodiff through the psums on the dense
+  # one; the plain (non-XLA:CPU) path on the conv-shaped one.
+  for shape, options in (((GLOBAL_BATCH, 5), {}),
+                         ((GLOBAL_BATCH, 3, 3, 4), {}),
+                         ((GLOBAL_BATCH, 5), {"grad": "autodiff"}),
+                         ((GLOBAL_BATCH, 3, 3, 4), {"impl": "plain"})):
     params, state, x, dy = _bn_inputs(shape)
-    expected = _bn_vjp(params, state, x, dy, analytic_grad=analytic_grad)
+    expected = _bn_vjp(params, state, x, dy, **options)
     sharded = jax.jit(jax.shard_map(
-        functools.partial(_bn_vjp, axis_name=parallel.DATA_AXIS,
-                          analytic_grad=analytic_grad),
+        functools.partial(_bn_vjp, axis_name=parallel.DATA_AXIS, **options),
         mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
         # y, dx are split by rows; new state and (d gamma, d beta) are
         # replicated: shard_map checks that they agree on every device.
@@ -216,8 +218,8 @@ def check_per_device_training_matches_ghost_batches():
                         parallel.replicate(data, mesh))
 
   state = jax.tree.map(lambda v: v[0], states)
-  model = spec.make_model(state.hparams)
-  tx = train.make_optimizer(spec, state.hparams["learning_rate"])
+  model = spec.make_model(state.bn_hparams)
+  tx = train.make_optimizer(spec)
   ghost = lambda v: v.reshape(DEVICES, PER_DEVICE, *v.shape[1:])
 
   @jax.jit
@@ -252,7 +254,7 @@ def check_per_device_training_matches_ghost_batches():
 
 
 def check_uneven_batch_raises():
-  config = experiment.default_config()
+  config = base.get_config()
   config.batch_size, config.mesh_devices = 100, DEVICES
   for check in (parallel.check_config, parallel.setup):
     with pytest.raises(ValueError, match=r"config\.batch_size=100 .*8 devices"):
@@ -260,6 +262,9 @@ def check_uneven_batch_raises():
   config.mesh_devices = "auto"  # resolves to 8 here
   with pytest.raises(ValueError, match=r"config\.batch_size=100 .*8 devices"):
     parallel.setup(config)
+  config.batch_size = 128  # every batch size of a batch_sizes axis counts
+  with pytest.raises(ValueError, match=r"config\.batch_size=100 .*8 devices"):
+    parallel.setup(config, [128, 100])
   config.batch_size, config.mesh_devices = 128, 16
   with pytest.raises(ValueError, match="only 8 device"):
     parallel.setup(config)
@@ -287,26 +292,6 @@ def _run_checks() -> dict[str, str]:
 # pytest side: two 8-device subprocesses, the checks above and the CLI.
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-  """IDX: big-endian int32 magic (2051 images, 2049 labels), dims, bytes."""
-  magic = 2051 if array.ndim == 3 else 2049
-  header = struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
-  path.write_bytes(header + np.asarray(array, np.uint8).tobytes())
-
-
-def _tiny_mnist(directory: Path, num_train=256, num_test=100) -> Path:
-  rng = np.random.default_rng(0)
-  directory.mkdir()
-  for prefix, n in (("train", num_train), ("t10k", num_test)):
-    labels = rng.integers(0, 10, n)
-    # Class-dependent bright rows, so that training can make some progress.
-    images = rng.integers(0, 64, (n, 28, 28))
-    images[np.arange(n), 2 * labels + 4, :] = 255
-    _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
-    _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
-  return directory
-
-
 class _Child:
   """A subprocess on 8 forced CPU devices, its output in files (a full pipe
   would stall it while the other child is being waited for)."""
@@ -328,15 +313,15 @@ class _Child:
       self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=out,
                                       stderr=err)
 
-  def wait(self) -> str:
+  def wait(self) -> tuple[str, str]:
     try:
       self.process.wait(timeout=300)
     finally:
       if self.process.poll() is None:
         self.process.kill()
-    stdout = self.out.read_text()
-    assert self.process.returncode == 0, stdout + self.err.read_text()[-5000:]
-    return stdout
+    stdout, stderr = self.out.read_text(), self.err.read_text()
+    assert self.process.returncode == 0, stdout + stderr[-5000:]
+    return stdout, stderr
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +329,7 @@ def children(tmp_path_factory):
   """Both 8-device subprocesses, started together: XLA compiles on one core
   each, so on two cores the pair takes about as long as the longer one."""
   root = tmp_path_factory.mktemp("parallel")
-  data_dir = _tiny_mnist(root / "idx")
+  data_dir = helpers.write_tiny_idx(root / "idx", 256, 100)
   (root / "checks").mkdir()
   (root / "cli").mkdir()
   checks = _Child([sys.executable, __file__], root / "checks")
@@ -354,7 +339,7 @@ def children(tmp_path_factory):
        f"--config.mesh_devices={DEVICES}", f"--config.data_dir={data_dir}",
        "--config.dataset=tiny_idx", "--config.data_source=idx",
        "--config.num_epochs=1", "--config.batch_size=64",
-       "--config.heartbeat_seconds=0"], root / "cli")
+       "--config.progress_seconds=0"], root / "cli")
   yield {"checks": checks, "cli": cli, "workdir": root / "work"}
   for child in (checks, cli):
     if child.process.poll() is None:
@@ -363,23 +348,28 @@ def children(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(children):
-  return json.loads(children["checks"].wait().strip().splitlines()[-1])
+  return json.loads(children["checks"].wait()[0].strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", sorted(
     name for name in dir(sys.modules[__name__]) if name.startswith("check_")))
 def test_on_8_devices(report, check):
   assert report[check] == "ok", report[check]
 
 
+@pytest.mark.slow
 def test_cli_placements_on_8_devices(children):
   """The placement comparison through experiments.main, 8 CPU devices."""
-  stdout = children["cli"].wait()
-  assert "data parallel: 8 cpu device(s)" in stdout
+  _, stderr = children["cli"].wait()
+  assert "data parallel: 8 cpu device(s)" in stderr
   results = json.loads((children["workdir"] / "results.json").read_text())
-  assert [s["placement"] for s in results["summary"]] == list(
+  assert [c["placement"] for c in results["combos"]] == list(
       models.PLACEMENTS)
-  for row in results["final"]:
+  rows = [json.loads(line) for line in (
+      children["workdir"] / "metrics.jsonl").read_text().splitlines()]
+  assert len(rows) == len(models.PLACEMENTS) * 3  # 3 seeds, 1 epoch
+  for row in rows:
     assert np.isfinite(row["train_loss"]), row
     assert 0.0 <= row["test_accuracy"] <= 1.0
 
@@ -388,15 +378,21 @@ def test_cli_placements_on_8_devices(children):
 # One device (this process): config checks and the unchanged default path.
 
 
+@pytest.mark.slow
 def test_default_is_the_single_device_path():
-  config = experiment.default_config()
+  """Without a mesh the epoch is the single-device program: same numbers
+  as `train.sweep_epoch`, no resharding of states or data."""
+  config = base.get_config()
   assert config.mesh_devices == 1 and config.bn_stats == "sync"
   assert parallel.setup(config) is None
-  spec = _small_spec()
-  epoch = parallel.sweep_epoch_fn(spec, None)
-  assert epoch.func is train.sweep_epoch and epoch.keywords == {"spec": spec}
-  data = _random_data(num_train=4, num_test=3)
+  spec = _small_spec(num_epochs=1)
+  data = _random_data(seed=2)
   assert parallel.replicate(data, None) is data
+  make_states = lambda: train.create_sweep_states(spec, [0, 1],
+                                                  SWEEP_HPARAMS)
+  got = parallel.sweep_epoch_fn(spec, None)(make_states(), data)
+  expected = train.sweep_epoch(make_states(), data, spec=spec)
+  assert_trees_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -406,10 +402,10 @@ def test_default_is_the_single_device_path():
     ("bn_stats", "ghost", "config.bn_stats='ghost' is not valid"),
 ])
 def test_bad_parallel_config_rejected(field, value, message):
-  config = experiment.default_config()
+  config = base.get_config()
   config[field] = value
-  with pytest.raises(ValueError, match=message):
-    experiment.validate_config(config)
+  with pytest.raises(study.ConfigError, match=message):
+    study.validate_config(config)
 
 
 if __name__ == "__main__":

@@ -11,67 +11,50 @@ to the CLI's start-up.
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bn_jax import experiment
+from bn_jax import study
 from bn_jax import train
+from bn_jax import workdir as workdir_lib
+from configs import base
+from configs import placements
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = helpers.REPO
 N_TRAIN, N_TEST, BATCH = 128, 48, 32  # 4 steps per epoch
 STEPS_PER_EPOCH = N_TRAIN // BATCH
 # Fields set on top of configs/placements.py, here and on the CLI.
 OVERRIDES = {"dataset": "tiny", "placements": ("before_activation",),
              "widths": (8,), "seeds": (0, 1), "batch_size": BATCH,
              "num_epochs": 3, "keep_checkpoints": 3,
-             "heartbeat_seconds": 0.0}
-CLI_TIMEOUT_S = 180
-
-
-def write_idx(path: Path, array, magic: int) -> None:
-  """IDX: big-endian int32 magic (2051 images, 2049 labels), the dims, then
-  the uint8 values."""
-  array = np.asarray(array, np.uint8)
-  path.write_bytes(struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
-                   + array.tobytes())
+             "progress_seconds": 0.0}
+COMBO = "placement=before_activation"  # its checkpoints/ and rows' name
+CLI_TIMEOUT_S = helpers.CLI_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory) -> Path:
-  """Class c brightens rows 2c..2c+4 over noise: learnable in a few steps."""
-  directory = tmp_path_factory.mktemp("idx")
-  rng = np.random.default_rng(0)
-  for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 60, (n, 28, 28))
-    for i, c in enumerate(labels):
-      images[i, 2 * c:2 * c + 5] += 180
-    write_idx(directory / f"{split}-images-idx3-ubyte", images, 2051)
-    write_idx(directory / f"{split}-labels-idx1-ubyte", labels, 2049)
-  return directory
+  return helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), N_TRAIN,
+                                N_TEST)
 
 
 def tiny_config(idx_dir: Path, **changes):
   """configs/placements.py with OVERRIDES: the config the CLI builds."""
-  spec = importlib.util.spec_from_file_location(
-      "placements_config", REPO / "configs" / "placements.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = placements.get_config()
   for field, value in {**OVERRIDES, "data_dir": str(idx_dir),
                        **changes}.items():
     set_field(config, field, value)
@@ -105,10 +88,11 @@ def training_metrics(workdir: Path) -> list[dict]:
   return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
 
-def final_metrics(workdir: Path) -> list[dict]:
-  final = json.loads((workdir / "results.json").read_text())["final"]
-  return [{k: v for k, v in row.items() if k != "wall_time"}
-          for row in final]
+def results_without_times(workdir: Path) -> dict:
+  results = json.loads((workdir / "results.json").read_text())
+  for combo in results["combos"]:
+    del combo["wall_time"], combo["compile_time"]
+  return results
 
 
 def assert_same_run(workdir: Path, reference: Path) -> None:
@@ -116,14 +100,14 @@ def assert_same_run(workdir: Path, reference: Path) -> None:
   assert ((workdir / "config.json").read_text()
           == (reference / "config.json").read_text())
   assert training_metrics(workdir) == training_metrics(reference)
-  assert final_metrics(workdir) == final_metrics(reference)
+  assert results_without_times(workdir) == results_without_times(reference)
 
 
 @pytest.fixture(scope="module")
 def reference(idx_dir, tmp_path_factory) -> Path:
   """An uninterrupted run: the workdir."""
   workdir = tmp_path_factory.mktemp("reference")
-  experiment.run_experiment(tiny_config(idx_dir), workdir)
+  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
   return workdir
 
 
@@ -134,6 +118,21 @@ def reference(idx_dir, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("field, value, fragments", [
     ("placements", ("after_bn",), ["config.placements", "'after_bn'",
                                    "before_activation"]),
+    ("placements", ("(none,input)",), ["config.placements", "quote"]),
+    ("batch_sizes", (32, 0), ["config.batch_sizes", "positive"]),
+    ("placement", "after_bn", ["config.placement='after_bn'"]),
+    ("conv", "fft", ["config.conv='fft'", "'im2col'", "'xla'"]),
+    ("bn.grad", "analytic", ["config.bn.grad", "'paper_jvp'", "'autodiff'"]),
+    ("bn.impl", "cuda", ["config.bn.impl", "'plain'"]),
+    ("bn.stats_method", "welford", ["config.bn.stats_method", "'two_pass'"]),
+    ("bn.momentum", "fast", ["config.bn.momentum='fast'", "None"]),
+    ("seeds", ("a",), ["config.seeds", "integers"]),
+    ("seeds", (), ["config.seeds", "non-empty"]),
+    ("sweep.learning_rate", ("x",), ["config.sweep.learning_rate",
+                                     "numbers"]),
+    ("progress_seconds", -1.0, ["config.progress_seconds", ">= 0"]),
+    ("mesh_devices", 0, ["config.mesh_devices=0", "'auto'"]),
+    ("bn_stats", "ghost", ["config.bn_stats='ghost'", "'per_device'"]),
     ("activation", "swish2", ["config.activation", "'relu'"]),
     ("optimizer", "adagrad", ["config.optimizer", "'sgd'"]),
     ("model", "resnet", ["config.model", "'cnn'"]),
@@ -146,7 +145,8 @@ def reference(idx_dir, tmp_path_factory) -> Path:
     ("widths", (8, 0), ["config.widths"]),
     ("bn.momentum", 1.5, ["config.bn.momentum", "[0, 1]"]),
     ("bn.momentum", -0.1, ["config.bn.momentum", "[0, 1]"]),
-    ("sweep.bn_momentum", (0.9, 2.0), ["config.sweep.bn_momentum"]),
+    ("sweep.bn_momentum", (0.9, 2.0), ["config.sweep.bn_momentum",
+                                       "[0, 1]"]),
     ("bn.epsilon", 0.0, ["config.bn.epsilon", "> 0"]),
     ("bn.epsilon", -1e-3, ["config.bn.epsilon", "> 0"]),
     ("learning_rate", 0.0, ["config.learning_rate", "> 0"]),
@@ -154,24 +154,41 @@ def reference(idx_dir, tmp_path_factory) -> Path:
     ("data_seed", 2**31, ["config.data_seed=2147483648"]),
 ])
 def test_validate_config_names_the_field(field, value, fragments):
-  config = experiment.default_config()
-  set_field(config, field, value)
-  with pytest.raises(ValueError) as info:
-    experiment.validate_config(config)
+  config = base.get_config()
+  with config.unlocked():  # a flag may give any type; the check names it
+    set_field(config, field, value)
+  with pytest.raises(study.ConfigError) as info:
+    study.validate_config(config)
+  message = str(info.value)
+  assert "\n" not in message
   for fragment in fragments:
-    assert fragment in str(info.value), str(info.value)
+    assert fragment in message, message
 
 
-def test_default_config_is_valid():
-  experiment.validate_config(experiment.default_config())
+def test_base_config_is_valid():
+  study.validate_config(base.get_config())
+
+
+def test_momentum_none_is_valid_but_cannot_be_swept_past():
+  """None (the exact cumulative average) is a valid bn.momentum; a sweep
+  of momenta still replaces it per run."""
+  config = base.get_config()
+  config.bn.momentum = None
+  study.validate_config(config)
+  assert {r["hparams"]["bn_momentum"] for r in study.run_grid(config)} == {
+      None}
+  config.sweep.bn_momentum = (0.9,)
+  study.validate_config(config)
+  assert {r["hparams"]["bn_momentum"] for r in study.run_grid(config)} == {
+      0.9}
 
 
 def test_config_is_checked_before_data_and_workdir(tmp_path):
-  config = experiment.default_config()
+  config = base.get_config()
   config.data_dir = str(tmp_path / "no-such-dir")  # would be a DataError
   config.bn.epsilon = 0.0
-  with pytest.raises(ValueError, match="config.bn.epsilon"):
-    experiment.run_experiment(config, tmp_path / "workdir")
+  with pytest.raises(study.ConfigError, match="config.bn.epsilon"):
+    experiment.train_and_evaluate(config, tmp_path / "workdir")
   assert not (tmp_path / "workdir").exists()
 
 
@@ -180,8 +197,9 @@ def test_workdir_that_is_a_file(idx_dir, tmp_path, where):
   file = tmp_path / "a_file"
   file.write_text("not a directory")
   workdir = file if where == "workdir" else file / "run"
-  with pytest.raises(ValueError, match=re.escape(f"{file} is a file")):
-    experiment.run_experiment(tiny_config(idx_dir), workdir)
+  with pytest.raises(study.ConfigError,
+                     match=re.escape(f"{file} is a file")):
+    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
 
 
 @pytest.mark.parametrize("batch_size, fragment", [
@@ -194,15 +212,16 @@ def test_batch_larger_than_data_stops_before_compiling(
     raise AssertionError("compiled despite an invalid batch size")
   monkeypatch.setattr(train, "create_sweep_states", must_not_run)
   monkeypatch.setattr(train, "sweep_epoch", must_not_run)
-  with pytest.raises(ValueError) as info:
-    experiment.run_experiment(tiny_config(idx_dir, batch_size=batch_size),
-                              tmp_path)
-  assert f"config.batch_size={batch_size}" in str(info.value)
+  with pytest.raises(study.ConfigError) as info:
+    experiment.train_and_evaluate(
+        tiny_config(idx_dir, batch_size=batch_size), tmp_path)
+  assert f"batch size {batch_size} (config.batch_size" in str(info.value)
   assert fragment in str(info.value)
   # No config.json: the corrected command must not meet "different config".
   assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_config_field(tmp_path):
   result = run_cli([sys.executable, "-m", "experiments.main",
                     "--config=configs/placements.py",
@@ -213,6 +232,25 @@ def test_cli_rejects_unknown_config_field(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, fragment", [
+    ("--config.learning_rate=abc", "--config.learning_rate=abc"),
+    ("--config.bn.momentum=fast", "config.bn.momentum='fast'"),
+    ("--config.placements=(none,input)", "quote each string"),
+    ("--config.num_epochs=1.5", "--config.num_epochs=1.5"),
+])
+def test_cli_reports_a_bad_value_in_one_line(tmp_path, flag, fragment):
+  result = run_cli([sys.executable, "-m", "experiments.main",
+                    "--config=configs/placements.py",
+                    f"--workdir={tmp_path / 'run'}", flag])
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and fragment in lines[0], result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_cli_reports_data_error(tmp_path):
   missing = tmp_path / "no-idx-here"
   result = run_cli(cli_command(missing, tmp_path / "run"))
@@ -268,6 +306,7 @@ def _one_epoch_guard(spec, data, poison_step=None):
           train.describe_nonfinite(metrics["nonfinite"]))
 
 
+@pytest.mark.slow
 def test_nan_guard_catches_a_bad_update_at_the_next_loss_or_at_epoch_end():
   """An update that makes the parameters NaN (a NaN gradient's effect) is
   reported at the next step's loss and BN statistics, or, after the epoch's
@@ -322,17 +361,17 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
   monkeypatch.setattr(train, "sweep_epoch", sweep_epoch)
   config = tiny_config(idx_dir)
   with pytest.raises(experiment.NonFiniteError) as info:
-    experiment.run_experiment(config, tmp_path)
+    experiment.train_and_evaluate(config, tmp_path)
   assert isinstance(info.value, FloatingPointError)
   message = str(info.value)
   step = STEPS_PER_EPOCH + 1
-  for fragment in ["[before_activation]", "run 0 (seed 0", "run 1 (seed 1",
+  for fragment in [f"[{COMBO}]", "run 0 (seed 0", "run 1 (seed 1",
                    f"global step {step} (step 1 of {STEPS_PER_EPOCH} in "
                    "epoch 2)", "loss, BN statistics",
                    "last good checkpoint (epoch 1)", "learning rate",
                    "epsilon", "--config.nan_guard=False"]:
     assert fragment in message, message
-  checkpoints = tmp_path / "checkpoints" / "before_activation"
+  checkpoints = tmp_path / "checkpoints" / COMBO
   assert sorted(p.name for p in checkpoints.iterdir()) == ["1"]
   rows = training_metrics(tmp_path)
   assert [r["epoch"] for r in rows] == [1, 1]
@@ -341,7 +380,7 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
 
   # The same command resumes from epoch 1 as if nothing had happened.
   monkeypatch.setattr(train, "sweep_epoch", real_sweep_epoch)
-  experiment.run_experiment(config, tmp_path)
+  experiment.train_and_evaluate(config, tmp_path)
   assert_same_run(tmp_path, reference)
 
 
@@ -349,12 +388,12 @@ def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
   config = tiny_config(idx_dir, seeds=(0,))
   config.sweep.learning_rate = (1e-3, 1e30)
   with pytest.raises(experiment.NonFiniteError) as info:
-    experiment.run_experiment(config, tmp_path)
+    experiment.train_and_evaluate(config, tmp_path)
   message = str(info.value)
   assert "run 1 (seed 0, learning_rate=1e+30" in message, message
   assert "run 0" not in message
   assert "in epoch 1)" in message
-  assert not list((tmp_path / "checkpoints" / "before_activation").iterdir())
+  assert not list((tmp_path / "checkpoints" / COMBO).iterdir())
 
 
 # ----------------------------------------------------------------------------
@@ -363,18 +402,18 @@ def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
 
 def test_same_config_and_seed_give_identical_metrics(
     idx_dir, reference, tmp_path):
-  experiment.run_experiment(tiny_config(idx_dir), tmp_path)
+  experiment.train_and_evaluate(tiny_config(idx_dir), tmp_path)
   assert_same_run(tmp_path, reference)
   # Every output was written whole: no temporary file is left behind.
   assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_corrupt_checkpoints_fall_back_to_older_ones(
-    idx_dir, reference, tmp_path, capfd):
+    idx_dir, reference, tmp_path, caplog):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
   (workdir / "results.json").unlink()
-  checkpoints = workdir / "checkpoints" / "before_activation"
+  checkpoints = workdir / "checkpoints" / COMBO
   assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2", "3"]
   # Epoch 3's save killed before orbax renamed its temporary directory.
   (checkpoints / "3").rename(checkpoints / "3.orbax-checkpoint-tmp")
@@ -383,16 +422,17 @@ def test_corrupt_checkpoints_fall_back_to_older_ones(
     if file.is_file():
       file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
 
-  experiment.run_experiment(tiny_config(idx_dir), workdir)
-  out, err = capfd.readouterr()
-  assert f"WARNING: checkpoint {checkpoints / '2'} is corrupt" in err
-  assert "[before_activation] resumed from checkpoint at epoch 1" in out
-  assert (checkpoints.parent / "before_activation.corrupt" / "2").is_dir()
+  with caplog.at_level("INFO"):
+    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  assert f"checkpoint {checkpoints / '2'} is corrupt" in caplog.text
+  assert f"[{COMBO}] resumed from checkpoint at epoch 1" in caplog.text
+  assert (checkpoints.parent / f"{COMBO}.corrupt" / "2").is_dir()
   # Epochs 2 and 3 saved again, without colliding with the old ones.
   assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2", "3"]
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_identical_metrics(
     idx_dir, reference, tmp_path):
   """A real CLI run, killed once its first checkpoint exists, then the
@@ -422,28 +462,131 @@ def test_sigkilled_cli_run_resumes_to_identical_metrics(
 
   result = run_cli(command, env=env)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert "resumed from checkpoint" in result.stdout
+  assert "resumed from checkpoint" in result.stderr
+  assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------
+# The workdir: resuming the same experiment, one writer, a full disk.
+
+
+def test_resume_allows_only_fields_that_do_not_change_results(
+    idx_dir, reference, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  moved = tmp_path / "moved-idx"  # the same files elsewhere
+  shutil.copytree(idx_dir, moved)
+  experiment.train_and_evaluate(
+      tiny_config(moved, progress_seconds=5.0, target_accuracy=0.5,
+                  keep_checkpoints=4), workdir)
+  assert training_metrics(workdir) == training_metrics(reference)
+
+  with pytest.raises(workdir_lib.ConfigMismatch) as info:
+    experiment.train_and_evaluate(
+        tiny_config(idx_dir, learning_rate=0.01, widths=(16,)), workdir)
+  message = str(info.value)
+  assert "learning_rate, widths differ" in message, message
+  assert "new --workdir" in message
+  assert training_metrics(workdir) == training_metrics(reference)
+
+
+def test_a_second_run_on_a_busy_workdir_stops_and_names_the_first(
+    idx_dir, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with workdir_lib.Lock(workdir):  # a run in progress (this process)
+    with pytest.raises(workdir_lib.WorkdirInUse) as info:
+      experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1),
+                                    workdir)
+  message = str(info.value)
+  assert f"in use by process {os.getpid()}" in message, message
+  assert "\n" not in message
+  assert not (workdir / "metrics.jsonl").exists()
+  # Released on exit: the same command now runs.
+  experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1), workdir)
+  assert (workdir / "results.json").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(idx_dir, tmp_path,
+                                                      caplog):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / ".lock").write_text("process 999999999 on elsewhere\n")
+  with caplog.at_level("INFO"):
+    experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1),
+                                  workdir)
+  assert "stale lock of process 999999999" in caplog.text
+  assert (workdir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_two_cli_runs_on_one_workdir(idx_dir, tmp_path):
+  """The second of two concurrent runs stops at once, in one line naming
+  the first one's process; the first finishes undisturbed."""
+  workdir = tmp_path / "run"
+  command = cli_command(idx_dir, workdir, "--config.num_epochs=30")
+  first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (workdir / "config.json").exists():
+      assert first.poll() is None and time.monotonic() < deadline
+      time.sleep(0.05)
+    second = run_cli(command)
+  finally:
+    first.kill()
+    first.wait()
+  lines = second.stderr.strip().splitlines()
+  assert second.returncode != 0
+  assert len(lines) == 1, second.stderr
+  assert f"WorkdirInUse: {workdir} is in use by process {first.pid}" in (
+      lines[0])
+
+
+def _fail_writes_to(monkeypatch, name: str) -> None:
+  """Every write of a file called `name` fails as on a full disk."""
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+      raise OSError(28, "No space left on device")
+    real_fsync(fd)
+  monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", ".results.json.tmp"])
+def test_a_full_disk_stops_in_one_line_and_rerunning_resumes(
+    idx_dir, reference, tmp_path, monkeypatch, name):
+  workdir = tmp_path / "run"
+  with monkeypatch.context() as patch:
+    _fail_writes_to(patch, name)
+    with pytest.raises(workdir_lib.WriteError) as info:
+      experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  message = str(info.value)
+  target = name.strip(".").removesuffix(".tmp")
+  assert f"could not write {workdir / target}" in message, message
+  assert "No space left on device" in message
+  assert "rerun the same command" in message
+  assert "\n" not in message
+  assert not list(workdir.glob(".*.tmp"))
+  if name == "metrics.jsonl":  # the first epoch's rows: nothing kept
+    assert (workdir / "metrics.jsonl").read_text() == ""
+  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  text, png = tmp_path / "results.json", tmp_path / "curves.png"
-  experiment.write_atomic(text, "old\n")
-  fig = plt.figure()
-  experiment._save_figure(fig, png)
-  old_png = png.read_bytes()
-
-  def crash(*args):
-    raise OSError("disk full")
-  monkeypatch.setattr(os, "replace", crash)
-  with pytest.raises(OSError):
-    experiment.write_atomic(text, "new\n")
-  fig.text(0.5, 0.5, "new")
-  with pytest.raises(OSError):
-    experiment._save_figure(fig, png)
-  plt.close(fig)
-  assert text.read_text() == "old\n"
-  assert png.read_bytes() == old_png
+  path = tmp_path / "results.json"
+  workdir_lib.write_atomic(path, "old\n")
+  lines = tmp_path / "metrics.jsonl"
+  workdir_lib.append_lines(lines, ["{}"])
+  _fail_writes_to(monkeypatch, ".results.json.tmp")
+  with pytest.raises(workdir_lib.WriteError):
+    workdir_lib.write_atomic(path, "new\n")
+  _fail_writes_to(monkeypatch, "metrics.jsonl")
+  with pytest.raises(workdir_lib.WriteError):
+    workdir_lib.append_lines(lines, ['{"a": 1}', '{"b": 2}'])
+  assert path.read_text() == "old\n"
+  assert lines.read_text() == "{}\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl",
+                                                        "results.json"]

@@ -10,7 +10,9 @@ import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bn_jax import models
@@ -116,6 +118,7 @@ def sweeps(data):
 # Learning, compiled once.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", models.PLACEMENTS)
 def test_every_placement_lowers_the_loss(placement, sweeps):
   history = sweeps[placement]["history"]
@@ -140,11 +143,13 @@ def test_every_placement_lowers_the_loss(placement, sweeps):
                                 SPEC.total_steps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", models.PLACEMENTS)
 def test_sweep_epoch_is_traced_once_across_epochs(placement, sweeps):
   assert sweeps[placement]["traces"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", models.PLACEMENTS)
 def test_bn_statistics_are_kept_per_run(placement, sweeps):
   k = len(SEEDS)
@@ -157,7 +162,8 @@ def test_bn_statistics_are_kept_per_run(placement, sweeps):
       assert not stats
     else:
       assert [s.shape for s in stats] == [(k, features)] * 2  # mean, var
-    assert all(v.shape == (k,) for v in state.hparams.values())
+    assert all(v.shape == (k,) for v in state.bn_hparams.values())
+    assert train.learning_rate(state).shape == (k,)
     assert state.step.shape == (k,)
   for stat in jax.tree.leaves(final.batch_stats):
     # Each run moved its own statistics: no two runs share them.
@@ -212,7 +218,8 @@ def separate_run(state, spec, data, on_step):
 def assert_same_run(state, history, expected_state, expected_history):
   np.testing.assert_array_equal(state.data_key, expected_state.data_key)
   np.testing.assert_array_equal(state.step, expected_state.step)
-  assert_trees_close(state.hparams, expected_state.hparams, rtol=0, atol=0)
+  assert_trees_close(state.bn_hparams, expected_state.bn_hparams, rtol=0,
+                     atol=0)
   assert_trees_close(state.params, expected_state.params)
   assert_trees_close(state.batch_stats, expected_state.batch_stats)
   assert_trees_close(state.opt_state, expected_state.opt_state)
@@ -225,6 +232,7 @@ def assert_same_run(state, history, expected_state, expected_history):
                                  err_msg=f"{key}, epoch {epoch + 1}")
 
 
+@pytest.mark.slow
 def test_vmapped_runs_equal_separate_runs(arrays, data, sweeps,
                                           monkeypatch):
   """The 3 runs of `sweeps` (seeds, learning rates, BN momenta and epsilons
@@ -256,6 +264,7 @@ def test_vmapped_runs_equal_separate_runs(arrays, data, sweeps,
   assert len(set(np.round(final, 4))) == len(SEEDS)
 
 
+@pytest.mark.slow
 def test_jit_train_epoch_equals_the_sweep_and_traces_once(data, sweeps,
                                                           monkeypatch):
   """Run 1 of `sweeps` again with the unvmapped `jit_train_epoch`: the epoch
@@ -280,9 +289,8 @@ def test_jit_train_epoch_equals_the_sweep_and_traces_once(data, sweeps,
 # Data order.
 
 
-def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs(
-    sweeps):
-  keys = sweeps["none"]["initial"].data_key  # seeds 0, 1, 2
+def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs():
+  keys = train.create_sweep_states(spec_for("none"), SEEDS, SWEEP).data_key
   num_examples = NUM_TRAIN + 3  # the last partial batch is dropped
   order = lambda key, epoch: np.asarray(
       train.epoch_batches(key, epoch, num_examples, SPEC))
@@ -293,8 +301,9 @@ def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs(
   assert first.min() >= 0 and first.max() < num_examples
   np.testing.assert_array_equal(order(keys[0].copy(), 0), first)
   # The same seed gives the same key whatever the placement or hparams.
-  np.testing.assert_array_equal(
-      sweeps["input"]["initial"].data_key, keys)
+  other_runs = train.create_sweep_states(
+      spec_for("input"), SEEDS, {k: v[::-1] for k, v in SWEEP.items()})
+  np.testing.assert_array_equal(other_runs.data_key, keys)
   for other in (order(keys[1], 0), order(keys[2], 0), order(keys[0], 1),
                 order(keys[0], 2)):
     assert np.mean(other != first) > 0.9
@@ -344,6 +353,7 @@ def test_random_permutation_breaks_up_neighbours():
 DATA_SEED = 7
 
 
+@pytest.mark.slow
 def test_shared_data_order_sweep_equals_separate_runs(data):
   """spec.data_seed: the vmapped sweep (batches gathered once for all runs)
   against each run alone with the per-run code path, its data key replaced
@@ -380,6 +390,7 @@ def test_random_permutation_rejects_sizes_beyond_int32():
       train.random_permutation(jax.random.key(0), n)
 
 
+@pytest.mark.slow
 def test_shared_data_order_single_run_path(data):
   """K=1 with data_seed: `over_runs` unstacks the run (no vmap) and passes
   the shared batches in; the result equals the per-run path given the same
@@ -397,6 +408,7 @@ def test_shared_data_order_single_run_path(data):
                      copy_tree(state.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scaling", ["unit", "standardize"])
 def test_uint8_pixels_train_like_floats_scaled_on_the_host(arrays, scaling):
   """DeviceData with uint8 pixels (the CLI's: scaled per batch inside the
@@ -438,6 +450,7 @@ def _gather_result_types(spec, k, data):
   return re.findall(r"stablehlo.gather.*-> (tensor<[0-9x]*xf32>)", text)
 
 
+@pytest.mark.slow
 def test_shared_data_order_gathers_each_batch_once(data):
   """With data_seed, the image gather inside the epoch is unbatched
   (B, 784), not one per run (K, B, 784), which is what lets XLA fuse the
@@ -479,7 +492,7 @@ def np_forward(state, x, placement, *, train_mode):
   """
   as64 = lambda tree: jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
   params, stats = as64(state.params), as64(state.batch_stats)
-  epsilon = float(state.hparams["bn_epsilon"])
+  epsilon = float(state.bn_hparams["epsilon"])
   batch = []
 
   def norm(h):
@@ -530,6 +543,7 @@ def assert_momentum_update(before, after, x, placement, momentum, unbiased):
       atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_matches_numpy(arrays, data, sweeps):
   """`evaluate` called directly, on run 0 of the trained before_activation
   sweep: running statistics far from their initial 0 / 1."""
@@ -558,6 +572,7 @@ def test_evaluate_matches_numpy(arrays, data, sweeps):
                              sum(c["loss_sum"] for c in chunks), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", models.PLACEMENTS)
 def test_sweep_test_metrics_match_numpy(placement, arrays, sweeps):
   """Every run's last-epoch test metrics (`evaluate` under the sweep's vmap)
@@ -583,14 +598,15 @@ def test_sweep_test_metrics_match_numpy(placement, arrays, sweeps):
 def test_spec_passes_bn_options_and_hparams_to_the_model(arrays):
   """`TrainSpec.make_model`: the run's momentum and epsilon and the spec's
   unbiased running variance reach every BN (one training-mode call)."""
-  spec = spec_for("after_activation", unbiased_running_var=True)
-  hparams = {"learning_rate": 1e-2, "bn_momentum": 0.8, "bn_epsilon": 0.5}
-  model = spec.make_model(hparams)
+  spec = spec_for("after_activation", bn=(("unbiased_running_var", True),))
+  bn_hparams = {"momentum": 0.8, "epsilon": 0.5}
+  model = spec.make_model(bn_hparams)
   x = arrays[0][:64]
   variables = model.init(jax.random.key(0), x, train=False)
   state = train.TrainState(step=0, params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           opt_state=None, hparams=hparams, data_key=None)
+                           opt_state=None, bn_hparams=bn_hparams,
+                           data_key=None)
   logits, updates = model.apply(variables, x, train=True,
                                 mutable=["batch_stats"])
   expected, _ = np_forward(state, x, "after_activation", train_mode=True)
@@ -598,3 +614,62 @@ def test_spec_passes_bn_options_and_hparams_to_the_model(arrays):
   assert_momentum_update(state, state._replace(
       batch_stats=updates["batch_stats"]), x, "after_activation", 0.8,
                          unbiased=True)
+
+
+# ----------------------------------------------------------------------------
+# Per-run hyperparameters: the learning rate in the optimizer state.
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+@pytest.mark.parametrize("schedule", train.SCHEDULES)
+def test_optimizer_with_injected_learning_rate_matches_optax(optimizer,
+                                                             schedule):
+  """make_optimizer (learning rate in the state, schedule as a factor)
+  gives the updates of optax's own optimizer built with a schedule."""
+  spec = dataclasses.replace(SPEC, optimizer=optimizer, schedule=schedule,
+                             warmup_steps=2, weight_decay=0.1,
+                             steps_per_epoch=3, num_epochs=2)
+  lr = 0.05
+  schedules = {
+      "constant": lr,
+      "cosine": optax.cosine_decay_schedule(lr, spec.total_steps),
+      "warmup_cosine": optax.warmup_cosine_decay_schedule(
+          0.0, lr, 2, spec.total_steps)}
+  lr_or_schedule = schedules[schedule]
+  reference = {
+      "adam": optax.adam(lr_or_schedule),
+      "adamw": optax.adamw(lr_or_schedule, weight_decay=0.1),
+      "sgd": optax.sgd(lr_or_schedule),
+      "momentum": optax.sgd(lr_or_schedule, momentum=0.9, nesterov=True),
+  }[optimizer]
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  ours_state = train.make_optimizer(spec, lr).init(params)
+  reference_state = reference.init(params)
+  ours_params = reference_params = params
+  for step in range(spec.total_steps):
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * (s + 1)), ours_params)
+    updates, ours_state = train.make_optimizer(spec).update(
+        grads, ours_state, ours_params)
+    ours_params = optax.apply_updates(ours_params, updates)
+    updates, reference_state = reference.update(grads, reference_state,
+                                                reference_params)
+    reference_params = optax.apply_updates(reference_params, updates)
+    # To float rounding: the injected rate is a float32 array, optax's a
+    # Python float folded into the program.
+    assert_trees_close(ours_params, reference_params, rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_none_keeps_the_exact_average_of_the_batches(data):
+  """bn.momentum=None: after an epoch the input BN's running mean is the
+  mean of that epoch's batch means (NumPy, from the epoch's batches), and
+  its count is the number of steps."""
+  spec = spec_for("input", num_epochs=1, bn=(("momentum", None),))
+  state = train.create_train_state(spec, 0, {"learning_rate": 1e-3})
+  batches = np.asarray(train.epoch_batches(state.data_key, 0, NUM_TRAIN,
+                                           spec))
+  trained, _ = train.jit_train_epoch(state, data, spec=spec)
+  stats = trained.batch_stats["input_bn"]
+  assert int(stats["count"]) == spec.steps_per_epoch
+  images = np.asarray(data.train_images, np.float64)
+  expected = np.mean([images[b].mean(0) for b in batches], 0)
+  np.testing.assert_allclose(stats["mean"], expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,230 @@
+"""What a config asks to run: study axes, runs, and their checks.
+
+A study is the product of static axes (each combination one compiled
+program) times the runs inside each program (seeds x numeric sweeps,
+vmapped). Adding an axis is one entry in `AXES`: the config field that
+holds its tuple of values, and the field of a run's config that each value
+sets. Every metrics row carries the value of every axis.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from bn_jax import data as data_lib
+from bn_jax import models
+from bn_jax import parallel
+from bn_jax import train
+
+# Axis field (a tuple; () keeps the single field) -> the field it sets.
+AXES = {
+    "placements": "placement",
+    "batch_sizes": "batch_size",
+    "models": "model",
+    "activations": "activation",
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+class Combination(NamedTuple):
+  name: str  # e.g. "placement=none__batch_size=64": the swept axes only
+  values: dict[str, Any]  # every axis' field -> its value here
+  config: ml_collections.ConfigDict  # the config with those values set
+
+
+def combinations(config) -> list[Combination]:
+  """The product of the axes, in config order (the first axis slowest)."""
+  swept = {field: tuple(config[axis]) for axis, field in AXES.items()
+           if len(config[axis])}
+  combos = []
+  for values in itertools.product(*swept.values()):
+    chosen = dict(zip(swept, values))
+    combo_config = config.copy_and_resolve_references()
+    with combo_config.unlocked():
+      for field, value in chosen.items():
+        combo_config[field] = value
+    name = "__".join(f"{k}={v}" for k, v in chosen.items()) or "run"
+    combos.append(Combination(
+        name, {f: combo_config[f] for f in AXES.values()}, combo_config))
+  return combos
+
+
+def run_grid(config) -> list[dict[str, Any]]:
+  """Seeds x swept values: one dict (seed, hparams) per run of a program.
+
+  hparams has every name of `train.SWEEPABLE`: the swept value, else the
+  config's (`bn_momentum` may be None: the exact cumulative average, which
+  no sweep can vary).
+  """
+  base = {"learning_rate": config.learning_rate,
+          "bn_momentum": config.bn.momentum, "bn_epsilon": config.bn.epsilon}
+  sweeps = {name: tuple(config.sweep[name]) or (base[name],)
+            for name in train.SWEEPABLE}
+  runs = []
+  for seed, *values in itertools.product(tuple(config.seeds),
+                                         *sweeps.values()):
+    runs.append({"seed": seed, "hparams": {
+        n: None if v is None else float(v) for n, v in zip(sweeps, values)}})
+  return runs
+
+
+def make_spec(config, num_train: int) -> train.TrainSpec:
+  """The static part of one combination's program (`combinations`)."""
+  return train.TrainSpec(
+      model=config.model, placement=config.placement,
+      activation=config.activation, widths=tuple(config.widths),
+      channels=tuple(config.channels), conv=config.conv,
+      bn=tuple(sorted(config.bn.items())), optimizer=config.optimizer,
+      schedule=config.schedule, warmup_steps=config.warmup_steps,
+      weight_decay=config.weight_decay, batch_size=config.batch_size,
+      steps_per_epoch=num_train // config.batch_size,
+      num_epochs=config.num_epochs, nan_guard=config.nan_guard,
+      data_seed=config.data_seed, input_scaling=config.input_scaling)
+
+
+# ----------------------------------------------------------------------------
+# Checks, before anything is loaded or compiled.
+
+_CHOICES = {
+    "model": models.MODELS, "placement": models.PLACEMENTS,
+    "activation": tuple(models.ACTIVATIONS), "conv": ("auto", *models.CONVS),
+    "optimizer": train.OPTIMIZERS, "schedule": train.SCHEDULES,
+    "data_source": data_lib.SOURCES, "input_scaling": data_lib.SCALINGS,
+}
+_POSITIVE_INTS = ("batch_size", "num_epochs", "keep_checkpoints")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_field(field: str, value, where: str) -> None:
+  if field in _CHOICES and value not in _CHOICES[field]:
+    raise ConfigError(f"{where}={value!r} is not valid; choose one of "
+                      f"{_CHOICES[field]}.")
+  if field in _POSITIVE_INTS and not (_is_int(value) and value > 0):
+    raise ConfigError(f"{where}={value!r} must be a positive integer.")
+
+
+def _check_axes(config) -> None:
+  for axis, field in AXES.items():
+    values = config[axis]
+    if not isinstance(values, (tuple, list)):
+      raise ConfigError(f"config.{axis}={values!r} must be a tuple of "
+                        f"{field} values, e.g. --config.{axis}='(a,b)'; () "
+                        f"keeps config.{field}.")
+    if len(set(values)) < len(values):
+      raise ConfigError(f"config.{axis}={tuple(values)!r} repeats a value.")
+    for value in values:
+      if isinstance(value, str) and value[:1] in "([":
+        raise ConfigError(
+            f"config.{axis}={tuple(values)!r}: quote each string so that the "
+            f"flag parses as a tuple, e.g. --config.{axis}=\"('a','b')\".")
+      _check_field(field, value, f"config.{axis} value")
+
+
+def _check_numbers(config) -> None:
+  if not (_is_int(config.warmup_steps) and config.warmup_steps >= 0):
+    raise ConfigError(f"config.warmup_steps={config.warmup_steps!r} must be "
+                      "an integer >= 0.")
+  for field in ("widths", "channels"):
+    if not all(_is_int(n) and n > 0 for n in config[field]):
+      raise ConfigError(f"config.{field}={tuple(config[field])!r} must hold "
+                        "positive integers (layer sizes).")
+  if not (_is_number(config.weight_decay) and config.weight_decay >= 0):
+    raise ConfigError(f"config.weight_decay={config.weight_decay!r} must be "
+                      ">= 0.")
+  if not (_is_number(config.progress_seconds)
+          and config.progress_seconds >= 0):
+    raise ConfigError(f"config.progress_seconds={config.progress_seconds!r}"
+                      " must be >= 0 (0 turns the progress line off).")
+  if not (_is_number(config.target_accuracy)
+          and 0 < config.target_accuracy <= 1):
+    raise ConfigError(f"config.target_accuracy={config.target_accuracy!r} "
+                      "must be in (0, 1].")
+  if not isinstance(config.nan_guard, bool):
+    raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True "
+                      "or False.")
+
+
+def _check_runs(config) -> None:
+  seeds = config.seeds
+  if (not isinstance(seeds, (tuple, list)) or not seeds
+      or not all(_is_int(s) and 0 <= s < 2**31 for s in seeds)):
+    raise ConfigError(f"config.seeds={seeds!r} must be a non-empty tuple of "
+                      "integers in [0, 2**31), e.g. --config.seeds='(0,1)'.")
+  if config.data_seed is not None and not (_is_int(config.data_seed)
+                                           and 0 <= config.data_seed < 2**31):
+    raise ConfigError(f"config.data_seed={config.data_seed!r} must be None "
+                      "(each run's order follows its seed) or an integer in "
+                      "[0, 2**31).")
+  for name in train.SWEEPABLE:
+    values = config.sweep[name]
+    if not isinstance(values, (tuple, list)) or not all(
+        _is_number(v) for v in values):
+      raise ConfigError(f"config.sweep.{name}={values!r} must be a tuple of "
+                        f"numbers, e.g. --config.sweep.{name}='(0.1,0.2)'.")
+  for lr in (config.learning_rate, *config.sweep.learning_rate):
+    if not lr > 0:
+      raise ConfigError(f"learning rate {lr} (config.learning_rate or "
+                        "config.sweep.learning_rate) must be > 0.")
+  # The one check of BN options is the norm factory's, for config.bn and
+  # for every swept value in its place.
+  _check_norm(dict(config.bn), "")
+  for name, option in train.BN_SWEEPABLE.items():
+    for value in config.sweep[name]:
+      _check_norm({**config.bn, option: value},
+                  f" (a value of config.sweep.{name})")
+
+
+def _check_norm(options, where: str) -> None:
+  try:
+    models.check_norm_options(options)
+  except ValueError as e:
+    raise ConfigError(f"{e}{where}") from None
+
+
+def validate_config(config) -> None:
+  """Rejects bad values, naming the field and what it accepts."""
+  for field in ("learning_rate", "weight_decay", "progress_seconds",
+                "target_accuracy"):
+    if not _is_number(config[field]):
+      raise ConfigError(f"config.{field}={config[field]!r} must be a number.")
+  for field in (*_CHOICES, *_POSITIVE_INTS):
+    _check_field(field, config[field], f"config.{field}")
+  _check_axes(config)
+  _check_numbers(config)
+  _check_runs(config)
+  try:
+    parallel.check_config(config)
+    for combo in combinations(config):
+      parallel.check_config(combo.config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def validate_data_size(config, num_train: int, num_test: int) -> None:
+  """Rejects a batch larger than the data (known once the data are loaded,
+  still before anything is compiled)."""
+  for combo in combinations(config):
+    batch_size = combo.config.batch_size
+    if batch_size > num_train:
+      raise ConfigError(f"batch size {batch_size} (config.batch_size or "
+                        "config.batch_sizes) is larger than the training set "
+                        f"({num_train} examples).")
+    if batch_size > num_test:
+      raise ConfigError(
+          f"batch size {batch_size} (config.batch_size or config.batch_sizes)"
+          f" is larger than the test set ({num_test} examples); the "
+          "batch-statistics evaluation needs at least one full batch.")

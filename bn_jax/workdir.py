@@ -1,0 +1,286 @@
+"""The workdir's files: atomic writes, the run lock, the resume check.
+
+Everything an experiment writes goes through `atomic_file`: a temporary name
+beside the target, synced, then renamed, so a reader (or a rerun after a
+crash or a full disk) never meets a half-written file. A write that fails
+raises `WriteError`, one line naming the file, and leaves the previous
+version of that file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+
+
+class WorkdirError(Exception):
+  """The workdir cannot be used as asked; the message says how to fix it."""
+
+
+class WriteError(WorkdirError, OSError):
+  """A file of the workdir could not be written (full disk, permissions).
+
+  What was written before is intact; rerunning the same command resumes.
+  """
+
+
+def _write_error(path: Path, error: OSError) -> WriteError:
+  reason = os.strerror(error.errno) if error.errno else str(error)
+  return WriteError(
+      error.errno or errno.EIO,
+      f"could not write {path} ({reason}). Nothing written before is lost: "
+      "free the space (or fix the permissions) and rerun the same command "
+      "to resume.")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
+  """Yields a temporary file beside `path`; once written and synced it is
+  renamed to `path`. On any error the temporary file is removed and `path`
+  keeps its previous content; an OSError becomes a `WriteError`."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    if isinstance(e, OSError) and not isinstance(e, WriteError):
+      raise _write_error(path, e) from e
+    raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+  with atomic_file(path) as f:
+    f.write(text)
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+  """Appends whole lines and syncs them (metrics.jsonl, once per epoch).
+
+  A failed append is cut back to the file's previous length, so the file
+  never ends in a partial line.
+  """
+  path = Path(path)
+  data = "".join(line + "\n" for line in lines).encode()
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      start = os.lseek(fd, 0, os.SEEK_END)
+      try:
+        view = memoryview(data)
+        while view:
+          view = view[os.write(fd, view):]
+        os.fsync(fd)
+      except OSError:
+        os.ftruncate(fd, start)
+        raise
+    finally:
+      os.close(fd)
+  except OSError as e:
+    raise _write_error(path, e) from e
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+  """The rows of a JSON-lines file; [] if it does not exist. A line that is
+  not JSON raises ValueError naming the file and the line."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+      rows.append(json.loads(line))
+    except ValueError as e:
+      raise ValueError(f"{path}, line {number}, is not JSON ({e}); the file "
+                       "is corrupt: delete that line (or the workdir) and "
+                       "rerun.") from None
+  return rows
+
+
+class MetricsWriter:
+  """Each epoch's rows, to metrics.jsonl and to TensorBoard event files.
+
+  metrics.jsonl is append-only, one line per combination, run and epoch,
+  synced every epoch. TensorBoard gets one event directory per run,
+  `tensorboard/<combo>/run<i>`, so that `tensorboard --logdir workdirs`
+  shows every run's curves (tensorboardX: no TensorFlow needed), the x axis
+  in optimizer steps.
+  """
+
+  def __init__(self, workdir: Path, scalars: tuple[str, ...]):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._tensorboard = Path(workdir) / "tensorboard"
+    self._scalars = scalars
+    self._writers = {}
+
+  def rows(self) -> list[dict[str, Any]]:
+    return read_jsonl(self.path)
+
+  def forget_after(self, combo: str, epoch: int) -> list[dict[str, Any]]:
+    """Drops the combination's rows past `epoch` (written just before a
+    crash, their checkpoint never saved; they are trained again) and
+    returns the rows it keeps."""
+    rows = self.rows()
+    kept = [r for r in rows if r["combo"] != combo or r["epoch"] <= epoch]
+    if len(kept) < len(rows):
+      write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    return [r for r in kept if r["combo"] == combo]
+
+  def write(self, rows: list[dict[str, Any]]) -> None:
+    append_lines(self.path, [json.dumps(r) for r in rows])
+    try:
+      for row in rows:
+        writer = self._writer(row["combo"], row["run"])
+        for name in self._scalars:
+          writer.add_scalar(name, row[name], row["step"])
+      for writer in self._writers.values():
+        writer.flush()
+    except OSError as e:
+      raise _write_error(self._tensorboard, e) from e
+
+  def _writer(self, combo: str, run: int):
+    key = (combo, run)
+    if key not in self._writers:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writers[key] = tensorboardX.SummaryWriter(
+          str(self._tensorboard / combo / f"run{run}"), flush_secs=3600)
+    return self._writers[key]
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers.clear()
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir.
+
+
+class WorkdirInUse(WorkdirError):
+  """Another process holds the workdir's lock."""
+
+
+class Lock:
+  """An exclusive lock on `<workdir>/.lock`, held while a run writes there.
+
+  `fcntl.flock`: the kernel releases it when the holder exits, however it
+  exits (even kill -9), so a lock file left by a dead process is stale by
+  construction and is simply taken over. The file records the holder's pid
+  and host for the message a second run gets, and is removed on exit.
+  """
+
+  def __init__(self, workdir: Path):
+    self.path = Path(workdir) / ".lock"
+    self._file = None
+
+  def __enter__(self) -> "Lock":
+    while True:
+      self._file = open(self.path, "a+")
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self._file.seek(0)
+        holder = self._file.read().strip() or "another process"
+        self._file.close()
+        raise WorkdirInUse(
+            f"{self.path.parent} is in use by {holder}: two runs must not "
+            "write one workdir. Wait for it to finish (or stop it), or use "
+            "another --workdir.") from None
+      # The holder before us may have removed the file (`__exit__`) after
+      # we opened it: then ours is a lock on nothing; open the new file.
+      if self.path.exists() and os.path.samestat(
+          os.fstat(self._file.fileno()), os.stat(self.path)):
+        break
+      self._file.close()
+    self._file.seek(0)
+    previous = self._file.read().strip()
+    if previous:  # its holder died without removing it
+      logging.info("took over the stale lock of %s (no longer running)",
+                   previous)
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    # Released: the file goes (a later run creates its own). Removed while
+    # still held, so no other run can have locked this file in between.
+    self.path.unlink(missing_ok=True)
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+# ----------------------------------------------------------------------------
+# Resuming: the same experiment or none.
+
+# Config fields that cannot change a run's numbers: a rerun that changes
+# only these resumes (where the data come from: the files are md5-checked;
+# how progress is shown and reported; how many checkpoints are kept; the
+# hosts' addresses).
+NON_RESULT_FIELDS = ("study", "data_dir", "data_source", "progress_seconds",
+                     "target_accuracy", "keep_checkpoints", "distributed")
+
+
+def config_json(config: Mapping[str, Any]) -> str:
+  return json.dumps(config, indent=2, sort_keys=True, default=list) + "\n"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(
+          value, tuple) else value
+  return flat
+
+
+def result_fields_that_differ(saved: Mapping[str, Any],
+                              current: Mapping[str, Any]) -> list[str]:
+  """The dotted names of fields, outside NON_RESULT_FIELDS, whose values
+  differ between two configs (as dicts, e.g. config.json's)."""
+  def relevant(config):
+    return {k: v for k, v in _flatten(config).items()
+            if k.split(".")[0] not in NON_RESULT_FIELDS}
+  saved, current = relevant(saved), relevant(current)
+  return sorted(k for k in saved.keys() | current.keys()
+                if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+class ConfigMismatch(WorkdirError):
+  """The workdir holds a run of another experiment."""
+
+
+def check_resumable(workdir: Path, config: Mapping[str, Any]) -> None:
+  """Raises ConfigMismatch unless `workdir` is new or holds a run whose config
+  differs from `config` only in NON_RESULT_FIELDS."""
+  saved_path = Path(workdir) / "config.json"
+  if not saved_path.exists():
+    return
+  try:
+    saved = json.loads(saved_path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigMismatch(f"{saved_path} cannot be read ({e}); use a new "
+                     "--workdir, or delete the workdir to start over.")
+  differ = result_fields_that_differ(saved, config)
+  if differ:
+    raise ConfigMismatch(
+        f"{workdir} holds a run with a different config: "
+        f"{', '.join(differ)} differ from {saved_path}. Resuming needs the "
+        "same values (only " + ", ".join(NON_RESULT_FIELDS) + " may change);"
+        " use a new --workdir for a new experiment.")

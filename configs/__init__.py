@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config()` in each file; see configs/base.py."""

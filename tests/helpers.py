@@ -1,0 +1,80 @@
+"""Shared by the experiment tests: tiny IDX data sets, the CLI, its config.
+
+Imported as `helpers` (pytest puts tests/ on sys.path).
+"""
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 300
+
+
+def write_idx(path: Path, array, magic: int) -> None:
+  """IDX: big-endian int32 magic (2051 images, 2049 labels), the dims, then
+  the uint8 values."""
+  array = np.asarray(array, np.uint8)
+  path.write_bytes(struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
+                   + array.tobytes())
+
+
+def write_tiny_idx(directory: Path, num_train: int, num_test: int) -> Path:
+  """The four IDX files of a learnable task: class c brightens rows
+  2c..2c+4 of 28x28 noise. Data set names without a known md5 load them."""
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", num_train), ("t10k", num_test)):
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 28, 28))
+    for i, c in enumerate(labels):
+      images[i, 2 * c:2 * c + 5] += 180
+    write_idx(directory / f"{split}-images-idx3-ubyte", images, 2051)
+    write_idx(directory / f"{split}-labels-idx1-ubyte", labels, 2049)
+  return directory
+
+
+def run_cli(args, *, module="experiments.main", env=None, check=True,
+            ) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repository root, on the CPU, with
+  unoptimized XLA (compiles several times faster; every run in a test
+  uses the same setting)."""
+  env = dict(env or os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                          env=env, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S)
+  if check:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[
+        -5000:]
+  return result
+
+
+def resolved_config(args):
+  """The config experiments/main.py builds from ARGS by its own flags, from
+  the repository root (config paths are relative to it)."""
+  import experiments.main as main_module  # pylint: disable=g-import-not-at-top
+  argv = ["experiments.main", *args]
+  with flagsaver.flagsaver(), pytest.MonkeyPatch.context() as monkeypatch:
+    monkeypatch.chdir(REPO)
+    # config_flags finds the --config.FIELD overrides in sys.argv.
+    monkeypatch.setattr(sys, "argv", argv)
+    flags.FLAGS(argv)
+    return main_module._CONFIG.value  # pylint: disable=protected-access
+
+
+def slow_except(cases, keep_fast, ids=None):
+  """`cases` as pytest params, those for which `keep_fast(*case)` is false
+  marked `slow`: `pytest -m "not slow"` keeps one representative of an
+  exhaustive matrix, CI runs all of it."""
+  ids = ids or ["-".join(map(str, case)) for case in cases]
+  return [pytest.param(*case, id=case_id,
+                       marks=() if keep_fast(*case) else pytest.mark.slow)
+          for case, case_id in zip(cases, ids)]

@@ -1,0 +1,396 @@
+"""experiments/report.py on synthetic workdirs: no training.
+
+Each test writes a metrics.jsonl (and maybe a results.json) as the trainer's
+contract describes them, then checks the table against numbers computed here
+independently (numpy written out in the test), the files written, and the
+one-line errors of the command line.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from bn_jax import workdir as workdir_lib
+import experiments.main  # noqa: F401  (its global --workdir must not clash)
+from experiments import report
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = {"placement": "none", "batch_size": 128, "model": "mlp",
+            "activation": "relu"}
+TABLE_HEADER = ("| runs | test acc (eval mode) | test acc (batch stats) | "
+                "train loss | epochs to 97% | wall time (s) |")
+
+
+def make_row(run, epoch, acc, *, swept=None, acc_bs=0.95, loss=0.1,
+             wall=None, **extra):
+  """One metrics.jsonl row of the combination that sweeps `swept`."""
+  swept = swept or {"placement": "none"}
+  combo = "__".join(f"{k}={v}" for k, v in swept.items())
+  return {**DEFAULTS, **swept, "combo": combo, "run": run, "seed": run,
+          "learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3,
+          "epoch": epoch, "step": 100 * epoch,
+          "wall_time": 2.0 * epoch + 0.5 if wall is None else wall,
+          "train_loss": loss, "train_accuracy": 0.9, "test_loss": 0.2,
+          "test_accuracy": acc, "test_accuracy_batch_stats": acc_bs, **extra}
+
+
+def write_workdir(path, rows, results=None):
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  if results is not None:
+    (path / "results.json").write_text(json.dumps(results))
+  return path
+
+
+def table_rows(text):
+  """The table's lines after the header and separator."""
+  lines = [l for l in text.splitlines() if l.startswith("|")]
+  return lines[2:]
+
+
+# Accuracy of runs 0, 1, 2 of "placement=none" at epochs 1, 2, 3. Run 0
+# reaches 97% at epoch 2, run 1 at epoch 3, run 2 never.
+NONE_ACC = [[0.95, 0.97, 0.975], [0.96, 0.965, 0.971], [0.90, 0.92, 0.94]]
+NONE_ACC_BS = [0.96, 0.95, 0.93]  # final epoch
+NONE_LOSS = [0.1, 0.2, 0.3]  # final epoch
+
+
+def placements_rows():
+  """3 runs of "none" (with a duplicated row), 1 run of "input"."""
+  rows = []
+  for epoch in (1, 2, 3):
+    for run in range(3):
+      final = epoch == 3
+      rows.append(make_row(
+          run, epoch, NONE_ACC[run][epoch - 1],
+          acc_bs=NONE_ACC_BS[run] if final else 0.5,
+          loss=NONE_LOSS[run] if final else 1.0))
+  # A crash before the checkpoint of epoch 3: its rows were appended twice,
+  # the stale one (which would reach the target) first. The last one wins.
+  stale = make_row(2, 3, 0.99, acc_bs=0.1, loss=9.0)
+  rows.insert(len(rows) - 1, stale)
+  rows += [make_row(0, epoch, 0.80 + 0.01 * epoch, acc_bs=0.7, loss=0.4,
+                    swept={"placement": "input"}) for epoch in (1, 2, 3)]
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# The table's numbers.
+
+
+def test_load_rows_last_duplicate_wins_in_trained_order(tmp_path):
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  rows = report.load_rows(workdir)
+  assert len(rows) == 3 * 3 + 3  # the duplicate counted once
+  keys = [(r["combo"], r["run"], r["epoch"]) for r in rows]
+  assert keys == [("placement=none", run, epoch) for epoch in (1, 2, 3)
+                  for run in range(3)] + [
+                      ("placement=input", 0, epoch) for epoch in (1, 2, 3)]
+  assert rows[8]["test_accuracy"] == 0.94
+
+
+def test_table_numbers(tmp_path):
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  summaries = report.summarize(report.load_rows(workdir))
+  none, single = summaries
+  final = np.array([acc[-1] for acc in NONE_ACC])
+  assert none["combo"] == "placement=none" and none["runs"] == 3
+  np.testing.assert_allclose(none["test_accuracy_mean"], final.mean())
+  np.testing.assert_allclose(none["test_accuracy_std"], final.std(ddof=1))
+  np.testing.assert_allclose(none["test_accuracy_batch_stats_mean"],
+                             np.mean(NONE_ACC_BS))
+  np.testing.assert_allclose(none["train_loss_mean"], np.mean(NONE_LOSS))
+  assert none["epochs_to_target_mean"] == 2.5  # runs 0 and 1: (2 + 3) / 2
+  assert none["runs_reaching_target"] == 2
+  assert none["wall_time"] == 6.5  # the last row's (no results.json)
+  assert single["test_accuracy_std"] is None
+  assert single["epochs_to_target_mean"] is None
+
+  table = report.summary_markdown(summaries)
+  assert table.startswith("| placement " + TABLE_HEADER + "\n|---|")
+  mean, std = 100 * final.mean(), 100 * final.std(ddof=1)  # 96.20 +- 1.91
+  assert table_rows(table) == [
+      f"| none | 3 | {mean:.2f} +- {std:.2f} | 94.67 | 0.2000 | "
+      "2.5 (2/3 runs) | 6.5 |",
+      "| input | 1 | 83.00 +- - | 70.00 | 0.4000 | not reached | 6.5 |"]
+  assert "+- is the sample standard deviation over runs" in table
+  assert "No results.json" in table  # an interrupted run says so
+
+
+def test_results_json_gives_title_target_and_wall_time(tmp_path):
+  results = {
+      "study": "BN placements", "dataset": "mnist",
+      "data_origin": "bundled copy /data/mnist", "target_accuracy": 0.975,
+      "num_epochs": 3, "axes": {"placement": ["none", "input"],
+                                "batch_size": [128], "model": ["mlp"],
+                                "activation": ["relu"]},
+      "combos": [{"combo": "placement=none", **DEFAULTS, "runs": 3,
+                  "epochs": 3, "wall_time": 12.34, "compile_time": 2.0},
+                 {"combo": "placement=input", **DEFAULTS,
+                  "placement": "input", "runs": 1, "epochs": 3,
+                  "wall_time": 3.0, "compile_time": None}]}
+  workdir = write_workdir(tmp_path / "w", placements_rows(), results)
+  table = report.write_report([workdir], workdir)
+  summary = (workdir / "summary.md").read_text()
+  assert summary.startswith("# mnist: BN placements\n\n"
+                            "Data: bundled copy /data/mnist\n\n| placement |")
+  assert summary.endswith(table)
+  assert "epochs to 97.5% |" in table
+  assert "No results.json" not in table
+  # Only run 0 (0.975 at epoch 3) reaches 97.5%.
+  assert table_rows(table)[0].endswith("| 3.0 (1/3 runs) | 12.3 |")
+
+
+# ----------------------------------------------------------------------------
+# Columns.
+
+
+def test_one_combination_shows_placement(tmp_path):
+  rows = [make_row(run, 1, 0.98) for run in range(2)]
+  table = report.summary_markdown(report.summarize(rows))
+  assert table.startswith("| placement " + TABLE_HEADER)
+  assert table_rows(table) == [
+      "| none | 2 | 98.00 +- 0.00 | 95.00 | 0.1000 | 1.0 (2/2 runs) | 2.5 |"]
+
+
+def test_columns_only_for_the_axes_that_vary(tmp_path):
+  rows = [make_row(0, 1, 0.98, swept={"batch_size": b}) for b in (64, 256)]
+  table = report.summary_markdown(report.summarize(rows))
+  assert table.startswith("| batch_size " + TABLE_HEADER)  # no placement
+  assert [l.split(" | ")[0] for l in table_rows(table)] == ["| 64", "| 256"]
+
+
+def test_two_axis_study_one_row_per_combination(tmp_path):
+  rows = []
+  for placement in ("none", "input"):
+    for batch_size in (64, 128):
+      swept = {"placement": placement, "batch_size": batch_size}
+      rows += [make_row(run, 1, 0.9, swept=swept) for run in range(2)]
+  workdir = write_workdir(tmp_path / "w", rows)
+  table = report.write_report([workdir], workdir)
+  assert table.startswith("| placement | batch_size " + TABLE_HEADER)
+  assert [l.split(" | ")[:2] for l in table_rows(table)] == [
+      ["| none", "64"], ["| none", "128"], ["| input", "64"],
+      ["| input", "128"]]
+  for combo in ("placement=none__batch_size=64",
+                "placement=input__batch_size=128"):
+    assert (workdir / f"curves_{combo}.png").is_file()
+
+
+def test_axes_come_from_results_json(tmp_path):
+  """A new axis ("norm") is a column once results.json lists it."""
+  rows = [make_row(0, 1, 0.9, swept={"norm": n}) for n in ("batch", "none")]
+  results = {"axes": {**{a: [v] for a, v in DEFAULTS.items()},
+                      "norm": ["batch", "none"]}}
+  table = report.summary_markdown(report.summarize(rows, results=results))
+  assert table.startswith("| norm " + TABLE_HEADER)
+  # Without results.json only the four default axes count: none varies.
+  table = report.summary_markdown(report.summarize(rows))
+  assert table.startswith("| placement " + TABLE_HEADER)
+
+
+def test_rows_without_combo_are_read_as_placements(tmp_path):
+  """metrics.jsonl of the trainer before combinations (no "combo")."""
+  rows = [{k: v for k, v in make_row(0, 1, 0.9).items() if k != "combo"}]
+  workdir = write_workdir(tmp_path / "w", rows)
+  assert report.load_rows(workdir)[0]["combo"] == "placement=none"
+
+
+def test_curves_filename_is_filesystem_safe():
+  assert report.curves_filename(
+      {"combo": "placement=none__widths=(50, 50)"}) == (
+          "curves_placement=none__widths=_50__50_.png")
+  assert report.curves_filename(
+      {"combo": "placement=a/b", "workdir": "runs 1"}) == (
+          "curves_runs_1_placement=a_b.png")
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+
+
+def assert_png(path):
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    width, height = image.size
+  assert 200 < width < 2000 and 200 < height < 1000, (path, image.size)
+  assert path.stat().st_size < 300_000  # small figures
+
+
+def test_cli_regenerates_summary_and_pngs(tmp_path, capsys):
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  (workdir / "summary.md").write_text("stale\n")
+  report.main(["report", f"--workdir={workdir}"])
+  printed = capsys.readouterr().out
+  summary = (workdir / "summary.md").read_text()
+  assert summary.startswith("# w: no results.json yet\n\n| placement |")
+  assert table_rows(printed) == table_rows(summary) and len(
+      table_rows(summary)) == 2
+  for name in ("learning_curves.png", "curves_placement=none.png",
+               "curves_placement=input.png"):
+    assert_png(workdir / name)
+  assert not list(workdir.glob(".*.tmp"))
+
+
+def test_cli_several_workdirs_into_out(tmp_path, capsys):
+  a = write_workdir(tmp_path / "a", placements_rows())
+  b = write_workdir(tmp_path / "b", [make_row(0, 1, 0.99)])
+  out = tmp_path / "compared"
+  report.main(["report", f"--workdir={a}", "--workdir", str(b),
+               f"--out={out}"])
+  table = capsys.readouterr().out
+  assert table.startswith("| workdir | placement " + TABLE_HEADER)
+  assert [l.split(" | ")[:2] for l in table_rows(table)] == [
+      ["| a", "none"], ["| a", "input"], ["| b", "none"]]
+  for name in ("learning_curves.png", "curves_a_placement=none.png",
+               "curves_a_placement=input.png", "curves_b_placement=none.png"):
+    assert_png(out / name)
+  assert (out / "summary.md").read_text().startswith(
+      "# a: no results.json yet; b: no results.json yet\n")
+  assert not (a / "summary.md").exists() and not (b / "summary.md").exists()
+
+
+def exit_message(argv):
+  with pytest.raises(SystemExit) as raised:
+    report.main(argv)
+  message = str(raised.value.code)
+  assert raised.value.code not in (0, None)
+  assert "\n" not in message and "Traceback" not in message, message
+  return message
+
+
+def test_cli_several_workdirs_need_out(tmp_path):
+  a = write_workdir(tmp_path / "a", [make_row(0, 1, 0.9)])
+  message = exit_message(["report", f"--workdir={a}", f"--workdir={a}"])
+  assert "--out" in message
+  message = exit_message(["report", f"--workdir={a}", f"--workdir={a}",
+                          f"--out={tmp_path / 'out'}"])
+  assert message.startswith("ReportError: a workdir is given twice")
+
+
+def test_cli_missing_workdir(tmp_path):
+  missing = tmp_path / "nowhere"
+  message = exit_message(["report", f"--workdir={missing}"])
+  assert message == f"ReportError: workdir {missing} does not exist."
+
+
+def test_cli_workdir_without_metrics(tmp_path):
+  (tmp_path / "w").mkdir()
+  message = exit_message(["report", f"--workdir={tmp_path / 'w'}"])
+  assert f"{tmp_path / 'w'} has no metrics.jsonl" in message
+  (tmp_path / "w" / "metrics.jsonl").write_text("\n")
+  message = exit_message(["report", f"--workdir={tmp_path / 'w'}"])
+  assert f"{tmp_path / 'w' / 'metrics.jsonl'} is empty" in message
+
+
+@pytest.mark.parametrize("bad_line", [
+    b'{"combo": "placement=none", "run": 0, "epo',  # cut short by a crash
+    b"\xff\xfe not utf-8",
+    b"[1, 2]",
+    json.dumps({**make_row(0, 2, 0.9), "test_accuracy": None}).encode(),
+], ids=["truncated", "not_utf8", "not_object", "null_metric"])
+def test_cli_corrupt_metrics_line_names_file_and_line(tmp_path, bad_line):
+  workdir = tmp_path / "w"
+  write_workdir(workdir, [make_row(0, 1, 0.9)])
+  with open(workdir / "metrics.jsonl", "ab") as f:
+    f.write(bad_line + b"\n")
+  message = exit_message(["report", f"--workdir={workdir}"])
+  assert message.startswith(
+      f"ReportError: {workdir / 'metrics.jsonl'}, line 2 "), message
+  assert not (workdir / "summary.md").exists()
+
+
+def test_row_being_appended_is_not_an_error(tmp_path):
+  """A running trainer may be mid-append: an unterminated last line that
+  does not parse is skipped; one that parses is a row."""
+  workdir = write_workdir(tmp_path / "w", [make_row(0, 1, 0.9)])
+  with open(workdir / "metrics.jsonl", "ab") as f:
+    f.write(b'{"combo": "placement=none", "ru')
+  assert len(report.load_rows(workdir)) == 1
+  (workdir / "metrics.jsonl").write_text(json.dumps(make_row(0, 1, 0.9)))
+  assert report.load_rows(workdir)[0]["test_accuracy"] == 0.9
+
+
+def test_corrupt_results_json_names_the_file(tmp_path):
+  workdir = write_workdir(tmp_path / "w", [make_row(0, 1, 0.9)])
+  (workdir / "results.json").write_text('{"study": ')
+  message = exit_message(["report", f"--workdir={workdir}"])
+  assert f"{workdir / 'results.json'} is unreadable or not valid JSON" in (
+      message)
+
+
+# ----------------------------------------------------------------------------
+# A failing write.
+
+
+@pytest.mark.parametrize("failing_call, name", [
+    (1, "summary.md"), (2, "learning_curves.png"),
+    (3, "curves_placement=none.png")])
+def test_failing_write_keeps_the_old_file(tmp_path, monkeypatch,
+                                           failing_call, name):
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  report.write_report([workdir], workdir)
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  calls = []
+  fsync = os.fsync
+
+  def full_disk(fd):
+    calls.append(fd)
+    if len(calls) == failing_call:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return fsync(fd)
+
+  monkeypatch.setattr(workdir_lib.os, "fsync", full_disk)
+  # A 4th epoch: every file rewritten now would differ from before.
+  write_workdir(workdir, placements_rows() + [make_row(0, 4, 0.5)])
+  with pytest.raises(workdir_lib.WriteError) as raised:
+    report.write_report([workdir], workdir)
+  assert f"could not write {workdir / name} (No space left on device)" in (
+      str(raised.value))
+  assert (workdir / name).read_bytes() == before[name]
+  assert not [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")]
+
+  calls.clear()
+  message = exit_message(["report", f"--workdir={workdir}"])
+  assert message.startswith(f"WriteError: could not write {workdir / name} ")
+  assert (workdir / name).read_bytes() == before[name]
+
+
+def test_out_that_is_a_file_is_a_write_error(tmp_path):
+  workdir = write_workdir(tmp_path / "w", [make_row(0, 1, 0.9)])
+  (tmp_path / "file").write_text("")
+  message = exit_message(["report", f"--workdir={workdir}",
+                          f"--out={tmp_path / 'file' / 'sub'}"])
+  assert message.startswith(
+      f"WriteError: could not create the directory {tmp_path / 'file'}")
+
+
+# ----------------------------------------------------------------------------
+# The real command.
+
+
+@pytest.mark.slow
+def test_subprocess_command(tmp_path):
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  command = [sys.executable, "-m", "experiments.report"]
+  done = subprocess.run(command + [f"--workdir={workdir}"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert done.returncode == 0, done.stderr
+  assert "| placement " + TABLE_HEADER in done.stdout
+  assert_png(workdir / "learning_curves.png")
+
+  done = subprocess.run(command + [f"--workdir={tmp_path / 'nowhere'}"],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 1
+  assert done.stderr.strip() == (
+      f"ReportError: workdir {tmp_path / 'nowhere'} does not exist.")
