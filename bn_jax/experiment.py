@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import threading
 import time
@@ -264,6 +265,7 @@ def _train_all(config, combos, workdir: Path, mesh, writes: bool):
                for field in study.AXES.values()},
       "combos": trained}
   if writes:
+    # In the order trained (not sorted): the report's columns follow it.
     workdir_lib.write_atomic(workdir / "results.json",
-                             workdir_lib.config_json(results))
+                             json.dumps(results, indent=2) + "\n")
   return results
