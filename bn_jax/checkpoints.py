@@ -13,6 +13,8 @@ from pathlib import Path
 
 from absl import logging
 
+from bn_jax import workdir
+
 
 def manager(directory: Path, keep: int):
   import orbax.checkpoint as ocp  # slow import; only runs need it
@@ -26,9 +28,16 @@ def manager(directory: Path, keep: int):
 
 
 def save(checkpoints, epoch: int, states) -> None:
+  """Saves `states` as step `epoch`; a failed save (a full disk: orbax and
+  TensorStore raise many kinds of errors) is a one-line WriteError, the
+  checkpoints before it intact (orbax renames a step only when complete)."""
   import orbax.checkpoint as ocp
-  checkpoints.save(epoch, args=ocp.args.StandardSave(states))
-  checkpoints.wait_until_finished()
+  try:
+    checkpoints.save(epoch, args=ocp.args.StandardSave(states))
+    checkpoints.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise workdir.write_error(Path(checkpoints.directory) / str(epoch),
+                              e) from e
 
 
 def _move_aside(path: Path) -> Path:

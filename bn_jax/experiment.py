@@ -151,8 +151,15 @@ def train_combination(combo: study.Combination, data: train.DeviceData,
   runs = study.run_grid(config)
   spec = study.make_spec(config, data.train_images.shape[0])
   epoch_fn = parallel.sweep_epoch_fn(spec, mesh, config.bn_stats)
-  manager = checkpoints.manager(workdir / "checkpoints" / combo.name,
-                                config.keep_checkpoints)
+  with contextlib.closing(checkpoints.manager(
+      workdir / "checkpoints" / combo.name,
+      config.keep_checkpoints)) as manager:
+    return _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer)
+
+
+def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
+  """train_combination's loop: resume, then train, write, save each epoch."""
+  config = combo.config
   start_epoch, states = _initial_states(spec, runs, manager)
   kept = writer.forget_after(combo.name, start_epoch) if writer else []
   wall = kept[-1]["wall_time"] if kept else 0.0
@@ -172,7 +179,6 @@ def train_combination(combo: study.Combination, data: train.DeviceData,
                                metrics.pop("first_nonfinite_step"),
                                metrics.pop("nonfinite"), manager.directory)
       if error is not None:
-        manager.close()
         raise error
     last_epoch = time.perf_counter() - started
     if compile_time is None and epoch == start_epoch + 1:
@@ -192,17 +198,23 @@ def train_combination(combo: study.Combination, data: train.DeviceData,
         "(batch stats %.4f)  %.1f s", combo.name, epoch, config.num_epochs,
         np.mean(metrics["train_loss"]), accuracy.mean(), accuracy.std(),
         np.mean(metrics["test_accuracy_batch_stats"]), last_epoch)
-  manager.close()
+  if writer:
+    writer.close()  # this combination's TensorBoard files, complete
   return {"combo": combo.name, **combo.values, "runs": len(runs),
           "epochs": config.num_epochs, "wall_time": wall,
           "compile_time": compile_time}
 
 
-def _check_workdir_path(workdir: Path) -> None:
+def _check_workdir_path(workdir: str | os.PathLike) -> Path:
+  if not str(workdir).strip():
+    raise study.ConfigError("--workdir is empty; give the directory for the "
+                            "run's files, e.g. --workdir=workdirs/NAME.")
+  workdir = Path(workdir)
   for path in (workdir, *workdir.parents):
     if path.exists() and not path.is_dir():
       raise study.ConfigError(f"--workdir {workdir}: {path} is a file; give "
                               "a directory.")
+  return workdir
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -219,15 +231,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
         config, [c.config.batch_size for c in combos])
   except ValueError as e:  # e.g. more mesh_devices than devices
     raise study.ConfigError(str(e)) from e
-  workdir = Path(workdir)
-  _check_workdir_path(workdir)
+  workdir = _check_workdir_path(workdir)
   config_dict = config.to_dict()
   # One process writes the files; orbax's checkpointing is collective.
   writes = jax.process_index() == 0
   if not writes:
     return _train_all(config, combos, workdir, mesh, writes)
   created = not workdir.exists()
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise study.ConfigError(f"--workdir {workdir} cannot be created "
+                            f"({os.strerror(e.errno)}); give a directory "
+                            "this user can write.") from e
   try:
     with workdir_lib.Lock(workdir):
       workdir_lib.check_resumable(workdir, config_dict)

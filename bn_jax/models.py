@@ -190,21 +190,23 @@ NORM_CHOICES = {
 
 
 def check_norm_options(options: Mapping[str, Any]) -> None:
-  """Rejects a bad config.bn value with a message naming the field."""
+  """Rejects a bad config.bn value with a message naming the field; an
+  absent field (BatchNorm's default) is not checked."""
   for name, valid in NORM_CHOICES.items():
-    if options[name] not in valid:
+    if name in options and options[name] not in valid:
       raise ValueError(f"config.bn.{name}={options[name]!r} is not valid; "
                        f"choose one of {tuple(valid)}.")
-  momentum, epsilon = options["momentum"], options["epsilon"]
+  momentum = options.get("momentum")
   if momentum is not None and (isinstance(momentum, bool) or not isinstance(
       momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
     raise ValueError(f"config.bn.momentum={momentum!r} must be a number in "
                      "[0, 1] (flax convention; PyTorch's momentum is 1 - "
                      "this) or None (exact cumulative average).")
+  epsilon = options.get("epsilon", 1.0)
   if isinstance(epsilon, bool) or not isinstance(
       epsilon, numbers.Real) or not epsilon > 0:
     raise ValueError(f"config.bn.epsilon={epsilon!r} must be a number > 0.")
-  if not isinstance(options["unbiased_running_var"], bool):
+  if not isinstance(options.get("unbiased_running_var", False), bool):
     raise ValueError("config.bn.unbiased_running_var="
                      f"{options['unbiased_running_var']!r} must be True or "
                      "False.")
@@ -220,9 +222,10 @@ def make_norm(options: Mapping[str, Any], *, axis_name: Any = None,
   """The normalization layer of a model, built once from `config.bn`.
 
   Every field of `options` is an argument of `bn_jax.nn.BatchNorm` (so a new
-  BN option is a new config field, plus its check above if it has a fixed
-  set of values); an absent one keeps BatchNorm's default. Swept values (momentum, epsilon per run of a vmapped
-  sweep) are passed in `options` as traced scalars. `impl="auto"` resolves
+  BN option is a new config field, plus its entry in `NORM_CHOICES` if it
+  has a fixed set of values); an absent one keeps BatchNorm's default.
+  Swept values (momentum, epsilon per run of a vmapped sweep) are passed in
+  `options` as traced scalars. `impl="auto"` resolves
   by backend. Returns `functools.partial(BatchNorm, ...)`, to be called with
   a name where the model places it.
   """

@@ -20,7 +20,8 @@ from bn_jax import models
 from bn_jax import parallel
 from bn_jax import train
 
-# Axis field (a tuple; () keeps the single field) -> the field it sets.
+# Axis field (a tuple; () keeps the single field) -> the field it sets (a
+# dotted name for a nested one, e.g. "bn.momentum").
 AXES = {
     "placements": "placement",
     "batch_sizes": "batch_size",
@@ -49,11 +50,21 @@ def combinations(config) -> list[Combination]:
     combo_config = config.copy_and_resolve_references()
     with combo_config.unlocked():
       for field, value in chosen.items():
-        combo_config[field] = value
+        section, _, name = field.rpartition(".")
+        (_get(combo_config, section) if section else combo_config)[
+            name] = value
     name = "__".join(f"{k}={v}" for k, v in chosen.items()) or "run"
     combos.append(Combination(
-        name, {f: combo_config[f] for f in AXES.values()}, combo_config))
+        name, {f: _get(combo_config, f) for f in AXES.values()},
+        combo_config))
   return combos
+
+
+def _get(config, dotted: str):
+  """config["a.b"] for a nested field: an axis may set `bn.momentum`."""
+  for name in dotted.split("."):
+    config = config[name]
+  return config
 
 
 def run_grid(config) -> list[dict[str, Any]]:
@@ -164,6 +175,9 @@ def _check_runs(config) -> None:
       or not all(_is_int(s) and 0 <= s < 2**31 for s in seeds)):
     raise ConfigError(f"config.seeds={seeds!r} must be a non-empty tuple of "
                       "integers in [0, 2**31), e.g. --config.seeds='(0,1)'.")
+  if len(set(seeds)) < len(seeds):
+    raise ConfigError(f"config.seeds={tuple(seeds)!r} repeats a seed: the "
+                      "runs would be identical copies.")
   if config.data_seed is not None and not (_is_int(config.data_seed)
                                            and 0 <= config.data_seed < 2**31):
     raise ConfigError(f"config.data_seed={config.data_seed!r} must be None "
@@ -215,10 +229,17 @@ def validate_config(config) -> None:
 
 
 def validate_data_size(config, num_train: int, num_test: int) -> None:
-  """Rejects a batch larger than the data (known once the data are loaded,
-  still before anything is compiled)."""
+  """Rejects a batch larger than the data, and a warmup longer than the
+  training (both known once the data are loaded, still before anything is
+  compiled)."""
   for combo in combinations(config):
-    batch_size = combo.config.batch_size
+    batch_size, c = combo.config.batch_size, combo.config
+    total_steps = num_train // batch_size * c.num_epochs
+    if c.schedule == "warmup_cosine" and c.warmup_steps >= total_steps:
+      raise ConfigError(
+          f"config.warmup_steps={c.warmup_steps} is not shorter than "
+          f"the training ({total_steps} steps at batch size {batch_size}); "
+          "give fewer warmup steps or more epochs.")
     if batch_size > num_train:
       raise ConfigError(f"batch size {batch_size} (config.batch_size or "
                         "config.batch_sizes) is larger than the training set "

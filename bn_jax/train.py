@@ -151,21 +151,13 @@ def make_optimizer(spec: TrainSpec, learning_rate=0.0,
   if spec.schedule not in _SCHEDULES:
     raise ValueError(f"schedule={spec.schedule!r}; choose one of "
                      f"{SCHEDULES}.")
-  extra = {"weight_decay": spec.weight_decay} if spec.optimizer == "adamw" else {}
+  extra = ({"weight_decay": spec.weight_decay} if spec.optimizer == "adamw"
+           else {})
   tx = optax.inject_hyperparams(_OPTIMIZERS[spec.optimizer])(
       learning_rate=learning_rate, **extra)
   factor = _SCHEDULES[spec.schedule](spec)
   return tx if factor is None else optax.chain(
       tx, optax.scale_by_schedule(factor))
-
-
-def learning_rate(state: TrainState) -> jax.Array:
-  """The run's (unscheduled) learning rate, read from its optimizer state."""
-  inject_state = state.opt_state
-  if isinstance(inject_state, tuple) and not hasattr(inject_state,
-                                                     "hyperparams"):
-    inject_state = inject_state[0]  # chained with a schedule
-  return inject_state.hyperparams["learning_rate"]
 
 
 def split_hparams(hparams: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

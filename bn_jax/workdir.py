@@ -1,10 +1,12 @@
 """The workdir's files: atomic writes, the run lock, the resume check.
 
-Everything an experiment writes goes through `atomic_file`: a temporary name
-beside the target, synced, then renamed, so a reader (or a rerun after a
-crash or a full disk) never meets a half-written file. A write that fails
-raises `WriteError`, one line naming the file, and leaves the previous
-version of that file whole.
+Every whole file an experiment writes goes through `atomic_file`: a
+temporary name beside the target, synced, then renamed, so a reader (or a
+rerun after a crash or a full disk) never meets a half-written file;
+metrics.jsonl grows by whole lines (`append_lines`), and orbax writes each
+checkpoint to a temporary directory it renames when complete. A write that
+fails raises `WriteError`, one line naming the file, and leaves the
+previous version whole.
 """
 
 from __future__ import annotations
@@ -32,13 +34,20 @@ class WriteError(WorkdirError, OSError):
   """
 
 
-def _write_error(path: Path, error: OSError) -> WriteError:
-  reason = os.strerror(error.errno) if error.errno else str(error)
-  return WriteError(
-      error.errno or errno.EIO,
+def write_error(path: Path, error: Exception) -> WriteError:
+  """The one-line WriteError for `error` (an OSError, or what a library
+  raised for one) while writing `path`."""
+  if isinstance(error, OSError) and error.errno:
+    reason = os.strerror(error.errno)
+  else:
+    reason = f"{type(error).__name__}: " + (
+        str(error).strip().splitlines() or [""])[0][:200]
+  failure = WriteError(
       f"could not write {path} ({reason}). Nothing written before is lost: "
       "free the space (or fix the permissions) and rerun the same command "
       "to resume.")
+  failure.errno = getattr(error, "errno", None) or errno.EIO
+  return failure
 
 
 @contextlib.contextmanager
@@ -58,7 +67,7 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
     with contextlib.suppress(OSError):
       tmp.unlink()
     if isinstance(e, OSError) and not isinstance(e, WriteError):
-      raise _write_error(path, e) from e
+      raise write_error(path, e) from e
     raise
 
 
@@ -90,23 +99,34 @@ def append_lines(path: Path, lines: list[str]) -> None:
     finally:
       os.close(fd)
   except OSError as e:
-    raise _write_error(path, e) from e
+    raise write_error(path, e) from e
+
+
+class CorruptMetrics(WorkdirError):
+  """metrics.jsonl has a line that is not a JSON row."""
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-  """The rows of a JSON-lines file; [] if it does not exist. A line that is
-  not JSON raises ValueError naming the file and the line."""
+  """The rows of a JSON-lines file; [] if it does not exist.
+
+  A last line without its newline is a row cut off mid-write (a process
+  killed then) and is left out; any other line that is not JSON raises
+  CorruptMetrics naming the file and the line.
+  """
   path = Path(path)
   if not path.exists():
     return []
+  text = path.read_text(errors="replace")
+  lines = text.split("\n")
+  complete = lines[:-1]  # "" after the last newline, or the cut-off line
   rows = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
+  for number, line in enumerate(complete, 1):
     try:
       rows.append(json.loads(line))
     except ValueError as e:
-      raise ValueError(f"{path}, line {number}, is not JSON ({e}); the file "
-                       "is corrupt: delete that line (or the workdir) and "
-                       "rerun.") from None
+      raise CorruptMetrics(
+          f"{path}, line {number}, is not a JSON row ({e}): delete that line "
+          "and rerun to resume, or use a new --workdir.") from None
   return rows
 
 
@@ -135,7 +155,9 @@ class MetricsWriter:
     returns the rows it keeps."""
     rows = self.rows()
     kept = [r for r in rows if r["combo"] != combo or r["epoch"] <= epoch]
-    if len(kept) < len(rows):
+    cut_off = self.path.exists() and not self.path.read_bytes().endswith(
+        b"\n") and self.path.stat().st_size > 0
+    if len(kept) < len(rows) or cut_off:
       write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     return [r for r in kept if r["combo"] == combo]
 
@@ -146,17 +168,18 @@ class MetricsWriter:
         writer = self._writer(row["combo"], row["run"])
         for name in self._scalars:
           writer.add_scalar(name, row[name], row["step"])
-      for writer in self._writers.values():
-        writer.flush()
     except OSError as e:
-      raise _write_error(self._tensorboard, e) from e
+      raise write_error(self._tensorboard, e) from e
 
   def _writer(self, combo: str, run: int):
     key = (combo, run)
     if key not in self._writers:
       import tensorboardX  # pylint: disable=g-import-not-at-top
+      # Written by tensorboardX's own thread, on disk within `flush_secs`
+      # and completely at `close` (after each combination): a view of the
+      # runs; metrics.jsonl is the record.
       self._writers[key] = tensorboardX.SummaryWriter(
-          str(self._tensorboard / combo / f"run{run}"), flush_secs=3600)
+          str(self._tensorboard / combo / f"run{run}"), flush_secs=2)
     return self._writers[key]
 
   def close(self) -> None:
@@ -227,12 +250,14 @@ class Lock:
 # ----------------------------------------------------------------------------
 # Resuming: the same experiment or none.
 
-# Config fields that cannot change a run's numbers: a rerun that changes
-# only these resumes (where the data come from: the files are md5-checked;
-# how progress is shown and reported; how many checkpoints are kept; the
-# hosts' addresses).
-NON_RESULT_FIELDS = ("study", "data_dir", "data_source", "progress_seconds",
-                     "target_accuracy", "keep_checkpoints", "distributed")
+# Config fields (dotted names) that cannot change a run's numbers: a rerun
+# that changes only these resumes. Where the IDX files are (they are
+# md5-checked; not `data_source`: TFDS's copy is ordered differently), how
+# progress is shown and reported, how many checkpoints are kept, and where
+# the coordinator of several hosts listens.
+NON_RESULT_FIELDS = ("study", "data_dir", "progress_seconds",
+                     "target_accuracy", "keep_checkpoints",
+                     "distributed.coordinator_address")
 
 
 def config_json(config: Mapping[str, Any]) -> str:
@@ -256,7 +281,7 @@ def result_fields_that_differ(saved: Mapping[str, Any],
   differ between two configs (as dicts, e.g. config.json's)."""
   def relevant(config):
     return {k: v for k, v in _flatten(config).items()
-            if k.split(".")[0] not in NON_RESULT_FIELDS}
+            if k not in NON_RESULT_FIELDS}
   saved, current = relevant(saved), relevant(current)
   return sorted(k for k in saved.keys() | current.keys()
                 if saved.get(k, "<absent>") != current.get(k, "<absent>"))
@@ -266,11 +291,19 @@ class ConfigMismatch(WorkdirError):
   """The workdir holds a run of another experiment."""
 
 
+def has_results(workdir: Path) -> bool:
+  """Whether a run in `workdir` got as far as a metrics row or a checkpoint
+  (a run stopped before, by a bad value or Ctrl-C, leaves nothing to keep)."""
+  metrics = Path(workdir) / "metrics.jsonl"
+  return ((metrics.exists() and metrics.stat().st_size > 0)
+          or any(Path(workdir).glob("checkpoints/*/[0-9]*")))
+
+
 def check_resumable(workdir: Path, config: Mapping[str, Any]) -> None:
-  """Raises ConfigMismatch unless `workdir` is new or holds a run whose config
-  differs from `config` only in NON_RESULT_FIELDS."""
+  """Raises ConfigMismatch unless `workdir` holds no results yet or a run
+  whose config differs from `config` only in NON_RESULT_FIELDS."""
   saved_path = Path(workdir) / "config.json"
-  if not saved_path.exists():
+  if not saved_path.exists() or not has_results(workdir):
     return
   try:
     saved = json.loads(saved_path.read_text())

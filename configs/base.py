@@ -10,7 +10,7 @@ import nothing from the training code, so reading one tells the whole setup.
 Study axes. A field that holds a tuple of values for one field of a run:
 `placements` sets `placement`, `batch_sizes` sets `batch_size`, `models`
 sets `model`, `activations` sets `activation` (the table is
-bn_jax.experiment.AXES). The runs are the product of the axes; each
+bn_jax.study.AXES). The runs are the product of the axes; each
 combination is one compiled program, in which seeds x numeric sweeps
 (`sweep.*`) train together, vmapped. An empty axis keeps the single field.
 """

@@ -346,3 +346,17 @@ def test_cli_momentum_none_runs_and_reports(idx_dir, tmp_path):
   helpers.run_cli([f"--workdir={workdir}"], module="experiments.report")
   assert "| before_activation |" in (workdir / "summary.md").read_text()
   assert (workdir / "learning_curves.png").stat().st_size > 5000
+
+
+def test_an_axis_may_set_a_nested_field(monkeypatch):
+  monkeypatch.setitem(study.AXES, "bn_epsilons", "bn.epsilon")
+  config = placements.get_config()
+  with config.unlocked():
+    config.bn_epsilons = (1e-5, 1e-1)
+  combos = study.combinations(config)
+  assert [c.name for c in combos] == [
+      f"placement={p}__bn.epsilon={e}" for p in config.placements
+      for e in (1e-5, 1e-1)]
+  assert [c.config.bn.epsilon for c in combos[:2]] == [1e-5, 1e-1]
+  assert combos[1].values["bn.epsilon"] == 1e-1
+  assert config.bn.epsilon == 1e-3  # the study's own config is untouched

@@ -338,10 +338,16 @@ def test_auto_choices_follow_the_backend():
   assert choose("auto", "im2col", "xla", backend="gpu") == "xla"
   assert choose("auto", "im2col", "xla", backend="tpu") == "xla"
   assert choose("xla", "im2col", "xla", backend="cpu") == "xla"  # override
+  # impl="auto": the XLA:CPU barriers only in the CPU's program.
   options = {"momentum": 0.9, "epsilon": 1e-3, "impl": "auto"}
-  assert models.make_norm(options, backend="gpu").keywords["impl"] == "plain"
-  assert models.make_norm(options, backend="cpu").keywords["impl"] == (
-      "xla_cpu")
+  x = jnp.ones((4, 3))
+  for backend, barriers in (("cpu", True), ("gpu", False)):
+    norm = models.make_norm(options, backend=backend)()
+    variables = norm.init(jax.random.key(0), x, use_running_average=False)
+    program = str(jax.make_jaxpr(lambda v: norm.apply(
+        v, x, use_running_average=False, mutable=["batch_stats"]))(
+            variables))
+    assert ("optimization_barrier" in program) == barriers, backend
 
 
 def test_make_norm_passes_every_option_to_batch_norm():

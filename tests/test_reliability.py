@@ -590,3 +590,73 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
   assert lines.read_text() == "{}\n"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl",
                                                         "results.json"]
+
+
+def test_a_run_stopped_before_any_result_does_not_pin_its_config(
+    idx_dir, reference, tmp_path):
+  """config.json alone (a run stopped before its first epoch: a bad value
+  found late, Ctrl-C while compiling) does not make the corrected command a
+  'different config'."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(
+      {**tiny_config(idx_dir).to_dict(), "learning_rate": 99.0},
+      default=list))
+  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  assert_same_run(workdir, reference)
+
+
+def test_a_row_cut_off_mid_write_is_trained_again(idx_dir, reference,
+                                                  tmp_path):
+  """kill -9 in the middle of an append leaves a last line without its
+  newline: resuming drops it (with the epoch's other rows, their checkpoint
+  never saved) and trains that epoch again."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / "checkpoints" / COMBO / "3")
+  (workdir / "results.json").unlink()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines(True)
+  # Epoch 3's append cut off in its first row: no whole row of it on disk.
+  (workdir / "metrics.jsonl").write_text("".join(lines[:4]) + lines[4][:30])
+  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  assert_same_run(workdir, reference)
+
+
+def test_a_corrupt_metrics_line_is_a_one_line_error(idx_dir, reference,
+                                                    tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  lines = (workdir / "metrics.jsonl").read_text().splitlines(True)
+  lines[1] = "{not json\n"
+  (workdir / "metrics.jsonl").write_text("".join(lines))
+  with pytest.raises(workdir_lib.CorruptMetrics,
+                     match=r"metrics.jsonl, line 2, is not a JSON row"):
+    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+
+
+def test_a_failed_checkpoint_save_is_a_one_line_write_error(
+    idx_dir, reference, tmp_path, monkeypatch):
+  """Whatever orbax raises for a full disk: one line naming the step's
+  directory; the checkpoints before stay, and the rerun resumes."""
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 2:
+      raise ValueError("Error writing: [Errno 28] No space left on device\n"
+                       "  (TensorStore details)")
+    return real_save(self, step, *args, **kwargs)
+
+  workdir = tmp_path / "run"
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(workdir_lib.WriteError) as info:
+      experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  message = str(info.value)
+  assert f"could not write {workdir / 'checkpoints' / COMBO / '2'}" in (
+      message), message
+  assert "No space left on device" in message and "\n" not in message
+  assert sorted(p.name for p in (workdir / "checkpoints" / COMBO).iterdir()
+                if p.name.isdigit()) == ["1"]
+  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  assert_same_run(workdir, reference)

@@ -163,7 +163,8 @@ def test_bn_statistics_are_kept_per_run(placement, sweeps):
     else:
       assert [s.shape for s in stats] == [(k, features)] * 2  # mean, var
     assert all(v.shape == (k,) for v in state.bn_hparams.values())
-    assert train.learning_rate(state).shape == (k,)
+    assert optax.tree_utils.tree_get(state.opt_state,
+                                     "learning_rate").shape == (k,)
     assert state.step.shape == (k,)
   for stat in jax.tree.leaves(final.batch_stats):
     # Each run moved its own statistics: no two runs share them.
