@@ -533,8 +533,7 @@ def _make_directory(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise workdir_lib.WriteError(
-        e.errno, f"could not create the directory {path} "
-        f"({e.strerror or e}).") from e
+        f"could not create the directory {path} ({e.strerror or e}).") from e
 
 
 # ----------------------------------------------------------------------------
@@ -581,8 +580,8 @@ def main(argv: Sequence[str]) -> None:
     table = write_report(workdirs, out or workdirs[0])
   except ReportError as e:
     sys.exit(f"ReportError: {e}")
-  except workdir_lib.WriteError as e:  # str() would start with "[Errno n]"
-    sys.exit(f"WriteError: {e.strerror}")
+  except workdir_lib.WriteError as e:
+    sys.exit(f"WriteError: {e}")
   print(table, end="")
   print(f"\nWrote summary.md, learning_curves.png and curves_*.png to "
         f"{out or workdirs[0]}", flush=True)
