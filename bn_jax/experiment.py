@@ -161,7 +161,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
   """train_combination's loop: resume, then train, write, save each epoch."""
   config = combo.config
   start_epoch, states = _initial_states(spec, runs, manager)
-  kept = writer.forget_after(combo.name, start_epoch) if writer else []
+  kept = (writer.forget_after(combo.name, start_epoch, spec.steps_per_epoch)
+          if writer else [])
   wall = kept[-1]["wall_time"] if kept else 0.0
   if start_epoch:
     logging.info("[%s] resumed from checkpoint at epoch %d", combo.name,

@@ -145,14 +145,18 @@ class MetricsWriter:
     self._tensorboard = Path(workdir) / "tensorboard"
     self._scalars = scalars
     self._writers = {}
+    self._purge_step = {}  # combo -> first step of this process's events
 
   def rows(self) -> list[dict[str, Any]]:
     return read_jsonl(self.path)
 
-  def forget_after(self, combo: str, epoch: int) -> list[dict[str, Any]]:
+  def forget_after(self, combo: str, epoch: int,
+                   steps_per_epoch: int) -> list[dict[str, Any]]:
     """Drops the combination's rows past `epoch` (written just before a
-    crash, their checkpoint never saved; they are trained again) and
-    returns the rows it keeps."""
+    crash, their checkpoint never saved; they are trained again), and tells
+    TensorBoard to drop their events (`purge_step`); returns the rows it
+    keeps."""
+    self._purge_step[combo] = epoch * steps_per_epoch + 1
     rows = self.rows()
     kept = [r for r in rows if r["combo"] != combo or r["epoch"] <= epoch]
     cut_off = self.path.exists() and not self.path.read_bytes().endswith(
@@ -179,7 +183,8 @@ class MetricsWriter:
       # and completely at `close` (after each combination): a view of the
       # runs; metrics.jsonl is the record.
       self._writers[key] = tensorboardX.SummaryWriter(
-          str(self._tensorboard / combo / f"run{run}"), flush_secs=2)
+          str(self._tensorboard / combo / f"run{run}"), flush_secs=2,
+          purge_step=self._purge_step.get(combo))
     return self._writers[key]
 
   def close(self) -> None:

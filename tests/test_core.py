@@ -441,6 +441,17 @@ def bn_loss(state, dy, axis, **options):
   return f
 
 
+def float64_args_and_direction(shape, axis, seed):
+  """(x, scale, bias) in float64, a random direction of the same shapes, the
+  state and dy: the point and direction of a higher-order check. Call under
+  jax.enable_x64(True)."""
+  x, params, state, dy = make_inputs(shape, axis, jnp.float64)
+  args = (x,) + tuple(p.astype(jnp.float64) for p in params)
+  rng = np.random.default_rng(seed)
+  direction = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in args)
+  return args, direction, state, dy
+
+
 SECOND_ORDER = [(s, g, i) for s in STATS_METHODS for g in GRAD_MODES
                 for i in IMPLS]
 
@@ -460,11 +471,7 @@ def test_second_derivatives_match_paper(stats_method, grad, impl):
   """
   shape, axis, eps = (4, 2, 2, 3), -1, 1e-5
   with jax.enable_x64(True):
-    x, params, state, dy = make_inputs(shape, axis, jnp.float64)
-    args = (x,) + tuple(p.astype(jnp.float64) for p in params)
-    rng = np.random.default_rng(7)
-    direction = tuple(jnp.asarray(rng.standard_normal(a.shape))
-                      for a in args)
+    args, direction, state, dy = float64_args_and_direction(shape, axis, 7)
     expected = np_hvp(args, direction, dy, axis, eps)
     f = bn_loss(state, dy, axis, epsilon=eps, stats_method=stats_method,
                 grad=grad, impl=impl)
@@ -500,11 +507,7 @@ def test_third_derivatives_match_paper(stats_method, grad):
   where the variance's Hessian first enters (through the residuals)."""
   shape, axis, eps, h = (8, 3), -1, 1e-5, 1e-3
   with jax.enable_x64(True):
-    x, params, state, dy = make_inputs(shape, axis, jnp.float64)
-    args = (x,) + tuple(p.astype(jnp.float64) for p in params)
-    rng = np.random.default_rng(8)
-    direction = tuple(jnp.asarray(rng.standard_normal(a.shape))
-                      for a in args)
+    args, direction, state, dy = float64_args_and_direction(shape, axis, 8)
     along = lambda t: sum(np.vdot(d, g) for d, g in zip(direction, np_grad(
         *(np.asarray(a) + t * np.asarray(d) for a, d in zip(args, direction)),
         dy, axis, eps)))

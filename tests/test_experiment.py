@@ -168,14 +168,20 @@ def test_report_has_one_row_per_combination(study_run):
 def test_tensorboard_event_files_hold_every_run_s_curves(study_run):
   """Read back with TensorBoard's own reader: one event directory per run,
   every metric at every epoch's step, the values of metrics.jsonl."""
-  from tensorboard.backend.event_processing import event_accumulator
   workdir, _, _ = study_run
-  rows = read_rows(workdir)
   runs = sorted((workdir / "tensorboard").glob("*/run*"))
   assert [(r.parent.name, r.name) for r in runs] == sorted(
       (combo_name(p, b), f"run{i}") for p in PLACEMENTS for b in BATCH_SIZES
       for i in range(len(RUNS)))
-  for run_dir in runs:
+  assert_tensorboard_matches_metrics(workdir)
+
+
+def assert_tensorboard_matches_metrics(workdir):
+  """Every run's TensorBoard scalars, as TensorBoard's reader sees them:
+  each metric once per epoch's step, the values of metrics.jsonl."""
+  from tensorboard.backend.event_processing import event_accumulator
+  rows = read_rows(workdir)
+  for run_dir in sorted((workdir / "tensorboard").glob("*/run*")):
     events = event_accumulator.EventAccumulator(str(run_dir))
     events.Reload()
     mine = [r for r in rows if r["combo"] == run_dir.parent.name
@@ -243,6 +249,8 @@ def test_a_resumed_study_repeats_the_uninterrupted_one(study_run, idx_dir,
   without_time = lambda rows: [{k: v for k, v in r.items()
                                 if k != "wall_time"} for r in rows]
   assert without_time(read_rows(resumed)) == without_time(rows)
+  # The epochs trained again replace their TensorBoard events.
+  assert_tensorboard_matches_metrics(resumed)
 
 
 # ----------------------------------------------------------------------------
