@@ -301,9 +301,9 @@ def test_data_order_is_deterministic_and_differs_across_seeds_and_epochs():
   assert len(np.unique(first)) == first.size
   assert first.min() >= 0 and first.max() < num_examples
   np.testing.assert_array_equal(order(keys[0].copy(), 0), first)
-  # The same seed gives the same key whatever the placement or hparams.
+  # The same seed gives the same key whatever the hparams.
   other_runs = train.create_sweep_states(
-      spec_for("input"), SEEDS, {k: v[::-1] for k, v in SWEEP.items()})
+      spec_for("none"), SEEDS, {k: v[::-1] for k, v in SWEEP.items()})
   np.testing.assert_array_equal(other_runs.data_key, keys)
   for other in (order(keys[1], 0), order(keys[2], 0), order(keys[0], 1),
                 order(keys[0], 2)):
