@@ -11,6 +11,9 @@ import json
 import math
 import shlex
 import shutil
+import subprocess
+import sys
+import time
 
 import helpers
 import numpy as np
@@ -314,7 +317,6 @@ def test_placements_config_cnn_variant_is_valid():
 def test_progress_line_while_a_long_epoch_runs(caplog):
   with caplog.at_level("INFO"):
     with experiment._progress(0.05, "mlp epoch 3/10", expected=None):
-      import time
       time.sleep(0.3)
   assert "[mlp epoch 3/10] ... 0 s (compiling, training)" in caplog.text
   caplog.clear()
@@ -368,3 +370,14 @@ def test_an_axis_may_set_a_nested_field(monkeypatch):
   assert [c.config.bn.epsilon for c in combos[:2]] == [1e-5, 1e-1]
   assert combos[1].values["bn.epsilon"] == 1e-1
   assert config.bn.epsilon == 1e-3  # the study's own config is untouched
+
+
+@pytest.mark.slow
+def test_the_library_imports_no_plotting():
+  """bn_jax trains without matplotlib: plots live in experiments/report.py."""
+  code = ("import sys, bn_jax, bn_jax.experiment, bn_jax.nn, bn_jax.parallel; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('matplotlib', 'experiments', 'configs')))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO,
+                          capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == "[]", result.stdout
