@@ -30,11 +30,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from absl import flags
 import numpy as np
 
+from bn_jax import study
+from bn_jax import train
 from bn_jax import workdir as workdir_lib
 
 # The study axes of the trainer's rows when results.json (which lists them
-# under "axes") is absent.
-DEFAULT_AXES = ("placement", "batch_size", "model", "activation")
+# under "axes") is absent: the fields the trainer's axes set.
+DEFAULT_AXES = tuple(study.AXES.values())
 DEFAULT_TARGET = 0.97
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -42,7 +44,7 @@ RESULTS_FILE = "results.json"
 _NUMERIC_FIELDS = ("run", "epoch", "train_loss", "test_accuracy",
                    "test_accuracy_batch_stats")
 # Per-run hyperparameters a sweep may vary within one combination.
-_RUN_HPARAMS = ("learning_rate", "bn_momentum", "bn_epsilon")
+_RUN_HPARAMS = train.SWEEPABLE
 _DPI = 110
 
 
