@@ -34,6 +34,10 @@ class WriteError(WorkdirError, OSError):
   """
 
 
+class CorruptMetrics(WorkdirError):
+  """metrics.jsonl has a line that is not a JSON row."""
+
+
 def write_error(path: Path, error: Exception) -> WriteError:
   """The one-line WriteError for `error` (an OSError, or what a library
   raised for one) while writing `path`."""
@@ -102,32 +106,36 @@ def append_lines(path: Path, lines: list[str]) -> None:
     raise write_error(path, e) from e
 
 
-class CorruptMetrics(WorkdirError):
-  """metrics.jsonl has a line that is not a JSON row."""
+def numbered_jsonl(path: Path) -> list[tuple[int, Any]]:
+  """(line number, value) of every line of a JSON-lines file that exists.
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-  """The rows of a JSON-lines file; [] if it does not exist.
-
-  A last line without its newline is a row cut off mid-write (a process
-  killed then) and is left out; any other line that is not JSON raises
-  CorruptMetrics naming the file and the line.
+  Blank lines are skipped. A last line without its newline that does not
+  parse is a row cut off mid-write (or being appended now) and is left out;
+  any other line that is not JSON raises CorruptMetrics naming the file and
+  the line.
   """
-  path = Path(path)
-  if not path.exists():
-    return []
-  text = path.read_text(errors="replace")
-  lines = text.split("\n")
-  complete = lines[:-1]  # "" after the last newline, or the cut-off line
-  rows = []
-  for number, line in enumerate(complete, 1):
+  *lines, tail = Path(path).read_bytes().split(b"\n")
+  values = []
+  for number, line in enumerate([*lines, tail], 1):
+    if not line.strip():
+      continue
     try:
-      rows.append(json.loads(line))
+      values.append((number, json.loads(line)))  # invalid UTF-8: ValueError
     except ValueError as e:
+      if number > len(lines):  # the unterminated tail
+        break
       raise CorruptMetrics(
-          f"{path}, line {number}, is not a JSON row ({e}): delete that line "
+          f"{path}, line {number} is not a JSON row ({e}): delete that line "
           "and rerun to resume, or use a new --workdir.") from None
-  return rows
+  return values
+
+
+def read_jsonl(path: Path) -> list[Any]:
+  """The rows of a JSON-lines file (`numbered_jsonl`); [] if it does not
+  exist."""
+  if not Path(path).exists():
+    return []
+  return [value for _, value in numbered_jsonl(path)]
 
 
 class MetricsWriter:

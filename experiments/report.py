@@ -20,7 +20,6 @@ imports this module; figures and prose live here only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
@@ -76,20 +75,16 @@ def load_rows(workdir: Path | str) -> list[dict[str, Any]]:
   """
   path = _metrics_path(Path(workdir))
   try:
-    *lines, tail = path.read_bytes().split(b"\n")
+    # A cut-off last line is a row being appended as we read: left out.
+    lines = workdir_lib.numbered_jsonl(path)
   except OSError as e:
     raise ReportError(f"could not read {path} ({e.strerror or e}).") from e
+  except workdir_lib.CorruptMetrics as e:
+    raise ReportError(str(e)) from e
   rows: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
-  for number, line in enumerate(lines, start=1):
-    if line.strip():  # a blank line carries nothing; not worth an error
-      row = _parse_row(line, path, number)
-      rows[(row["combo"], row["run"], row["epoch"])] = row
-  # The trainer ends every row with a newline: an unterminated last line
-  # that does not parse is a row being appended as we read, not corruption.
-  with contextlib.suppress(ReportError):
-    if tail.strip():
-      row = _parse_row(tail, path, len(lines) + 1)
-      rows[(row["combo"], row["run"], row["epoch"])] = row
+  for number, value in lines:
+    row = _check_row(value, path, number)
+    rows[(row["combo"], row["run"], row["epoch"])] = row
   if not rows:
     raise ReportError(f"{path} is empty: no epoch has finished yet.")
   return list(rows.values())
@@ -107,13 +102,9 @@ def _metrics_path(workdir: Path) -> Path:
   return path
 
 
-def _parse_row(line: bytes, path: Path, number: int) -> dict[str, Any]:
+def _check_row(row: Any, path: Path, number: int) -> dict[str, Any]:
+  """A parsed line as a row with what the table needs, or ReportError."""
   where = f"{path}, line {number}"
-  try:
-    row = json.loads(line)  # bytes: invalid UTF-8 is a ValueError too
-  except ValueError as e:
-    raise ReportError(f"{where} is not valid JSON ({e}); the file is "
-                      "corrupt: fix or delete that line.") from e
   if not isinstance(row, dict):
     raise ReportError(f"{where} is not a JSON object but "
                       f"{type(row).__name__}.")
@@ -511,16 +502,16 @@ def _header(studies: Sequence[Mapping[str, Any]]) -> str:
   """"# {dataset}: {study}" (one part per distinct study), then the data's
   origin where results.json gives it."""
   titles, origins = [], []
-  for study in studies:
-    results = study["results"] or {}
-    if study["results"] is None:
-      title = f"{study['path'].name or study['path']}: no results.json yet"
+  for one in studies:
+    results = one["results"] or {}
+    if one["results"] is None:
+      title = f"{one['path'].name or one['path']}: no results.json yet"
     else:
       title = ": ".join(str(results[k]) for k in ("dataset", "study")
                         if results.get(k)) or "results"
     titles.append(title)
     if results.get("data_origin"):
-      origins.append((study["label"], str(results["data_origin"])))
+      origins.append((one["label"], str(results["data_origin"])))
   text = "# " + "; ".join(dict.fromkeys(titles)) + "\n\n"
   if len({o for _, o in origins}) == 1 and len(origins) == len(studies):
     text += f"Data: {origins[0][1]}\n\n"

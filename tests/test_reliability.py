@@ -169,7 +169,7 @@ def test_base_config_is_valid():
   study.validate_config(base.get_config())
 
 
-def test_momentum_none_is_valid_but_cannot_be_swept_past():
+def test_momentum_none_is_valid_and_a_sweep_replaces_it():
   """None (the exact cumulative average) is a valid bn.momentum; a sweep
   of momenta still replaces it per run."""
   config = base.get_config()
@@ -630,7 +630,7 @@ def test_a_corrupt_metrics_line_is_a_one_line_error(idx_dir, reference,
   lines[1] = "{not json\n"
   (workdir / "metrics.jsonl").write_text("".join(lines))
   with pytest.raises(workdir_lib.CorruptMetrics,
-                     match=r"metrics.jsonl, line 2, is not a JSON row"):
+                     match=r"metrics.jsonl, line 2 is not a JSON row"):
     experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
 
 
