@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bn_op.py            # full run (~1 minute)
     .venv/bin/python benchmarks/bn_op.py --quick    # smoke run
     .venv/bin/python benchmarks/bn_op.py --impl=plain --grad=autodiff
+    .venv/bin/python benchmarks/bn_op.py --variants  # the normalization family
 
 `--grad` and `--impl` choose bn_jax's `grad` mode and `impl` (defaults:
 "paper_jvp", "xla_cpu"; see `bn_jax.apply`).
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 import bn_jax
+from bn_jax import nn as bn_nn
 
 SHAPES = ((4096, 1024), (256, 28, 28, 64))
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -195,6 +197,71 @@ def print_table(rounds, bn_options):
             f"{'/'.join(map(str, passes['flax']))} |", flush=True)
 
 
+# ----------------------------------------------------------------------------
+# The normalization family: every variant as a linen module, beside flax's.
+
+def _variants():
+  """{name: module} of bn_jax's variants and flax's LayerNorm, GroupNorm and
+  RMSNorm, each in training mode with its defaults except as named."""
+  clipping = (("dmax", 5.0), ("rmax", 3.0), ("rmin", 1 / 3))
+  return {
+      "bn_jax batch": bn_nn.BatchNorm(use_running_average=False),
+      "flax batch": nn.BatchNorm(use_running_average=False),
+      "bn_jax renorm": bn_nn.BatchNorm(use_running_average=False,
+                                       renorm=True, renorm_clipping=clipping),
+      "bn_jax ghost (32)": bn_nn.BatchNorm(use_running_average=False,
+                                           virtual_batch_size=32),
+      "bn_jax sampled (1/4, stride)": bn_nn.BatchNorm(
+          use_running_average=False, stats_fraction=0.25),
+      "bn_jax sampled (1/4, random)": bn_nn.BatchNorm(
+          use_running_average=False, stats_fraction=0.25,
+          stats_sampling="random"),
+      "bn_jax layer": bn_nn.LayerNorm(),
+      "flax layer": nn.LayerNorm(),
+      "bn_jax group (32)": bn_nn.GroupNorm(num_groups=32),
+      "flax group (32)": nn.GroupNorm(num_groups=32),
+      "bn_jax rms": bn_nn.RMSNorm(),
+      "flax rms": nn.RMSNorm(),
+  }
+
+
+def module_step(module):
+  """y, new state and (dx, dparams) of one training call of `module`."""
+  def step(variables, x, dy):
+    def forward(x, params):
+      y, updates = module.apply({**variables, "params": params}, x,
+                                mutable=["batch_stats"])
+      return y, updates
+    y, vjp, updates = jax.vjp(forward, x, variables["params"], has_aux=True)
+    return y, updates, vjp(dy)
+  return step
+
+
+def print_variants_table(rounds):
+  """Forward + backward of every variant, timed in the same rounds; the
+  ratio is to bn_jax's plain BN (for `sampled`: to the full-batch
+  statistics)."""
+  print("\nThe normalization family (float32; ratio = time / bn_jax batch):"
+        "\n")
+  print("| x | variant | ms | vs bn_jax batch |")
+  print("|---|---|---:|---:|")
+  for shape in ((4096, 1024), (256, 28, 28, 64)):
+    kx, kdy = jax.random.split(jax.random.key(0))
+    x = 3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)
+    dy = jax.random.normal(kdy, shape, jnp.float32)
+    candidates = {}
+    for name, module in _variants().items():
+      variables = jax.jit(module.init)(jax.random.key(1), x)
+      candidates[name] = functools.partial(jax.jit(module_step(module)),
+                                           variables, x, dy)
+    _common.interleaved(candidates, 2)  # compile, first allocations
+    wall, _ = _common.interleaved(candidates, rounds)
+    median = {name: _common.median(t) for name, t in wall.items()}
+    for name, seconds in median.items():
+      print(f"| {shape} | {name} | {seconds * 1e3:.2f} | "
+            f"{seconds / median['bn_jax batch']:.2f} |", flush=True)
+
+
 def _machine():
   try:
     with open("/proc/cpuinfo") as f:
@@ -215,9 +282,17 @@ def main():
                       default="paper_jvp", help="bn_jax.apply's grad mode")
   parser.add_argument("--impl", choices=bn_jax.IMPLS, default="xla_cpu",
                       help="bn_jax.apply's impl")
+  parser.add_argument("--variants", action="store_true",
+                      help="time the normalization family (renorm, ghost, "
+                      "sampled, layer, group, rms) beside flax's instead")
   args = parser.parse_args()
-  print_table(args.rounds or (5 if args.quick else 50),
-              dict(grad=args.grad, impl=args.impl))
+  rounds = args.rounds or (5 if args.quick else 50)
+  if args.variants:
+    print(_common.header("bn_op: the normalization family, forward + "
+                         "backward"))
+    print_variants_table(rounds)
+    return
+  print_table(rounds, dict(grad=args.grad, impl=args.impl))
   if (args.malloc or ("current" if args.quick else "both")) == "both":
     _common.run_tuned_child(__file__)
 

@@ -22,7 +22,21 @@ Conventions (see the README for the table beside flax and PyTorch):
     Algorithm 2 and PyTorch do. Normalization in training always uses the
     biased batch variance (Algorithm 1), in every framework.
   * statistics are computed in float32 for float32 and narrower x (float64
-    x, under jax_enable_x64, keeps float64); y has x's dtype.
+    x, under jax_enable_x64, keeps float64); y has x's dtype. x must be
+    real: complex x is rejected (flax normalizes it, bn_jax does not).
+
+Variants of training-mode BN, options of `apply` that combine with the
+others (see `apply` for the few combinations that are rejected):
+  * batch renormalization (Ioffe, 2017), `renorm=True`: Keras's
+    `BatchNormalization(renorm=True)` step for step, with the state's
+    `renorm_mean` and `renorm_stddev` (create them with
+    `init(..., renorm=True)`) and an optional schedule of the clipping
+    limits by update count (`renorm_limits`);
+  * ghost batches (Hoffer et al., 2017), `virtual_batch_size`: statistics
+    per chunk of consecutive examples, as with one device per chunk;
+  * sampled statistics (after Chen et al., 2019), `stats_fraction` or
+    `stats_examples`: statistics from a subset of the examples, applied to
+    all of them.
 """
 
 from __future__ import annotations
@@ -49,6 +63,9 @@ GRAD_MODES = ("paper_jvp", "paper_vjp", "autodiff")
 # "xla_cpu" with the devices of the note "Performance on XLA:CPU" below,
 # "plain" without them, for backends that fuse well on their own.
 IMPLS = ("xla_cpu", "plain")
+# Which examples sampled statistics read (see `apply`).
+STATS_SAMPLINGS = ("stride", "random")
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 class BNParams(NamedTuple):
@@ -58,14 +75,23 @@ class BNParams(NamedTuple):
 
 
 class BNState(NamedTuple):
-  """Running (population) statistics, threaded explicitly through training."""
+  """Running (population) statistics, threaded explicitly through training.
+
+  `mean` and `var` are what evaluation normalizes with. The last two fields
+  exist only for batch renormalization (`init(..., renorm=True)`; None
+  otherwise, so `BNState(mean, var, count)` is a complete plain state):
+  Keras's `renorm_mean` and `renorm_stddev`, the moving averages (with
+  `renorm_momentum`) that the corrections r and d compare the batch with.
+  """
   mean: jax.Array
   var: jax.Array
   count: jax.Array  # number of updates so far (int32 scalar)
+  renorm_mean: jax.Array | None = None
+  renorm_stddev: jax.Array | None = None
 
 
 def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
-         use_scale: bool = True, use_bias: bool = True,
+         use_scale: bool = True, use_bias: bool = True, renorm: bool = False,
          ) -> tuple[BNParams, BNState]:
   """Returns fresh params (gamma = 1, beta = 0) and state (mean 0, var 1).
 
@@ -74,6 +100,9 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
       `axis=-1`, or `(x.shape[1], x.shape[3])` for `axis=(1, 3)`.
     dtype: dtype of gamma and beta. Running statistics are always float32.
     use_scale, use_bias: whether gamma / beta exist.
+    renorm: also create the batch-renorm statistics, renorm_mean 0 and
+      renorm_stddev 1 (Keras's initial values: the square root of the
+      initial variance).
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(
       feature_shape)
@@ -83,6 +112,9 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
   state = BNState(mean=jnp.zeros(shape, jnp.float32),
                   var=jnp.ones(shape, jnp.float32),
                   count=jnp.zeros((), jnp.int32))
+  if renorm:
+    state = state._replace(renorm_mean=jnp.zeros(shape, jnp.float32),
+                           renorm_stddev=jnp.ones(shape, jnp.float32))
   return params, state
 
 
@@ -128,13 +160,139 @@ def _check_hyperparameters(momentum, epsilon) -> None:
 
 def _check_shapes(params: BNParams, state: BNState, feature_shape) -> None:
   named = [("params.scale", params.scale), ("params.bias", params.bias),
-           ("state.mean", state.mean), ("state.var", state.var)]
+           ("state.mean", state.mean), ("state.var", state.var),
+           ("state.renorm_mean", state.renorm_mean),
+           ("state.renorm_stddev", state.renorm_stddev)]
   for name, value in named:
     if value is not None and tuple(value.shape) != feature_shape:
       raise ValueError(
           f"{name} has shape {tuple(value.shape)} but x's feature shape is "
           f"{feature_shape}; create params and state with "
           f"init({feature_shape}) or pass the matching `axis`.")
+
+
+def _check_dtype(x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f"x has dtype {x.dtype}; bn_jax normalizes real floating-point x "
+        "(bfloat16, float16, float32 or float64). Complex x is not supported "
+        "(flax.linen.BatchNorm normalizes it with a real variance); cast "
+        "integers to a float dtype first.")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _renorm_clipping(clipping) -> dict[str, Any]:
+  """`renorm_clipping` (a Mapping, or (key, value) pairs so that a module
+  attribute stays hashable) as a dict, checked as Keras checks it."""
+  if clipping is None:
+    return {}
+  try:
+    clipping = dict(clipping)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"renorm_clipping={clipping!r} must be a Mapping or (key, value) "
+        f"pairs with keys among {RENORM_CLIPPING_KEYS}.") from None
+  unknown = sorted(set(clipping) - set(RENORM_CLIPPING_KEYS))
+  if unknown:
+    raise ValueError(f"renorm_clipping has keys {unknown}; it takes "
+                     f"{RENORM_CLIPPING_KEYS} (absent: rmin 0, rmax inf, "
+                     "dmax inf, as in Keras).")
+  rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+  if (isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real)
+      and rmax < rmin):
+    raise ValueError(f"renorm_clipping has rmax={rmax} < rmin={rmin}; r is "
+                     "clipped to [rmin, rmax].")
+  if isinstance(dmax, numbers.Real) and dmax < 0:
+    raise ValueError(f"renorm_clipping has dmax={dmax} < 0; d is clipped to "
+                     "[-dmax, dmax].")
+  return clipping
+
+
+def _check_renorm_schedule(schedule, clipping: dict[str, Any]) -> None:
+  if not (isinstance(schedule, (tuple, list)) and len(schedule) == 3
+          and all(_is_int(v) and v >= 0 for v in schedule)
+          and schedule[0] <= min(schedule[1:])):
+    raise ValueError(
+        f"renorm_schedule={schedule!r} must be (hold_steps, rmax_steps, "
+        "dmax_steps), non-negative integers with hold_steps <= rmax_steps "
+        "and hold_steps <= dmax_steps, e.g. the paper's (5000, 40000, "
+        "25000).")
+  missing = [k for k in ("rmax", "dmax") if clipping.get(k) is None]
+  if missing:
+    raise ValueError(
+        f"renorm_schedule={tuple(schedule)!r} needs the final limits it "
+        f"rises to; renorm_clipping has no {' or '.join(missing)} (the "
+        "paper: {'rmax': 3, 'dmax': 5}).")
+  rmin, rmax = clipping.get("rmin"), clipping["rmax"]
+  if isinstance(rmax, numbers.Real) and rmax < 1:
+    raise ValueError(f"renorm_clipping has rmax={rmax} < 1; a schedule "
+                     "relaxes rmax from 1 up to it.")
+  if isinstance(rmin, numbers.Real) and not 0 <= rmin <= 1:
+    raise ValueError(f"renorm_clipping has rmin={rmin} outside [0, 1]; a "
+                     "schedule relaxes rmin from 1 down to it.")
+
+
+def renorm_limits(step, clipping: Any = None,
+                  schedule: tuple[int, int, int] | None = None):
+  """The clipping limits (rmin, rmax, dmax) of batch renorm at `step`.
+
+  Without a schedule these are `clipping`'s values, with Keras's defaults
+  for absent keys: rmin 0, rmax inf, dmax inf (no clipping).
+
+  With `schedule = (hold_steps, rmax_steps, dmax_steps)` (Ioffe, 2017: 5000,
+  40000 and 25000 steps to rmax 3 and dmax 5), the limits start as plain
+  batch norm, rmax = rmin = 1 and dmax = 0, until step `hold_steps`; then
+  rmax rises linearly to clipping["rmax"], reached at step `rmax_steps`,
+  and dmax to clipping["dmax"] at `dmax_steps`; both stay there after.
+  rmin falls linearly from 1 to clipping["rmin"] along with rmax, or, when
+  clipping has no "rmin", is 1 / rmax at every step, as in the paper (r is
+  clipped to [1 / rmax, rmax]). A schedule needs "rmax" and "dmax".
+
+  Args:
+    step: the number of training updates so far (`state.count`); an int or
+      a traced integer.
+    clipping: a Mapping, or (key, value) pairs, with keys among "rmin",
+      "rmax", "dmax".
+    schedule: None or (hold_steps, rmax_steps, dmax_steps), Python ints.
+
+  Returns:
+    (rmin, rmax, dmax): Python floats without a schedule, float32 scalars
+    with one.
+  """
+  clipping = _renorm_clipping(clipping)
+  if schedule is None:
+    return (clipping.get("rmin", 0.0), clipping.get("rmax", math.inf),
+            clipping.get("dmax", math.inf))
+  _check_renorm_schedule(schedule, clipping)
+  hold, rmax_steps, dmax_steps = schedule
+  step = jnp.asarray(step).astype(jnp.float32)
+
+  def progress(end):  # 0 until `hold`, then linear up to 1 at `end`
+    if end == hold:
+      return jnp.where(step >= hold, 1.0, 0.0)
+    return jnp.clip((step - hold) / (end - hold), 0.0, 1.0)
+  rmax = 1.0 + (clipping["rmax"] - 1.0) * progress(rmax_steps)
+  dmax = clipping["dmax"] * progress(dmax_steps)
+  if clipping.get("rmin") is None:
+    rmin = 1.0 / rmax
+  else:
+    rmin = 1.0 + (clipping["rmin"] - 1.0) * progress(rmax_steps)
+  return rmin, rmax, dmax
+
+
+def _stats_sample_size(batch: int, stats_fraction, stats_examples) -> int:
+  """How many examples sampled statistics read from a batch of `batch`."""
+  if stats_examples is not None:
+    if stats_examples > batch:
+      raise ValueError(
+          f"stats_examples={stats_examples} is more than the {batch} "
+          "examples of the batch (of each ghost batch with "
+          "virtual_batch_size); use at most that many.")
+    return stats_examples
+  return max(1, round(stats_fraction * batch))
 
 
 # ----------------------------------------------------------------------------
@@ -347,6 +505,7 @@ def moments(x: jax.Array, reduction_axes: tuple[int, ...], *,
   `apply`; derivatives of every order are exact (the paper's backward pass
   for the first).
   """
+  _check_dtype(x)
   _check_choice("stats_method", stats_method, STATS_METHODS)
   _check_choice("impl", impl, IMPLS)
   anchor, mean_minus_anchor, var, count = _moments(
@@ -441,54 +600,88 @@ def _varying_axes(value) -> frozenset:
   return getattr(manual, "varying", frozenset())
 
 
-def _vary_like(values, x, axis_name):
+def _vary_like(values, x):
   """Marks replicated gamma and beta as varying over the axes x varies over.
 
   Under shard_map a custom VJP must return cotangents of its inputs' type;
-  gamma's and beta's (this device's sums) vary over the axis, so the inputs
-  must too. JAX then psums them when transposing, as autodiff does.
-  Elsewhere (vmap, pmap, no axis) this is a no-op.
+  gamma's and beta's (this device's sums) vary over every axis x varies
+  over, synchronized (axis_name) or not (per-device statistics), so the
+  inputs must too. JAX then psums them when transposing, as autodiff does.
+  Elsewhere (vmap, pmap, outside shard_map) this is a no-op.
   """
-  if axis_name is None:
-    return values
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   varying = _varying_axes(x)
   def vary(value):
-    missing = tuple(n for n in names
-                    if n in varying and n not in _varying_axes(value))
+    missing = tuple(n for n in varying if n not in _varying_axes(value))
     return lax.pcast(value, missing, to="varying") if missing else value
   return jax.tree.map(vary, values)
 
 
+def _renorm_correction(mean, var, epsilon, renorm_mean, renorm_stddev,
+                       limits):
+  """Batch renorm's (r, d), as constants (Keras's
+  `_renorm_correction_and_moments`): r = sigma_B / sigma clipped to
+  [rmin, rmax], d = (mu_B - mu) / sigma clipped to [-dmax, dmax], with
+  sigma_B = sqrt(var + epsilon) and sigma the renorm stddev, kept at least
+  sqrt(epsilon) so that early steps never divide by ~0."""
+  rmin, rmax, dmax = limits
+  stddev = jnp.sqrt(var + epsilon)
+  renorm_stddev = jnp.maximum(renorm_stddev, jnp.sqrt(epsilon))
+  r = jnp.minimum(jnp.maximum(stddev / renorm_stddev, rmin), rmax)
+  d = jnp.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _compose_renorm(r, d, scale, bias):
+  """(xhat * r + d) * gamma + beta = xhat * (r gamma) + (d gamma + beta):
+  the corrected scale and bias (Keras's `_compose_transforms`). With r = 1
+  and d = 0 these are gamma and beta exactly (a product by 1, a sum with
+  0), so batch renorm at the start of a schedule computes what batch norm
+  computes, bit for bit."""
+  if scale is None:
+    return r, d if bias is None else d + bias
+  return r * scale, d * scale if bias is None else d * scale + bias
+
+
 @functools.lru_cache(maxsize=None)
 def _paper_vjp_normalize(reduction_axes, axis_name, axis_index_groups,
-                         stats_method, impl):
+                         stats_method, impl, renorm):
   """Training-mode BN as a `jax.custom_vjp` whose backward pass is
   `batch_norm_backward`, the paper's formulas, literally.
 
-  Returns f(x, scale, bias, epsilon) -> (y, mean, var, count); the caller
-  stops the gradient of the statistics (state is never differentiated), so
-  their cotangents are zero and ignored. JAX runs a custom VJP's backward
-  pass after a surrounding vmap's axis scope has ended, so with an
-  `axis_name` under vmap take the gradient inside the vmap.
+  Returns f(x, scale, bias, epsilon, renorm_args) -> (y, mean, var, count);
+  the caller stops the gradient of the statistics (state is never
+  differentiated), so their cotangents are zero and ignored. With `renorm`,
+  renorm_args are (renorm_mean, renorm_stddev, (rmin, rmax, dmax)) and y is
+  corrected by the constants r and d (else renorm_args is ()). JAX runs a
+  custom VJP's backward pass after a surrounding vmap's axis scope has
+  ended, so with an `axis_name` under vmap take the gradient inside the
+  vmap.
   """
   groups = None if axis_index_groups is None else [
       list(g) for g in axis_index_groups]
 
-  def forward(x, scale, bias, epsilon):
+  def forward(x, scale, bias, epsilon, renorm_args):
     mean, var, count = moments(x, reduction_axes, axis_name=axis_name,
                                axis_index_groups=groups,
                                stats_method=stats_method, impl=impl)
     inv_std = lax.rsqrt(var + epsilon)
+    r = d = None
+    if renorm:
+      r, d = _renorm_correction(mean, var, epsilon, *renorm_args)
+      scale, bias = _compose_renorm(r, d, scale, bias)
     y = (x.astype(mean.dtype) - mean) * (inv_std * scale) + bias
-    return (y.astype(x.dtype), mean, var, count), (x, mean, inv_std, scale)
+    return ((y.astype(x.dtype), mean, var, count),
+            (x, mean, inv_std, scale, r, d))
 
   def backward(residuals, cotangents):
-    x, mean, inv_std, scale = residuals
+    x, mean, inv_std, scale, r, d = residuals
     dx, dscale, dbias = batch_norm_backward(
         cotangents[0], x, mean, inv_std, scale, reduction_axes,
         axis_name=axis_name, axis_index_groups=groups)
-    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype), None
+    if renorm:  # through r gamma and d gamma + beta, r and d constants
+      dscale = r * dscale + d * dbias
+    return (dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype), None,
+            None)
 
   normalize = jax.custom_vjp(lambda *args: forward(*args)[0])
   normalize.defvjp(forward, backward)
@@ -505,13 +698,19 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
           axis_name: Any = None, axis_index_groups: Any = None,
           mask: jax.Array | None = None, stats_method: str = "shifted",
           grad: str = "paper_jvp", impl: str = "xla_cpu",
+          renorm: bool = False, renorm_clipping: Any = None,
+          renorm_momentum: float = 0.99,
+          renorm_schedule: tuple[int, int, int] | None = None,
+          virtual_batch_size: int | None = None,
+          stats_fraction: float | None = None,
+          stats_examples: int | None = None, stats_sampling: str = "stride",
           ) -> tuple[jax.Array, BNState]:
   """Batch-normalizes x; returns (y, new_state).
 
   Args:
     params: BNParams from `init` (gamma, beta of the feature shape).
     state: BNState from `init` or a previous `apply`.
-    x: input; any float dtype. y has x's dtype; statistics are float32
+    x: input; a real float dtype. y has x's dtype; statistics are float32
       (float64 for float64 x).
     training: True normalizes with the batch's mean and biased variance and
       updates the running statistics (Algorithm 1); False normalizes with the
@@ -564,10 +763,63 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       by a reduction; see "Performance on XLA:CPU" in the source). "plain"
       leaves them out, plain jnp ops, for GPU and TPU, where the devices
       only constrain XLA's fusion.
+    renorm: batch renormalization (Ioffe, 2017), as Keras's
+      `BatchNormalization(renorm=True)`. Training gives
+      y = ((x - mu_B) / sigma_B * r + d) * gamma + beta, with
+      sigma_B = sqrt(var_B + epsilon), r = clip(sigma_B / sigma, rmin, rmax)
+      and d = clip((mu_B - mu) / sigma, -dmax, dmax), where mu and sigma are
+      the state's renorm_mean and renorm_stddev (sigma at least
+      sqrt(epsilon)); r and d are constants to differentiation. The state
+      needs those two fields: `init(..., renorm=True)`. Updates, as Keras:
+      renorm_mean and renorm_stddev move towards mu_B and sigma_B with
+      `renorm_momentum`; `mean` as without renorm; the variance is averaged
+      as a standard deviation, s' = momentum s + (1 - momentum) sigma_B'
+      with s = sqrt(var + epsilon) and sigma_B' = sqrt(var_B' + epsilon)
+      (var_B' = var_B, or its unbiased version), then
+      var = max(s'^2 - epsilon, 0). Evaluation is unchanged. Keras keeps s
+      in its own variable `moving_stddev`, initialized to 1 beside a
+      variance of 1, where bn_jax derives it from var: both agree from any
+      state with moving_stddev = sqrt(moving_variance + epsilon), so after
+      Keras's first update, but not at it from Keras's fresh variables.
+    renorm_clipping: limits of r and d: a Mapping, or (key, value) pairs,
+      with keys among "rmin", "rmax", "dmax"; absent keys are Keras's 0,
+      inf and inf (no clipping).
+    renorm_momentum: momentum of renorm_mean and renorm_stddev, in the
+      convention of `momentum` (Keras's default 0.99). It shapes training,
+      unlike `momentum`.
+    renorm_schedule: None, or (hold_steps, rmax_steps, dmax_steps): the
+      limits relax with the update count `state.count`, from plain batch
+      norm (rmin = rmax = 1, dmax = 0) until hold_steps to
+      renorm_clipping's at rmax_steps and dmax_steps; see `renorm_limits`.
+    virtual_batch_size: ghost batches (Hoffer et al., 2017): statistics per
+      chunk of this many consecutive examples along axis 0, which must be
+      reduced and a multiple of it. Each chunk is normalized with its own
+      statistics (with renorm: its own r and d), and the new state is the
+      mean over chunks of the states that each chunk's update gives (the
+      count advances by 1): one device's version of bn_jax.parallel's
+      bn_stats="per_device" (a chunk per device, the devices' new
+      statistics averaged). With axis_name, chunk i is pooled with chunk i
+      of every other member of the named axis. Evaluation ignores it.
+    stats_fraction, stats_examples: sampled statistics (the "sparse" batch
+      norm of Chen et al., 2019): mean and variance come from n examples
+      along axis 0 (a reduced axis), n = stats_examples or
+      round(stats_fraction * batch) (at least 1), and normalize every
+      example; the gradient flows through the subset's statistics, and the
+      running statistics are updated from them. At most one of the two. With
+      virtual_batch_size the subset is taken in every ghost batch. Not with
+      grad="paper_vjp", whose backward pass assumes whole-batch statistics.
+    stats_sampling: which n examples: "stride" (default), the evenly spaced
+      examples 0, s, ..., (n - 1) s with s = batch // n; "random", n
+      distinct examples drawn at every update from the key
+      `jax.random.fold_in(jax.random.key(0), state.count)`, so pure and
+      reproducible: a given count gives the same positions, in every layer,
+      every ghost batch and every member of a named axis (each sampling its
+      own examples at those positions).
 
   Returns:
     (y, new_state).
   """
+  _check_dtype(x)
   axes = feature_axes(x.ndim, axis)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in axes)
   feature_shape = tuple(x.shape[a] for a in axes)
@@ -576,6 +828,10 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   _check_choice("stats_method", stats_method, STATS_METHODS)
   _check_choice("grad", grad, GRAD_MODES)
   _check_choice("impl", impl, IMPLS)
+  _check_choice("stats_sampling", stats_sampling, STATS_SAMPLINGS)
+  clipping = _check_variants(
+      renorm, renorm_clipping, renorm_momentum, renorm_schedule,
+      virtual_batch_size, stats_fraction, stats_examples, grad)
   # Per-feature arrays are reshaped to broadcast against x.
   expand = lambda v: None if v is None else jnp.expand_dims(
       v, reduction_axes)
@@ -587,61 +843,208 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
                    impl)
     return y, state
 
-  values_per_feature = math.prod(x.shape[a] for a in reduction_axes)
-  if axis_name is not None and axis_index_groups is None:
-    values_per_feature *= lax.axis_size(axis_name)
-  if values_per_feature < 2:
-    raise ValueError(
-        f"training-mode batch norm needs at least 2 values per feature to "
-        f"estimate a variance, but x of shape {x.shape} with feature axes "
-        f"{axes} has {values_per_feature}; use a batch larger than 1 or "
-        f"training=False.")
+  sampled = stats_fraction is not None or stats_examples is not None
+  _check_training_variants(
+      state, x.shape, axis, reduction_axes, renorm, virtual_batch_size,
+      sampled)
+  limits = (renorm_limits(state.count, clipping, renorm_schedule)
+            if renorm else None)
+  full_shape = x.shape
 
-  if grad == "paper_vjp":
-    if mask is not None:
-      raise ValueError("grad='paper_vjp' does not take a mask; use "
-                       "grad='paper_jvp' (the default) or 'autodiff'.")
-    dtype = _stats_dtype(x.dtype)
-    scale = (jnp.ones(feature_shape, dtype) if params.scale is None
-             else params.scale.astype(dtype))
-    bias = (jnp.zeros(feature_shape, dtype) if params.bias is None
-            else params.bias.astype(dtype))
-    scale, bias = _vary_like((expand(scale), expand(bias)), x, axis_name)
-    groups = None if axis_index_groups is None else tuple(
-        tuple(g) for g in axis_index_groups)
-    normalize = _paper_vjp_normalize(reduction_axes, axis_name, groups,
-                                     stats_method, impl)
-    y, mean, var, count = normalize(x, scale, bias,
-                                    jnp.asarray(epsilon, dtype))
+  def normalize_batch(x, mask):
+    """(y, new_state) of one batch (one ghost batch, under the vmap)."""
+    stats_x, stats_mask = x, mask
+    notes = ""
+    if virtual_batch_size is not None:
+      notes += f" in ghost batches of {virtual_batch_size}"
+    if sampled:
+      n = _stats_sample_size(x.shape[0], stats_fraction, stats_examples)
+      notes += f" sampled to {n} example(s)"
+      if stats_sampling == "stride":
+        stride = x.shape[0] // n
+        take = lambda v: lax.slice_in_dim(v, 0, (n - 1) * stride + 1, stride)
+      else:
+        key = jax.random.fold_in(jax.random.key(0), state.count)
+        index = jnp.sort(jax.random.permutation(key, x.shape[0])[:n])
+        take = lambda v: jnp.take(v, index, axis=0)
+      # Only the subset is read by the statistics' passes.
+      stats_x = take(x)
+      if mask is not None:
+        stats_mask = take(jnp.broadcast_to(mask, x.shape))
+
+    values_per_feature = math.prod(stats_x.shape[a] for a in reduction_axes)
+    if axis_name is not None and axis_index_groups is None:
+      values_per_feature *= lax.axis_size(axis_name)
+    if values_per_feature < 2:
+      raise ValueError(
+          f"training-mode batch norm needs at least 2 values per feature to "
+          f"estimate a variance, but x of shape {full_shape}{notes} with "
+          f"feature axes {axes} has {values_per_feature}; use a batch larger "
+          f"than 1 or training=False.")
+    renorm_state = (expand(state.renorm_mean), expand(state.renorm_stddev),
+                    limits) if renorm else ()
+
+    if grad == "paper_vjp":
+      if mask is not None:
+        raise ValueError("grad='paper_vjp' does not take a mask; use "
+                         "grad='paper_jvp' (the default) or 'autodiff'.")
+      dtype = _stats_dtype(x.dtype)
+      scale = (jnp.ones(feature_shape, dtype) if params.scale is None
+               else params.scale.astype(dtype))
+      bias = (jnp.zeros(feature_shape, dtype) if params.bias is None
+              else params.bias.astype(dtype))
+      scale, bias = _vary_like((expand(scale), expand(bias)), x)
+      groups = None if axis_index_groups is None else tuple(
+          tuple(g) for g in axis_index_groups)
+      normalize = _paper_vjp_normalize(reduction_axes, axis_name, groups,
+                                       stats_method, impl, bool(renorm))
+      y, mean, var, count = normalize(
+          x, scale, bias, jnp.asarray(epsilon, dtype),
+          jax.tree.map(lambda v: jnp.asarray(v, dtype), renorm_state))
+    else:
+      anchor, mean_minus_anchor, var, count = _moments(
+          stats_x, reduction_axes, stats_mask, axis_name, axis_index_groups,
+          stats_method, grad, impl)
+      mean = anchor + mean_minus_anchor
+      scale, bias = expand(params.scale), expand(params.bias)
+      if renorm:
+        r, d = _renorm_correction(mean, var, epsilon, *renorm_state)
+        scale, bias = _compose_renorm(r, d, scale, bias)
+      y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
+                     scale, bias, grad, impl)
+
+    new_state = update_running_stats(
+        state, lax.stop_gradient(mean.reshape(feature_shape)),
+        lax.stop_gradient(var.reshape(feature_shape)),
+        jnp.broadcast_to(count, mean.shape).reshape(feature_shape),
+        momentum=momentum, unbiased=unbiased_running_var,
+        renorm_momentum=renorm_momentum if renorm else None, epsilon=epsilon)
+    return y, new_state
+
+  if virtual_batch_size is None:
+    return normalize_batch(x, mask)
+  chunks = x.shape[0] // virtual_batch_size
+  split = lambda v: v.reshape((chunks, virtual_batch_size) + v.shape[1:])
+  masks = None if mask is None else split(jnp.broadcast_to(mask, x.shape))
+  ys, states = jax.vmap(normalize_batch)(split(x), masks)
+  # Each chunk updated the same state once; keep the mean of those states
+  # (fields an update leaves alone are kept as they are, not averaged).
+  new_state = jax.tree.map(lambda v: jnp.mean(v, axis=0), states)._replace(
+      count=state.count + 1)
+  if not renorm:
+    new_state = new_state._replace(renorm_mean=state.renorm_mean,
+                                   renorm_stddev=state.renorm_stddev)
+  return ys.reshape(x.shape), new_state
+
+
+def _check_variants(renorm, renorm_clipping, renorm_momentum,
+                    renorm_schedule, virtual_batch_size, stats_fraction,
+                    stats_examples, grad) -> dict[str, Any]:
+  """Checks the options of the variants (training or not); returns the
+  renorm clipping as a dict."""
+  if not renorm:
+    if renorm_clipping is not None or renorm_schedule is not None:
+      raise ValueError(
+          "renorm_clipping and renorm_schedule set batch renorm's limits; "
+          "pass renorm=True, or leave them None.")
+    clipping = {}
   else:
-    anchor, mean_minus_anchor, var, count = _moments(
-        x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
-        grad, impl)
-    y = _normalize(x, anchor, mean_minus_anchor, lax.rsqrt(var + epsilon),
-                   expand(params.scale), expand(params.bias), grad, impl)
-    mean = anchor + mean_minus_anchor
+    clipping = _renorm_clipping(renorm_clipping)
+    if renorm_schedule is not None:
+      _check_renorm_schedule(renorm_schedule, clipping)
+    if renorm_momentum is None or (
+        isinstance(renorm_momentum, numbers.Real)
+        and not 0.0 <= renorm_momentum <= 1.0):
+      raise ValueError(
+          f"renorm_momentum={renorm_momentum} must be in [0, 1] (same "
+          "convention as momentum: renorm_mean = renorm_momentum * "
+          "renorm_mean + (1 - renorm_momentum) * batch mean).")
+  if virtual_batch_size is not None and not (
+      _is_int(virtual_batch_size) and virtual_batch_size > 0):
+    raise ValueError(f"virtual_batch_size={virtual_batch_size!r} must be a "
+                     "positive integer (examples per ghost batch) or None.")
+  if stats_fraction is not None and stats_examples is not None:
+    raise ValueError(
+        f"stats_fraction={stats_fraction} and stats_examples="
+        f"{stats_examples} both choose the sampled statistics' examples; "
+        "pass one of them.")
+  if stats_fraction is not None and not (
+      isinstance(stats_fraction, numbers.Real)
+      and 0.0 < stats_fraction <= 1.0):
+    raise ValueError(f"stats_fraction={stats_fraction!r} must be in (0, 1] "
+                     "(the fraction of the batch the statistics read).")
+  if stats_examples is not None and not (
+      _is_int(stats_examples) and stats_examples > 0):
+    raise ValueError(f"stats_examples={stats_examples!r} must be a positive "
+                     "integer (examples the statistics read).")
+  if grad == "paper_vjp" and (stats_fraction is not None
+                              or stats_examples is not None):
+    raise ValueError(
+        "grad='paper_vjp' differentiates statistics of the whole batch, not "
+        "sampled ones (stats_fraction, stats_examples); use "
+        "grad='paper_jvp' (the default) or 'autodiff'.")
+  return clipping
 
-  new_state = update_running_stats(
-      state, lax.stop_gradient(mean.reshape(feature_shape)),
-      lax.stop_gradient(var.reshape(feature_shape)),
-      jnp.broadcast_to(count, mean.shape).reshape(feature_shape),
-      momentum=momentum, unbiased=unbiased_running_var)
-  return y, new_state
+
+def _check_training_variants(state, shape, axis, reduction_axes, renorm,
+                             virtual_batch_size, sampled) -> None:
+  """Checks what the variants need of the state and of x's shape."""
+  if renorm and (state.renorm_mean is None or state.renorm_stddev is None):
+    raise ValueError(
+        "renorm=True needs state.renorm_mean and state.renorm_stddev; "
+        "create the state with init(feature_shape, renorm=True) (or give "
+        "BNState renorm_mean=zeros, renorm_stddev=ones).")
+  for name, used in (("virtual_batch_size", virtual_batch_size is not None),
+                     ("stats_fraction/stats_examples", sampled)):
+    if used and 0 not in reduction_axes:
+      raise ValueError(
+          f"{name} splits or samples the batch along axis 0, but axis="
+          f"{axis} makes axis 0 a feature axis; put the batch first and "
+          "reduce it.")
+  if virtual_batch_size is not None and shape[0] % virtual_batch_size:
+    raise ValueError(
+        f"virtual_batch_size={virtual_batch_size} does not divide the batch "
+        f"of {shape[0]} examples (x.shape[0]); use a batch that is a "
+        f"multiple of {virtual_batch_size}, or a virtual_batch_size that "
+        f"divides {shape[0]}.")
 
 
 def update_running_stats(state: BNState, batch_mean, batch_var, count, *,
-                         momentum, unbiased: bool) -> BNState:
-  """Exponential (or, with momentum=None, cumulative) running statistics."""
+                         momentum, unbiased: bool,
+                         renorm_momentum: float | None = None,
+                         epsilon: float | None = None) -> BNState:
+  """Exponential (or, with momentum=None, cumulative) running statistics.
+
+  With `renorm_momentum` (batch renorm; needs `epsilon` and the state's
+  renorm fields), Keras's updates: renorm_mean and renorm_stddev move
+  towards the batch mean and sqrt(batch_var + epsilon) with
+  renorm_momentum, and the variance is averaged as a standard deviation
+  (see `apply`). Fields that an update does not concern are kept.
+  """
+  stored_var = batch_var
   if unbiased:
-    batch_var = batch_var * count / jnp.maximum(count - 1.0, 1.0)
+    stored_var = batch_var * count / jnp.maximum(count - 1.0, 1.0)
   new_count = state.count + 1
   if momentum is None:
     weight = 1.0 / new_count.astype(jnp.float32)  # exact cumulative average
   else:
     weight = 1.0 - jnp.asarray(momentum, jnp.float32)
   mean = state.mean + weight * (batch_mean - state.mean)
-  var = state.var + weight * (batch_var - state.var)
-  return BNState(mean=mean, var=var, count=new_count)
+  if renorm_momentum is None:
+    var = state.var + weight * (stored_var - state.var)
+    return state._replace(mean=mean, var=var, count=new_count)
+  # Keras averages the standard deviation (the paper's sigma), and derives
+  # the variance from it; the max guards against rounding below 0.
+  stddev = jnp.sqrt(state.var + epsilon)
+  stddev = stddev + weight * (jnp.sqrt(stored_var + epsilon) - stddev)
+  var = jnp.maximum(jnp.square(stddev) - epsilon, 0.0)
+  renorm_weight = 1.0 - jnp.asarray(renorm_momentum, jnp.float32)
+  renorm_mean = state.renorm_mean + renorm_weight * (
+      batch_mean - state.renorm_mean)
+  renorm_stddev = state.renorm_stddev + renorm_weight * (
+      jnp.sqrt(batch_var + epsilon) - state.renorm_stddev)
+  return BNState(mean=mean, var=var, count=new_count,
+                 renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
 
 
 # ----------------------------------------------------------------------------

@@ -594,3 +594,118 @@ def to_float(images: np.ndarray, scaling: str) -> np.ndarray:
     scaling: one of SCALINGS (see `scale_pixels`, which checks it).
   """
   return scale_pixels(flatten_pixels(images), scaling)
+
+
+# ----------------------------------------------------------------------------
+# Input shifts: deterministic corruptions of the test inputs, for studies of
+# shifted data (AdaBN: BN statistics recomputed on the shifted inputs).
+
+SHIFT_KINDS = ("brightness", "contrast", "noise", "translation")
+SHIFT_SEVERITIES = (1, 2, 3, 4, 5)
+# Kind -> its parameter at severities 1..5, in the unit scale (pixels / 255).
+# brightness, contrast and noise take the values of ImageNet-C (Hendrycks &
+# Dietterich, 2019); contrast there scales around each image's own mean,
+# which is not one affine map of the data set, so here it scales around a
+# fixed grey level, MNIST_PIXEL_MEAN.
+SHIFT_PARAMETERS = {
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),  # b in x + b
+    "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),  # a in a * (x - m) + m
+    "noise": (0.08, 0.12, 0.18, 0.26, 0.38),  # sigma in x + sigma * z
+    "translation": (1, 2, 3, 4, 5),  # pixels moved down and right
+}
+# The noise is a fixed draw, so that shifted data sets are reproducible.
+SHIFT_NOISE_SEED = 0
+
+
+def _parse_shift_kind(kind) -> tuple[str, ...]:
+  parts = tuple(kind.split("+")) if isinstance(kind, str) else ()
+  if not parts or any(p not in SHIFT_KINDS for p in parts):
+    raise ValueError(
+        f"kind={kind!r}; choose one of {SHIFT_KINDS} or several joined by "
+        "'+' (applied left to right), e.g. 'brightness+noise'.")
+  if len(set(parts)) != len(parts):
+    raise ValueError(f"kind={kind!r} names a shift twice; name each once.")
+  return parts
+
+
+def shift_images(images, kind: str, severity: int, *, clip: bool = False,
+                 seed: int = SHIFT_NOISE_SEED) -> np.ndarray:
+  """Shifted copies of images: a deterministic corruption at a severity.
+
+  In the unit scale (pixels / 255), with the parameter p of
+  `SHIFT_PARAMETERS[kind][severity - 1]`:
+
+    kind         x' =                     severity 1..5
+    brightness   x + p                    p = 0.1, 0.2, 0.3, 0.4, 0.5
+    contrast     p * (x - m) + m          p = 0.4, 0.3, 0.2, 0.1, 0.05
+                 (m = MNIST_PIXEL_MEAN)
+    noise        x + p * z, z ~ N(0, 1)   p = 0.08, 0.12, 0.18, 0.26, 0.38
+    translation  x moved p pixels down    p = 1, 2, 3, 4, 5
+                 and p right; the pixels
+                 moved in are 0 (black)
+
+  Kinds joined by "+" ("brightness+noise", "contrast+translation") are
+  applied left to right, each at `severity`. The noise z is drawn from
+  `np.random.default_rng(seed)` with the shape of `images`, so the same
+  call always gives the same array.
+
+  Values are not clipped to [0, 1] by default: brightness and contrast stay
+  exactly the affine map a * x + b (a > 0) of every input, the shift that
+  batch norm's statistics undo (recomputed on the shifted data, as AdaBN
+  does); clipping would saturate the brightest pixels and break that.
+  `clip=True` clips the result once, at the end, to the range a stored
+  image could hold (ImageNet-C clips after each corruption).
+
+  Args:
+    images: uint8 pixels 0..255 or floats in [0, 1] (unit scale), of shape
+      (N, 784) or (N, 28, 28).
+    kind: one of SHIFT_KINDS, or several joined by "+".
+    severity: one of SHIFT_SEVERITIES.
+    clip: clip the result to [0, 1].
+    seed: the seed of the noise.
+
+  Returns:
+    float32 array of the shape of `images`, unit scale.
+  """
+  parts = _parse_shift_kind(kind)
+  if (isinstance(severity, bool)
+      or not isinstance(severity, (int, np.integer))
+      or severity not in SHIFT_SEVERITIES):
+    raise ValueError(f"severity={severity!r}; choose one of "
+                     f"{SHIFT_SEVERITIES}.")
+  images = np.asarray(images)
+  if images.shape[1:] not in ((IMAGE_SHAPE[0] * IMAGE_SHAPE[1],),
+                              IMAGE_SHAPE):
+    raise ValueError(f"images of shape {images.shape}; expected (N, 784) or "
+                     "(N, 28, 28).")
+  if images.dtype == np.uint8:
+    x = scale_pixels(images, "unit")
+  elif np.issubdtype(images.dtype, np.floating):
+    # Standardized inputs would pass silently and be shifted by the wrong
+    # amounts; NaN fails this test too.
+    if images.size and not (np.min(images) >= 0 and np.max(images) <= 1):
+      raise ValueError(
+          f"float images must be in the unit scale [0, 1], got values in "
+          f"[{np.min(images)}, {np.max(images)}]; pass uint8 pixels or "
+          "scale_pixels(pixels, 'unit').")
+    x = images.astype(np.float32)
+  else:
+    raise ValueError(f"images of dtype {images.dtype}; expected uint8 "
+                     "pixels or floats in [0, 1].")
+  for part in parts:
+    p = SHIFT_PARAMETERS[part][severity - 1]
+    if part == "brightness":
+      x = x + np.float32(p)
+    elif part == "contrast":
+      m = np.float32(MNIST_PIXEL_MEAN)
+      x = np.float32(p) * (x - m) + m
+    elif part == "noise":
+      z = np.random.default_rng(seed).standard_normal(x.shape,
+                                                         dtype=np.float32)
+      x = x + np.float32(p) * z
+    else:
+      grid = x.reshape(len(x), *IMAGE_SHAPE)
+      moved = np.zeros_like(grid)
+      moved[:, p:, p:] = grid[:, :-p, :-p]
+      x = moved.reshape(x.shape)
+  return np.clip(x, 0, 1) if clip else x

@@ -45,6 +45,15 @@ from bn_jax import workdir as workdir_lib
 # Per-run metrics of every epoch (metrics.jsonl, TensorBoard).
 METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
            "test_accuracy_batch_stats")
+# With config.precise_bn.num_batches > 0: eval mode with the recomputed
+# population statistics (train.epoch_and_eval).
+PRECISE_METRIC = "test_accuracy_precise"
+
+
+def metric_names(config) -> tuple[str, ...]:
+  """The per-run metrics of every epoch under `config`."""
+  return METRICS + ((PRECISE_METRIC,) if config.precise_bn.num_batches
+                    else ())
 
 
 class NonFiniteError(FloatingPointError):
@@ -190,7 +199,7 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
           **combo.values, "combo": combo.name, "run": i, "seed": run["seed"],
           **run["hparams"], "epoch": epoch,
           "step": epoch * spec.steps_per_epoch, "wall_time": wall,
-          **{k: float(metrics[k][i]) for k in METRICS}}
+          **{k: float(metrics[k][i]) for k in metric_names(config)}}
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])
@@ -267,7 +276,8 @@ def _train_all(config, combos, workdir: Path, mesh, writes: bool):
   if writes:  # only now: a run stopped by its data or config writes nothing
     workdir_lib.write_atomic(workdir / "config.json",
                              workdir_lib.config_json(config.to_dict()))
-  writer = workdir_lib.MetricsWriter(workdir, METRICS) if writes else None
+  writer = workdir_lib.MetricsWriter(workdir, metric_names(config)) if (
+      writes) else None
   try:
     trained = [train_combination(combo, data, workdir, writer, mesh)
                for combo in combos]

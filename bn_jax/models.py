@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
@@ -181,59 +182,174 @@ def resolve_backend_choice(value: str, on_cpu: str, elsewhere: str,
   return on_cpu if backend == "cpu" else elsewhere
 
 
-# config.bn fields with a fixed set of values, checked by `make_norm`.
+# The normalization layers a model can use (config.norm, config.norms), the
+# bn_jax.nn module of each with the arguments that make it that variant, and
+# the config.bn fields (arguments of the same name) each reads.
+_BN_FIELDS = ("momentum", "epsilon", "unbiased_running_var", "stats_method",
+              "grad", "impl")
+NORM_MODULES: dict[str, ModuleDef] = {
+    "batch": bn_nn.BatchNorm,
+    "renorm": functools.partial(bn_nn.BatchNorm, renorm=True),
+    "ghost": bn_nn.BatchNorm,
+    "sampled": bn_nn.BatchNorm,
+    "layer": bn_nn.LayerNorm,
+    "group": bn_nn.GroupNorm,
+    "instance": bn_nn.InstanceNorm,
+    "rms": bn_nn.RMSNorm,
+}
+NORM_FIELDS: dict[str, tuple[str, ...]] = {
+    "batch": _BN_FIELDS,
+    "renorm": _BN_FIELDS + ("renorm_clipping", "renorm_momentum",
+                            "renorm_schedule"),
+    "ghost": _BN_FIELDS + ("virtual_batch_size",),
+    "sampled": _BN_FIELDS + ("stats_fraction", "stats_sampling"),
+    "layer": ("epsilon",),
+    "group": ("epsilon", "num_groups"),
+    "instance": ("epsilon",),
+    "rms": ("epsilon",),
+}
+# "none": no normalization layer anywhere (the model's placement "none").
+NORMS = (*NORM_MODULES, "none")
+# Variants with batch statistics: synchronized over the data axis.
+BATCH_NORMS = ("batch", "renorm", "ghost", "sampled")
+
+# config.bn fields with a fixed set of values, checked by `check_norm_options`.
 NORM_CHOICES = {
     "stats_method": core.STATS_METHODS,
     "grad": core.GRAD_MODES,
     "impl": ("auto", *core.IMPLS),
+    "stats_sampling": core.STATS_SAMPLINGS,
+    "renorm_schedule_unit": ("fraction", "steps"),
 }
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_norm_options(options: Mapping[str, Any]) -> None:
   """Rejects a bad config.bn value with a message naming the field; an
-  absent field (BatchNorm's default) is not checked."""
+  absent field (the layer's default) is not checked."""
   for name, valid in NORM_CHOICES.items():
     if name in options and options[name] not in valid:
       raise ValueError(f"config.bn.{name}={options[name]!r} is not valid; "
                        f"choose one of {tuple(valid)}.")
-  momentum = options.get("momentum")
-  if momentum is not None and (isinstance(momentum, bool) or not isinstance(
-      momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
-    raise ValueError(f"config.bn.momentum={momentum!r} must be a number in "
-                     "[0, 1] (flax convention; PyTorch's momentum is 1 - "
-                     "this) or None (exact cumulative average).")
+  for name in ("momentum", "renorm_momentum"):
+    value = options.get(name)
+    if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
+      raise ValueError(
+          f"config.bn.{name}={value!r} must be a number in [0, 1] (flax "
+          "convention; PyTorch's momentum is 1 - this)"
+          + (" or None (exact cumulative average)." if name == "momentum"
+             else "."))
   epsilon = options.get("epsilon", 1.0)
-  if isinstance(epsilon, bool) or not isinstance(
-      epsilon, numbers.Real) or not epsilon > 0:
+  if not (_is_number(epsilon) and epsilon > 0):
     raise ValueError(f"config.bn.epsilon={epsilon!r} must be a number > 0.")
   if not isinstance(options.get("unbiased_running_var", False), bool):
     raise ValueError("config.bn.unbiased_running_var="
                      f"{options['unbiased_running_var']!r} must be True or "
                      "False.")
-  unknown = set(options) - {f.name for f in dataclasses.fields(
-      bn_nn.BatchNorm)}
+  for name in ("virtual_batch_size", "num_groups"):
+    value = options.get(name, 1)
+    if not (isinstance(value, numbers.Integral) and not isinstance(
+        value, bool) and value > 0):
+      raise ValueError(f"config.bn.{name}={value!r} must be a positive "
+                       "integer.")
+  fraction = options.get("stats_fraction", 1.0)
+  if not (_is_number(fraction) and 0.0 < fraction <= 1.0):
+    raise ValueError(f"config.bn.stats_fraction={fraction!r} must be a "
+                     "number in (0, 1].")
+  _check_renorm(options)
+  unknown = set(options) - {f for fields in NORM_FIELDS.values()
+                            for f in fields} - {"renorm_schedule_unit"}
   if unknown:
-    raise ValueError(f"config.bn has fields bn_jax.nn.BatchNorm does not "
-                     f"take: {sorted(unknown)}.")
+    raise ValueError(f"config.bn has fields no normalization layer takes: "
+                     f"{sorted(unknown)}; see bn_jax.models.NORM_FIELDS.")
 
 
-def make_norm(options: Mapping[str, Any], *, axis_name: Any = None,
-              backend: str | None = None) -> ModuleDef:
+def _check_renorm(options: Mapping[str, Any]) -> None:
+  """renorm_clipping and renorm_schedule, checked by the core's own rules
+  once the schedule's form (and, in fractions, range) is known."""
+  schedule = options.get("renorm_schedule")
+  unit = options.get("renorm_schedule_unit", "steps")
+  limit = 1.0 if unit == "fraction" else math.inf
+  if schedule is not None and not (
+      isinstance(schedule, (tuple, list)) and len(schedule) == 3
+      and all(_is_number(v) and 0 <= v <= limit for v in schedule)
+      and schedule[0] <= min(schedule[1:])):
+    raise ValueError(
+        f"config.bn.renorm_schedule={schedule!r} must be (hold, rmax_at, "
+        f"dmax_at), {unit} of training with hold <= rmax_at, dmax_at"
+        + (", each in [0, 1]" if unit == "fraction" else "")
+        + ", e.g. the paper's (5000, 40000, 25000) steps.")
+  try:
+    core.renorm_limits(0, options.get("renorm_clipping"),
+                       renorm_schedule_steps(schedule, unit, 10**6))
+  except ValueError as e:
+    raise ValueError(f"config.bn.{e}") from None
+
+
+def renorm_schedule_steps(schedule, unit: str, total_steps: int,
+                          ) -> tuple[int, int, int] | None:
+  """config.bn.renorm_schedule in steps: fractions of `total_steps` are
+  rounded to whole steps, so that a short run still relaxes its limits."""
+  if schedule is None:
+    return None
+  if unit == "steps":
+    return tuple(int(v) for v in schedule)
+  return tuple(int(round(v * total_steps)) for v in schedule)
+
+
+def norm_options(norm: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """The module arguments of `norm` among `options` (config.bn's fields):
+  only the ones it reads, `renorm_clipping` as hashable sorted pairs."""
+  if norm not in NORM_MODULES:
+    raise ValueError(f"norm={norm!r}; choose one of {NORMS}.")
+  chosen = {k: v for k, v in options.items() if k in NORM_FIELDS[norm]}
+  if "renorm_clipping" in chosen:
+    chosen["renorm_clipping"] = tuple(sorted(
+        dict(chosen["renorm_clipping"]).items()))
+  if "renorm_schedule" in chosen and chosen["renorm_schedule"] is not None:
+    chosen["renorm_schedule"] = tuple(chosen["renorm_schedule"])
+  return chosen
+
+
+def make_norm(options: Mapping[str, Any], *, norm: str = "batch",
+              axis_name: Any = None, backend: str | None = None) -> ModuleDef:
   """The normalization layer of a model, built once from `config.bn`.
 
-  Every field of `options` is an argument of `bn_jax.nn.BatchNorm` (so a new
-  BN option is a new config field, plus its entry in `NORM_CHOICES` if it
-  has a fixed set of values); an absent one keeps BatchNorm's default.
-  Swept values (momentum, epsilon per run of a vmapped sweep) are passed in
-  `options` as traced scalars. `impl="auto"` resolves
-  by backend. Returns `functools.partial(BatchNorm, ...)`, to be called with
-  a name where the model places it.
+  `norm` picks the layer (NORMS); it takes the fields of `options` that
+  are its arguments (NORM_FIELDS: a new option is a new config field of
+  the argument's name, plus its entry in `NORM_CHOICES` if it has a fixed
+  set of values), and an absent one keeps the layer's default. Swept
+  values (momentum, epsilon per run of a vmapped sweep) are passed in
+  `options` as traced scalars. `impl="auto"` resolves by backend;
+  `axis_name` synchronizes the statistics of the batch-statistics
+  variants. Returns `functools.partial(module, ...)`, to be called with a
+  name where the model places it.
   """
-  options = dict(options)
+  options = norm_options(norm, options)
   if "impl" in options:
     options["impl"] = resolve_backend_choice(options["impl"], "xla_cpu",
                                              "plain", backend)
-  return functools.partial(bn_nn.BatchNorm, axis_name=axis_name, **options)
+  if norm in BATCH_NORMS:
+    options["axis_name"] = axis_name
+  return functools.partial(NORM_MODULES[norm], **options)
+
+
+def normalized_layers(model: str, placement: str, widths: Sequence[int],
+                      channels: Sequence[int] = (32, 64),
+                      ) -> list[tuple[str, int, bool]]:
+  """(layer, features, has spatial axes) for each normalization layer the
+  model places: what a layer-wise check (groups, instance norm) needs
+  before anything is traced."""
+  if placement == "none":
+    return []
+  if placement == "input":
+    return [("input_bn", 784 if model == "mlp" else 1, model == "cnn")]
+  convs = [(f"conv_{i}", c, True) for i, c in enumerate(channels)]
+  return ((convs if model == "cnn" else [])
+          + [(f"hidden_{i}", w, False) for i, w in enumerate(widths)])
 
 
 def make_model(model: str, *, placement: str, activation: str,

@@ -1,23 +1,35 @@
-"""Flax linen wrapper around the pure functions in `bn_jax.core`.
+"""Flax linen wrappers around the pure functions of `bn_jax.core` and
+`bn_jax.norms` (`bn_jax.nnx` wraps the same functions for flax.nnx).
 
-A drop-in for `flax.linen.BatchNorm`: same core arguments, same variable
-names (params `scale`, `bias`; batch_stats `mean`, `var`), so model code and
-checkpoints written for flax carry over. The only extra variable is
-batch_stats `count`, created only when `momentum=None` (cumulative average).
-One difference: during `init` the output is normalized with the fresh
-running statistics (mean 0, var 1), not the batch's, so `init` accepts a
-batch of one example and runs outside a named axis; the variables it creates
-are flax's, and `init_with_output`'s y differs from flax's.
+`BatchNorm` and its variants (batch renormalization, ghost batches,
+sampled statistics), and `LayerNorm`, `GroupNorm`, `InstanceNorm` and
+`RMSNorm` with flax.linen's arguments, defaults and variable names; these
+four also accept (and ignore) `use_running_average`, so that a model can
+put any of them where it puts a BatchNorm.
+
+`BatchNorm` is a drop-in for `flax.linen.BatchNorm`: same core arguments,
+same variable names (params `scale`, `bias`; batch_stats `mean`, `var`), so
+model code and checkpoints written for flax carry over. Extra variables exist only for the
+options that need them: batch_stats `count` (momentum=None, a renorm
+schedule, randomly sampled statistics) and `renorm_mean`, `renorm_stddev`
+(renorm=True). `init` behaves as flax's: with use_running_average=False it
+normalizes with the local batch's plain statistics (no axis_name, so it
+runs outside the named axis; no ghost batches, subset or renorm correction;
+a batch of one example gives y = bias) and leaves the variables at their
+initial values, so `init_with_output`'s y is flax's. Complex x, which flax
+normalizes, is rejected.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bn_jax import core
+from bn_jax import norms
 
 
 class BatchNorm(nn.Module):
@@ -26,8 +38,33 @@ class BatchNorm(nn.Module):
   Attributes mirror flax.linen.BatchNorm; see `bn_jax.core.apply` for the
   extra options: `unbiased_running_var`, `stats_method` (a
   `core.STATS_METHODS` name), `grad` (how it is differentiated, a
-  `core.GRAD_MODES` name) and `impl` (how the passes are written for the
-  compiler, a `core.IMPLS` name).
+  `core.GRAD_MODES` name), `impl` (how the passes are written for the
+  compiler, a `core.IMPLS` name), and the variants of training: batch
+  renormalization (`renorm`, `renorm_clipping`, `renorm_momentum`,
+  `renorm_schedule` in steps), ghost batches (`virtual_batch_size`) and
+  sampled statistics (`stats_fraction` or `stats_examples`,
+  `stats_sampling`). `renorm_clipping` may be a Mapping or (key, value)
+  pairs; either is stored as sorted pairs, so that the module stays
+  hashable (a static argument of jit) and equal modules compare equal.
+
+  Variables: params `scale`, `bias`; batch_stats `mean`, `var`, then
+  `count` (int32, updates so far) where the layer reads it: momentum=None,
+  a renorm_schedule (the step of the schedule), or sampled statistics with
+  stats_sampling="random" (the subset's key); and `renorm_mean`,
+  `renorm_stddev` (Keras's names) with renorm=True.
+
+  Training (use_running_average=False) outside `init`:
+    * batch_stats are updated only where that collection is mutable: with
+      it immutable, a pass normalizes with the batch's statistics and
+      changes no state;
+    * where the collection "batch_moments" is mutable, the batch's plain
+      statistics are stored in it, float32: "mean" and "var" (biased) of
+      the feature shape, and "count" (a scalar, values per feature; with a
+      mask that differs between features, their mean). They are taken over
+      every reduced axis of the whole batch (no ghost batches, no subset)
+      and pooled over axis_name, for population statistics:
+      `apply(variables, x, use_running_average=False,
+      mutable=["batch_moments"])` returns them and updates nothing.
   """
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
@@ -45,6 +82,25 @@ class BatchNorm(nn.Module):
   stats_method: str = "shifted"
   grad: str = "paper_jvp"  # "paper_jvp", "paper_vjp" or "autodiff"
   impl: str = "xla_cpu"  # "xla_cpu" or "plain" (GPU, TPU)
+  renorm: bool = False
+  renorm_clipping: Any = None  # keys among "rmin", "rmax", "dmax"
+  renorm_momentum: float = 0.99
+  renorm_schedule: tuple[int, int, int] | None = None
+  virtual_batch_size: int | None = None
+  stats_fraction: float | None = None
+  stats_examples: int | None = None
+  stats_sampling: str = "stride"  # "stride" or "random"
+
+  def __post_init__(self):
+    # One hashable spelling for every way of writing the same limits; a
+    # value that is not a mapping is left for core.apply's error.
+    if isinstance(self.renorm_clipping, (Mapping, tuple, list)):
+      try:
+        pairs = tuple(sorted(dict(self.renorm_clipping).items()))
+      except (TypeError, ValueError):
+        pairs = self.renorm_clipping
+      object.__setattr__(self, "renorm_clipping", pairs)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -52,14 +108,26 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     axes = core.feature_axes(x.ndim, self.axis)
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in axes)
     feature_shape = tuple(x.shape[a] for a in axes)
 
-    mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape,
-                         jnp.float32)
-    var = self.variable("batch_stats", "var", jnp.ones, feature_shape,
-                        jnp.float32)
-    count = (self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-             if self.momentum is None else None)
+    sampled = self.stats_fraction is not None or (
+        self.stats_examples is not None)
+    stats = {
+        "mean": self.variable("batch_stats", "mean", jnp.zeros,
+                              feature_shape, jnp.float32),
+        "var": self.variable("batch_stats", "var", jnp.ones, feature_shape,
+                             jnp.float32)}
+    if (self.momentum is None or self.renorm_schedule is not None
+        or (sampled and self.stats_sampling == "random")):
+      stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (),
+                                     jnp.int32)
+    if self.renorm:
+      stats["renorm_mean"] = self.variable(
+          "batch_stats", "renorm_mean", jnp.zeros, feature_shape, jnp.float32)
+      stats["renorm_stddev"] = self.variable(
+          "batch_stats", "renorm_stddev", jnp.ones, feature_shape,
+          jnp.float32)
     scale = (self.param("scale", self.scale_init, feature_shape,
                         self.param_dtype) if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, feature_shape,
@@ -71,22 +139,184 @@ class BatchNorm(nn.Module):
     # Widening x first is lossless; narrowing happens on y, as in flax, so
     # that f32 activations with dtype=bfloat16 still give f32 statistics.
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
-    state = core.BNState(
-        mean=mean.value, var=var.value,
-        count=count.value if count is not None else jnp.zeros((), jnp.int32))
-    # `init` only creates the variables and, as in flax, never updates them.
-    # It normalizes with the fresh running statistics, so it accepts a dummy
-    # batch of one example and runs outside the named axis' vmap or pmap.
-    training = not use_running_average and not self.is_initializing()
-    y, new_state = core.apply(
-        core.BNParams(scale=scale, bias=bias), state, x, training=training,
+    state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **{
+        name: variable.value for name, variable in stats.items()}})
+    options = dict(
         axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
         unbiased_running_var=self.unbiased_running_var,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, stats_method=self.stats_method,
-        grad=self.grad, impl=self.impl)
-    if training:
-      mean.value, var.value = new_state.mean, new_state.var
-      if count is not None:
-        count.value = new_state.count
+        axis_index_groups=self.axis_index_groups, mask=mask,
+        stats_method=self.stats_method, grad=self.grad, impl=self.impl,
+        renorm=self.renorm, renorm_clipping=self.renorm_clipping,
+        renorm_momentum=self.renorm_momentum,
+        renorm_schedule=self.renorm_schedule,
+        virtual_batch_size=self.virtual_batch_size,
+        stats_fraction=self.stats_fraction,
+        stats_examples=self.stats_examples,
+        stats_sampling=self.stats_sampling)
+    params = core.BNParams(scale=scale, bias=bias)
+    training = not use_running_average
+
+    if training and self.is_initializing():
+      # As flax: `init` normalizes with the plain statistics of the local
+      # batch (axis_name is ignored, so init runs outside the named axis'
+      # vmap or pmap; no ghost batches, subset or renorm correction, so any
+      # dummy batch fits) and never updates the state. A dummy batch of one
+      # example has variance 0 and gives y = bias, as in flax.
+      batch_mean, batch_var, _ = core.moments(
+          x, reduction_axes, mask=mask, stats_method=self.stats_method,
+          impl=self.impl)
+      batch_state = state._replace(mean=batch_mean.reshape(feature_shape),
+                                   var=batch_var.reshape(feature_shape))
+      y, _ = core.apply(params, batch_state, x, training=False, **options)
+      return y.astype(out_dtype)
+
+    y, new_state = core.apply(params, state, x, training=training,
+                              axis_name=self.axis_name, **options)
+    if training and self.is_mutable_collection("batch_stats"):
+      for name, variable in stats.items():
+        variable.value = getattr(new_state, name)
+    if training and self.is_mutable_collection("batch_moments"):
+      batch_mean, batch_var, count = jax.lax.stop_gradient(core.moments(
+          x, reduction_axes, mask=mask, axis_name=self.axis_name,
+          axis_index_groups=self.axis_index_groups,
+          stats_method=self.stats_method, impl=self.impl))
+      for name, value in (("mean", batch_mean.reshape(feature_shape)),
+                          ("var", batch_var.reshape(feature_shape)),
+                          ("count", jnp.mean(count))):
+        self.put_variable("batch_moments", name, value.astype(jnp.float32))
     return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Per-example norms: drop-ins for flax.linen's LayerNorm, GroupNorm,
+# InstanceNorm and RMSNorm over the pure functions in `bn_jax.norms`, with
+# flax's attributes, defaults and params ("scale", "bias" of flax's shapes),
+# so variables load either way. They keep no statistics; `__call__` accepts
+# and ignores `use_running_average` so that a model can put one wherever a
+# BatchNorm goes: `norm(name=...)(x, use_running_average=not train)`.
+
+
+def _affine_params(module: nn.Module, shape: tuple[int, ...]):
+  """(scale, bias) params of `shape` as flax creates them; None if unused."""
+  scale = (module.param("scale", module.scale_init, shape, module.param_dtype)
+           if module.use_scale else None)
+  bias = (module.param("bias", module.bias_init, shape, module.param_dtype)
+          if getattr(module, "use_bias", False) else None)
+  return scale, bias
+
+
+class LayerNorm(nn.Module):
+  """flax.linen.LayerNorm computed by `bn_jax.norms.layer_norm`."""
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  reduction_axes: int | tuple[int, ...] = -1
+  feature_axes: int | tuple[int, ...] = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale, bias = _affine_params(
+        self, norms.feature_shape(x.shape, self.feature_axes))
+    return norms.layer_norm(
+        x, scale, bias, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes, epsilon=self.epsilon,
+        dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        use_fast_variance=self.use_fast_variance,
+        force_float32_reductions=self.force_float32_reductions, mask=mask)
+
+
+class RMSNorm(nn.Module):
+  """flax.linen.RMSNorm computed by `bn_jax.norms.rms_norm`."""
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  reduction_axes: int | tuple[int, ...] = -1
+  feature_axes: int | tuple[int, ...] = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale, _ = _affine_params(
+        self, norms.feature_shape(x.shape, self.feature_axes))
+    return norms.rms_norm(
+        x, scale, reduction_axes=self.reduction_axes,
+        feature_axes=self.feature_axes, epsilon=self.epsilon,
+        dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        force_float32_reductions=self.force_float32_reductions, mask=mask)
+
+
+class GroupNorm(nn.Module):
+  """flax.linen.GroupNorm computed by `bn_jax.norms.group_norm`; scale and
+  bias have one value per channel (x's last axis)."""
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  reduction_axes: int | tuple[int, ...] | None = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale, bias = _affine_params(self, (x.shape[-1],))
+    return norms.group_norm(
+        x, scale, bias, num_groups=self.num_groups,
+        group_size=self.group_size, reduction_axes=self.reduction_axes,
+        epsilon=self.epsilon, dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        use_fast_variance=self.use_fast_variance,
+        force_float32_reductions=self.force_float32_reductions, mask=mask)
+
+
+class InstanceNorm(nn.Module):
+  """flax.linen.InstanceNorm computed by `bn_jax.norms.instance_norm`: for
+  conv features (N, H, W, C); (N, C) features are a clear error."""
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  feature_axes: int | tuple[int, ...] = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale, bias = _affine_params(
+        self, norms.feature_shape(x.shape, self.feature_axes))
+    return norms.instance_norm(
+        x, scale, bias, feature_axes=self.feature_axes, epsilon=self.epsilon,
+        dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        use_fast_variance=self.use_fast_variance,
+        force_float32_reductions=self.force_float32_reductions, mask=mask)

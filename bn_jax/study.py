@@ -18,6 +18,7 @@ import ml_collections
 from bn_jax import data as data_lib
 from bn_jax import models
 from bn_jax import parallel
+from bn_jax import precise
 from bn_jax import train
 
 # Axis field (a tuple; () keeps the single field) -> the field it sets (a
@@ -27,6 +28,7 @@ AXES = {
     "batch_sizes": "batch_size",
     "models": "model",
     "activations": "activation",
+    "norms": "norm",
 }
 
 
@@ -88,16 +90,26 @@ def run_grid(config) -> list[dict[str, Any]]:
 
 def make_spec(config, num_train: int) -> train.TrainSpec:
   """The static part of one combination's program (`combinations`)."""
+  steps_per_epoch = num_train // config.batch_size
+  bn = models.norm_options(config.norm, config.bn) if (
+      config.norm != "none") else {}
+  if "renorm_schedule" in bn:  # in steps of this combination's training
+    bn["renorm_schedule"] = models.renorm_schedule_steps(
+        bn["renorm_schedule"], config.bn.renorm_schedule_unit,
+        steps_per_epoch * config.num_epochs)
   return train.TrainSpec(
       model=config.model, placement=config.placement,
       activation=config.activation, widths=tuple(config.widths),
-      channels=tuple(config.channels), conv=config.conv,
-      bn=tuple(sorted(config.bn.items())), optimizer=config.optimizer,
+      channels=tuple(config.channels), conv=config.conv, norm=config.norm,
+      bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
-      steps_per_epoch=num_train // config.batch_size,
+      steps_per_epoch=steps_per_epoch,
       num_epochs=config.num_epochs, nan_guard=config.nan_guard,
-      data_seed=config.data_seed, input_scaling=config.input_scaling)
+      data_seed=config.data_seed, input_scaling=config.input_scaling,
+      precise_batches=config.precise_bn.num_batches,
+      precise_estimator=config.precise_bn.estimator,
+      precise_layerwise=config.precise_bn.layerwise)
 
 
 # ----------------------------------------------------------------------------
@@ -105,6 +117,7 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
 
 _CHOICES = {
     "model": models.MODELS, "placement": models.PLACEMENTS,
+    "norm": models.NORMS,
     "activation": tuple(models.ACTIVATIONS), "conv": ("auto", *models.CONVS),
     "optimizer": train.OPTIMIZERS, "schedule": train.SCHEDULES,
     "data_source": data_lib.SOURCES, "input_scaling": data_lib.SCALINGS,
@@ -164,6 +177,16 @@ def _check_numbers(config) -> None:
           and 0 < config.target_accuracy <= 1):
     raise ConfigError(f"config.target_accuracy={config.target_accuracy!r} "
                       "must be in (0, 1].")
+  options = config.precise_bn
+  if not (_is_int(options.num_batches) and options.num_batches >= 0):
+    raise ConfigError(f"config.precise_bn.num_batches={options.num_batches!r}"
+                      " must be an integer >= 0 (0 turns it off).")
+  if options.estimator not in precise.ESTIMATORS:
+    raise ConfigError(f"config.precise_bn.estimator={options.estimator!r} is "
+                      f"not valid; choose one of {precise.ESTIMATORS}.")
+  if not isinstance(options.layerwise, bool):
+    raise ConfigError(f"config.precise_bn.layerwise={options.layerwise!r} "
+                      "must be True or False.")
   if not isinstance(config.nan_guard, bool):
     raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True "
                       "or False.")
@@ -202,6 +225,36 @@ def _check_runs(config) -> None:
                   f" (a value of config.sweep.{name})")
 
 
+def _check_norm_fits(config) -> None:
+  """The chosen normalization against one combination's model and batch:
+  what would otherwise fail only once traced."""
+  norm, bn = config.norm, config.bn
+  layers = models.normalized_layers(config.model, config.placement,
+                                    config.widths, config.channels)
+  if norm == "ghost" and config.batch_size % bn.virtual_batch_size:
+    raise ConfigError(
+        f"config.bn.virtual_batch_size={bn.virtual_batch_size} does not "
+        f"divide the batch size {config.batch_size}: ghost batches split "
+        "each batch into equal chunks; choose a divisor.")
+  if norm == "sampled" and int(bn.stats_fraction * config.batch_size) < 2:
+    raise ConfigError(
+        f"config.bn.stats_fraction={bn.stats_fraction} of a batch of "
+        f"{config.batch_size} leaves fewer than 2 examples for the "
+        "statistics; raise the fraction or the batch size.")
+  for name, features, spatial in layers:
+    if norm == "group" and features % bn.num_groups:
+      raise ConfigError(
+          f"config.bn.num_groups={bn.num_groups} does not divide the "
+          f"{features} features of layer {name} (norm=group); choose a "
+          "common divisor of the normalized layers' sizes.")
+    if norm == "instance" and not spatial:
+      raise ConfigError(
+          f"config.norm='instance' needs spatial axes, but layer {name} "
+          f"of the {config.model} normalizes {features} features without "
+          "any: instance norm is for conv features (model=cnn with "
+          "placement before_activation or after_activation and widths=()).")
+
+
 def _check_norm(options, where: str) -> None:
   try:
     models.check_norm_options(options)
@@ -226,6 +279,8 @@ def validate_config(config) -> None:
       parallel.check_config(combo.config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  for combo in combinations(config):
+    _check_norm_fits(combo.config)
 
 
 def validate_data_size(config, num_train: int, num_test: int) -> None:
@@ -240,6 +295,11 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
           f"config.warmup_steps={c.warmup_steps} is not shorter than "
           f"the training ({total_steps} steps at batch size {batch_size}); "
           "give fewer warmup steps or more epochs.")
+    if c.precise_bn.num_batches * batch_size > num_train:
+      raise ConfigError(
+          f"config.precise_bn.num_batches={c.precise_bn.num_batches} batches "
+          f"of {batch_size} need more than the {num_train} training "
+          "examples; give fewer batches.")
     if batch_size > num_train:
       raise ConfigError(f"batch size {batch_size} (config.batch_size or "
                         "config.batch_sizes) is larger than the training set "

@@ -23,6 +23,7 @@ import optax
 
 from bn_jax import data as data_lib
 from bn_jax import models
+from bn_jax import precise as precise_lib
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
@@ -43,9 +44,10 @@ class TrainSpec:
   widths: tuple[int, ...] = (50,)
   channels: tuple[int, ...] = (32, 64)
   conv: str = "auto"  # models.CONVS key, or "auto" (by backend)
-  # (name, value) pairs of bn_jax.nn.BatchNorm arguments (config.bn's
-  # fields); () keeps BatchNorm's defaults. Swept values override them per
-  # run (TrainState.bn_hparams).
+  norm: str = "batch"  # models.NORMS: the normalization layer
+  # (name, value) pairs of normalization options (config.bn's fields,
+  # renorm_schedule in steps); () keeps the layer's defaults. Swept values
+  # override them per run (TrainState.bn_hparams).
   bn: tuple[tuple[str, Any], ...] = ()
   optimizer: str = "adam"
   schedule: str = "constant"
@@ -67,6 +69,11 @@ class TrainSpec:
   # How uint8 pixels become the model's float32 inputs, inside the step (see
   # `model_inputs`); float images are used as given.
   input_scaling: str = "unit"
+  # Exact population statistics after each epoch (`population_statistics`),
+  # over this many of the epoch's batches; 0: off.
+  precise_batches: int = 0
+  precise_estimator: str = "mean"  # bn_jax.precise.ESTIMATORS
+  precise_layerwise: bool = False
 
   @property
   def total_steps(self) -> int:
@@ -75,7 +82,11 @@ class TrainSpec:
   def make_model(self, bn_hparams: dict[str, Any]):
     """The model, its norm built from `self.bn` with the run's swept BN
     values (`TrainState.bn_hparams`, traced under a sweep's vmap)."""
-    norm = models.make_norm({**dict(self.bn), **bn_hparams},
+    if self.norm == "none":  # no layer to build: the placement "none"
+      return models.make_model(
+          self.model, placement="none", activation=self.activation,
+          widths=self.widths, channels=self.channels, conv=self.conv)
+    norm = models.make_norm({**dict(self.bn), **bn_hparams}, norm=self.norm,
                             axis_name=self.axis_name if self.sync_bn
                             else None)
     return models.make_model(
@@ -257,7 +268,10 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
       loss_fn, has_aux=True)(state.params)
   grads = _pmean(grads, spec.axis_name)
   if not spec.sync_bn:  # one copy of the per-device statistics
-    batch_stats = _pmean(batch_stats, spec.axis_name)
+    # Integer leaves (update counts) are the same on every device.
+    batch_stats = jax.tree.map(
+        lambda v: _pmean(v, spec.axis_name)
+        if jnp.issubdtype(v.dtype, jnp.floating) else v, batch_stats)
   updates, opt_state = make_optimizer(spec).update(grads, state.opt_state,
                                                    state.params)
   new_state = state._replace(
@@ -435,8 +449,13 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   """Train one epoch, then evaluate both ways; returns per-epoch summaries.
 
   `evaluate_fn` replaces `evaluate` (bn_jax.parallel splits the test set
-  over devices); `batches` as in `train_epoch`.
+  over devices); `batches` as in `train_epoch`. With
+  `spec.precise_batches`, also eval mode with the population statistics
+  recomputed over the epoch's first batches (`population_statistics`).
   """
+  if batches is None and spec.precise_batches:
+    batches = epoch_batches(state.data_key, state.step // spec.steps_per_epoch,
+                            data.train_images.shape[0], spec)
   state, train = train_epoch(state, data, spec=spec, batches=batches)
   test = evaluate_fn(state, data.test_images, data.test_labels, spec=spec)
   test_bs = evaluate_fn(state, data.test_images, data.test_labels, spec=spec,
@@ -448,10 +467,33 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
       "test_accuracy": test["correct"] / test["count"],
       "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
   }
+  if spec.precise_batches:
+    precise = evaluate_fn(state._replace(batch_stats=population_statistics(
+        state, data, batches[:spec.precise_batches], spec=spec)),
+                          data.test_images, data.test_labels, spec=spec)
+    metrics["test_accuracy_precise"] = precise["correct"] / precise["count"]
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]
   return state, metrics
+
+
+def population_statistics(state: TrainState, data: DeviceData, batches, *,
+                          spec: TrainSpec):
+  """Every BN layer's statistics recomputed over the training examples of
+  `batches` ((N, batch) indices) with the weights frozen ("PreciseBN";
+  `spec.precise_estimator` and `precise_layerwise`, see bn_jax.precise).
+  The state is not changed: the statistics are returned.
+
+  Data parallel (`spec.axis_name`): every device recomputes over the whole
+  batches; synchronized BN then pools identical copies, which leaves each
+  statistic as one device would compute it.
+  """
+  inputs = model_inputs(data.train_images[batches], spec)
+  return precise_lib.recompute_statistics(
+      spec.make_model(state.bn_hparams),
+      {"params": state.params, "batch_stats": state.batch_stats}, inputs,
+      estimator=spec.precise_estimator, layerwise=spec.precise_layerwise)
 
 
 # Compiled entry points. `spec` is static (hashable); the state is donated so

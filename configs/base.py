@@ -9,7 +9,7 @@ import nothing from the training code, so reading one tells the whole setup.
 
 Study axes. A field that holds a tuple of values for one field of a run:
 `placements` sets `placement`, `batch_sizes` sets `batch_size`, `models`
-sets `model`, `activations` sets `activation` (the table is
+sets `model`, `activations` sets `activation`, `norms` sets `norm` (the table is
 bn_jax.study.AXES). The runs are the product of the axes; each
 combination is one compiled program, in which seeds x numeric sweeps
 (`sweep.*`) train together, vmapped. An empty axis keeps the single field.
@@ -39,8 +39,16 @@ def get_config():
   # CPU, "xla" (flax.linen.Conv) on GPU/TPU.
   c.conv = "auto"
 
-  # Normalization: every field is an argument of bn_jax.nn.BatchNorm
-  # (bn_jax.models.make_norm builds the module from this section).
+  # The normalization layer wherever `placement` puts one (bn_jax.models.
+  # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of
+  # bn.virtual_batch_size) | sampled (statistics from bn.stats_fraction of
+  # the batch) | layer | group (bn.num_groups) | instance (cnn only) | rms |
+  # none (no normalization anywhere: placement none).
+  c.norm = "batch"
+
+  # Normalization options: each field is an argument of the same name of the
+  # bn_jax.nn layer, and each layer reads only its own (models.NORM_FIELDS;
+  # bn_jax.models.make_norm builds the layer from this section).
   c.bn = ml_collections.ConfigDict()
   # flax convention: running = m * running + (1 - m) * batch (PyTorch's
   # momentum is 1 - m); None: exact cumulative average.
@@ -50,6 +58,26 @@ def get_config():
   c.bn.stats_method = "shifted"  # shifted | two_pass | one_pass
   c.bn.grad = "paper_jvp"  # paper_jvp | paper_vjp | autodiff
   c.bn.impl = "auto"  # auto (xla_cpu on a CPU, else plain) | xla_cpu | plain
+  # norm=renorm (Ioffe 2017; Keras' names). r = sigma_B / sigma is clipped
+  # to [rmin, rmax], d = (mu_B - mu) / sigma to [-dmax, dmax], the limits
+  # relaxed from (1, 1, 0), plain BN, by renorm_schedule: (hold, rmax_at,
+  # dmax_at), plain BN until `hold`, then linear to the final rmax at
+  # `rmax_at` and dmax at `dmax_at`. The paper's steps are (5000, 40000,
+  # 25000); in "fraction" units each is a fraction of the training steps,
+  # and the default maps the paper's 40,000 steps to the end of training.
+  c.bn.renorm_clipping = ml_collections.ConfigDict(
+      {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0})
+  c.bn.renorm_momentum = 0.99
+  c.bn.renorm_schedule = (0.125, 1.0, 0.625)
+  c.bn.renorm_schedule_unit = "fraction"  # fraction | steps
+  # norm=ghost (Hoffer et al. 2017): statistics per chunk of this many
+  # examples of each batch (it must divide the batch size).
+  c.bn.virtual_batch_size = 32
+  # norm=sampled: statistics from this fraction of each batch, every k-th
+  # example (stride) or a random subset (random); all are normalized.
+  c.bn.stats_fraction = 0.25
+  c.bn.stats_sampling = "stride"  # stride | random
+  c.bn.num_groups = 5  # norm=group: must divide the normalized features
 
   c.optimizer = "adam"  # adam | adamw | sgd | momentum
   c.learning_rate = 1e-3
@@ -71,6 +99,7 @@ def get_config():
   c.batch_sizes = ()
   c.models = ()
   c.activations = ()
+  c.norms = ()
   # Numeric sweeps: a tuple of values multiplies the runs inside every
   # combination, vmapped; () keeps the single value.
   c.sweep = ml_collections.ConfigDict()
@@ -81,6 +110,16 @@ def get_config():
   # Stop at the first NaN/inf loss, parameter or BN statistic (flags computed
   # on device, read once per epoch); False skips the flags.
   c.nan_guard = True
+
+  # Exact population statistics after each epoch ("PreciseBN", Wu & Johnson
+  # 2021; bn_jax.precise): every BN layer's statistics recomputed over
+  # num_batches training batches with the weights frozen, reported as
+  # test_accuracy_precise. 0: off. estimator: mean (of the per-batch
+  # statistics, Bessel-corrected, as fvcore) | pooled (E[x^2] - E[x]^2).
+  c.precise_bn = ml_collections.ConfigDict()
+  c.precise_bn.num_batches = 0
+  c.precise_bn.estimator = "mean"
+  c.precise_bn.layerwise = False  # layer l with the layers below in eval mode
   c.keep_checkpoints = 2
 
   # Reporting only: changing these resumes a run (bn_jax.workdir).

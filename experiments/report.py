@@ -42,6 +42,8 @@ RESULTS_FILE = "results.json"
 # What the table and plots read from every row; the rest is optional.
 _NUMERIC_FIELDS = ("run", "epoch", "train_loss", "test_accuracy",
                    "test_accuracy_batch_stats")
+# Written with config.precise_bn on (population statistics recomputed).
+_PRECISE = "test_accuracy_precise"
 # Per-run hyperparameters a sweep may vary within one combination.
 _RUN_HPARAMS = train.SWEEPABLE
 _DPI = 110
@@ -219,6 +221,9 @@ def _summarize_combo(rows: list[Mapping[str, Any]], axes: tuple[str, ...],
                             if len(accuracy) > 1 else None),
       "test_accuracy_batch_stats_mean": float(np.mean(
           [r["test_accuracy_batch_stats"] for r in final])),
+      "test_accuracy_precise_mean": (
+          float(np.mean([r[_PRECISE] for r in final]))
+          if all(_PRECISE in r for r in final) else None),
       "train_loss_mean": float(np.mean([r["train_loss"] for r in final])),
       "epochs_to_target_mean": float(np.mean(hit)) if hit else None,
       "runs_reaching_target": len(hit), "target": target,
@@ -248,15 +253,18 @@ def summary_markdown(summaries: Sequence[Mapping[str, Any]]) -> str:
   targets = {s["target"] for s in summaries}
   target_header = (f"epochs to {_percent(next(iter(targets)))}"
                    if len(targets) == 1 else "epochs to target")
+  precise = any(s.get("test_accuracy_precise_mean") is not None
+                for s in summaries)
   header = ((["workdir"] if workdir_column else []) + list(axes) +
-            ["runs", "test acc (eval mode)", "test acc (batch stats)",
-             "train loss", target_header, "wall time (s)"])
+            ["runs", "test acc (eval mode)", "test acc (batch stats)"]
+            + (["test acc (precise BN)"] if precise else [])
+            + ["train loss", target_header, "wall time (s)"])
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
   for s in summaries:
     cells = (([str(s.get("workdir", "-"))] if workdir_column else []) +
              [_cell(s.get(a)) for a in axes] +
-             _metric_cells(s, show_target=len(targets) > 1))
+             _metric_cells(s, show_target=len(targets) > 1, precise=precise))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n\n" + _notes(summaries)
 
@@ -270,9 +278,10 @@ def _shown_axes(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
   return varying or (["placement"] if "placement" in names else names[:1])
 
 
-def _metric_cells(s: Mapping[str, Any], show_target: bool) -> list[str]:
+def _metric_cells(s: Mapping[str, Any], show_target: bool,
+                  precise: bool = False) -> list[str]:
   """The cells after the axes; `show_target` where the rows' targets differ
-  (so the header cannot name one)."""
+  (so the header cannot name one); `precise` adds the precise-BN column."""
   std, wall = s["test_accuracy_std"], s["wall_time"]
   target = f"{_percent(s['target'])}" if show_target else ""
   if s["epochs_to_target_mean"] is None:
@@ -281,11 +290,15 @@ def _metric_cells(s: Mapping[str, Any], show_target: bool) -> list[str]:
     to_target = (f"{s['epochs_to_target_mean']:.1f} "
                  f"({s['runs_reaching_target']}/{s['runs']} runs"
                  + (f", {target})" if target else ")"))
-  return [
+  cells = [
       str(s["runs"]),
       f"{100 * s['test_accuracy_mean']:.2f} +- "
       + ("-" if std is None else f"{100 * std:.2f}"),
-      f"{100 * s['test_accuracy_batch_stats_mean']:.2f}",
+      f"{100 * s['test_accuracy_batch_stats_mean']:.2f}"]
+  if precise:
+    value = s.get("test_accuracy_precise_mean")
+    cells.append("-" if value is None else f"{100 * value:.2f}")
+  return cells + [
       f"{s['train_loss_mean']:.4f}", to_target,
       "-" if wall is None else f"{wall:.1f}"]
 

@@ -35,7 +35,7 @@ OVERRIDES = {"dataset": "tiny", "num_epochs": NUM_EPOCHS, "seeds": SEEDS,
              "widths": (8,), "progress_seconds": 0.0,
              "placements": PLACEMENTS, "batch_sizes": BATCH_SIZES,
              "target_accuracy": 0.3}
-AXIS_FIELDS = ("placement", "batch_size", "model", "activation")
+AXIS_FIELDS = ("placement", "batch_size", "model", "activation", "norm")
 
 
 def study_config(idx_dir, **changes):
@@ -90,8 +90,8 @@ def test_rows_carry_every_axis_run_and_epoch(study_run):
   assert [(r["placement"], r["batch_size"], r["run"], r["epoch"])
           for r in rows] == expected
   for row in rows:
-    assert {f: row[f] for f in AXIS_FIELDS[2:]} == {"model": "mlp",
-                                                    "activation": "relu"}
+    assert {f: row[f] for f in AXIS_FIELDS[2:]} == {
+        "model": "mlp", "activation": "relu", "norm": "batch"}
     assert row["combo"] == combo_name(row["placement"], row["batch_size"])
     assert (row["seed"], row["bn_momentum"]) == RUNS[row["run"]]
     assert row["learning_rate"] == 1e-3 and row["bn_epsilon"] == 1e-3
@@ -130,7 +130,8 @@ def test_results_json_has_every_combination(study_run, idx_dir):
   assert str(idx_dir) in results["data_origin"]
   assert results["axes"] == {"placement": list(PLACEMENTS),
                              "batch_size": list(BATCH_SIZES),
-                             "model": ["mlp"], "activation": ["relu"]}
+                             "model": ["mlp"], "activation": ["relu"],
+                             "norm": ["batch"]}
   assert [(c["combo"], c["runs"], c["epochs"]) for c in results["combos"]] == [
       (combo_name(p, b), len(RUNS), NUM_EPOCHS)
       for p in PLACEMENTS for b in BATCH_SIZES]

@@ -5,6 +5,7 @@ import shlex
 
 import helpers
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bn_jax import study
@@ -26,6 +27,29 @@ def test_python_example_runs_and_sync_bn_matches_whole_batch():
   # Synchronized statistics over 4 x 32 examples == statistics of all 128.
   assert jnp.allclose(y_sync.reshape(y.shape), y, atol=1e-5)
   assert namespace["dx"].shape == x.shape
+
+
+def test_normalization_family_example_runs():
+  """The family's example: every line runs, and what it computes is what
+  the comments say (checked against NumPy formulas)."""
+  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  namespace = {}
+  exec(compile(blocks[1], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  x = np.asarray(namespace["x"], np.float64)
+  standardize = lambda v: (v - v.mean(0)) / np.sqrt(v.var(0) + 1e-5)
+  # The first renorm step (count 0 < hold) is plain BN.
+  np.testing.assert_allclose(namespace["y"], standardize(x), atol=1e-4)
+  ghost = np.concatenate([standardize(c) for c in np.split(x, 4)])
+  np.testing.assert_allclose(namespace["y_ghost"], ghost, atol=1e-4)
+  ln = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True)
+                                                + 1e-6)
+  np.testing.assert_allclose(namespace["y_ln"], ln, atol=1e-4)
+  inputs = np.asarray(namespace["batches"]).reshape(-1, 784)
+  kernel = np.asarray(namespace["variables"]["params"]["hidden_0"][
+      "Dense_0"]["kernel"])
+  stats = namespace["stats"]["hidden_0"]["BatchNorm_0"]
+  np.testing.assert_allclose(stats["mean"], (inputs @ kernel).mean(0),
+                             rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("args", EXPERIMENT_COMMANDS,

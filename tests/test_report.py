@@ -23,7 +23,7 @@ from experiments import report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"placement": "none", "batch_size": 128, "model": "mlp",
-            "activation": "relu"}
+            "activation": "relu", "norm": "batch"}
 TABLE_HEADER = ("| runs | test acc (eval mode) | test acc (batch stats) | "
                 "train loss | epochs to 97% | wall time (s) |")
 
@@ -186,13 +186,15 @@ def test_two_axis_study_one_row_per_combination(tmp_path):
 
 
 def test_axes_come_from_results_json(tmp_path):
-  """A new axis ("norm") is a column once results.json lists it."""
-  rows = [make_row(0, 1, 0.9, swept={"norm": n}) for n in ("batch", "none")]
+  """An axis the trainer does not know yet ("optimizer") is a column once
+  results.json lists it."""
+  rows = [make_row(0, 1, 0.9, swept={"optimizer": n})
+          for n in ("adam", "sgd")]
   results = {"axes": {**{a: [v] for a, v in DEFAULTS.items()},
-                      "norm": ["batch", "none"]}}
+                      "optimizer": ["adam", "sgd"]}}
   table = report.summary_markdown(report.summarize(rows, results=results))
-  assert table.startswith("| norm " + TABLE_HEADER)
-  # Without results.json only the four default axes count: none varies.
+  assert table.startswith("| optimizer " + TABLE_HEADER)
+  # Without results.json only the trainer's axes count: none varies.
   table = report.summary_markdown(report.summarize(rows))
   assert table.startswith("| placement " + TABLE_HEADER)
 

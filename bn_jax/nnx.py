@@ -1,0 +1,508 @@
+"""flax.nnx front end: BatchNorm and the per-example norms as nnx Modules.
+
+Drop-ins for `flax.nnx.BatchNorm`, `LayerNorm`, `GroupNorm`, `InstanceNorm`
+and `RMSNorm`: the same constructor arguments and defaults, the same
+variables under the same attribute names (`nnx.Param` scale and bias;
+`nnx.BatchStat` mean and var), so `nnx.state` trees and checkpoints carry
+over, and the same switching between training and evaluation
+(`use_running_average` in the constructor or the call, `model.train()` /
+`model.eval()`, `nnx.view(model, use_running_average=...)`).
+
+The arithmetic is bn_jax's, shared with `bn_jax.nn`: BatchNorm calls
+`bn_jax.core.apply`, the others the functions in `bn_jax.norms`.
+
+Differences from flax.nnx:
+  * BatchNorm takes bn_jax's options (`unbiased_running_var`,
+    `stats_method`, `grad`, `impl`; batch renorm, ghost batches, sampled
+    statistics; see `bn_jax.core.apply`) instead of `use_fast_variance`
+    (flax's fast variance is `stats_method="one_pass"`, its
+    `use_fast_variance=False` is "two_pass"; the default "shifted" is
+    accurate at one read of x). Options that keep more state add
+    BatchStats, named as bn_jax.nn.BatchNorm's batch_stats: `count`
+    (`momentum=None`, an exact cumulative average; a renorm schedule;
+    randomly sampled statistics), `renorm_mean` and `renorm_stddev`.
+    `num_features` may be a tuple for several feature axes.
+  * BatchNorm normalizes with float32 running statistics even with
+    `dtype=bfloat16` (flax.nnx rounds them to `dtype` first); x, scale and
+    bias are promoted by `promote_dtype` as in flax.
+  * The per-example norms accept and ignore a `use_running_average`
+    keyword, so a model can call any norm as it calls BatchNorm.
+  * GroupNorm with `reduction_axes` that keep spatial axes repeats each
+    group's statistics along the channels (flax.linen's behaviour), where
+    flax.nnx repeats them along axis 1.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+import jax
+import jax.numpy as jnp
+
+from bn_jax import core
+from bn_jax import norms
+
+Axes = int | Sequence[int]
+Initializer = Callable[..., jax.Array]
+_NO_METADATA = MappingProxyType({})
+
+
+def _affine_params(feature_shape, *, use_scale, use_bias, scale_init,
+                   bias_init, param_dtype, rngs, scale_metadata,
+                   bias_metadata):
+  """(scale, bias) as flax.nnx makes them: Params, one key each in this
+  order (so random initializers draw the same values), None if unused."""
+  scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
+                     **scale_metadata) if use_scale else nnx.data(None))
+  bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
+                    **bias_metadata) if use_bias else nnx.data(None))
+  return scale, bias
+
+
+def _value(variable):
+  return None if variable is None else variable[...]
+
+
+def _as_feature_shape(module, value, x_shape, feature_axes):
+  """A (num_features,) param reshaped to x's feature axes, as flax.nnx
+  broadcasts it, with an error naming both shapes when they disagree."""
+  if value is None:
+    return None
+  shape = norms.feature_shape(x_shape, feature_axes)
+  if value.size != math.prod(shape):
+    raise ValueError(
+        f"{type(module).__name__} has num_features={module.num_features} "
+        f"but x of shape {tuple(x_shape)} has {math.prod(shape)} features "
+        f"on feature_axes={feature_axes} (shape {shape}); construct it with "
+        f"num_features={math.prod(shape)}.")
+  return value.reshape(shape)
+
+
+class BatchNorm(nnx.Module):
+  """flax.nnx.BatchNorm computed by `bn_jax.core.apply`.
+
+  Args:
+    num_features: the number of features (an int), or the feature shape (a
+      tuple) when `axis` names several axes.
+    use_running_average: True normalizes with the running statistics
+      (evaluation), False with the batch's, updating them (training); None
+      requires it at call time. `model.train()` / `model.eval()` and
+      `nnx.view(model, use_running_average=...)` set it.
+    axis: the feature axis or axes; all others are reduced.
+    momentum: `running = momentum * running + (1 - momentum) * batch`; None:
+      exact cumulative average, with a `count` BatchStat.
+    epsilon: added to the variance before the square root.
+    dtype: y's dtype and what x, scale and bias are promoted to (default:
+      inferred from them, as in flax).
+    param_dtype: dtype of scale and bias.
+    use_bias, use_scale: whether bias (beta) / scale (gamma) exist.
+    bias_init, scale_init: their initializers.
+    axis_name, axis_index_groups: synchronized statistics over a named axis.
+    promote_dtype: flax.nnx's dtype promotion hook, called with
+      `(x, mean, var, scale, bias)`; its x, scale and bias are used.
+    rngs: an `nnx.Rngs` with a `params` stream.
+    bias_metadata, scale_metadata: metadata for the Params.
+    unbiased_running_var, stats_method, grad, impl: bn_jax's options, see
+      `bn_jax.core.apply`.
+    renorm, renorm_clipping, renorm_momentum, renorm_schedule: batch
+      renormalization, see `bn_jax.core.apply`; renorm adds the BatchStats
+      `renorm_mean` and `renorm_stddev`. renorm_clipping (a Mapping or
+      (key, value) pairs) is stored as sorted pairs, as in bn_jax.nn.
+    virtual_batch_size: ghost batches, see `bn_jax.core.apply`.
+    stats_fraction, stats_examples, stats_sampling: sampled statistics, see
+      `bn_jax.core.apply`.
+
+  BatchStats: `mean`, `var` (as flax.nnx), then `count` (int32, updates so
+  far) where the layer reads it: momentum=None, a renorm_schedule, or
+  stats_sampling="random" with sampled statistics; and `renorm_mean`,
+  `renorm_stddev` with renorm=True. The same names as bn_jax.nn.BatchNorm's
+  batch_stats, so `nnx.to_pure_dict` of the state is its variables.
+  """
+
+  def __init__(
+      self,
+      num_features: int | Sequence[int],
+      *,
+      use_running_average: bool | None = False,
+      axis: Axes = -1,
+      momentum: float | None = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+      unbiased_running_var: bool = False,
+      stats_method: str = "shifted",
+      grad: str = "paper_jvp",
+      impl: str = "xla_cpu",
+      renorm: bool = False,
+      renorm_clipping: Any = None,
+      renorm_momentum: float = 0.99,
+      renorm_schedule: tuple[int, int, int] | None = None,
+      virtual_batch_size: int | None = None,
+      stats_fraction: float | None = None,
+      stats_examples: int | None = None,
+      stats_sampling: str = "stride",
+  ):
+    feature_shape = ((num_features,) if isinstance(num_features, int)
+                     else tuple(num_features))
+    # Running statistics are float32 whatever param_dtype is (as in flax).
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    sampled = stats_fraction is not None or stats_examples is not None
+    # The update count: the cumulative average's weight, the step of a
+    # renorm schedule, the key of randomly sampled statistics.
+    if (momentum is None or renorm_schedule is not None
+        or (sampled and stats_sampling == "random")):
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    if renorm:
+      self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+      self.renorm_stddev = nnx.BatchStat(
+          jnp.ones(feature_shape, jnp.float32))
+    self.scale, self.bias = _affine_params(
+        feature_shape, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.promote_dtype = promote_dtype
+    self.unbiased_running_var = unbiased_running_var
+    self.stats_method = stats_method
+    self.grad = grad
+    self.impl = impl
+    self.renorm = renorm
+    # Sorted pairs: one hashable spelling of the limits (graph metadata);
+    # anything else is left for core.apply's error.
+    if isinstance(renorm_clipping, (Mapping, tuple, list)):
+      try:
+        renorm_clipping = tuple(sorted(dict(renorm_clipping).items()))
+      except (TypeError, ValueError):
+        pass
+    self.renorm_clipping = renorm_clipping
+    self.renorm_momentum = renorm_momentum
+    self.renorm_schedule = renorm_schedule
+    self.virtual_batch_size = virtual_batch_size
+    self.stats_fraction = stats_fraction
+    self.stats_examples = stats_examples
+    self.stats_sampling = stats_sampling
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None):
+    """Normalizes x; in training also updates the BatchStats.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute for this call.
+      mask: optional boolean array broadcastable to x; False entries do not
+        count in the batch statistics.
+
+    Returns:
+      y of x's shape.
+    """
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+          "BatchNorm needs use_running_average (True: running statistics, "
+          "False: the batch's); pass it to the constructor or the call, or "
+          "use model.train() / model.eval() or nnx.view(model, "
+          "use_running_average=...).")
+    training = not use_running_average
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], _value(self.scale),
+         _value(self.bias)), dtype=self.dtype)
+    stats = {name: getattr(self, name)[...] for name in self._stat_names()}
+    state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **stats})
+    y, new_state = core.apply(
+        core.BNParams(scale=scale, bias=bias), state, x, training=training,
+        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
+        unbiased_running_var=self.unbiased_running_var,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        mask=mask, stats_method=self.stats_method, grad=self.grad,
+        impl=self.impl, renorm=self.renorm,
+        renorm_clipping=self.renorm_clipping,
+        renorm_momentum=self.renorm_momentum,
+        renorm_schedule=self.renorm_schedule,
+        virtual_batch_size=self.virtual_batch_size,
+        stats_fraction=self.stats_fraction,
+        stats_examples=self.stats_examples,
+        stats_sampling=self.stats_sampling)
+    if training:
+      for name in self._stat_names():
+        getattr(self, name)[...] = getattr(new_state, name)
+    return y
+
+  def _stat_names(self) -> tuple[str, ...]:
+    """The BatchStats this layer has, by their BNState field names."""
+    return tuple(name for name in core.BNState._fields if hasattr(self, name))
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view`.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class _PerExampleNorm(nnx.Module):
+  """The attributes that flax.nnx's LayerNorm, GroupNorm and InstanceNorm
+  share; subclasses store their own axes and call their function."""
+
+  def _init_common(self, feature_shape, *, epsilon, dtype, param_dtype,
+                   use_bias, use_scale, bias_init, scale_init, axis_name,
+                   axis_index_groups, use_fast_variance, promote_dtype, rngs,
+                   bias_metadata, scale_metadata):
+    self.scale, self.bias = _affine_params(
+        feature_shape, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def _promoted(self, x):
+    """(x, scale, bias) promoted as flax.nnx does, before any statistic."""
+    return self.promote_dtype((x, _value(self.scale), _value(self.bias)),
+                              dtype=self.dtype)
+
+  def _common_options(self):
+    return dict(epsilon=self.epsilon, dtype=self.dtype,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                use_fast_variance=self.use_fast_variance)
+
+
+class LayerNorm(_PerExampleNorm):
+  """flax.nnx.LayerNorm computed by `bn_jax.norms.layer_norm`.
+
+  Arguments as flax.nnx.LayerNorm's: scale and bias have `num_features`
+  values, as many as x has on `feature_axes`; `reduction_axes` are the axes
+  of the statistics.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    self._init_common(
+        (num_features,), epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+        bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
+        rngs=rngs, bias_metadata=bias_metadata,
+        scale_metadata=scale_metadata)
+    self.num_features = num_features
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+
+  def __call__(self, x, *, mask: jax.Array | None = None,
+               use_running_average: bool | None = None):
+    """Layer-normalizes x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale, bias = self._promoted(x)
+    return norms.layer_norm(
+        x, _as_feature_shape(self, scale, x.shape, self.feature_axes),
+        _as_feature_shape(self, bias, x.shape, self.feature_axes),
+        reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+        mask=mask, **self._common_options())
+
+
+class RMSNorm(nnx.Module):
+  """flax.nnx.RMSNorm computed by `bn_jax.norms.rms_norm`."""
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_scale: bool = True,
+      scale_init: Initializer = nnx.initializers.ones,
+      reduction_axes: Axes = -1,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    self.scale, _ = _affine_params(
+        (num_features,), use_scale=use_scale, use_bias=False,
+        scale_init=scale_init, bias_init=None, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata,
+        bias_metadata=_NO_METADATA)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, mask: jax.Array | None = None, *,
+               use_running_average: bool | None = None):
+    """RMS-normalizes x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+    return norms.rms_norm(
+        x, _as_feature_shape(self, scale, x.shape, self.feature_axes),
+        reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+        epsilon=self.epsilon, dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, mask=mask)
+
+
+class GroupNorm(_PerExampleNorm):
+  """flax.nnx.GroupNorm computed by `bn_jax.norms.group_norm`.
+
+  Exactly one of `num_groups` (default 32) and `group_size` (then pass
+  `num_groups=None`); both are checked against `num_features` here and
+  stored resolved, as in flax.nnx.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: int | None = 32,
+      group_size: int | None = None,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      reduction_axes: Axes | None = None,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    self.num_groups = norms.num_groups_of(num_features, num_groups,
+                                          group_size)
+    self.group_size = num_features // self.num_groups
+    self._init_common(
+        (num_features,), epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+        bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
+        rngs=rngs, bias_metadata=bias_metadata,
+        scale_metadata=scale_metadata)
+    self.num_features = num_features
+    self.reduction_axes = reduction_axes
+
+  def __call__(self, x, *, mask: jax.Array | None = None,
+               use_running_average: bool | None = None):
+    """Group-normalizes x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale, bias = self._promoted(x)
+    return norms.group_norm(
+        x, scale, bias, num_groups=self.num_groups,
+        reduction_axes=self.reduction_axes, mask=mask,
+        **self._common_options())
+
+
+class InstanceNorm(_PerExampleNorm):
+  """flax.nnx.InstanceNorm computed by `bn_jax.norms.instance_norm`: for
+  conv features (N, H, W, C); (N, C) features are a clear error."""
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros,
+      scale_init: Initializer = nnx.initializers.ones,
+      feature_axes: Axes = -1,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    self._init_common(
+        (num_features,), epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+        bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
+        rngs=rngs, bias_metadata=bias_metadata,
+        scale_metadata=scale_metadata)
+    self.num_features = num_features
+    self.feature_axes = feature_axes
+
+  def __call__(self, x, *, mask: jax.Array | None = None,
+               use_running_average: bool | None = None):
+    """Instance-normalizes x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale, bias = self._promoted(x)
+    return norms.instance_norm(
+        x, _as_feature_shape(self, scale, x.shape, self.feature_axes),
+        _as_feature_shape(self, bias, x.shape, self.feature_axes),
+        feature_axes=self.feature_axes, mask=mask, **self._common_options())
