@@ -122,20 +122,29 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
 # Validation (all at trace time, on static shapes and Python numbers).
 
 
-def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-  """Normalizes `axis` to sorted non-negative feature axes of an ndim array."""
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  if not axes:
-    raise ValueError("axis must name at least one feature axis, got ().")
+def canonical_axes(ndim: int, axes: Axes, name: str = "axis",
+                   ) -> tuple[int, ...]:
+  """`axes` of an ndim array as sorted non-negative ints; out-of-range and
+  repeated axes are errors naming the argument `name`."""
+  axes = ((axes,) if isinstance(axes, numbers.Integral)
+          else tuple(int(a) for a in axes))
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"axis {a} is out of range for x with {ndim} dimensions; valid "
-          f"feature axes are {-ndim}..{ndim - 1}.")
+          f"{name} {a} is out of range for x with {ndim} dimensions; valid "
+          f"axes are {-ndim}..{ndim - 1}.")
   normalized = tuple(sorted({a % ndim for a in axes}))
   if len(normalized) != len(axes):
-    raise ValueError(f"axis {axis} names the same dimension twice.")
+    raise ValueError(f"{name}={axes} names the same dimension twice.")
   return normalized
+
+
+def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
+  """Normalizes `axis` to sorted non-negative feature axes of an ndim array."""
+  axes = canonical_axes(ndim, axis)
+  if not axes:
+    raise ValueError("axis must name at least one feature axis, got ().")
+  return axes
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

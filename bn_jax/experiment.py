@@ -203,11 +203,13 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])
+    precise = (f", precise BN {np.mean(metrics[PRECISE_METRIC]):.4f}"
+               if PRECISE_METRIC in metrics else "")
     logging.info(
         "[%s] epoch %d/%d  train loss %.4f  test acc %.4f +- %.4f "
-        "(batch stats %.4f)  %.1f s", combo.name, epoch, config.num_epochs,
+        "(batch stats %.4f%s)  %.1f s", combo.name, epoch, config.num_epochs,
         np.mean(metrics["train_loss"]), accuracy.mean(), accuracy.std(),
-        np.mean(metrics["test_accuracy_batch_stats"]), last_epoch)
+        np.mean(metrics["test_accuracy_batch_stats"]), precise, last_epoch)
   if writer:
     writer.close()  # this combination's TensorBoard files, complete
   return {"combo": combo.name, **combo.values, "runs": len(runs),

@@ -68,27 +68,12 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
 def feature_shape(x_shape: Sequence[int], feature_axes: Axes = -1,
                   ) -> tuple[int, ...]:
   """The shape of scale and bias for `feature_axes` of an x of `x_shape`."""
-  axes = _canonical_axes(len(x_shape), feature_axes, "feature_axes")
+  axes = core.canonical_axes(len(x_shape), feature_axes, "feature_axes")
   return tuple(x_shape[a] for a in axes)
 
 
 # ----------------------------------------------------------------------------
 # Validation (at trace time, on static shapes and Python numbers).
-
-
-def _canonical_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
-  """Sorted non-negative axes; out-of-range or repeated axes are errors."""
-  axes = ((axes,) if isinstance(axes, numbers.Integral)
-          else tuple(int(a) for a in axes))
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"{name}={axes} contains axis {a}, out of range for x with {ndim} "
-          f"dimensions; valid axes are {-ndim}..{ndim - 1}.")
-  canonical = tuple(sorted({a % ndim for a in axes}))
-  if len(canonical) != len(axes):
-    raise ValueError(f"{name}={axes} names the same dimension twice.")
-  return canonical
 
 
 def _check_param_shape(name: str, value, shape, feature_axes) -> None:
@@ -271,7 +256,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None,
   Returns:
     y of x's shape.
   """
-  reduction_axes = _canonical_axes(x.ndim, reduction_axes, "reduction_axes")
+  reduction_axes = core.canonical_axes(x.ndim, reduction_axes,
+                                       "reduction_axes")
   if not reduction_axes:
     raise ValueError("layer_norm needs at least one reduction axis, got "
                      "reduction_axes=(); -1 normalizes over the features.")
@@ -279,7 +265,8 @@ def layer_norm(x: jax.Array, scale: jax.Array | None,
                               axis_name=axis_name)
   return _normalize_over(
       "layer_norm", x, scale, bias, reduction_axes,
-      _canonical_axes(x.ndim, feature_axes, "feature_axes"), epsilon=epsilon,
+      core.canonical_axes(x.ndim, feature_axes, "feature_axes"),
+      epsilon=epsilon,
       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
       use_mean=True, use_fast_variance=use_fast_variance,
       force_float32_reductions=force_float32_reductions, mask=mask)
@@ -297,13 +284,15 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, *,
   is accepted for flax's signature and changes nothing: there is no mean).
   """
   del use_fast_variance  # the mean square has one formula
-  reduction_axes = _canonical_axes(x.ndim, reduction_axes, "reduction_axes")
+  reduction_axes = core.canonical_axes(x.ndim, reduction_axes,
+                                       "reduction_axes")
   if not reduction_axes:
     raise ValueError("rms_norm needs at least one reduction axis, got "
                      "reduction_axes=(); -1 normalizes over the features.")
   return _normalize_over(
       "rms_norm", x, scale, None, reduction_axes,
-      _canonical_axes(x.ndim, feature_axes, "feature_axes"), epsilon=epsilon,
+      core.canonical_axes(x.ndim, feature_axes, "feature_axes"),
+      epsilon=epsilon,
       dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
       use_mean=False, use_fast_variance=False,
       force_float32_reductions=force_float32_reductions, mask=mask)
@@ -323,7 +312,7 @@ def instance_norm(x: jax.Array, scale: jax.Array | None,
   reduced, so x needs at least one such (spatial) axis: (N, H, W, C)
   conv features, not an MLP's (N, C). Other arguments as in `layer_norm`.
   """
-  feature_axes = _canonical_axes(x.ndim, feature_axes, "feature_axes")
+  feature_axes = core.canonical_axes(x.ndim, feature_axes, "feature_axes")
   if 0 in feature_axes:
     raise ValueError(
         f"instance_norm's feature_axes={feature_axes} include axis 0, the "
@@ -379,7 +368,8 @@ def group_norm(x: jax.Array, scale: jax.Array | None,
   group_size = channels // num_groups
   if reduction_axes is None:
     reduction_axes = tuple(range(1, x.ndim))
-  reduction_axes = _canonical_axes(x.ndim, reduction_axes, "reduction_axes")
+  reduction_axes = core.canonical_axes(x.ndim, reduction_axes,
+                                       "reduction_axes")
   if not reduction_axes or reduction_axes[-1] != x.ndim - 1:
     raise ValueError(
         f"group_norm's reduction_axes={reduction_axes} must include the last "

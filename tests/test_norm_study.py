@@ -228,3 +228,27 @@ def test_norms_study_reports_one_row_per_variant(norms_study):
   assert [l.split(" | ")[0] for l in body] == [
       f"| {n}" for n in config.norms]
   assert "test acc (precise BN)" in table
+
+
+@pytest.mark.slow
+def test_instance_and_group_norm_train_a_cnn(tmp_path):
+  """The conv-only norms run from the config on the CNN (configs/norms.py's
+  :cnn variant, shrunk): one row each, finite and above chance."""
+  idx = helpers.write_tiny_idx(tmp_path / "idx", 200, 100)
+  config = norms_config.get_config("cnn")
+  for field, value in {"dataset": "tiny", "data_dir": str(idx),
+                       "num_epochs": 2, "seeds": (0,), "channels": (5, 10),
+                       "batch_size": 20, "norms": ("instance", "group"),
+                       "progress_seconds": 0.0, "learning_rate": 3e-3,
+                       "target_accuracy": 0.3}.items():
+    config[field] = value
+  config.precise_bn.num_batches = 0
+  results = experiment.train_and_evaluate(config, tmp_path / "work")
+  assert [c["combo"] for c in results["combos"]] == [
+      "norm=instance", "norm=group"]
+  rows = [json.loads(l) for l in
+          (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+  final = [r for r in rows if r["epoch"] == 2]
+  assert [r["norm"] for r in final] == ["instance", "group"]
+  for row in final:
+    assert row["test_accuracy"] > 0.3, row  # chance is 0.1
