@@ -203,7 +203,7 @@ def print_table(rounds, bn_options):
 def _variants():
   """{name: module} of bn_jax's variants and flax's LayerNorm, GroupNorm and
   RMSNorm, each in training mode with its defaults except as named."""
-  clipping = (("dmax", 5.0), ("rmax", 3.0), ("rmin", 1 / 3))
+  clipping = (("dmax", 5.0), ("rmax", 3.0))  # rmin: 1 / rmax
   return {
       "bn_jax batch": bn_nn.BatchNorm(use_running_average=False),
       "flax batch": nn.BatchNorm(use_running_average=False),
@@ -222,6 +222,9 @@ def _variants():
       "flax group (32)": nn.GroupNorm(num_groups=32),
       "bn_jax rms": bn_nn.RMSNorm(),
       "flax rms": nn.RMSNorm(),
+      # Instance norm needs spatial axes: NHWC only.
+      "bn_jax instance": bn_nn.InstanceNorm(),
+      "flax instance": nn.InstanceNorm(),
   }
 
 
@@ -249,17 +252,24 @@ def print_variants_table(rounds):
     kx, kdy = jax.random.split(jax.random.key(0))
     x = 3.0 + 2.0 * jax.random.normal(kx, shape, jnp.float32)
     dy = jax.random.normal(kdy, shape, jnp.float32)
-    # A copy first in every round: whatever runs first pays for the
-    # previous round's last (largest) buffers, measured at up to 2x.
+    # A copy first (and last) in every round: whatever follows the previous
+    # round's last (largest) buffers pays for them (benchmarks/README.md).
     candidates = {"copy (x + 1)": functools.partial(
         jax.jit(copy_step), x, jnp.asarray(1, x.dtype))}
     for name, module in _variants().items():
+      if "instance" in name and x.ndim < 3:
+        continue
       variables = jax.jit(module.init)(jax.random.key(1), x)
       candidates[name] = functools.partial(jax.jit(module_step(module)),
                                            variables, x, dy)
     _common.interleaved(candidates, 2)  # compile, first allocations
-    wall, _ = _common.interleaved(candidates, rounds)
-    median = {name: _common.median(t) for name, t in wall.items()}
+    # Half the rounds in reverse order: a case measured right after a
+    # large one (group norm's temporaries) is slowed by it.
+    forward, _ = _common.interleaved(candidates, (rounds + 1) // 2)
+    backward, _ = _common.interleaved(dict(reversed(candidates.items())),
+                                      rounds // 2)
+    median = {name: _common.median(forward[name] + backward[name])
+              for name in candidates}
     for name, seconds in median.items():
       print(f"| {shape} | {name} | {seconds * 1e3:.2f} | "
             f"{seconds / median['bn_jax batch']:.2f} |", flush=True)

@@ -193,13 +193,39 @@ def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def renorm_clipping_pairs(clipping):
+  """`renorm_clipping` as sorted (key, value) pairs without None values: one
+  hashable spelling of the same limits, for module attributes and static
+  configs. A value that is not a mapping is returned as it is, for
+  `apply`'s error."""
+  if not (isinstance(clipping, (tuple, list)) or hasattr(clipping, "items")):
+    return clipping  # (a ConfigDict is no Mapping, but has items)
+  try:
+    return tuple(sorted((k, v) for k, v in dict(clipping).items()
+                        if v is not None))
+  except (TypeError, ValueError):
+    return clipping
+
+
+def reads_count(momentum, renorm_schedule, stats_fraction=None,
+                stats_examples=None, stats_sampling="stride") -> bool:
+  """Whether `apply` reads the state's update count: the weight of the
+  cumulative average (momentum None), the step of a renorm schedule, the
+  key of randomly sampled statistics. Front ends create the variable only
+  then."""
+  sampled = stats_fraction is not None or stats_examples is not None
+  return (momentum is None or renorm_schedule is not None
+          or (sampled and stats_sampling == "random"))
+
+
 def _renorm_clipping(clipping) -> dict[str, Any]:
   """`renorm_clipping` (a Mapping, or (key, value) pairs so that a module
-  attribute stays hashable) as a dict, checked as Keras checks it."""
+  attribute stays hashable) as a dict without its None values (absent, as
+  in Keras), checked as Keras checks it."""
   if clipping is None:
     return {}
   try:
-    clipping = dict(clipping)
+    clipping = {k: v for k, v in dict(clipping).items() if v is not None}
   except (TypeError, ValueError):
     raise ValueError(
         f"renorm_clipping={clipping!r} must be a Mapping or (key, value) "
@@ -207,8 +233,8 @@ def _renorm_clipping(clipping) -> dict[str, Any]:
   unknown = sorted(set(clipping) - set(RENORM_CLIPPING_KEYS))
   if unknown:
     raise ValueError(f"renorm_clipping has keys {unknown}; it takes "
-                     f"{RENORM_CLIPPING_KEYS} (absent: rmin 0, rmax inf, "
-                     "dmax inf, as in Keras).")
+                     f"{RENORM_CLIPPING_KEYS} (absent: rmax and dmax inf, "
+                     "rmin 1 / rmax).")
   rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
   if (isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real)
       and rmax < rmin):
@@ -248,8 +274,10 @@ def renorm_limits(step, clipping: Any = None,
                   schedule: tuple[int, int, int] | None = None):
   """The clipping limits (rmin, rmax, dmax) of batch renorm at `step`.
 
-  Without a schedule these are `clipping`'s values, with Keras's defaults
-  for absent keys: rmin 0, rmax inf, dmax inf (no clipping).
+  Without a schedule these are `clipping`'s values; an absent rmax or dmax
+  is inf (no clipping, as in Keras), an absent rmin is 1 / rmax, the
+  paper's [1 / rmax, rmax] (Keras: no lower limit; the same when rmax is
+  absent too), so that rmax = 1 with dmax = 0 is plain batch norm.
 
   With `schedule = (hold_steps, rmax_steps, dmax_steps)` (Ioffe, 2017: 5000,
   40000 and 25000 steps to rmax 3 and dmax 5), the limits start as plain
@@ -273,7 +301,8 @@ def renorm_limits(step, clipping: Any = None,
   """
   clipping = _renorm_clipping(clipping)
   if schedule is None:
-    return (clipping.get("rmin", 0.0), clipping.get("rmax", math.inf),
+    rmax = clipping.get("rmax", math.inf)
+    return (clipping.get("rmin", 1.0 / rmax), rmax,
             clipping.get("dmax", math.inf))
   _check_renorm_schedule(schedule, clipping)
   hold, rmax_steps, dmax_steps = schedule
@@ -791,8 +820,9 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       state with moving_stddev = sqrt(moving_variance + epsilon), so after
       Keras's first update, but not at it from Keras's fresh variables.
     renorm_clipping: limits of r and d: a Mapping, or (key, value) pairs,
-      with keys among "rmin", "rmax", "dmax"; absent keys are Keras's 0,
-      inf and inf (no clipping).
+      with keys among "rmin", "rmax", "dmax"; absent (or None) rmax and
+      dmax are inf, as in Keras, an absent rmin is 1 / rmax, the paper's
+      (Keras: 0), see `renorm_limits`.
     renorm_momentum: momentum of renorm_mean and renorm_stddev, in the
       convention of `momentum` (Keras's default 0.99). It shapes training,
       unlike `momentum`.

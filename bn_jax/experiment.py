@@ -45,15 +45,12 @@ from bn_jax import workdir as workdir_lib
 # Per-run metrics of every epoch (metrics.jsonl, TensorBoard).
 METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
            "test_accuracy_batch_stats")
-# With config.precise_bn.num_batches > 0: eval mode with the recomputed
-# population statistics (train.epoch_and_eval).
-PRECISE_METRIC = "test_accuracy_precise"
 
 
 def metric_names(config) -> tuple[str, ...]:
   """The per-run metrics of every epoch under `config`."""
-  return METRICS + ((PRECISE_METRIC,) if config.precise_bn.num_batches
-                    else ())
+  return METRICS + ((train.PRECISE_METRIC,)
+                    if config.precise_bn.num_batches else ())
 
 
 class NonFiniteError(FloatingPointError):
@@ -203,8 +200,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])
-    precise = (f", precise BN {np.mean(metrics[PRECISE_METRIC]):.4f}"
-               if PRECISE_METRIC in metrics else "")
+    precise = (f", precise BN {np.mean(metrics[train.PRECISE_METRIC]):.4f}"
+               if train.PRECISE_METRIC in metrics else "")
     logging.info(
         "[%s] epoch %d/%d  train loss %.4f  test acc %.4f +- %.4f "
         "(batch stats %.4f%s)  %.1f s", combo.name, epoch, config.num_epochs,

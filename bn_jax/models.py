@@ -1,9 +1,9 @@
-"""MLP and small CNN with a choice of where batch normalization goes.
+"""MLP and small CNN with a choice of where normalization goes, and which.
 
 Both take MNIST-family inputs: 784 pixels per example (28 x 28, one channel),
 10 classes.
 
-Placements (the comparison this project is about):
+Placements (the comparison this project is about), shown for BN:
   none               no normalization.
   before_activation  Dense (no bias, BN's beta replaces it) -> BN -> act,
                      as in Ioffe & Szegedy (2015).
@@ -11,6 +11,9 @@ Placements (the comparison this project is about):
   input              BN on the raw input as the only preprocessing: per pixel
                      (784 features) in the MLP, over the one channel in the
                      CNN, as a conv net normalizes channels.
+
+The layer placed is the model's `norm`: BN or any of the normalization
+family (`NORMS`), built from config.bn by `make_norm`.
 """
 
 from __future__ import annotations
@@ -37,19 +40,21 @@ MODELS = ("mlp", "cnn")
 ModuleDef = Callable[..., nn.Module]
 
 
-class _BNBlock(nn.Module):
-  """One hidden layer: a linear map, the activation and BN where placed."""
+class _NormBlock(nn.Module):
+  """One hidden layer: a linear map, the activation and the normalization
+  layer where placed."""
   make_linear: ModuleDef
   activation: str
   placement: str
   norm: ModuleDef
+  norm_has_bias: bool = True  # before the norm, its beta replaces the bias
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     act = ACTIVATIONS[self.activation]
     if self.placement == "before_activation":
-      return act(self.norm()(self.make_linear(use_bias=False)(x),
-                             use_running_average=not train))
+      linear = self.make_linear(use_bias=not self.norm_has_bias)
+      return act(self.norm()(linear(x), use_running_average=not train))
     x = act(self.make_linear(use_bias=True)(x))
     if self.placement == "after_activation":
       x = self.norm()(x, use_running_average=not train)
@@ -67,6 +72,7 @@ class _Classifier(nn.Module):
   activation: str = "relu"
   num_classes: int = 10
   norm: ModuleDef = bn_nn.BatchNorm
+  norm_has_bias: bool = True  # False: the layers before it keep their bias
 
   def check(self):
     if self.placement not in PLACEMENTS:
@@ -77,8 +83,9 @@ class _Classifier(nn.Module):
                        f"{tuple(ACTIVATIONS)}.")
 
   def block(self, make_linear, name):
-    return _BNBlock(make_linear=make_linear, activation=self.activation,
-                    placement=self.placement, norm=self.norm, name=name)
+    return _NormBlock(make_linear=make_linear, activation=self.activation,
+                      placement=self.placement, norm=self.norm,
+                      norm_has_bias=self.norm_has_bias, name=name)
 
 
 class Conv(nn.Module):
@@ -202,7 +209,8 @@ NORM_FIELDS: dict[str, tuple[str, ...]] = {
     "renorm": _BN_FIELDS + ("renorm_clipping", "renorm_momentum",
                             "renorm_schedule"),
     "ghost": _BN_FIELDS + ("virtual_batch_size",),
-    "sampled": _BN_FIELDS + ("stats_fraction", "stats_sampling"),
+    "sampled": _BN_FIELDS + ("stats_fraction", "stats_examples",
+                             "stats_sampling"),
     "layer": ("epsilon",),
     "group": ("epsilon", "num_groups"),
     "instance": ("epsilon",),
@@ -210,8 +218,13 @@ NORM_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # "none": no normalization layer anywhere (the model's placement "none").
 NORMS = (*NORM_MODULES, "none")
-# Variants with batch statistics: synchronized over the data axis.
-BATCH_NORMS = ("batch", "renorm", "ghost", "sampled")
+# Variants whose batch statistics are synchronized over the data axis.
+# Ghost batches are chunks of each device's own examples, so that N devices
+# compute what one does; the trainer averages their running statistics
+# over the devices (train.train_step), as the chunks' are averaged.
+SYNCED_NORMS = ("batch", "renorm", "sampled")
+# Layers without a bias (beta): the linear layer before them keeps its own.
+NORMS_WITHOUT_BIAS = ("rms",)
 
 # config.bn fields with a fixed set of values, checked by `check_norm_options`.
 NORM_CHOICES = {
@@ -307,10 +320,15 @@ def norm_options(norm: str, options: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"norm={norm!r}; choose one of {NORMS}.")
   chosen = {k: v for k, v in options.items() if k in NORM_FIELDS[norm]}
   if "renorm_clipping" in chosen:
-    chosen["renorm_clipping"] = tuple(sorted(
-        dict(chosen["renorm_clipping"]).items()))
-  if "renorm_schedule" in chosen and chosen["renorm_schedule"] is not None:
+    chosen["renorm_clipping"] = core.renorm_clipping_pairs(
+        chosen["renorm_clipping"])
+  if chosen.get("renorm_schedule") is not None:
     chosen["renorm_schedule"] = tuple(chosen["renorm_schedule"])
+  # A number of examples, if given, instead of the fraction.
+  if chosen.get("stats_examples") is not None:
+    del chosen["stats_fraction"]
+  else:
+    chosen.pop("stats_examples", None)
   return chosen
 
 
@@ -324,15 +342,15 @@ def make_norm(options: Mapping[str, Any], *, norm: str = "batch",
   set of values), and an absent one keeps the layer's default. Swept
   values (momentum, epsilon per run of a vmapped sweep) are passed in
   `options` as traced scalars. `impl="auto"` resolves by backend;
-  `axis_name` synchronizes the statistics of the batch-statistics
-  variants. Returns `functools.partial(module, ...)`, to be called with a
-  name where the model places it.
+  `axis_name` synchronizes the statistics of `SYNCED_NORMS`. Returns
+  `functools.partial(module, ...)`, to be called with a name where the
+  model places it.
   """
   options = norm_options(norm, options)
   if "impl" in options:
     options["impl"] = resolve_backend_choice(options["impl"], "xla_cpu",
                                              "plain", backend)
-  if norm in BATCH_NORMS:
+  if norm in SYNCED_NORMS:
     options["axis_name"] = axis_name
   return functools.partial(NORM_MODULES[norm], **options)
 
@@ -354,12 +372,14 @@ def normalized_layers(model: str, placement: str, widths: Sequence[int],
 
 def make_model(model: str, *, placement: str, activation: str,
                widths: Sequence[int], channels: Sequence[int] = (32, 64),
-               norm: ModuleDef = bn_nn.BatchNorm, conv: str = "auto",
-               num_classes: int = 10) -> nn.Module:
-  """Builds the named model with `norm` (see `make_norm`) and, for the CNN,
+               norm: ModuleDef = bn_nn.BatchNorm, norm_has_bias: bool = True,
+               conv: str = "auto", num_classes: int = 10) -> nn.Module:
+  """Builds the named model with `norm` (see `make_norm`; `norm_has_bias`
+  False for a norm without beta, `NORMS_WITHOUT_BIAS`) and, for the CNN,
   the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla)."""
   common = dict(placement=placement, activation=activation,
-                num_classes=num_classes, norm=norm, widths=tuple(widths))
+                num_classes=num_classes, norm=norm,
+                norm_has_bias=norm_has_bias, widths=tuple(widths))
   if model == "mlp":
     return MLP(**common)
   if model == "cnn":

@@ -9,9 +9,10 @@ put any of them where it puts a BatchNorm.
 
 `BatchNorm` is a drop-in for `flax.linen.BatchNorm`: same core arguments,
 same variable names (params `scale`, `bias`; batch_stats `mean`, `var`), so
-model code and checkpoints written for flax carry over. Extra variables exist only for the
-options that need them: batch_stats `count` (momentum=None, a renorm
-schedule, randomly sampled statistics) and `renorm_mean`, `renorm_stddev`
+model code and checkpoints written for flax carry over. Extra variables
+exist only for the options that need them: batch_stats `count`
+(momentum=None, a renorm schedule, randomly sampled statistics) and
+`renorm_mean`, `renorm_stddev`
 (renorm=True). `init` behaves as flax's: with use_running_average=False it
 normalizes with the local batch's plain statistics (no axis_name, so it
 runs outside the named axis; no ghost batches, subset or renorm correction;
@@ -22,7 +23,7 @@ normalizes, is rejected.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -92,14 +93,9 @@ class BatchNorm(nn.Module):
   stats_sampling: str = "stride"  # "stride" or "random"
 
   def __post_init__(self):
-    # One hashable spelling for every way of writing the same limits; a
-    # value that is not a mapping is left for core.apply's error.
-    if isinstance(self.renorm_clipping, (Mapping, tuple, list)):
-      try:
-        pairs = tuple(sorted(dict(self.renorm_clipping).items()))
-      except (TypeError, ValueError):
-        pairs = self.renorm_clipping
-      object.__setattr__(self, "renorm_clipping", pairs)
+    # One hashable spelling for every way of writing the same limits.
+    object.__setattr__(self, "renorm_clipping",
+                       core.renorm_clipping_pairs(self.renorm_clipping))
     super().__post_init__()
 
   @nn.compact
@@ -111,15 +107,14 @@ class BatchNorm(nn.Module):
     reduction_axes = tuple(a for a in range(x.ndim) if a not in axes)
     feature_shape = tuple(x.shape[a] for a in axes)
 
-    sampled = self.stats_fraction is not None or (
-        self.stats_examples is not None)
     stats = {
         "mean": self.variable("batch_stats", "mean", jnp.zeros,
                               feature_shape, jnp.float32),
         "var": self.variable("batch_stats", "var", jnp.ones, feature_shape,
                              jnp.float32)}
-    if (self.momentum is None or self.renorm_schedule is not None
-        or (sampled and self.stats_sampling == "random")):
+    if core.reads_count(self.momentum, self.renorm_schedule,
+                        self.stats_fraction, self.stats_examples,
+                        self.stats_sampling):
       stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (),
                                      jnp.int32)
     if self.renorm:

@@ -161,11 +161,8 @@ class BatchNorm(nnx.Module):
     # Running statistics are float32 whatever param_dtype is (as in flax).
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    sampled = stats_fraction is not None or stats_examples is not None
-    # The update count: the cumulative average's weight, the step of a
-    # renorm schedule, the key of randomly sampled statistics.
-    if (momentum is None or renorm_schedule is not None
-        or (sampled and stats_sampling == "random")):
+    if core.reads_count(momentum, renorm_schedule, stats_fraction,
+                        stats_examples, stats_sampling):
       self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
     if renorm:
       self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -193,14 +190,8 @@ class BatchNorm(nnx.Module):
     self.grad = grad
     self.impl = impl
     self.renorm = renorm
-    # Sorted pairs: one hashable spelling of the limits (graph metadata);
-    # anything else is left for core.apply's error.
-    if isinstance(renorm_clipping, (Mapping, tuple, list)):
-      try:
-        renorm_clipping = tuple(sorted(dict(renorm_clipping).items()))
-      except (TypeError, ValueError):
-        pass
-    self.renorm_clipping = renorm_clipping
+    # One hashable spelling of the limits (graph metadata).
+    self.renorm_clipping = core.renorm_clipping_pairs(renorm_clipping)
     self.renorm_momentum = renorm_momentum
     self.renorm_schedule = renorm_schedule
     self.virtual_batch_size = virtual_batch_size

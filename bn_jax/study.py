@@ -231,16 +231,46 @@ def _check_norm_fits(config) -> None:
   norm, bn = config.norm, config.bn
   layers = models.normalized_layers(config.model, config.placement,
                                     config.widths, config.channels)
-  if norm == "ghost" and config.batch_size % bn.virtual_batch_size:
+  # Ghost batches are chunks of each device's share of the batch (with
+  # mesh_devices="auto" the share is known, and checked, once traced).
+  devices = (config.mesh_devices if _is_int(config.mesh_devices)
+             and config.mesh_devices > 0 else 1)
+  share = config.batch_size // devices
+  if norm == "ghost" and share % bn.virtual_batch_size:
     raise ConfigError(
         f"config.bn.virtual_batch_size={bn.virtual_batch_size} does not "
-        f"divide the batch size {config.batch_size}: ghost batches split "
-        "each batch into equal chunks; choose a divisor.")
-  if norm == "sampled" and int(bn.stats_fraction * config.batch_size) < 2:
+        f"divide the batch size {config.batch_size}"
+        + (f" ({share} per device over {devices} devices)"
+           if devices > 1 else "")
+        + ": ghost batches split it into equal chunks; choose a divisor.")
+  if norm in ("layer", "rms"):
+    for name, features, spatial in layers:
+      if features == 1:
+        raise ConfigError(
+            f"config.norm={norm!r} normalizes each example over a layer's "
+            f"features, and layer {name} has 1 (it would output a "
+            "constant); use another norm or placement.")
+  for sweep, field in (("bn_momentum", "momentum"),
+                       ("bn_epsilon", "epsilon")):
+    if len(config.sweep[sweep]) > 1 and field not in models.NORM_FIELDS.get(
+        norm, ()):
+      raise ConfigError(
+          f"config.sweep.{sweep} sweeps config.bn.{field}, which "
+          f"norm={norm!r} does not read: the runs would be identical "
+          "copies; sweep it with a norm that has it, or leave it ().")
+  if norm == "sampled" and bn.stats_examples is None and round(
+      bn.stats_fraction * share) < 2:  # as core rounds it
     raise ConfigError(
         f"config.bn.stats_fraction={bn.stats_fraction} of a batch of "
-        f"{config.batch_size} leaves fewer than 2 examples for the "
-        "statistics; raise the fraction or the batch size.")
+        f"{share}" + (" per device" if devices > 1 else "") + " leaves "
+        "fewer than 2 examples for the statistics; raise the fraction or "
+        "the batch size.")
+  if norm == "sampled" and bn.stats_examples is not None and not (
+      _is_int(bn.stats_examples) and 2 <= bn.stats_examples <= share):
+    raise ConfigError(
+        f"config.bn.stats_examples={bn.stats_examples!r} must be an integer "
+        f"from 2 to the batch size ({share}"
+        + (" per device)" if devices > 1 else ")") + ".")
   for name, features, spatial in layers:
     if norm == "group" and features % bn.num_groups:
       raise ConfigError(

@@ -31,6 +31,9 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # the BN ones the bn_jax.nn.BatchNorm argument each sets.
 SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
 BN_SWEEPABLE = {"bn_momentum": "momentum", "bn_epsilon": "epsilon"}
+# The metric of eval mode with recomputed population statistics
+# (`TrainSpec.precise_batches`).
+PRECISE_METRIC = "test_accuracy_precise"
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
 
@@ -92,6 +95,7 @@ class TrainSpec:
     return models.make_model(
         self.model, placement=self.placement, activation=self.activation,
         widths=self.widths, channels=self.channels, norm=norm,
+        norm_has_bias=self.norm not in models.NORMS_WITHOUT_BIAS,
         conv=self.conv)
 
 
@@ -267,7 +271,9 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   grads = _pmean(grads, spec.axis_name)
-  if not spec.sync_bn:  # one copy of the per-device statistics
+  if not spec.sync_bn or spec.norm not in models.SYNCED_NORMS:
+    # One copy of the per-device statistics (bn_stats="per_device", ghost
+    # batches): their mean, as the chunks' of one device.
     # Integer leaves (update counts) are the same on every device.
     batch_stats = jax.tree.map(
         lambda v: _pmean(v, spec.axis_name)
@@ -468,10 +474,13 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
       "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
   }
   if spec.precise_batches:
-    precise = evaluate_fn(state._replace(batch_stats=population_statistics(
-        state, data, batches[:spec.precise_batches], spec=spec)),
-                          data.test_images, data.test_labels, spec=spec)
-    metrics["test_accuracy_precise"] = precise["correct"] / precise["count"]
+    precise = test  # a model without running statistics: nothing to redo
+    if jax.tree.leaves(state.batch_stats):
+      precise = evaluate_fn(
+          state._replace(batch_stats=population_statistics(
+              state, data, batches[:spec.precise_batches], spec=spec)),
+          data.test_images, data.test_labels, spec=spec)
+    metrics[PRECISE_METRIC] = precise["correct"] / precise["count"]
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]
@@ -486,12 +495,13 @@ def population_statistics(state: TrainState, data: DeviceData, batches, *,
   The state is not changed: the statistics are returned.
 
   Data parallel (`spec.axis_name`): every device recomputes over the whole
-  batches; synchronized BN then pools identical copies, which leaves each
-  statistic as one device would compute it.
+  batches on its own (no synchronization: pooling the devices' identical
+  copies would count each value once per device in Bessel's correction),
+  so all devices compute what one device would.
   """
   inputs = model_inputs(data.train_images[batches], spec)
   return precise_lib.recompute_statistics(
-      spec.make_model(state.bn_hparams),
+      dataclasses.replace(spec, axis_name=None).make_model(state.bn_hparams),
       {"params": state.params, "batch_stats": state.batch_stats}, inputs,
       estimator=spec.precise_estimator, layerwise=spec.precise_layerwise)
 

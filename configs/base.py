@@ -59,22 +59,27 @@ def get_config():
   c.bn.grad = "paper_jvp"  # paper_jvp | paper_vjp | autodiff
   c.bn.impl = "auto"  # auto (xla_cpu on a CPU, else plain) | xla_cpu | plain
   # norm=renorm (Ioffe 2017; Keras' names). r = sigma_B / sigma is clipped
-  # to [rmin, rmax], d = (mu_B - mu) / sigma to [-dmax, dmax], the limits
-  # relaxed from (1, 1, 0), plain BN, by renorm_schedule: (hold, rmax_at,
-  # dmax_at), plain BN until `hold`, then linear to the final rmax at
-  # `rmax_at` and dmax at `dmax_at`. The paper's steps are (5000, 40000,
-  # 25000); in "fraction" units each is a fraction of the training steps,
-  # and the default maps the paper's 40,000 steps to the end of training.
+  # to [rmin, rmax] (rmin None: 1 / rmax, the paper's), d = (mu_B - mu) /
+  # sigma to [-dmax, dmax], the limits relaxed from (1, 1, 0), plain BN, by
+  # renorm_schedule: (hold, rmax_at, dmax_at), plain BN until `hold`, then
+  # linear to the final rmax at `rmax_at` and dmax at `dmax_at` (None: the
+  # final limits from the start, as Keras). The paper's steps are (5000,
+  # 40000, 25000); in "fraction" units each is a fraction of the training
+  # steps, and the default maps the paper's 40,000 steps to the end.
   c.bn.renorm_clipping = ml_collections.ConfigDict(
-      {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0})
+      {"rmax": 3.0, "rmin": config_dict.placeholder(float), "dmax": 5.0})
   c.bn.renorm_momentum = 0.99
-  c.bn.renorm_schedule = (0.125, 1.0, 0.625)
+  c.bn.renorm_schedule = config_dict.FieldReference((0.125, 1.0, 0.625),
+                                                    field_type=object)
   c.bn.renorm_schedule_unit = "fraction"  # fraction | steps
+  # norm=sampled: statistics from stats_examples examples of each batch if
+  # set, else from stats_fraction of it.
+  c.bn.stats_examples = config_dict.placeholder(int)
   # norm=ghost (Hoffer et al. 2017): statistics per chunk of this many
   # examples of each batch (it must divide the batch size).
   c.bn.virtual_batch_size = 32
-  # norm=sampled: statistics from this fraction of each batch, every k-th
-  # example (stride) or a random subset (random); all are normalized.
+  # norm=sampled: the fraction of each batch the statistics come from, every
+  # k-th example (stride) or a random subset (random); all are normalized.
   c.bn.stats_fraction = 0.25
   c.bn.stats_sampling = "stride"  # stride | random
   c.bn.num_groups = 5  # norm=group: must divide the normalized features

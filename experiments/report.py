@@ -42,8 +42,6 @@ RESULTS_FILE = "results.json"
 # What the table and plots read from every row; the rest is optional.
 _NUMERIC_FIELDS = ("run", "epoch", "train_loss", "test_accuracy",
                    "test_accuracy_batch_stats")
-# Written with config.precise_bn on (population statistics recomputed).
-_PRECISE = "test_accuracy_precise"
 # Per-run hyperparameters a sweep may vary within one combination.
 _RUN_HPARAMS = train.SWEEPABLE
 _DPI = 110
@@ -222,8 +220,8 @@ def _summarize_combo(rows: list[Mapping[str, Any]], axes: tuple[str, ...],
       "test_accuracy_batch_stats_mean": float(np.mean(
           [r["test_accuracy_batch_stats"] for r in final])),
       "test_accuracy_precise_mean": (
-          float(np.mean([r[_PRECISE] for r in final]))
-          if all(_PRECISE in r for r in final) else None),
+          float(np.mean([r[train.PRECISE_METRIC] for r in final]))
+          if all(train.PRECISE_METRIC in r for r in final) else None),
       "train_loss_mean": float(np.mean([r["train_loss"] for r in final])),
       "epochs_to_target_mean": float(np.mean(hit)) if hit else None,
       "runs_reaching_target": len(hit), "target": target,

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bn_jax import core
 from bn_jax import experiment
 from bn_jax import models
 from bn_jax import nn as bn_nn
 from bn_jax import study
 from bn_jax import train
+from bn_jax import workdir as workdir_lib
 from configs import base
 from configs import norms as norms_config
 from experiments import report
@@ -35,7 +37,7 @@ def _x(shape=(8, 10), seed=0):
 
 # What each config.norm must build from config.bn's defaults, written out by
 # hand: the module and the arguments that make it that variant.
-_CLIPPING = (("dmax", 5.0), ("rmax", 3.0), ("rmin", 1 / 3))
+_CLIPPING = (("dmax", 5.0), ("rmax", 3.0))  # rmin None: 1 / rmax
 _BN = dict(momentum=0.99, epsilon=1e-3, stats_method="shifted",
            grad="paper_jvp", impl="xla_cpu", unbiased_running_var=False)
 EXPECTED = {
@@ -46,6 +48,8 @@ EXPECTED = {
     "ghost": bn_nn.BatchNorm(**_BN, virtual_batch_size=32),
     "sampled": bn_nn.BatchNorm(**_BN, stats_fraction=0.25,
                                stats_sampling="stride"),
+    "sampled-examples": bn_nn.BatchNorm(**_BN, stats_examples=16,
+                                        stats_sampling="stride"),
     "layer": bn_nn.LayerNorm(epsilon=1e-3),
     "group": bn_nn.GroupNorm(num_groups=5, epsilon=1e-3),
     "instance": bn_nn.InstanceNorm(epsilon=1e-3),
@@ -58,13 +62,18 @@ def test_make_norm_builds_each_variant_from_its_own_fields(norm):
   """Every field of config.bn a variant reads reaches it, and only those:
   the built module equals the hand-written one, attribute by attribute."""
   options = dict(base.get_config().bn)
+  if norm == "sampled-examples":  # stats_examples, when set, replaces
+    norm, options["stats_examples"] = "sampled", 16  # the fraction
+    expected = EXPECTED["sampled-examples"]
+  else:
+    expected = EXPECTED[norm]
   built = models.make_norm(options, norm=norm, backend="cpu")()
-  assert built == EXPECTED[norm], (built, EXPECTED[norm])
+  assert built == expected, (built, expected)
 
 
 def test_every_norm_is_a_choice_and_has_an_entry():
-  assert set(models.NORMS) == {*EXPECTED, "none"}
-  assert set(models.NORM_FIELDS) == set(EXPECTED)
+  assert set(models.NORMS) == {*EXPECTED, "none"} - {"sampled-examples"}
+  assert set(models.NORM_FIELDS) == set(models.NORMS) - {"none"}
   config = base.get_config()
   assert set(models.NORM_FIELDS["renorm"]) <= set(config.bn)
   read = {f for fields in models.NORM_FIELDS.values() for f in fields}
@@ -90,6 +99,32 @@ def test_norm_none_is_the_placement_none():
     shapes.append(jax.tree.map(jnp.shape, variables))
   assert shapes[0] == shapes[1]
   assert "batch_stats" not in shapes[0]
+
+
+@pytest.mark.parametrize("norm, linear_bias", [
+    ("batch", False), ("layer", False), ("rms", True)])
+def test_before_activation_keeps_the_bias_a_norm_lacks(norm, linear_bias):
+  """Before the norm, the Dense layer's bias is dropped only where the norm
+  has a beta to replace it: RMSNorm has none."""
+  spec = train.TrainSpec(norm=norm, placement="before_activation",
+                         widths=(6,))
+  params = spec.make_model({}).init(jax.random.key(0), _x((4, 784)),
+                                    train=False)["params"]
+  assert ("bias" in params["hidden_0"]["Dense_0"]) == linear_bias
+
+
+def test_renorm_without_schedule_and_rmin_from_the_cli():
+  """--config.bn.renorm_schedule=None keeps Keras's fixed limits, and an
+  unset rmin is the paper's 1 / rmax."""
+  config = helpers.resolved_config([
+      "--config=configs/base.py", "--workdir=unused", "--config.norm=renorm",
+      "--config.bn.renorm_schedule=None",
+      "--config.bn.renorm_clipping.rmax=2.0"])
+  study.validate_config(config)
+  bn = dict(study.make_spec(config, 60000).bn)
+  assert bn["renorm_schedule"] is None
+  assert bn["renorm_clipping"] == (("dmax", 5.0), ("rmax", 2.0))
+  assert core.renorm_limits(0, bn["renorm_clipping"]) == (0.5, 2.0, 5.0)
 
 
 def test_renorm_schedule_fractions_relax_within_a_short_run():
@@ -130,6 +165,20 @@ def test_renorm_schedule_fractions_relax_within_a_short_run():
      "config.bn.renorm_clipping has rmax=0.5 < 1"),
     ({"bn.renorm_momentum": 2.0}, "config.bn.renorm_momentum=2.0"),
     ({"precise_bn.num_batches": -1}, "config.precise_bn.num_batches=-1"),
+    ({"norm": "ghost", "bn.virtual_batch_size": 64, "mesh_devices": 4},
+     "config.bn.virtual_batch_size=64 does not divide the batch size 128 "
+     "(32 per device over 4 devices)"),
+    ({"norm": "sampled", "bn.stats_examples": 200},
+     "config.bn.stats_examples=200 must be an integer from 2 to the batch "
+     "size (128)"),
+    ({"norm": "layer", "model": "cnn", "placement": "input"},
+     "config.norm='layer' normalizes each example over a layer's features, "
+     "and layer input_bn has 1"),
+    ({"norm": "layer", "sweep.bn_momentum": (0.9, 0.99)},
+     "config.sweep.bn_momentum sweeps config.bn.momentum, which "
+     "norm='layer' does not read"),
+    ({"norm": "none", "sweep.bn_epsilon": (1e-3, 1e-5)},
+     "config.sweep.bn_epsilon sweeps config.bn.epsilon, which norm='none'"),
     ({"precise_bn.estimator": "median"},
      "config.precise_bn.estimator='median'"),
 ])
@@ -252,3 +301,20 @@ def test_instance_and_group_norm_train_a_cnn(tmp_path):
   assert [r["norm"] for r in final] == ["instance", "group"]
   for row in final:
     assert row["test_accuracy"] > 0.3, row  # chance is 0.1
+
+
+def test_a_workdir_from_before_the_norms_resumes_as_batch_norm():
+  """A config.json written before config.norm existed matches the current
+  config while that config trains as the old trainer did (norm "batch", no
+  PreciseBN); choosing another norm is a difference, named."""
+  current = base.get_config().to_dict()
+  saved = json.loads(json.dumps(current))
+  del saved["norm"], saved["norms"], saved["precise_bn"]
+  for field in list(saved["bn"]):
+    if field not in ("momentum", "epsilon", "unbiased_running_var",
+                     "stats_method", "grad", "impl"):
+      del saved["bn"][field]
+  assert workdir_lib.result_fields_that_differ(saved, current) == []
+  current["norm"], current["precise_bn"]["num_batches"] = "layer", 5
+  assert workdir_lib.result_fields_that_differ(saved, current) == [
+      "norm", "precise_bn.num_batches"]

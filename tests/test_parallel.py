@@ -180,6 +180,53 @@ def check_training_matches_one_device():
     _check_training_matches_one_device(_small_spec(data_seed=data_seed))
 
 
+def check_norm_family_and_precise_bn_match_one_device():
+  """The normalization variants and PreciseBN on the mesh compute what one
+  device does: ghost batches are chunks of each device's examples (8 per
+  chunk, 2 per device), and the population statistics are recomputed
+  without pooling the devices' identical copies (whose count would enter
+  Bessel's correction). And ghost batches of a device's share on one
+  device train as bn_stats="per_device" on 8."""
+  for norm, bn in (("ghost", (("virtual_batch_size", 8),)),
+                   ("renorm", (("renorm_clipping", (("dmax", 1.0),
+                                                    ("rmax", 1.5))),
+                               ("renorm_schedule", (2, 6, 4)))),
+                   ("layer", ())):
+    _check_training_matches_one_device(_small_spec(
+        norm=norm, bn=bn, num_epochs=1, precise_batches=2,
+        precise_estimator="mean"))
+  # Ghost batches of one device's share on one device are the per_device
+  # mode on 8: the same training, metrics and statistics.
+  data, mesh = _random_data(), parallel.make_mesh(DEVICES)
+  plain = _small_spec(num_epochs=1)
+  ghost = _small_spec(num_epochs=1, norm="ghost",
+                      bn=(("virtual_batch_size", PER_DEVICE),))
+  one = train.create_sweep_states(ghost, [0, 1], SWEEP_HPARAMS)
+  many = train.create_sweep_states(plain, [0, 1], SWEEP_HPARAMS)
+  one, metrics_one = train.sweep_epoch(one, data, spec=ghost)
+  many, metrics_many = parallel.sweep_epoch_fn(plain, mesh, "per_device")(
+      many, data)
+  assert_trees_close(metrics_many, metrics_one, atol=1e-5)
+  assert_trees_close(many, one, atol=1e-5)
+  # The statistics themselves (an accuracy can hide a 7% variance error).
+  spec = _small_spec(precise_batches=2, precise_estimator="mean")
+  states = train.create_sweep_states(
+      spec, [0], {k: v[:1] for k, v in SWEEP_HPARAMS.items()})
+  state = jax.tree.map(lambda v: v[0], states)
+  fixed = train.epoch_batches(state.data_key, 0, data.train_images.shape[0],
+                              spec)[:2]
+
+  def recompute(state, data, *, spec, batches=None):
+    del batches  # over_runs' epoch order: the fixed batches instead
+    return state, train.population_statistics(state, data, fixed, spec=spec)
+  _, on_mesh = jax.jit(parallel.shard_sweep(
+      recompute, parallel.data_parallel_spec(spec, "sync"), mesh))(
+          parallel.replicate(states, mesh), parallel.replicate(data, mesh))
+  assert_trees_close(jax.tree.map(lambda v: v[0], on_mesh),
+                     train.population_statistics(state, data, fixed,
+                                                 spec=spec), atol=1e-6)
+
+
 def _check_training_matches_one_device(spec):
   data = _random_data()
   mesh = parallel.make_mesh(DEVICES)

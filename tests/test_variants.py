@@ -20,11 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Keras reads its backend once, at import; it is imported only by the test
-# that compares with it.
-os.environ["KERAS_BACKEND"] = "jax"
-
-import chex  # pylint: disable=g-import-not-at-top
+import chex
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
@@ -107,7 +103,8 @@ def renorm_reference(params, x, renorm_mean, renorm_stddev, limits, epsilon,
 @pytest.mark.parametrize("grad,impl", helpers.slow_except(
     GRADS_AND_IMPLS, lambda g, i: (g, i) == ("paper_jvp", "xla_cpu")))
 def test_renorm_at_unit_limits_is_batch_norm_bitwise(grad, impl):
-  """rmin = rmax = 1 and dmax = 0 (as during a schedule's hold, see
+  """rmax = 1 and dmax = 0 (rmin is then 1 / rmax = 1; as during a
+  schedule's hold, see
   test_renorm_schedule_reads_the_state_count): y, the gradients, the
   running mean and the count are batch norm's bit for bit (the same code,
   with a product by 1 and a sum with 0), although the renorm statistics are
@@ -120,7 +117,7 @@ def test_renorm_at_unit_limits_is_batch_norm_bitwise(grad, impl):
   dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   params, state = random_bn(rng, 5, renorm=True, count=3)
   options = dict(grad=grad, impl=impl, momentum=0.9, epsilon=1e-3)
-  unit = {"rmin": 1.0, "rmax": 1.0, "dmax": 0.0}
+  unit = {"rmax": 1.0, "dmax": 0.0}
 
   def run():
     return (bn_vjp(params, state, x, dy, **options),
@@ -254,6 +251,11 @@ def test_renorm_schedule_limits(clipping, expected):
 def test_renorm_limits_without_schedule_and_immediate_relaxation():
   assert core.renorm_limits(7) == (0.0, np.inf, np.inf)  # Keras's defaults
   assert core.renorm_limits(7, (("dmax", 2.0),)) == (0.0, np.inf, 2.0)
+  # An absent (or None) rmin is the paper's 1 / rmax.
+  assert core.renorm_limits(7, {"rmax": 4.0, "rmin": None}) == (
+      0.25, 4.0, np.inf)
+  assert core.renorm_limits(7, {"rmax": 1.0, "dmax": 0.0}) == (1.0, 1.0,
+                                                                0.0)
   # hold == rmax_steps: the limits jump at the end of the hold.
   schedule, clipping = (10, 10, 20), {"rmax": 3.0, "dmax": 4.0}
   np.testing.assert_allclose(core.renorm_limits(9, clipping, schedule),
@@ -286,15 +288,19 @@ def test_renorm_schedule_reads_the_state_count():
     assert_trees_equal(scheduled, fixed)
 
 
-def test_renorm_matches_keras_step_by_step():
+def test_renorm_matches_keras_step_by_step(monkeypatch):
   """Five training steps of keras.layers.BatchNormalization(renorm=True) on
   the jax backend: y and the moving mean, moving variance, renorm mean and
   renorm stddev agree after every step. Steps 1 and 3 clip r and d, the
   others do not. Keras starts from a state with moving_stddev =
   sqrt(moving_variance + epsilon), which bn_jax derives from the variance
   (see core.apply)."""
+  # Keras reads its backend once, at its first import.
+  monkeypatch.setenv("KERAS_BACKEND", "jax")
   keras = pytest.importorskip("keras")
-  assert keras.backend.backend() == "jax"
+  if keras.backend.backend() != "jax":
+    pytest.skip(f"keras was imported with the {keras.backend.backend()} "
+                "backend before this test")
   features, epsilon, momentum, renorm_momentum = 4, 1e-3, 0.9, 0.8
   clipping = {"rmin": 0.8, "rmax": 1.25, "dmax": 0.3}
   layer = keras.layers.BatchNormalization(
