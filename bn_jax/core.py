@@ -66,6 +66,13 @@ IMPLS = ("xla_cpu", "plain")
 # Which examples sampled statistics read (see `apply`).
 STATS_SAMPLINGS = ("stride", "random")
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# The options of `apply` that the flax front ends (bn_jax.nn, bn_jax.nnx)
+# hold as attributes of the same names and pass on as they are.
+MODULE_OPTIONS = ("axis", "momentum", "epsilon", "unbiased_running_var",
+                  "axis_index_groups", "stats_method", "grad", "impl",
+                  "renorm", "renorm_clipping", "renorm_momentum",
+                  "renorm_schedule", "virtual_batch_size", "stats_fraction",
+                  "stats_examples", "stats_sampling")
 
 
 class BNParams(NamedTuple):

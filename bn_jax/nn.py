@@ -136,18 +136,8 @@ class BatchNorm(nn.Module):
     x = x.astype(jnp.promote_types(x.dtype, out_dtype))
     state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **{
         name: variable.value for name, variable in stats.items()}})
-    options = dict(
-        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-        unbiased_running_var=self.unbiased_running_var,
-        axis_index_groups=self.axis_index_groups, mask=mask,
-        stats_method=self.stats_method, grad=self.grad, impl=self.impl,
-        renorm=self.renorm, renorm_clipping=self.renorm_clipping,
-        renorm_momentum=self.renorm_momentum,
-        renorm_schedule=self.renorm_schedule,
-        virtual_batch_size=self.virtual_batch_size,
-        stats_fraction=self.stats_fraction,
-        stats_examples=self.stats_examples,
-        stats_sampling=self.stats_sampling)
+    options = {name: getattr(self, name) for name in core.MODULE_OPTIONS}
+    options["mask"] = mask
     params = core.BNParams(scale=scale, bias=bias)
     training = not use_running_average
 

@@ -228,18 +228,8 @@ class BatchNorm(nnx.Module):
     state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **stats})
     y, new_state = core.apply(
         core.BNParams(scale=scale, bias=bias), state, x, training=training,
-        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-        unbiased_running_var=self.unbiased_running_var,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        mask=mask, stats_method=self.stats_method, grad=self.grad,
-        impl=self.impl, renorm=self.renorm,
-        renorm_clipping=self.renorm_clipping,
-        renorm_momentum=self.renorm_momentum,
-        renorm_schedule=self.renorm_schedule,
-        virtual_batch_size=self.virtual_batch_size,
-        stats_fraction=self.stats_fraction,
-        stats_examples=self.stats_examples,
-        stats_sampling=self.stats_sampling)
+        axis_name=self.axis_name, mask=mask,
+        **{name: getattr(self, name) for name in core.MODULE_OPTIONS})
     if training:
       for name in self._stat_names():
         getattr(self, name)[...] = getattr(new_state, name)

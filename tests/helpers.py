@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -78,3 +79,22 @@ def slow_except(cases, keep_fast, ids=None):
   return [pytest.param(*case, id=case_id,
                        marks=() if keep_fast(*case) else pytest.mark.slow)
           for case, case_id in zip(cases, ids)]
+
+
+# The flax comparisons' dtype cases (test_nn, test_nnx, test_norms): (x
+# dtype, module dtype, param_dtype, tolerance on y, on gradients). y is
+# bfloat16 with dtype=bfloat16, dx is bfloat16 for bfloat16 x.
+FLAX_DTYPES = {
+    "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
+    "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
+    "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
+    "bf16-params": (jnp.float32, None, jnp.bfloat16, 2e-5, 2e-2),
+}
+
+
+def random_inputs(shape, dtype=jnp.float32, seed=0):
+  """x (mean 0.5, std 2, in `dtype`) and a float32 cotangent dy."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return x, dy

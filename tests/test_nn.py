@@ -28,21 +28,8 @@ OPTIONS = {
     "no-scale": ((16, 5), dict(use_scale=False)),
     "no-affine": ((16, 5), dict(use_bias=False, use_scale=False)),
 }
-# (x dtype, module dtype, param_dtype, tolerance on y, on gradients): y is
-# bfloat16 with dtype=bfloat16, dx is bfloat16 for bfloat16 x.
-DTYPES = {
-    "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
-    "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
-    "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
-    "bf16-params": (jnp.float32, None, jnp.bfloat16, 2e-5, 2e-2),
-}
+DTYPES = helpers.FLAX_DTYPES
 
-
-def _inputs(shape, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
-  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  return x, dy
 
 
 def _modules(**options):
@@ -82,7 +69,7 @@ def test_matches_flax(case, dtypes):
   shape, options = OPTIONS[case]
   x_dtype, dtype, param_dtype, tol, grad_tol = DTYPES[dtypes]
   ours, theirs = _modules(dtype=dtype, param_dtype=param_dtype, **options)
-  x, dy = _inputs(shape, x_dtype)
+  x, dy = helpers.random_inputs(shape, x_dtype)
   shapes = [jax.eval_shape(lambda: m.init(jax.random.key(0), x, False))
             for m in (ours, theirs)]
   # Same names, shapes and dtypes: flax's variables are ours.
@@ -107,7 +94,7 @@ def test_matches_flax(case, dtypes):
 
 def test_variables_load_both_ways():
   ours, theirs = _modules(momentum=0.9)
-  x, _ = _inputs((16, 5))
+  x, _ = helpers.random_inputs((16, 5))
   ours_vars = _nontrivial(ours.init(jax.random.key(0), x, False), seed=2)
   theirs_vars = _nontrivial(theirs.init(jax.random.key(0), x, False), seed=3)
 
@@ -123,7 +110,7 @@ def test_variables_load_both_ways():
 
 def test_named_axis_under_vmap_matches_flax():
   ours, theirs = _modules(axis_name="batch", momentum=0.9)
-  x, dy = _inputs((4, 8, 5))  # 4 devices' worth of 8 examples
+  x, dy = helpers.random_inputs((4, 8, 5))  # 4 devices x 8 examples
   # As in flax, init runs outside the vmap that binds the axis name.
   variables = _nontrivial(theirs.init(jax.random.key(0), x[0], False))
 
@@ -144,7 +131,7 @@ def test_named_axis_under_vmap_matches_flax():
 
 
 def test_init_does_not_update_stats():
-  x, _ = _inputs((16, 5))
+  x, _ = helpers.random_inputs((16, 5))
   variables = bn_nn.BatchNorm().init(jax.random.key(0), x,
                                      use_running_average=False)
   chex.assert_trees_all_equal(
@@ -156,12 +143,12 @@ def test_init_does_not_update_stats():
 
 def test_cumulative_average_counts_updates():
   module = bn_nn.BatchNorm(momentum=None)
-  x, _ = _inputs((16, 5))
+  x, _ = helpers.random_inputs((16, 5))
   variables = module.init(jax.random.key(0), x, use_running_average=False)
   assert variables["batch_stats"]["count"] == 0
   means = []
   for seed in range(3):
-    x, _ = _inputs((16, 5), seed=seed)
+    x, _ = helpers.random_inputs((16, 5), seed=seed)
     _, updates = module.apply(variables, x, use_running_average=False,
                               mutable=["batch_stats"])
     variables = {**variables, **updates}
@@ -187,7 +174,7 @@ def test_grad_and_impl_match_flax_to_second_order(grad, impl):
                          **options)
   theirs = flax_nn.BatchNorm(use_fast_variance=False, **options)
   with jax.enable_x64(True):
-    x, dy = _inputs((4, 2, 2, 3), jnp.float64)
+    x, dy = helpers.random_inputs((4, 2, 2, 3), jnp.float64)
     variables = _nontrivial(theirs.init(jax.random.key(0), x, False))
     rng = np.random.default_rng(2)
     direction = jax.tree.map(
@@ -222,6 +209,6 @@ def test_grad_and_impl_match_flax_to_second_order(grad, impl):
     (dict(analytic_grad=True), TypeError, "analytic_grad"),
 ], ids=["grad-old-name", "grad-bool", "impl", "old-attribute"])
 def test_bad_grad_or_impl_is_a_clear_error(options, error, message):
-  x, _ = _inputs((16, 5))
+  x, _ = helpers.random_inputs((16, 5))
   with pytest.raises(error, match=message):
     bn_nn.BatchNorm(**options).init(jax.random.key(0), x, False)

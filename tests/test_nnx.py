@@ -42,20 +42,8 @@ CASES = {
         num_features=8, num_groups=None, group_size=2)),
     "instance": ("InstanceNorm", (2, 3, 4, 5), dict(num_features=5)),
 }
-# (x dtype, module dtype, param_dtype, tolerance on y, on gradients).
-DTYPES = {
-    "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
-    "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
-    "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
-    "bf16-params": (jnp.float32, None, jnp.bfloat16, 2e-5, 2e-2),
-}
+DTYPES = helpers.FLAX_DTYPES
 
-
-def _inputs(shape, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
-  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  return x, dy
 
 
 def _nontrivial(state, seed=1):
@@ -105,7 +93,7 @@ def test_matches_flax_nnx(case, dtypes):
   for module in (ours, theirs):
     nnx.update(module, state)
   splits = [nnx.split(m, nnx.Param, ...) for m in (ours, theirs)]
-  x, dy = _inputs(shape, x_dtype)
+  x, dy = helpers.random_inputs(shape, x_dtype)
 
   @jax.jit  # one compilation for both, training and evaluation
   def run(x, dy):
@@ -151,7 +139,7 @@ def test_batch_norm_options_match_bn_jax_nn(option):
   options = BN_OPTIONS[option]
   module = bn_nnx.BatchNorm(6, **options, rngs=nnx.Rngs(0))
   nnx.update(module, _nontrivial(nnx.state(module)))
-  x, dy = _inputs((4, 3, 3, 6))
+  x, dy = helpers.random_inputs((4, 3, 3, 6))
   mask = (jnp.asarray(np.random.default_rng(2).random((4, 3, 3, 1)) > 0.3)
           if "masked" in option else None)
   variables = {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param)),
@@ -185,7 +173,7 @@ def test_group_norm_with_spatial_axes_kept_is_flax_linen_s():
   row and group, repeated along the channels, as flax.linen computes it
   (flax.nnx 0.12 repeats along axis 1 instead, so it is not the reference
   here)."""
-  x, _ = _inputs((2, 3, 4, 8))
+  x, _ = helpers.random_inputs((2, 3, 4, 8))
   ours = bn_nnx.GroupNorm(8, num_groups=2, reduction_axes=(2, 3),
                           rngs=nnx.Rngs(0))
   linen = flax_linen.GroupNorm(num_groups=2, reduction_axes=(2, 3))
@@ -206,7 +194,7 @@ def test_train_eval_and_view_switch_like_flax():
     def __call__(self, x):
       return self.layer_norm(self.batch_norm(self.linear(x)))
 
-  x, _ = _inputs((8, 3))
+  x, _ = helpers.random_inputs((8, 3))
   stats = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
   results = []
   for namespace in (bn_nnx, nnx):
@@ -232,7 +220,7 @@ def test_train_eval_and_view_switch_like_flax():
     ("InstanceNorm", {})])
 def test_per_example_norms_ignore_use_running_average(name, options):
   module = getattr(bn_nnx, name)(4, **options, rngs=nnx.Rngs(0))
-  x, _ = _inputs((2, 3, 3, 4))
+  x, _ = helpers.random_inputs((2, 3, 3, 4))
   y = module(x)
   for use_running_average in (True, False):
     chex.assert_trees_all_equal(
@@ -241,7 +229,7 @@ def test_per_example_norms_ignore_use_running_average(name, options):
 
 def test_batch_norm_without_a_mode_is_a_clear_error():
   module = bn_nnx.BatchNorm(5, use_running_average=None, rngs=nnx.Rngs(0))
-  x, _ = _inputs((16, 5))
+  x, _ = helpers.random_inputs((16, 5))
   with pytest.raises(ValueError, match=r"BatchNorm needs use_running_average"):
     module(x)
   module(x, use_running_average=True)
@@ -263,4 +251,4 @@ def test_batch_norm_without_a_mode_is_a_clear_error():
 def test_bad_arguments_are_clear_errors(make, shape, message):
   with pytest.raises(ValueError, match=message):
     module = make(nnx.Rngs(0))
-    module(_inputs(shape)[0])
+    module(helpers.random_inputs(shape)[0])

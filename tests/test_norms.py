@@ -56,23 +56,10 @@ CASES = {
         feature_axes=(1, 3), use_fast_variance=False), False),
     "instance-1d-masked": ("instance", (2, 7, 5), dict(epsilon=1e-3), True),
 }
-# (x dtype, module dtype, param_dtype, tolerance on y, on gradients): y is
-# bfloat16 with dtype=bfloat16, dx is bfloat16 for bfloat16 x.
-DTYPES = {
-    "f32": (jnp.float32, None, jnp.float32, 2e-5, 1e-4),
-    "bf16-compute": (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2, 2e-2),
-    "bf16-input": (jnp.bfloat16, None, jnp.float32, 2e-5, 2e-2),
-    "bf16-params": (jnp.float32, None, jnp.bfloat16, 2e-5, 2e-2),
-}
+DTYPES = helpers.FLAX_DTYPES
 # The options that shape the params, not the function's arguments.
 PARAM_OPTIONS = ("param_dtype", "use_scale", "use_bias")
 
-
-def _inputs(shape, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
-  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  return x, dy
 
 
 def _nontrivial(variables, seed=1):
@@ -122,7 +109,7 @@ def test_matches_flax(case, dtypes):
   x_dtype, dtype, param_dtype, tol, grad_tol = DTYPES[dtypes]
   options = dict(options, dtype=dtype, param_dtype=param_dtype)
   ours, theirs = (module(**options) for module in KINDS[kind][1:])
-  x, dy = _inputs(shape, x_dtype)
+  x, dy = helpers.random_inputs(shape, x_dtype)
   mask = (jnp.asarray(np.random.default_rng(3).random(shape) > 0.3)
           if masked else None)
   shapes = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), x))
@@ -156,7 +143,7 @@ def test_variables_load_both_ways(kind, shape, options):
   inits = dict(scale_init=random_init) | (
       {} if kind == "rms" else dict(bias_init=random_init))
   ours, theirs = (module(**options, **inits) for module in KINDS[kind][1:])
-  x, _ = _inputs(shape)
+  x, _ = helpers.random_inputs(shape)
 
   @jax.jit
   def run():
@@ -176,7 +163,7 @@ def test_features_split_over_a_named_axis(masked):
   """LayerNorm over features split across a vmapped axis equals LayerNorm
   over the whole feature vector. With a mask the devices weigh by their
   unmasked counts (flax averages their means, so only unmasked is flax's)."""
-  x, dy = _inputs((4, 6))
+  x, dy = helpers.random_inputs((4, 6))
   mask = (jnp.asarray(np.random.default_rng(3).random((4, 6)) > 0.4)
           if masked else None)
   split = lambda v: v.reshape(4, 2, 3).transpose(1, 0, 2)  # 2 devices
@@ -216,7 +203,7 @@ def test_features_split_over_a_named_axis(masked):
 def test_fully_masked_example_stays_finite(kind):
   """An all-padding example (flax: 0 / 0 = NaN) must not put NaN into the
   other examples' gradients through a loss that masks it out."""
-  x, dy = _inputs((3, 4, 6))
+  x, dy = helpers.random_inputs((3, 4, 6))
   mask = jnp.arange(3)[:, None, None] < 2  # example 2 is padding
   options = dict(num_groups=2) if kind == "group" else {}
   affine = norms.init(6)[:1 if kind == "rms" else 2]
@@ -234,7 +221,7 @@ def test_second_derivatives_match_numerical(kind):
   shape, options = {"group": ((2, 3, 4), dict(num_groups=2)),
                     "instance": ((2, 3, 4), {})}.get(kind, ((3, 4), {}))
   with jax.enable_x64(True):
-    x, _ = _inputs(shape, jnp.float64)
+    x, _ = helpers.random_inputs(shape, jnp.float64)
     params = _nontrivial(norms.init(shape[-1], jnp.float64))
     affine = params[:1] if kind == "rms" else params
     f = jax.jit(lambda x, *affine: jnp.sin(KINDS[kind][0](
@@ -254,7 +241,7 @@ def test_use_running_average_is_accepted_and_ignored(kind):
     @flax_nn.compact
     def __call__(self, x, train):
       return norm(name="norm")(x, use_running_average=not train)
-  x, _ = _inputs((4, 3, 3, 4))
+  x, _ = helpers.random_inputs((4, 3, 3, 4))
   variables = Model().init(jax.random.key(0), x, train=False)
   assert set(variables) == ({"params", "batch_stats"} if kind == "batch"
                             else {"params"})
@@ -297,7 +284,7 @@ def test_use_running_average_is_accepted_and_ignored(kind):
         "group-axes", "axis-range", "axis-twice", "no-axes", "layer-one-value",
         "epsilon", "param-shape"])
 def test_bad_arguments_are_clear_errors(function, shape, options, message):
-  x, _ = _inputs(shape)
+  x, _ = helpers.random_inputs(shape)
   with pytest.raises(ValueError, match=message):
     function(x, *norms.init(6), **options)
 
