@@ -45,7 +45,7 @@ DATA_DIR_ENV = "BN_JAX_DATA_DIR"
 
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
 SOURCES = ("auto", "idx", "download", "tfds")
-SCALINGS = ("unit", "standardize")
+SCALINGS = ("unit", "standardize", "raw")
 
 # Pixel statistics of the MNIST training set after dividing by 255 (used by
 # "standardize" for every dataset, as is customary for MNIST-style inputs).
@@ -563,7 +563,9 @@ def scale_pixels(pixels, scaling: str):
   """uint8 pixels (any shape, NumPy or JAX) -> float32, same shape.
 
   "unit" maps 0..255 to [0, 1]; "standardize" to
-  (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD. The one definition of the
+  (x / 255 - MNIST_PIXEL_MEAN) / MNIST_PIXEL_STD; "raw" keeps 0..255 as
+  floats (no preprocessing: the claim that BN on the input replaces it is
+  tested with it). The one definition of the
   input scalings: `to_float` runs it on the host, bn_jax.train inside the
   compiled step on pixels kept as uint8 on the device (equal to within one
   float32 ulp: XLA multiplies by 1/255 where NumPy divides).
@@ -572,6 +574,8 @@ def scale_pixels(pixels, scaling: str):
     raise ValueError(f"scaling={scaling!r}; choose one of {SCALINGS}.")
   if pixels.dtype != np.uint8:
     raise ValueError(f"expected uint8 pixels, got {pixels.dtype}.")
+  if scaling == "raw":
+    return pixels.astype(np.float32)
   x = pixels.astype(np.float32) / np.float32(255)
   if scaling == "standardize":
     x = (x - np.float32(MNIST_PIXEL_MEAN)) / np.float32(MNIST_PIXEL_STD)

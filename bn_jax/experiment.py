@@ -49,8 +49,10 @@ METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
 
 def metric_names(config) -> tuple[str, ...]:
   """The per-run metrics of every epoch under `config`."""
-  return METRICS + ((train.PRECISE_METRIC,)
-                    if config.precise_bn.num_batches else ())
+  return (METRICS
+          + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
+          + ((train.PRECISE_METRIC,) if config.precise_bn.num_batches
+             else ()))
 
 
 class NonFiniteError(FloatingPointError):

@@ -109,7 +109,8 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       data_seed=config.data_seed, input_scaling=config.input_scaling,
       precise_batches=config.precise_bn.num_batches,
       precise_estimator=config.precise_bn.estimator,
-      precise_layerwise=config.precise_bn.layerwise)
+      precise_layerwise=config.precise_bn.layerwise,
+      eval_train=config.eval_train)
 
 
 # ----------------------------------------------------------------------------

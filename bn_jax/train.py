@@ -32,8 +32,10 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 SWEEPABLE = ("learning_rate", "bn_momentum", "bn_epsilon")
 BN_SWEEPABLE = {"bn_momentum": "momentum", "bn_epsilon": "epsilon"}
 # The metric of eval mode with recomputed population statistics
-# (`TrainSpec.precise_batches`).
+# (`TrainSpec.precise_batches`), and those of the training set in eval mode
+# (`TrainSpec.eval_train`).
 PRECISE_METRIC = "test_accuracy_precise"
+TRAIN_EVAL_METRICS = ("train_loss_eval", "train_accuracy_eval")
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
 
@@ -77,6 +79,7 @@ class TrainSpec:
   precise_batches: int = 0
   precise_estimator: str = "mean"  # bn_jax.precise.ESTIMATORS
   precise_layerwise: bool = False
+  eval_train: bool = False  # also the training set in eval mode, per epoch
 
   @property
   def total_steps(self) -> int:
@@ -473,6 +476,12 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
       "test_accuracy": test["correct"] / test["count"],
       "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
   }
+  if spec.eval_train:
+    train_eval = evaluate_fn(state, data.train_images, data.train_labels,
+                             spec=spec)
+    metrics["train_loss_eval"] = train_eval["loss_sum"] / train_eval["count"]
+    metrics["train_accuracy_eval"] = (train_eval["correct"]
+                                      / train_eval["count"])
   if spec.precise_batches:
     precise = test  # a model without running statistics: nothing to redo
     if jax.tree.leaves(state.batch_stats):

@@ -292,7 +292,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # as before they existed; the normalization options are read only by the
 # other norms, and precise_bn's only with num_batches > 0. A config.json
 # without them resumes while the current config keeps those values.
-ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0}
+ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
+                "eval_train": False}
 _READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
                              "bn.stats_", "bn.num_groups", "precise_bn.")
 
@@ -301,17 +302,16 @@ def result_fields_that_differ(saved: Mapping[str, Any],
                               current: Mapping[str, Any]) -> list[str]:
   """The dotted names of fields, outside NON_RESULT_FIELDS, whose values
   differ between two configs (as dicts, e.g. config.json's); for a saved
-  config from before ADDED_FIELDS, their absence is their old value."""
+  config from before one of ADDED_FIELDS, its absence is its old value."""
   def relevant(config):
     return {k: v for k, v in _flatten(config).items()
             if k not in NON_RESULT_FIELDS}
   saved, current = relevant(saved), relevant(current)
-  if not any(k in saved for k in ADDED_FIELDS):
-    for field, old in ADDED_FIELDS.items():
-      saved[field] = old
-    for field in current.keys() - saved.keys():
-      if field.startswith(_READ_ONLY_BY_NEW_CHOICES):
-        saved[field] = current[field]
+  for field, old in ADDED_FIELDS.items():
+    saved.setdefault(field, old)
+  for field in current.keys() - saved.keys():
+    if field.startswith(_READ_ONLY_BY_NEW_CHOICES):
+      saved[field] = current[field]
   return sorted(k for k in saved.keys() | current.keys()
                 if saved.get(k, "<absent>") != current.get(k, "<absent>"))
 

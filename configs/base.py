@@ -28,6 +28,7 @@ def get_config():
   # the copy bundled with bn_jax (MNIST), a download (bn_jax.data)
   c.data_source = "auto"  # auto | idx | download | tfds
   c.input_scaling = "unit"  # unit ([0, 1]) | standardize (MNIST mean/std)
+  # | raw (0..255 as they are)
 
   c.model = "mlp"  # mlp | cnn
   c.placement = "after_activation"  # none | before_activation |
@@ -115,6 +116,11 @@ def get_config():
   # Stop at the first NaN/inf loss, parameter or BN statistic (flags computed
   # on device, read once per epoch); False skips the flags.
   c.nan_guard = True
+
+  # Also evaluate the whole training set in eval mode after each epoch, as
+  # Keras' `evaluate` does: train_loss_eval, train_accuracy_eval (the
+  # train_* metrics are training mode, averaged while the weights moved).
+  c.eval_train = False
 
   # Exact population statistics after each epoch ("PreciseBN", Wu & Johnson
   # 2021; bn_jax.precise): every BN layer's statistics recomputed over
