@@ -89,8 +89,10 @@ def _nonfinite_error(combo: str, runs: list[dict], epoch: int,
       f"Nothing of epoch {epoch} was saved; {kept}. To fix: lower the "
       "learning rate (config.learning_rate / config.sweep.learning_rate), "
       "raise BN epsilon (config.bn.epsilon), or check the input data for "
-      "NaN/inf, and rerun in a new --workdir. To train on regardless (no "
-      "checks, a little faster), set --config.nan_guard=False.")
+      "NaN/inf, and rerun in a new --workdir. To freeze the diverging runs "
+      "and train the others on (a learning-rate range), set "
+      "--config.nan_guard=record; to train on regardless (no checks, a "
+      "little faster), --config.nan_guard=False.")
 
 
 @contextlib.contextmanager
@@ -187,8 +189,13 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
       error = _nonfinite_error(combo.name, runs, epoch, spec,
                                metrics.pop("first_nonfinite_step"),
                                metrics.pop("nonfinite"), manager.directory)
-      if error is not None:
+      if error is not None and not spec.freeze_diverged:
         raise error
+      if error is not None:  # nan_guard="record": those runs are frozen
+        logging.warning("%s\nThose runs are frozen at their last finite "
+                        "state (nan_guard='record'); the others go on.",
+                        str(error).split("\n(A non-finite")[0])
+    diverged_at = metrics.pop("diverged_at", None)
     last_epoch = time.perf_counter() - started
     if compile_time is None and epoch == start_epoch + 1:
       compile_time = last_epoch  # compile + one epoch
@@ -198,7 +205,9 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
           **combo.values, "combo": combo.name, "run": i, "seed": run["seed"],
           **run["hparams"], "epoch": epoch,
           "step": epoch * spec.steps_per_epoch, "wall_time": wall,
-          **{k: float(metrics[k][i]) for k in metric_names(config)}}
+          **{k: float(metrics[k][i]) for k in metric_names(config)},
+          **({} if diverged_at is None else {"diverged_at": (
+              int(diverged_at[i]) if diverged_at[i] >= 0 else None)})}
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])

@@ -105,7 +105,9 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
       steps_per_epoch=steps_per_epoch,
-      num_epochs=config.num_epochs, nan_guard=config.nan_guard,
+      num_epochs=config.num_epochs,
+      nan_guard=config.nan_guard is not False,
+      freeze_diverged=config.nan_guard == "record",
       data_seed=config.data_seed, input_scaling=config.input_scaling,
       precise_batches=config.precise_bn.num_batches,
       precise_estimator=config.precise_bn.estimator,
@@ -188,9 +190,9 @@ def _check_numbers(config) -> None:
   if not isinstance(options.layerwise, bool):
     raise ConfigError(f"config.precise_bn.layerwise={options.layerwise!r} "
                       "must be True or False.")
-  if not isinstance(config.nan_guard, bool):
-    raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True "
-                      "or False.")
+  if not (isinstance(config.nan_guard, bool) or config.nan_guard == "record"):
+    raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True, "
+                      "False or 'record'.")
 
 
 def _check_runs(config) -> None:

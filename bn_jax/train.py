@@ -63,6 +63,9 @@ class TrainSpec:
   num_epochs: int = 10
   eval_chunk: int = 1000
   nan_guard: bool = True  # flag the first non-finite step (see train_epoch)
+  # With nan_guard: a run's first non-finite step is dropped and the run
+  # frozen from then on (TrainState.diverged_at), the others train on.
+  freeze_diverged: bool = False
   axis_name: str | None = None  # set for data-parallel (synchronized) BN
   sync_bn: bool = True  # False: per-device BN statistics, grads still
   # averaged over axis_name (bn_jax.parallel's bn_stats="per_device")
@@ -111,6 +114,10 @@ class TrainState(NamedTuple):
   # scalars that override TrainSpec.bn.
   bn_hparams: dict[str, jax.Array]
   data_key: jax.Array  # uint32 key; epoch e shuffles with fold_in(key, e)
+  # With TrainSpec.freeze_diverged: the global step whose update was the
+  # first non-finite one (int32; -1: none), after which the run is frozen.
+  # None otherwise, so the checkpoints of other runs keep their layout.
+  diverged_at: jax.Array | None = None
 
 
 class DeviceData(NamedTuple):
@@ -203,7 +210,9 @@ def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}),
       opt_state=make_optimizer(spec, lr).init(params),
-      bn_hparams=bn_hparams, data_key=jax.random.key_data(data_key))
+      bn_hparams=bn_hparams, data_key=jax.random.key_data(data_key),
+      diverged_at=(jnp.asarray(-1, jnp.int32) if spec.freeze_diverged
+                   else None))
 
 
 def _pmean(value, axis_name):
@@ -371,6 +380,9 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   parameters themselves are checked. The host reads these once, with the
   epoch's other metrics.
   """
+  if spec.freeze_diverged and not spec.nan_guard:
+    raise ValueError("freeze_diverged needs nan_guard: the guard's flags "
+                     "decide which steps to drop.")
   if batches is None:
     batches = epoch_batches(state.data_key, state.step // spec.steps_per_epoch,
                             data.train_images.shape[0], spec)
@@ -381,8 +393,11 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
 
   def body(carry, indices):
     carry, guard = carry
+    before = carry
     carry, metrics = train_step(carry, data.train_images[indices],
                                 data.train_labels[indices], spec=spec)
+    if spec.freeze_diverged:
+      carry, metrics = _freeze_if_diverged(before, carry, metrics, spec)
     if spec.nan_guard:
       first_step, first_flags = guard
       flags = metrics.pop("nonfinite")
@@ -402,6 +417,30 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                                                 first_step)
     metrics["nonfinite"] = jnp.where(is_first, last, first_flags)
   return state, metrics
+
+
+def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
+                        spec: TrainSpec):
+  """nan_guard="record": keeps `before` (the step counter moves on) when the
+  run is already frozen or this step made anything non-finite (the
+  parameters are checked every step here, so that no NaN is kept), and
+  counts only the steps kept in the metrics. The first bad step is
+  recorded in `diverged_at` and reported in the guard's flags; a frozen
+  run's later steps are not news. The frozen state is finite, but its loss
+  need not be: a loss turns non-finite one step after the update that
+  caused it, which may have left huge finite weights."""
+  flags = metrics["nonfinite"] | nonfinite_flags(params=after.params,
+                                                 axis_name=spec.axis_name)
+  frozen = before.diverged_at >= 0
+  rejected = frozen | (flags != 0)
+  kept = jax.tree.map(lambda old, new: jnp.where(rejected, old, new),
+                      before, after)
+  kept = kept._replace(step=after.step, diverged_at=jnp.where(
+      ~frozen & (flags != 0), after.step, before.diverged_at))
+  metrics = {k: jnp.where(rejected, jnp.zeros_like(v), v)
+             for k, v in metrics.items() if k != "nonfinite"}
+  metrics["nonfinite"] = jnp.where(frozen, 0, flags)
+  return kept, metrics
 
 
 def _padded_chunks(x, size: int):
@@ -490,6 +529,8 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
               state, data, batches[:spec.precise_batches], spec=spec)),
           data.test_images, data.test_labels, spec=spec)
     metrics[PRECISE_METRIC] = precise["correct"] / precise["count"]
+  if spec.freeze_diverged:
+    metrics["diverged_at"] = state.diverged_at
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]

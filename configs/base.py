@@ -114,8 +114,10 @@ def get_config():
   c.sweep.bn_epsilon = ()
 
   # Stop at the first NaN/inf loss, parameter or BN statistic (flags computed
-  # on device, read once per epoch); False skips the flags.
-  c.nan_guard = True
+  # on device, read once per epoch); False skips the flags; "record" drops
+  # a run's first non-finite step and freezes that run (its rows carry
+  # diverged_at), while the other runs of the sweep train on.
+  c.nan_guard = config_dict.FieldReference(True, field_type=object)
 
   # Also evaluate the whole training set in eval mode after each epoch, as
   # Keras' `evaluate` does: train_loss_eval, train_accuracy_eval (the

@@ -1,6 +1,9 @@
 """What the studies measure with: raw input scaling, the training set in eval
 mode, and the source article's worked example of the BN transform."""
 
+import json
+
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +94,70 @@ def test_the_articles_worked_example():
   y_mean, _ = bn_jax.apply(params, new_state, jnp.asarray([[0.5]]),
                            training=False, epsilon=1e-4)
   np.testing.assert_allclose(y_mean, [[0.1]], rtol=1e-6)
+
+
+def _diverging_sweep(idx_dir, workdir, nan_guard):
+  config = base.get_config()
+  for field, value in {"dataset": "tiny", "data_dir": str(idx_dir),
+                       "num_epochs": 2, "seeds": (0,), "widths": (8,),
+                       "batch_size": 50, "progress_seconds": 0.0,
+                       "placement": "none", "optimizer": "sgd",
+                       "nan_guard": nan_guard}.items():
+    config[field] = value
+  config.sweep.learning_rate = (0.1, 1e30)
+  return experiment.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), 200, 100)
+
+
+def test_nan_guard_record_freezes_the_diverging_run_only(idx_dir, tmp_path):
+  """learning rate 1e30 diverges at once: with nan_guard="record" that run
+  is frozen at its initial state and marked, the other trains on exactly as
+  it does alone; the default guard stops the whole sweep."""
+  with pytest.raises(experiment.NonFiniteError):
+    _diverging_sweep(idx_dir, tmp_path / "stop", True)
+  _diverging_sweep(idx_dir, tmp_path / "record", "record")
+  rows = [json.loads(l) for l in
+          (tmp_path / "record" / "metrics.jsonl").read_text().splitlines()]
+  good = [r for r in rows if r["learning_rate"] == 0.1]
+  bad = [r for r in rows if r["learning_rate"] == 1e30]
+  assert [r["diverged_at"] for r in good] == [None, None]
+  # Step 1's update leaves huge but finite weights, with which step 2's
+  # loss overflows; epoch 2 reports the same step.
+  assert [r["diverged_at"] for r in bad] == [2, 2]
+  for row in bad:  # frozen at its last finite weights: chance level (its
+    # loss may overflow: those weights came from a 1e30 step)
+    assert row["test_accuracy"] < 0.3
+  # Training metrics count the kept steps only: step 1, then none.
+  assert np.isfinite(bad[0]["train_loss"]) and np.isnan(bad[1]["train_loss"])
+  # The good run is the run of a sweep without the diverging one.
+  alone = tmp_path / "alone"
+  config = base.get_config()
+  for field, value in {"dataset": "tiny", "data_dir": str(idx_dir),
+                       "num_epochs": 2, "seeds": (0,), "widths": (8,),
+                       "batch_size": 50, "progress_seconds": 0.0,
+                       "placement": "none", "optimizer": "sgd",
+                       "learning_rate": 0.1}.items():
+    config[field] = value
+  experiment.train_and_evaluate(config, alone)
+  reference = [json.loads(l) for l in
+               (alone / "metrics.jsonl").read_text().splitlines()]
+  for mine, theirs in zip(good, reference):
+    assert mine["test_accuracy"] == pytest.approx(theirs["test_accuracy"],
+                                                  abs=1e-6)
+    assert mine["train_loss"] == pytest.approx(theirs["train_loss"],
+                                               rel=1e-5)
+
+
+def test_nan_guard_values_are_checked():
+  config = base.get_config()
+  config.nan_guard = "skip"
+  with pytest.raises(study.ConfigError, match="config.nan_guard='skip'"):
+    study.validate_config(config)
+  config.nan_guard = "record"
+  study.validate_config(config)
+  spec = study.make_spec(config, 60000)
+  assert spec.nan_guard and spec.freeze_diverged
