@@ -196,6 +196,10 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
                         "state (nan_guard='record'); the others go on.",
                         str(error).split("\n(A non-finite")[0])
     diverged_at = metrics.pop("diverged_at", None)
+    probed = metrics.pop("probe", None)
+    probe_steps = ([(epoch - 1) * spec.steps_per_epoch + (j + 1)
+                    * spec.probe_every for j in range(probed.shape[1])]
+                   if probed is not None else None)
     last_epoch = time.perf_counter() - started
     if compile_time is None and epoch == start_epoch + 1:
       compile_time = last_epoch  # compile + one epoch
@@ -207,7 +211,10 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
           "step": epoch * spec.steps_per_epoch, "wall_time": wall,
           **{k: float(metrics[k][i]) for k in metric_names(config)},
           **({} if diverged_at is None else {"diverged_at": (
-              int(diverged_at[i]) if diverged_at[i] >= 0 else None)})}
+              int(diverged_at[i]) if diverged_at[i] >= 0 else None)}),
+          **({} if probed is None else {
+              "probe_steps": probe_steps,
+              "probe_percentiles": np.round(probed[i], 6).tolist()})}
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])

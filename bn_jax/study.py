@@ -112,7 +112,9 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       precise_batches=config.precise_bn.num_batches,
       precise_estimator=config.precise_bn.estimator,
       precise_layerwise=config.precise_bn.layerwise,
-      eval_train=config.eval_train)
+      eval_train=config.eval_train,
+      probe_every=config.probe.every_steps,
+      probe_images=config.probe.num_images)
 
 
 # ----------------------------------------------------------------------------
@@ -187,6 +189,15 @@ def _check_numbers(config) -> None:
   if options.estimator not in precise.ESTIMATORS:
     raise ConfigError(f"config.precise_bn.estimator={options.estimator!r} is "
                       f"not valid; choose one of {precise.ESTIMATORS}.")
+  probe = config.probe
+  for field in ("every_steps", "num_images"):
+    if not (_is_int(probe[field]) and probe[field] >= (field == "num_images")):
+      raise ConfigError(f"config.probe.{field}={probe[field]!r} must be an "
+                        "integer >= " + ("1." if field == "num_images" else
+                                         "0 (0 turns the probe off)."))
+  if probe.every_steps and not config.widths:
+    raise ConfigError("config.probe.every_steps needs a hidden layer to "
+                      "probe: config.widths is empty.")
   if not isinstance(options.layerwise, bool):
     raise ConfigError(f"config.precise_bn.layerwise={options.layerwise!r} "
                       "must be True or False.")
@@ -328,6 +339,16 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
           f"config.warmup_steps={c.warmup_steps} is not shorter than "
           f"the training ({total_steps} steps at batch size {batch_size}); "
           "give fewer warmup steps or more epochs.")
+    steps_per_epoch = num_train // batch_size
+    if c.probe.every_steps and steps_per_epoch % c.probe.every_steps:
+      raise ConfigError(
+          f"config.probe.every_steps={c.probe.every_steps} does not divide "
+          f"the {steps_per_epoch} steps of an epoch (batch size "
+          f"{batch_size}); choose a divisor, so that every epoch probes at "
+          "the same steps.")
+    if c.probe.every_steps and c.probe.num_images > num_test:
+      raise ConfigError(f"config.probe.num_images={c.probe.num_images} is "
+                        f"more than the {num_test} test images.")
     if c.precise_bn.num_batches * batch_size > num_train:
       raise ConfigError(
           f"config.precise_bn.num_batches={c.precise_bn.num_batches} batches "

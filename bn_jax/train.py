@@ -24,6 +24,7 @@ import optax
 from bn_jax import data as data_lib
 from bn_jax import models
 from bn_jax import precise as precise_lib
+from bn_jax import probes
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
@@ -83,6 +84,11 @@ class TrainSpec:
   precise_estimator: str = "mean"  # bn_jax.precise.ESTIMATORS
   precise_layerwise: bool = False
   eval_train: bool = False  # also the training set in eval mode, per epoch
+  # Every `probe_every` steps (0: never), the percentiles of the last hidden
+  # layer's activation inputs on the first `probe_images` test images
+  # (bn_jax.probes); it must divide steps_per_epoch.
+  probe_every: int = 0
+  probe_images: int = 1000
 
   @property
   def total_steps(self) -> int:
@@ -379,6 +385,11 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   next step's loss, computed with them; after the epoch's last step the
   parameters themselves are checked. The host reads these once, with the
   epoch's other metrics.
+
+  With `spec.probe_every` = k, the epoch is a scan over chunks of k steps,
+  each followed by `probes.probe` of the state it leaves; metric "probe" is
+  (steps_per_epoch / k, len(probes.QS), units). Without it, no probe is
+  traced.
   """
   if spec.freeze_diverged and not spec.nan_guard:
     raise ValueError("freeze_diverged needs nan_guard: the guard's flags "
@@ -406,8 +417,16 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                jnp.where(is_first, flags, first_flags))
     return (carry, guard), metrics
 
-  (state, guard), metrics = jax.lax.scan(body, (state, guard), batches)
+  if not spec.probe_every:
+    (state, guard), metrics = jax.lax.scan(body, (state, guard), batches)
+  else:  # scans of probe_every steps, each followed by the probe
+    (state, guard), (metrics, probed) = jax.lax.scan(
+        functools.partial(_steps_then_probe, body, data, spec),
+        (state, guard), batches.reshape(-1, spec.probe_every,
+                                        batches.shape[-1]))
   metrics = jax.tree.map(jnp.sum, metrics)
+  if spec.probe_every:
+    metrics["probe"] = probed
   if spec.nan_guard:
     first_step, first_flags = guard
     # The last step's update has no next loss to show it.
@@ -417,6 +436,19 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                                                 first_step)
     metrics["nonfinite"] = jnp.where(is_first, last, first_flags)
   return state, metrics
+
+
+def _steps_then_probe(body, data: DeviceData, spec: TrainSpec, carry,
+                      batches):
+  """`spec.probe_every` training steps (the epoch scan's `body`), then the
+  probe of the state they leave: (len(probes.QS), units) percentiles."""
+  carry, metrics = jax.lax.scan(body, carry, batches)
+  state = carry[0]
+  inputs = model_inputs(data.test_images[:spec.probe_images], spec)
+  percentiles = probes.probe(
+      spec.make_model(state.bn_hparams),
+      {"params": state.params, "batch_stats": state.batch_stats}, inputs)
+  return carry, (metrics, percentiles)
 
 
 def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
@@ -531,6 +563,8 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
     metrics[PRECISE_METRIC] = precise["correct"] / precise["count"]
   if spec.freeze_diverged:
     metrics["diverged_at"] = state.diverged_at
+  if spec.probe_every:
+    metrics["probe"] = train["probe"]
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]

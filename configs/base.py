@@ -124,6 +124,15 @@ def get_config():
   # train_* metrics are training mode, averaged while the weights moved).
   c.eval_train = False
 
+  # Every probe.every_steps steps (0: off; it must divide the steps per
+  # epoch), the 15th, 25th, 50th, 75th and 85th percentiles of every input
+  # to the last hidden layer's activation over the first probe.num_images
+  # test images, in eval mode (bn_jax.probes; Ioffe & Szegedy's Figure 1b,
+  # c). Written to metrics.jsonl as probe_steps and probe_percentiles.
+  c.probe = ml_collections.ConfigDict()
+  c.probe.every_steps = 0
+  c.probe.num_images = 1000
+
   # Exact population statistics after each epoch ("PreciseBN", Wu & Johnson
   # 2021; bn_jax.precise): every BN layer's statistics recomputed over
   # num_batches training batches with the weights frozen, reported as
