@@ -73,6 +73,13 @@ class _Classifier(nn.Module):
   num_classes: int = 10
   norm: ModuleDef = bn_nn.BatchNorm
   norm_has_bias: bool = True  # False: the layers before it keep their bias
+  # The Dense layers' kernel initializer (`kernel_initializer`).
+  dense_init: Callable[..., Any] = nn.linear.default_kernel_init
+
+  def dense(self, features: int):
+    """A function use_bias -> Dense: a plain closure, not a method, so that
+    the block that calls it owns the layer (a Module method would)."""
+    return functools.partial(nn.Dense, features, kernel_init=self.dense_init)
 
   def check(self):
     if self.placement not in PLACEMENTS:
@@ -142,9 +149,9 @@ class MLP(_Classifier):
     if self.placement == "input":
       x = self.norm(name="input_bn")(x, use_running_average=not train)
     for i, width in enumerate(self.widths):
-      x = self.block(lambda use_bias, w=width: nn.Dense(w, use_bias=use_bias),
+      x = self.block(self.dense(width),
                      name=f"hidden_{i}")(x, train=train)
-    return nn.Dense(self.num_classes, name="readout")(x)
+    return self.dense(self.num_classes)(name="readout")(x)
 
 
 class CNN(_Classifier):
@@ -170,9 +177,9 @@ class CNN(_Classifier):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.widths):
-      x = self.block(lambda use_bias, w=width: nn.Dense(w, use_bias=use_bias),
+      x = self.block(self.dense(width),
                      name=f"hidden_{i}")(x, train=train)
-    return nn.Dense(self.num_classes, name="readout")(x)
+    return self.dense(self.num_classes)(name="readout")(x)
 
 
 # The convolutions a CNN can use (config.conv; "auto" picks by backend).
@@ -370,16 +377,34 @@ def normalized_layers(model: str, placement: str, widths: Sequence[int],
           + [(f"hidden_{i}", w, False) for i, w in enumerate(widths)])
 
 
+# Initializations of the Dense kernels (config.init): flax's default,
+# LeCun normal (variance 1 / fan_in, truncated), or Ioffe & Szegedy's
+# (2015) "small random Gaussian values", N(0, init_std^2) whatever the fan-in.
+INITS = ("default", "gaussian")
+
+
+def kernel_initializer(init: str = "default", std: float = 0.01):
+  """The Dense kernels' initializer named by `init` (INITS)."""
+  if init == "default":
+    return nn.linear.default_kernel_init
+  if init == "gaussian":
+    return nn.initializers.normal(stddev=std)
+  raise ValueError(f"init={init!r}; choose one of {INITS}.")
+
+
 def make_model(model: str, *, placement: str, activation: str,
                widths: Sequence[int], channels: Sequence[int] = (32, 64),
                norm: ModuleDef = bn_nn.BatchNorm, norm_has_bias: bool = True,
-               conv: str = "auto", num_classes: int = 10) -> nn.Module:
+               conv: str = "auto", num_classes: int = 10,
+               dense_init: Callable[..., Any] = nn.linear.default_kernel_init,
+               ) -> nn.Module:
   """Builds the named model with `norm` (see `make_norm`; `norm_has_bias`
   False for a norm without beta, `NORMS_WITHOUT_BIAS`) and, for the CNN,
   the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla)."""
   common = dict(placement=placement, activation=activation,
                 num_classes=num_classes, norm=norm,
-                norm_has_bias=norm_has_bias, widths=tuple(widths))
+                norm_has_bias=norm_has_bias, widths=tuple(widths),
+                dense_init=dense_init)
   if model == "mlp":
     return MLP(**common)
   if model == "cnn":

@@ -101,6 +101,7 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       model=config.model, placement=config.placement,
       activation=config.activation, widths=tuple(config.widths),
       channels=tuple(config.channels), conv=config.conv, norm=config.norm,
+      init=config.init, init_std=config.init_std,
       bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
@@ -122,7 +123,7 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
 
 _CHOICES = {
     "model": models.MODELS, "placement": models.PLACEMENTS,
-    "norm": models.NORMS,
+    "norm": models.NORMS, "init": models.INITS,
     "activation": tuple(models.ACTIVATIONS), "conv": ("auto", *models.CONVS),
     "optimizer": train.OPTIMIZERS, "schedule": train.SCHEDULES,
     "data_source": data_lib.SOURCES, "input_scaling": data_lib.SCALINGS,
@@ -182,6 +183,9 @@ def _check_numbers(config) -> None:
           and 0 < config.target_accuracy <= 1):
     raise ConfigError(f"config.target_accuracy={config.target_accuracy!r} "
                       "must be in (0, 1].")
+  if not (_is_number(config.init_std) and config.init_std > 0):
+    raise ConfigError(f"config.init_std={config.init_std!r} must be a "
+                      "number > 0.")
   options = config.precise_bn
   if not (_is_int(options.num_batches) and options.num_batches >= 0):
     raise ConfigError(f"config.precise_bn.num_batches={options.num_batches!r}"

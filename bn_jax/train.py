@@ -50,6 +50,8 @@ class TrainSpec:
   widths: tuple[int, ...] = (50,)
   channels: tuple[int, ...] = (32, 64)
   conv: str = "auto"  # models.CONVS key, or "auto" (by backend)
+  init: str = "default"  # the Dense kernels' initializer (models.INITS)
+  init_std: float = 0.01  # init="gaussian": its standard deviation
   norm: str = "batch"  # models.NORMS: the normalization layer
   # (name, value) pairs of normalization options (config.bn's fields,
   # renorm_schedule in steps); () keeps the layer's defaults. Swept values
@@ -97,10 +99,12 @@ class TrainSpec:
   def make_model(self, bn_hparams: dict[str, Any]):
     """The model, its norm built from `self.bn` with the run's swept BN
     values (`TrainState.bn_hparams`, traced under a sweep's vmap)."""
+    dense_init = models.kernel_initializer(self.init, self.init_std)
     if self.norm == "none":  # no layer to build: the placement "none"
       return models.make_model(
           self.model, placement="none", activation=self.activation,
-          widths=self.widths, channels=self.channels, conv=self.conv)
+          widths=self.widths, channels=self.channels, conv=self.conv,
+          dense_init=dense_init)
     norm = models.make_norm({**dict(self.bn), **bn_hparams}, norm=self.norm,
                             axis_name=self.axis_name if self.sync_bn
                             else None)
@@ -108,7 +112,7 @@ class TrainSpec:
         self.model, placement=self.placement, activation=self.activation,
         widths=self.widths, channels=self.channels, norm=norm,
         norm_has_bias=self.norm not in models.NORMS_WITHOUT_BIAS,
-        conv=self.conv)
+        conv=self.conv, dense_init=dense_init)
 
 
 class TrainState(NamedTuple):

@@ -293,10 +293,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # other norms, and precise_bn's only with num_batches > 0. A config.json
 # without them resumes while the current config keeps those values.
 ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
-                "eval_train": False, "probe.every_steps": 0}
+                "eval_train": False, "probe.every_steps": 0,
+                "init": "default"}
 _READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
                              "bn.stats_", "bn.num_groups", "precise_bn.",
-                             "probe.")
+                             "probe.", "init_std")
 
 
 def result_fields_that_differ(saved: Mapping[str, Any],

@@ -39,6 +39,11 @@ def get_config():
   # auto: "im2col" (one matmul over shifted copies; fast on XLA:CPU) on a
   # CPU, "xla" (flax.linen.Conv) on GPU/TPU.
   c.conv = "auto"
+  # The Dense kernels' initialization: default (flax's LeCun normal) |
+  # gaussian (N(0, init_std^2): Ioffe & Szegedy's "small random Gaussian
+  # values", whose scale the paper does not give).
+  c.init = "default"
+  c.init_std = 0.01
 
   # The normalization layer wherever `placement` puts one (bn_jax.models.
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of

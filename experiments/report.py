@@ -553,7 +553,7 @@ def plot_probes(rows: Sequence[Mapping[str, Any]],
   for name, (steps, values) in series.items():
     drift = np.array([probes.drift_of_probes(v) for v in values])
     axes[-1].plot(steps, np.median(drift, 0), label=name)
-  axes[-1].set(xlabel="training step", yscale="symlog",
+  axes[-1].set(xlabel="training step",
                ylabel="median |p50(t) - p50(end)| / IQR(end)",
                title="drift, all units")
   axes[-1].legend(fontsize=8)
