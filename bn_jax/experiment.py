@@ -51,8 +51,8 @@ def metric_names(config) -> tuple[str, ...]:
   """The per-run metrics of every epoch under `config`."""
   return (METRICS
           + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
-          + ((train.PRECISE_METRIC,) if config.precise_bn.num_batches
-             else ()))
+          + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
+             if config.precise_bn.num_batches else ()))
 
 
 class NonFiniteError(FloatingPointError):

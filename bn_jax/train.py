@@ -16,10 +16,12 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from bn_jax import data as data_lib
 from bn_jax import models
@@ -36,6 +38,9 @@ BN_SWEEPABLE = {"bn_momentum": "momentum", "bn_epsilon": "epsilon"}
 # (`TrainSpec.precise_batches`), and those of the training set in eval mode
 # (`TrainSpec.eval_train`).
 PRECISE_METRIC = "test_accuracy_precise"
+# How far the running statistics are from the recomputed ones, averaged
+# over features and BN layers (`running_statistics_gaps`).
+STALENESS_METRICS = ("running_mean_gap", "running_var_gap")
 TRAIN_EVAL_METRICS = ("train_loss_eval", "train_accuracy_eval")
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
@@ -559,12 +564,15 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                                       / train_eval["count"])
   if spec.precise_batches:
     precise = test  # a model without running statistics: nothing to redo
+    gaps = (jnp.zeros(()), jnp.zeros(()))
     if jax.tree.leaves(state.batch_stats):
-      precise = evaluate_fn(
-          state._replace(batch_stats=population_statistics(
-              state, data, batches[:spec.precise_batches], spec=spec)),
-          data.test_images, data.test_labels, spec=spec)
+      recomputed = population_statistics(
+          state, data, batches[:spec.precise_batches], spec=spec)
+      precise = evaluate_fn(state._replace(batch_stats=recomputed),
+                            data.test_images, data.test_labels, spec=spec)
+      gaps = running_statistics_gaps(state.batch_stats, recomputed)
     metrics[PRECISE_METRIC] = precise["correct"] / precise["count"]
+    metrics.update(zip(STALENESS_METRICS, gaps))
   if spec.freeze_diverged:
     metrics["diverged_at"] = state.diverged_at
   if spec.probe_every:
@@ -592,6 +600,25 @@ def population_statistics(state: TrainState, data: DeviceData, batches, *,
       dataclasses.replace(spec, axis_name=None).make_model(state.bn_hparams),
       {"params": state.params, "batch_stats": state.batch_stats}, inputs,
       estimator=spec.precise_estimator, layerwise=spec.precise_layerwise)
+
+
+def running_statistics_gaps(running, recomputed, epsilon: float = 1e-5):
+  """(mean gap, var gap) between two batch_stats trees: over every BN layer
+  and feature, the mean of |mu_run - mu| / sqrt(var + eps) (the running
+  mean's error in the population's standard deviations) and of
+  |log((var_run + eps) / (var + eps))| (the running variance's error as a
+  log ratio). How stale the moving averages are (compare like with like:
+  the "pooled" estimator stores the biased variance, as BN does)."""
+  run = traverse_util.flatten_dict(flax.core.unfreeze(running))
+  pop = traverse_util.flatten_dict(flax.core.unfreeze(recomputed))
+  layers = [k[:-1] for k in pop if k[-1] == "mean"]
+  mean_gaps = [jnp.mean(jnp.abs(run[l + ("mean",)] - pop[l + ("mean",)])
+                        * jax.lax.rsqrt(pop[l + ("var",)] + epsilon))
+               for l in layers]
+  var_gaps = [jnp.mean(jnp.abs(jnp.log((run[l + ("var",)] + epsilon)
+                                       / (pop[l + ("var",)] + epsilon))))
+              for l in layers]
+  return jnp.mean(jnp.stack(mean_gaps)), jnp.mean(jnp.stack(var_gaps))
 
 
 # Compiled entry points. `spec` is static (hashable); the state is donated so

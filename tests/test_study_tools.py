@@ -253,3 +253,30 @@ def test_small_gaussian_init_option():
   config.init = "xavier"
   with pytest.raises(study.ConfigError, match="config.init='xavier'"):
     study.validate_config(config)
+
+
+def test_running_statistics_gaps_match_numpy():
+  rng = np.random.default_rng(3)
+  def stats(shift):
+    return {"a": {"mean": rng.normal(size=4) + shift,
+                  "var": rng.uniform(0.5, 2.0, 4)},
+            "b": {"BatchNorm_0": {"mean": rng.normal(size=3) + shift,
+                                  "var": rng.uniform(0.5, 2.0, 3),
+                                  "count": np.int32(7)}}}
+  running, recomputed = stats(1.0), stats(0.0)
+  mean_gap, var_gap = train.running_statistics_gaps(
+      jax.tree.map(jnp.asarray, running), jax.tree.map(jnp.asarray,
+                                                       recomputed))
+  layers = [(running["a"], recomputed["a"]),
+            (running["b"]["BatchNorm_0"], recomputed["b"]["BatchNorm_0"])]
+  expected_mean = np.mean([np.mean(np.abs(r["mean"] - p["mean"])
+                                   / np.sqrt(p["var"] + 1e-5))
+                           for r, p in layers])
+  expected_var = np.mean([np.mean(np.abs(np.log((r["var"] + 1e-5)
+                                                / (p["var"] + 1e-5))))
+                          for r, p in layers])
+  np.testing.assert_allclose([mean_gap, var_gap],
+                             [expected_mean, expected_var], rtol=1e-5)
+  assert train.running_statistics_gaps(
+      jax.tree.map(jnp.asarray, running),
+      jax.tree.map(jnp.asarray, running)) == (0.0, 0.0)
