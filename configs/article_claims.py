@@ -1,7 +1,6 @@
 r"""The source article's claims about BN, measured on its own example.
 
     python -m experiments.main --config=configs/article_claims.py --workdir=workdirs/article_claims
-    python -m experiments.main --config=configs/article_claims.py --workdir=workdirs/article_claims_raw --config.input_scaling=raw
 
 The article's Keras example, Dense(50, relu) -> BN -> Dense(10), Adam 1e-3,
 batch 128, 10 epochs; its code declares input_shape=(100,), which cannot
@@ -9,7 +8,8 @@ take MNIST's 784 pixels: here the input is the 784 flattened pixels (the
 one fix). Against the same network without BN and with BN on the input
 only, 5 seeds, with the whole training set evaluated in eval mode every
 epoch (config.eval_train, as Keras' `evaluate` reports "train accuracy").
-The second command feeds raw 0..255 pixels (no preprocessing). Step time
+A second run with --config.input_scaling=raw (and its own --workdir)
+feeds raw 0..255 pixels (no preprocessing). Step time
 and memory: benchmarks/bn_cost.py. A short run: --config.num_epochs=2.
 """
 
