@@ -29,6 +29,7 @@ AXES = {
     "models": "model",
     "activations": "activation",
     "norms": "norm",
+    "virtual_batch_sizes": "bn.virtual_batch_size",  # with norm="ghost"
 }
 
 
@@ -328,6 +329,7 @@ def validate_config(config) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   for combo in combinations(config):
+    _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
     _check_norm_fits(combo.config)
 
 

@@ -294,7 +294,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # without them resumes while the current config keeps those values.
 ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "eval_train": False, "probe.every_steps": 0,
-                "init": "default"}
+                "init": "default", "virtual_batch_sizes": []}
 _READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
                              "bn.stats_", "bn.num_groups", "precise_bn.",
                              "probe.", "init_std")

@@ -9,7 +9,8 @@ import nothing from the training code, so reading one tells the whole setup.
 
 Study axes. A field that holds a tuple of values for one field of a run:
 `placements` sets `placement`, `batch_sizes` sets `batch_size`, `models`
-sets `model`, `activations` sets `activation`, `norms` sets `norm` (the table is
+sets `model`, `activations` sets `activation`, `norms` sets `norm`,
+`virtual_batch_sizes` sets `bn.virtual_batch_size` (the table is
 bn_jax.study.AXES). The runs are the product of the axes; each
 combination is one compiled program, in which seeds x numeric sweeps
 (`sweep.*`) train together, vmapped. An empty axis keeps the single field.
@@ -111,6 +112,7 @@ def get_config():
   c.models = ()
   c.activations = ()
   c.norms = ()
+  c.virtual_batch_sizes = ()  # bn.virtual_batch_size (norm="ghost")
   # Numeric sweeps: a tuple of values multiplies the runs inside every
   # combination, vmapped; () keeps the single value.
   c.sweep = ml_collections.ConfigDict()

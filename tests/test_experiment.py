@@ -35,7 +35,8 @@ OVERRIDES = {"dataset": "tiny", "num_epochs": NUM_EPOCHS, "seeds": SEEDS,
              "widths": (8,), "progress_seconds": 0.0,
              "placements": PLACEMENTS, "batch_sizes": BATCH_SIZES,
              "target_accuracy": 0.3}
-AXIS_FIELDS = ("placement", "batch_size", "model", "activation", "norm")
+AXIS_FIELDS = ("placement", "batch_size", "model", "activation", "norm",
+               "bn.virtual_batch_size")
 
 
 def study_config(idx_dir, **changes):
@@ -91,7 +92,8 @@ def test_rows_carry_every_axis_run_and_epoch(study_run):
           for r in rows] == expected
   for row in rows:
     assert {f: row[f] for f in AXIS_FIELDS[2:]} == {
-        "model": "mlp", "activation": "relu", "norm": "batch"}
+        "model": "mlp", "activation": "relu", "norm": "batch",
+        "bn.virtual_batch_size": 32}
     assert row["combo"] == combo_name(row["placement"], row["batch_size"])
     assert (row["seed"], row["bn_momentum"]) == RUNS[row["run"]]
     assert row["learning_rate"] == 1e-3 and row["bn_epsilon"] == 1e-3
@@ -131,7 +133,8 @@ def test_results_json_has_every_combination(study_run, idx_dir):
   assert results["axes"] == {"placement": list(PLACEMENTS),
                              "batch_size": list(BATCH_SIZES),
                              "model": ["mlp"], "activation": ["relu"],
-                             "norm": ["batch"]}
+                             "norm": ["batch"],
+                             "bn.virtual_batch_size": [32]}
   assert [(c["combo"], c["runs"], c["epochs"]) for c in results["combos"]] == [
       (combo_name(p, b), len(RUNS), NUM_EPOCHS)
       for p in PLACEMENTS for b in BATCH_SIZES]

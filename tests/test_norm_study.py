@@ -318,3 +318,21 @@ def test_a_workdir_from_before_the_norms_resumes_as_batch_norm():
   current["norm"], current["precise_bn"]["num_batches"] = "layer", 5
   assert workdir_lib.result_fields_that_differ(saved, current) == [
       "norm", "precise_bn.num_batches"]
+
+
+def test_ghost_batch_size_is_a_study_axis():
+  """virtual_batch_sizes sets bn.virtual_batch_size per combination: each
+  its own program, with its own ghost-batch size in the spec."""
+  config = base.get_config()
+  config.norm, config.virtual_batch_sizes = "ghost", (8, 32)
+  study.validate_config(config)
+  combos = study.combinations(config)
+  assert [c.name for c in combos] == ["bn.virtual_batch_size=8",
+                                      "bn.virtual_batch_size=32"]
+  assert [dict(study.make_spec(c.config, 60000).bn)["virtual_batch_size"]
+          for c in combos] == [8, 32]
+  config.virtual_batch_sizes = (8, 0)
+  with pytest.raises(study.ConfigError, match=re.escape(
+      "config.bn.virtual_batch_size=0 must be a positive integer. "
+      "(combination bn.virtual_batch_size=0)")):
+    study.validate_config(config)
