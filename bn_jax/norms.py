@@ -84,6 +84,15 @@ def _check_param_shape(name: str, value, shape, feature_axes) -> None:
         f"the feature axes it was made for.")
 
 
+def _reduction_axes(function: str, ndim: int, axes: Axes) -> tuple[int, ...]:
+  """Layer and RMS norm's reduction axes, canonical and not empty."""
+  axes = core.canonical_axes(ndim, axes, "reduction_axes")
+  if not axes:
+    raise ValueError(f"{function} needs at least one reduction axis, got "
+                     "reduction_axes=(); -1 normalizes over the features.")
+  return axes
+
+
 def _check_values_per_statistic(function: str, x_shape, reduction_axes,
                                 extra: int = 1, axis_name=None) -> None:
   """A mean and variance over one value normalize x to exactly 0, so y is
@@ -256,11 +265,7 @@ def layer_norm(x: jax.Array, scale: jax.Array | None,
   Returns:
     y of x's shape.
   """
-  reduction_axes = core.canonical_axes(x.ndim, reduction_axes,
-                                       "reduction_axes")
-  if not reduction_axes:
-    raise ValueError("layer_norm needs at least one reduction axis, got "
-                     "reduction_axes=(); -1 normalizes over the features.")
+  reduction_axes = _reduction_axes("layer_norm", x.ndim, reduction_axes)
   _check_values_per_statistic("layer_norm", x.shape, reduction_axes,
                               axis_name=axis_name)
   return _normalize_over(
@@ -284,11 +289,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, *,
   is accepted for flax's signature and changes nothing: there is no mean).
   """
   del use_fast_variance  # the mean square has one formula
-  reduction_axes = core.canonical_axes(x.ndim, reduction_axes,
-                                       "reduction_axes")
-  if not reduction_axes:
-    raise ValueError("rms_norm needs at least one reduction axis, got "
-                     "reduction_axes=(); -1 normalizes over the features.")
+  reduction_axes = _reduction_axes("rms_norm", x.ndim, reduction_axes)
   return _normalize_over(
       "rms_norm", x, scale, None, reduction_axes,
       core.canonical_axes(x.ndim, feature_axes, "feature_axes"),

@@ -98,3 +98,19 @@ def random_inputs(shape, dtype=jnp.float32, seed=0):
   x = jnp.asarray(0.5 + 2.0 * rng.standard_normal(shape), dtype)
   dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   return x, dy
+
+
+def assert_close_to_flax(ours, reference, tol, grad_tol):
+  """(y, y_eval, stats, grads) of a bn_jax module against flax's: the
+  outputs in the same dtype and close (compared in float32), the updated
+  statistics and the gradients close."""
+  import chex  # pylint: disable=g-import-not-at-top
+  (y, y_eval, stats, grads), (y_ref, y_eval_ref, stats_ref, grads_ref) = (
+      ours, reference)
+  assert y.dtype == y_ref.dtype and y_eval.dtype == y_eval_ref.dtype
+  as_f32 = lambda *ys: [v.astype(jnp.float32) for v in ys]
+  chex.assert_trees_all_close(as_f32(y, y_eval), as_f32(y_ref, y_eval_ref),
+                              rtol=tol, atol=tol)
+  chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=grad_tol,
+                              atol=grad_tol)

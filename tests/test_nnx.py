@@ -101,13 +101,9 @@ def test_matches_flax_nnx(case, dtypes):
             for split in splits]
   ((y, stats, grads), (y_eval, stats_eval, _)), (
       (y_ref, stats_ref, grads_ref), (y_eval_ref, _, _)) = run(x, dy)
-  assert y.dtype == y_ref.dtype and y_eval.dtype == y_eval_ref.dtype
-  as_f32 = lambda *ys: [v.astype(jnp.float32) for v in ys]
-  chex.assert_trees_all_close(as_f32(y, y_eval), as_f32(y_ref, y_eval_ref),
-                              rtol=tol, atol=tol)
-  chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(grads, grads_ref, rtol=grad_tol,
-                              atol=grad_tol)
+  helpers.assert_close_to_flax((y, y_eval, stats, grads),
+                               (y_ref, y_eval_ref, stats_ref, grads_ref),
+                               tol, grad_tol)
   # Evaluation leaves the BatchStats as they were.
   chex.assert_trees_all_equal(stats_eval, nnx.state(ours, nnx.BatchStat))
 
