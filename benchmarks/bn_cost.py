@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import shlex
+import sys
+from pathlib import Path
 
 import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn_jax import experiment
 from bn_jax import train
+from bn_jax import workdir
 
 
 def step_and_memory(spec: train.TrainSpec):
@@ -42,6 +48,9 @@ def step_and_memory(spec: train.TrainSpec):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="5 rounds")
+  parser.add_argument("--json", default=None, help="also write the rows, "
+                      "the command and the machine to this JSON file (the "
+                      "studies page reads it: experiments.report --page)")
   args = parser.parse_args()
   rounds = 5 if args.quick else 100
   print(_common.header("bn_cost: a training step with and without BN"))
@@ -49,6 +58,7 @@ def main():
   print("| model | placement | ms per step | vs none | temporary memory "
         "(KiB) | vs none |")
   print("|---|---|---:|---:|---:|---:|")
+  rows = []
   for model, extra in (("mlp", dict(widths=(50,))),
                        ("cnn", dict(widths=(128,), channels=(32, 64)))):
     candidates, memory = {}, {}
@@ -60,11 +70,21 @@ def main():
     wall, _ = _common.interleaved(candidates, rounds)
     median = {k: _common.median(v) for k, v in wall.items()}
     for placement in candidates:
-      print(f"| {model} | {placement} | {median[placement] * 1e3:.2f} | "
-            f"{median[placement] / median['none']:.2f} | "
-            f"{memory[placement] / 1024:.0f} | "
-            f"{memory[placement] / max(memory['none'], 1):.2f} |",
-            flush=True)
+      rows.append({"model": model, "placement": placement,
+                   "ms_per_step": median[placement] * 1e3,
+                   "time_ratio": median[placement] / median["none"],
+                   "temp_bytes": memory[placement],
+                   "memory_ratio": memory[placement] / max(memory["none"], 1)})
+      print(f"| {model} | {placement} | {rows[-1]['ms_per_step']:.2f} | "
+            f"{rows[-1]['time_ratio']:.2f} | {memory[placement] / 1024:.0f} "
+            f"| {rows[-1]['memory_ratio']:.2f} |", flush=True)
+  if args.json:
+    command = " ".join(["python", "benchmarks/bn_cost.py",
+                        *map(shlex.quote, sys.argv[1:])])
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    workdir.write_atomic(Path(args.json), json.dumps(
+        {"benchmark": "bn_cost", "rounds": rounds, "rows": rows,
+         **experiment.provenance(command)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

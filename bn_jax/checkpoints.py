@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from absl import logging
+import jax
 
 from bn_jax import workdir
 
@@ -77,3 +78,17 @@ def restore_newest(checkpoints, abstract_states):
       continue
     return epoch, states
   return None
+
+
+def restore_or_create(checkpoints, create):
+  """(epoch, states) of the newest checkpoint that loads, else (0,
+  create()). Both are committed to one device, so that a resumed run
+  executes the very program an uninterrupted one does; a resumed run does
+  not compile `create` (its shapes only)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored = restore_newest(checkpoints, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(create)))
+  if restored is None:
+    return 0, jax.device_put(create(), device)
+  return restored

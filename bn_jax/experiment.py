@@ -23,15 +23,18 @@ NaN or inf loss, parameter or BN statistic stops the run with
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import os
+import platform
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from absl import logging
+import flax
 import jax
 import numpy as np
 
@@ -52,7 +55,8 @@ def metric_names(config) -> tuple[str, ...]:
   return (METRICS
           + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
           + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
-             if config.precise_bn.num_batches else ()))
+             if config.precise_bn.num_batches
+             or config.precise_bn.num_examples else ()))
 
 
 class NonFiniteError(FloatingPointError):
@@ -131,21 +135,13 @@ def load_data(config) -> tuple[train.DeviceData, str]:
 
 
 def _initial_states(spec, runs, manager):
-  """The runs' stacked states: from the newest checkpoint that loads, else
-  fresh; (epoch, states). Both are committed to one device, so that a
-  resumed run executes the very program an uninterrupted one does; a
-  resumed run does not compile the initialization (shapes only here)."""
+  """The runs' stacked states, (epoch, states): from the newest checkpoint
+  that loads, else fresh (`checkpoints.restore_or_create`)."""
   seeds = [r["seed"] for r in runs]
   hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE
              if runs[0]["hparams"][n] is not None}
-  create = functools.partial(train.create_sweep_states, spec, seeds, hparams)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restored = checkpoints.restore_newest(manager, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(create)))
-  if restored is None:
-    return 0, jax.device_put(create(), device)
-  return restored
+  return checkpoints.restore_or_create(manager, functools.partial(
+      train.create_sweep_states, spec, seeds, hparams))
 
 
 def train_combination(combo: study.Combination, data: train.DeviceData,
@@ -244,18 +240,53 @@ def _check_workdir_path(workdir: str | os.PathLike) -> Path:
   return workdir
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Trains every combination of the study; returns results.json's content.
+def provenance(command: str | None = None) -> dict[str, Any]:
+  """What a recorded result needs to be reproduced and compared: the
+  command that made it (None: not known), the machine and the software,
+  the time it finished (UTC). results.json and the benchmarks' JSON carry
+  it; the studies page prints it under each figure."""
+  cpu = platform.processor() or platform.machine()
+  try:  # the model name, e.g. "AMD EPYC 7B13" (Linux)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {
+      "command": command,
+      "machine": {
+          "cpu": cpu, "cpu_count": os.cpu_count(),
+          "platform": device.platform, "device": device.device_kind,
+          "device_count": jax.device_count(),
+          "process_count": jax.process_count(),
+          "jax": jax.__version__, "flax": flax.__version__,
+          "python": platform.python_version()},
+      "finished": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC")}
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike,
+                       command: str | None = None) -> dict[str, Any]:
+  """Trains every combination of the study; returns results.json's content
+  (with `provenance(command)`: pass the command line that started it).
 
   Raises study.ConfigError, data.DataError, NonFiniteError and
   workdir.WorkdirError (in use, another config, a failed write) with
   messages that say what to fix; nothing already written is lost by any.
   """
+  try:
+    # Before any other JAX call (the config checks compute a little), and
+    # after its own fields' checks: a bad process id or address stops every
+    # process at once instead of leaving the others waiting for it.
+    parallel.initialize_distributed(config.distributed, config.mesh_devices)
+  except ValueError as e:
+    raise study.ConfigError(str(e)) from e
   study.validate_config(config)
   combos = study.combinations(config)
   try:
-    mesh = parallel.setup(  # first JAX call (jax.distributed needs it)
-        config, [c.config.batch_size for c in combos])
+    mesh = parallel.setup(config, [c.config.batch_size for c in combos])
   except ValueError as e:  # e.g. more mesh_devices than devices
     raise study.ConfigError(str(e)) from e
   workdir = _check_workdir_path(workdir)
@@ -263,24 +294,40 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
   # One process writes the files; orbax's checkpointing is collective.
   writes = jax.process_index() == 0
   if not writes:
-    return _train_all(config, combos, workdir, mesh, writes)
+    refused = parallel.message_from_process0()  # its checks of the workdir
+    if refused:
+      raise workdir_lib.WorkdirError(f"process 0 stopped: {refused}")
+    return _train_all(config, combos, workdir, mesh, writes, command)
   created = not workdir.exists()
+  try:
+    with contextlib.ExitStack() as lock:
+      try:
+        _claim_workdir(workdir, config_dict, lock)
+      except Exception as e:
+        parallel.message_from_process0(f"{type(e).__name__}: {e}")
+        raise
+      parallel.message_from_process0("")  # the others may start
+      return _train_all(config, combos, workdir, mesh, writes, command)
+  finally:
+    if created and workdir.is_dir() and not any(workdir.iterdir()):
+      workdir.rmdir()  # stopped before writing: leave nothing behind
+
+
+def _claim_workdir(workdir: Path, config_dict, lock: contextlib.ExitStack):
+  """Creates the workdir, takes its lock (held until `lock` closes) and
+  checks that it holds no other experiment's run."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise study.ConfigError(f"--workdir {workdir} cannot be created "
                             f"({os.strerror(e.errno)}); give a directory "
                             "this user can write.") from e
-  try:
-    with workdir_lib.Lock(workdir):
-      workdir_lib.check_resumable(workdir, config_dict)
-      return _train_all(config, combos, workdir, mesh, writes)
-  finally:
-    if created and [p.name for p in workdir.iterdir()] == []:
-      workdir.rmdir()  # stopped before writing: leave nothing behind
+  lock.enter_context(workdir_lib.Lock(workdir))
+  workdir_lib.check_resumable(workdir, config_dict)
 
 
-def _train_all(config, combos, workdir: Path, mesh, writes: bool):
+def _train_all(config, combos, workdir: Path, mesh, writes: bool,
+               command: str | None):
   data, origin = load_data(config)
   num_train = data.train_images.shape[0]
   study.validate_data_size(config, num_train, data.test_images.shape[0])
@@ -307,7 +354,7 @@ def _train_all(config, combos, workdir: Path, mesh, writes: bool):
       "num_epochs": config.num_epochs,
       "axes": {field: list(dict.fromkeys(c.values[field] for c in combos))
                for field in study.AXES.values()},
-      "combos": trained}
+      "combos": trained, **provenance(command)}
   if writes:
     # In the order trained (not sorted): the report's columns follow it.
     workdir_lib.write_atomic(workdir / "results.json",

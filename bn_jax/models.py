@@ -14,12 +14,21 @@ Placements (the comparison this project is about), shown for BN:
 
 The layer placed is the model's `norm`: BN or any of the normalization
 family (`NORMS`), built from config.bn by `make_norm`.
+
+Sequence models (`SEQUENCE_MODELS`, built by `make_sequence_model`) read
+the 784 pixels as a sequence instead: "lstm" is an LSTM layer of
+bn_jax.recurrent (BN-LSTM, LN-LSTM or plain) whose last hidden state feeds
+a Dense readout. Its normalization sits where the cell puts it (the gates'
+pre-activations and the cell state, before their nonlinearities), so of the
+placements it takes "before_activation" (that place) and "none" (the plain
+LSTM); `activation`, `widths`, `channels` and `conv` are not read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence
@@ -27,14 +36,20 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bn_jax import core
 from bn_jax import nn as bn_nn
+from bn_jax import recurrent
 
 PLACEMENTS = ("none", "before_activation", "after_activation", "input")
 ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
     "relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn")  # feed-forward classifiers (`make_model`)
+# Classifiers of the image read as a sequence (`make_sequence_model`); kept
+# apart from MODELS, whose models have hidden blocks (hidden_<i>) that
+# probes, PreciseBN and the GAN's feature extractor read.
+SEQUENCE_MODELS = ("lstm",)
 
 
 ModuleDef = Callable[..., nn.Module]
@@ -410,4 +425,101 @@ def make_model(model: str, *, placement: str, activation: str,
   if model == "cnn":
     conv = CONVS[resolve_backend_choice(conv, "im2col", "xla")]
     return CNN(channels=tuple(channels), conv=conv, **common)
+  if model in SEQUENCE_MODELS:
+    raise ValueError(f"model={model!r} reads the image as a sequence; build "
+                     "it with make_sequence_model.")
   raise ValueError(f"model={model!r}; choose one of {MODELS}.")
+
+
+# ----------------------------------------------------------------------------
+# Sequence models: MNIST read as a sequence by an LSTM.
+
+# How the 784 pixels become a sequence (config.sequence): 28 steps of a
+# 28-pixel row, 784 steps of one pixel in raster order, or 784 steps of one
+# pixel in a fixed random order (Le et al., 2015; Cooijmans et al., 2016).
+SEQUENCES = ("rows", "pixels", "permuted")
+# The LSTM's normalizations (bn_jax.recurrent.NORMS) and the config.bn
+# fields each reads; every other BN option is core.apply's default there
+# (`LSTM_FIXED_BN`).
+LSTM_NORM_FIELDS: dict[str, tuple[str, ...]] = {
+    "batch": ("momentum", "epsilon", "impl"), "layer": ("epsilon",),
+    "none": ()}
+LSTM_FIXED_BN = {
+    name: inspect.signature(core.apply).parameters[name].default
+    for name in ("unbiased_running_var", "stats_method", "grad")}
+
+
+def sequence_length(sequence: str) -> int:
+  """The number of time steps of `sequence` (SEQUENCES): 28 or 784."""
+  if sequence not in SEQUENCES:
+    raise ValueError(f"sequence={sequence!r}; choose one of {SEQUENCES}.")
+  return 28 if sequence == "rows" else 784
+
+
+def pixel_permutation(seed: int) -> np.ndarray:
+  """The fixed order of the 784 pixels for sequence="permuted": the same
+  for a seed on every call and machine (NumPy's PCG64)."""
+  return np.random.default_rng(seed).permutation(784)
+
+
+def image_sequence(images, sequence: str, permutation_seed: int = 0):
+  """(batch, 784) images -> (batch, T, features) sequences: rows (step t is
+  row t, (batch, 28, 28)), pixels (step t is pixel t, (batch, 784, 1)),
+  permuted (step t is pixel `pixel_permutation(permutation_seed)[t]`)."""
+  length = sequence_length(sequence)
+  images = images.reshape(images.shape[0], 784)
+  if sequence == "permuted":
+    images = images[:, pixel_permutation(permutation_seed)]
+  return images.reshape(images.shape[0], length, 784 // length)
+
+
+class SequenceClassifier(nn.Module):
+  """The image read as a sequence by `cell` (bn_jax.recurrent.LSTM with its
+  options bound, `make_sequence_model`), its last hidden state -> Dense.
+
+  The cell's per-step statistics (norm="batch") cover every step of the
+  sequence: T_max is the sequence length.
+  """
+  cell: ModuleDef
+  sequence: str = "rows"
+  permutation_seed: int = 0
+  num_classes: int = 10
+  dense_init: Callable[..., Any] = nn.linear.default_kernel_init
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    x = image_sequence(images, self.sequence, self.permutation_seed)
+    hs = self.cell(t_max=x.shape[1], name="lstm")(x, train=train)
+    return nn.Dense(self.num_classes, kernel_init=self.dense_init,
+                    name="readout")(hs[:, -1])
+
+
+def make_sequence_model(model: str, options: Mapping[str, Any], *,
+                        norm: str, sequence: str, hidden_size: int,
+                        permutation_seed: int = 0, num_classes: int = 10,
+                        dense_init: Callable[..., Any] = (
+                            nn.linear.default_kernel_init),
+                        backend: str | None = None) -> nn.Module:
+  """Builds a sequence model (SEQUENCE_MODELS) whose cell normalizes with
+  `norm` (recurrent.NORMS: BN-LSTM, LN-LSTM, plain LSTM).
+
+  The cell takes the fields of `options` (config.bn, with a run's swept
+  values) that `norm` reads there (`LSTM_NORM_FIELDS`); `impl="auto"`
+  resolves by backend. Its gammas start at recurrent.DEFAULT_SCALE_INIT
+  (0.1 for BN, Cooijmans et al.). `dense_init` initializes the readout.
+  """
+  if model not in SEQUENCE_MODELS:
+    raise ValueError(f"model={model!r}; choose one of {SEQUENCE_MODELS}.")
+  if norm not in LSTM_NORM_FIELDS:
+    raise ValueError(f"norm={norm!r}; an LSTM takes one of "
+                     f"{tuple(LSTM_NORM_FIELDS)}.")
+  sequence_length(sequence)  # checks the name
+  chosen = {k: options[k] for k in LSTM_NORM_FIELDS[norm] if k in options}
+  if "impl" in chosen:
+    chosen["impl"] = resolve_backend_choice(chosen["impl"], "xla_cpu",
+                                            "plain", backend)
+  cell = functools.partial(recurrent.LSTM, hidden_size=hidden_size,
+                           norm=norm, **chosen)
+  return SequenceClassifier(cell=cell, sequence=sequence,
+                            permutation_seed=permutation_seed,
+                            num_classes=num_classes, dense_init=dense_init)

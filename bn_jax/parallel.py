@@ -36,21 +36,29 @@ slice of the test set (a remainder of fewer than N examples is scored once,
 replicated); the batch-statistics evaluation splits each test batch over the
 devices exactly as training splits a training batch.
 
-Several hosts: set config.distributed.coordinator_address ("host:port" of
-process 0), .num_processes and .process_id on every host (num_processes and
-process_id may stay None where JAX detects them: Slurm, Open MPI, TPU), and
-run the same command on every host. `setup` then calls
-`jax.distributed.initialize` before any other JAX call, and the mesh spans
-every process's devices (mesh_devices must be "auto" or the global device
-count). Data: every host loads the whole data set into its memory, as on one
-host, and copies it only onto its own devices (`replicate` builds the global
-array from each process's local copy); every device then gathers its own
-rows of each global batch, so a host touches only the rows of its
-addressable devices and no data cross hosts. Outputs: every process runs the
-same loop; process 0 alone writes metrics, TensorBoard files and results;
-Orbax checkpointing is collective and wants a --workdir on a file system all
-hosts share. Only the
-single-process path is tested (forced CPU devices); multi-host is not.
+Several processes (hosts): set config.distributed.coordinator_address
+("host:port" of process 0), .num_processes and .process_id on every process
+(num_processes and process_id may stay None where JAX detects them: Slurm,
+Open MPI, TPU), and run the same command on every host (docs/multiprocess.md
+has the commands). `initialize_distributed` checks those fields
+(`check_distributed`: one line naming the field, before any wait) and calls
+`jax.distributed.initialize` before any other JAX call; the mesh spans every
+process's devices (mesh_devices must be "auto" or the global device count).
+On CPUs the processes' collectives go through Gloo over TCP (JAX's default
+jax_cpu_collectives_implementation). Data: every host loads the whole data
+set into its memory, as on one host, and copies it only onto its own devices
+(`replicate` builds the global array from each process's local copy); every
+device then gathers its own rows of each global batch, so a host touches
+only the rows of its addressable devices and no data cross hosts. Outputs:
+every process runs the same loop; process 0 alone writes metrics,
+TensorBoard files and results, and checks the workdir (its lock, the resume
+check) for all (`message_from_process0`); Orbax checkpointing is collective
+and wants a --workdir on a file system all hosts share. Tested with two
+processes of two forced CPU devices each on one machine
+(tests/test_multiprocess.py): the CLI trains, is killed, resumes, and
+matches one process on four devices (bitwise with the same Gloo
+collectives; with XLA's in-process ones the all-reduce adds in another
+order, so within float rounding under SGD).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from absl import logging
 import jax
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -87,6 +96,54 @@ def check_config(config) -> None:
                      "integer or 'auto' (all devices).")
   if isinstance(devices, int):
     check_batch_split(config.batch_size, devices)
+  check_distributed(config.distributed, devices)
+
+
+def check_distributed(distributed, mesh_devices="auto") -> None:
+  """Rejects config.distributed fields that cannot start several processes
+  together: checked before `jax.distributed.initialize`, which would
+  otherwise wait (5 minutes) for processes that never come."""
+  address = distributed.coordinator_address
+  num_processes, process_id = (distributed.num_processes,
+                               distributed.process_id)
+  for field, value, least in (("num_processes", num_processes, 1),
+                              ("process_id", process_id, 0)):
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, int) or value < least):
+      raise ValueError(
+          f"config.distributed.{field}={value!r} must be an integer >= "
+          f"{least}, or None (detected by JAX).")
+  if not isinstance(address, str):
+    raise ValueError(f"config.distributed.coordinator_address={address!r} "
+                     "must be a string, \"host:port\" of process 0.")
+  if not address:
+    for field, value in (("num_processes", num_processes),
+                         ("process_id", process_id)):
+      if value is not None:
+        raise ValueError(
+            f"config.distributed.{field}={value} needs "
+            "config.distributed.coordinator_address, the \"host:port\" of "
+            "process 0 (e.g. --config.distributed.coordinator_address="
+            "10.0.0.1:1234); leave num_processes and process_id unset for "
+            "one process.")
+    return
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"config.distributed.coordinator_address={address!r} "
+                     "must be \"host:port\" of process 0, e.g. "
+                     "10.0.0.1:1234 (127.0.0.1:1234 on one machine).")
+  if num_processes is not None and process_id is not None and not (
+      process_id < num_processes):
+    raise ValueError(
+        f"config.distributed.process_id={process_id} must be in [0, "
+        f"{num_processes}): the processes are numbered 0 to "
+        f"config.distributed.num_processes - 1 = {num_processes - 1}.")
+  if (num_processes or 0) > 1 and isinstance(mesh_devices, int) and (
+      mesh_devices < num_processes):
+    raise ValueError(
+        f"config.mesh_devices={mesh_devices} cannot span "
+        f"config.distributed.num_processes={num_processes} processes; use "
+        "--config.mesh_devices=auto (every device of every process).")
 
 
 def check_batch_split(batch_size: int, num_devices: int) -> None:
@@ -98,18 +155,54 @@ def check_batch_split(batch_size: int, num_devices: int) -> None:
         f"{max(1, batch_size // num_devices) * num_devices}.")
 
 
-def initialize_distributed(distributed) -> bool:
+def initialize_distributed(distributed, mesh_devices="auto") -> bool:
   """Calls `jax.distributed.initialize` if a coordinator is configured.
 
   Must run before any other JAX call of the process. Returns True if it did.
+  Raises ValueError, naming the field, for fields `check_distributed`
+  rejects, or that JAX cannot complete from the cluster's environment.
   """
+  check_distributed(distributed, mesh_devices)
   if not distributed.coordinator_address or jax.distributed.is_initialized():
     return False
-  jax.distributed.initialize(
-      coordinator_address=distributed.coordinator_address,
-      num_processes=distributed.num_processes,
-      process_id=distributed.process_id)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=distributed.coordinator_address,
+        num_processes=distributed.num_processes,
+        process_id=distributed.process_id)
+  except ValueError as e:  # e.g. "Number of processes must be defined."
+    raise ValueError(
+        f"jax.distributed.initialize: {e} No cluster (Slurm, Open MPI, TPU) "
+        "was detected to give the missing value: set both "
+        "config.distributed.num_processes and config.distributed.process_id."
+        ) from e
+  if distributed.num_processes not in (None, jax.process_count()):
+    # The coordinator counts processes by process 0's num_processes.
+    raise ValueError(
+        f"config.distributed.num_processes={distributed.num_processes}, but "
+        f"{jax.process_count()} processes joined (the count process 0 was "
+        "given): give every process the same num_processes.")
   return True
+
+
+_MESSAGE_BYTES = 4096  # longer messages are cut
+
+
+def message_from_process0(message: str = "") -> str:
+  """Process 0's `message` on every process (the others' is ignored).
+
+  A collective: every process calls it at the same point. Process 0 checks
+  the shared workdir alone; this tells the others whether it may be used
+  (`message` "") or why not, so that they stop with process 0's error
+  instead of timing out at their first collective. One process: `message`.
+  """
+  if jax.process_count() == 1:
+    return message
+  encoded = np.frombuffer(message.encode()[:_MESSAGE_BYTES], np.uint8)
+  buffer = np.zeros(_MESSAGE_BYTES, np.uint8)
+  buffer[:encoded.size] = encoded
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(received).rstrip(b"\0").decode(errors="replace")
 
 
 def resolve_num_devices(mesh_devices) -> int:
@@ -142,7 +235,7 @@ def setup(config, batch_sizes=None) -> jax.sharding.Mesh | None:
   mesh_devices=1, or "auto" on a machine with one device): the
   single-device code path runs unchanged.
   """
-  initialize_distributed(config.distributed)
+  initialize_distributed(config.distributed, config.mesh_devices)
   n = resolve_num_devices(config.mesh_devices)
   for batch_size in batch_sizes or (config.batch_size,):
     check_batch_split(batch_size, n)

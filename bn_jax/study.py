@@ -44,23 +44,42 @@ class Combination(NamedTuple):
 
 
 def combinations(config) -> list[Combination]:
-  """The product of the axes, in config order (the first axis slowest)."""
+  """The product of the axes, in config order (the first axis slowest).
+
+  An axis over a normalization option (`bn.X`) is left out of the
+  combinations whose norm does not read X (bn_jax.models.NORM_FIELDS): with
+  norms=("ghost", "layer") and virtual_batch_sizes=(8, 32) the study is
+  ghost at 8, ghost at 32 and one layer-norm reference, not two identical
+  layer-norm programs. Such a combination's row has None for that field.
+  """
   swept = {field: tuple(config[axis]) for axis, field in AXES.items()
            if len(config[axis])}
-  combos = []
+  combos, names = [], set()
   for values in itertools.product(*swept.values()):
     chosen = dict(zip(swept, values))
+    norm = chosen.get("norm", config.norm)
+    unread = {f for f in chosen if _is_unread_norm_option(f, norm)}
+    chosen = {f: v for f, v in chosen.items() if f not in unread}
+    name = "__".join(f"{k}={v}" for k, v in chosen.items()) or "run"
+    if name in names:
+      continue
+    names.add(name)
     combo_config = config.copy_and_resolve_references()
     with combo_config.unlocked():
       for field, value in chosen.items():
-        section, _, name = field.rpartition(".")
+        section, _, key = field.rpartition(".")
         (_get(combo_config, section) if section else combo_config)[
-            name] = value
-    name = "__".join(f"{k}={v}" for k, v in chosen.items()) or "run"
+            key] = value
     combos.append(Combination(
-        name, {f: _get(combo_config, f) for f in AXES.values()},
+        name, {f: None if f in unread else _get(combo_config, f)
+               for f in AXES.values()},
         combo_config))
   return combos
+
+
+def _is_unread_norm_option(field: str, norm: str) -> bool:
+  section, _, name = field.rpartition(".")
+  return section == "bn" and name not in models.NORM_FIELDS.get(norm, ())
 
 
 def _get(config, dotted: str):
@@ -81,12 +100,41 @@ def run_grid(config) -> list[dict[str, Any]]:
           "bn_momentum": config.bn.momentum, "bn_epsilon": config.bn.epsilon}
   sweeps = {name: tuple(config.sweep[name]) or (base[name],)
             for name in train.SWEEPABLE}
+  scale = learning_rate_scale(config)
+  sweeps["learning_rate"] = tuple(lr * scale
+                                  for lr in sweeps["learning_rate"])
   runs = []
   for seed, *values in itertools.product(tuple(config.seeds),
                                          *sweeps.values()):
     runs.append({"seed": seed, "hparams": {
         n: None if v is None else float(v) for n, v in zip(sweeps, values)}})
   return runs
+
+
+# config.lr_scaling: how the learning rate follows the batch size, relative
+# to config.lr_reference_batch_size (which trains at config.learning_rate).
+LR_SCALINGS = {
+    "none": lambda ratio: 1.0,
+    "linear": lambda ratio: ratio,  # Goyal et al. (2017), for SGD
+    "sqrt": lambda ratio: ratio ** 0.5,  # Krizhevsky (2014), Hoffer et al.
+}
+
+
+def learning_rate_scale(config) -> float:
+  """The factor config.lr_scaling applies to this batch size's learning
+  rate(s): the rows record the scaled rate."""
+  return LR_SCALINGS[config.lr_scaling](
+      config.batch_size / config.lr_reference_batch_size)
+
+
+def precise_batches(config, num_train: int) -> int:
+  """How many training batches PreciseBN recomputes over: num_batches, or
+  num_examples in batches of this combination's batch size (at least one),
+  so that a batch-size sweep recomputes over the same examples."""
+  options = config.precise_bn
+  if options.num_examples is None:
+    return options.num_batches
+  return max(1, min(options.num_examples, num_train) // config.batch_size)
 
 
 def make_spec(config, num_train: int) -> train.TrainSpec:
@@ -103,15 +151,18 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       activation=config.activation, widths=tuple(config.widths),
       channels=tuple(config.channels), conv=config.conv, norm=config.norm,
       init=config.init, init_std=config.init_std,
+      sequence=config.sequence, hidden_size=config.lstm.hidden_size,
+      permutation_seed=config.lstm.permutation_seed,
       bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
+      grad_clip_norm=config.grad_clip_norm,
       steps_per_epoch=steps_per_epoch,
       num_epochs=config.num_epochs,
       nan_guard=config.nan_guard is not False,
       freeze_diverged=config.nan_guard == "record",
       data_seed=config.data_seed, input_scaling=config.input_scaling,
-      precise_batches=config.precise_bn.num_batches,
+      precise_batches=precise_batches(config, num_train),
       precise_estimator=config.precise_bn.estimator,
       precise_layerwise=config.precise_bn.layerwise,
       eval_train=config.eval_train,
@@ -123,7 +174,8 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
 # Checks, before anything is loaded or compiled.
 
 _CHOICES = {
-    "model": models.MODELS, "placement": models.PLACEMENTS,
+    "model": (*models.MODELS, *models.SEQUENCE_MODELS),
+    "sequence": models.SEQUENCES, "placement": models.PLACEMENTS,
     "norm": models.NORMS, "init": models.INITS,
     "activation": tuple(models.ACTIVATIONS), "conv": ("auto", *models.CONVS),
     "optimizer": train.OPTIMIZERS, "schedule": train.SCHEDULES,
@@ -163,6 +215,14 @@ def _check_axes(config) -> None:
             f"config.{axis}={tuple(values)!r}: quote each string so that the "
             f"flag parses as a tuple, e.g. --config.{axis}=\"('a','b')\".")
       _check_field(field, value, f"config.{axis} value")
+    norms = tuple(config.norms) or (config.norm,)
+    if values and all(_is_unread_norm_option(field, n) for n in norms):
+      readers = [n for n, fields in models.NORM_FIELDS.items()
+                 if field.rpartition(".")[2] in fields]
+      raise ConfigError(
+          f"config.{axis} sweeps config.{field}, which no norm of the study "
+          f"({', '.join(norms)}) reads: the runs would be identical copies; "
+          f"add a norm that reads it ({', '.join(readers)}) or leave it ().")
 
 
 def _check_numbers(config) -> None:
@@ -191,6 +251,21 @@ def _check_numbers(config) -> None:
   if not (_is_int(options.num_batches) and options.num_batches >= 0):
     raise ConfigError(f"config.precise_bn.num_batches={options.num_batches!r}"
                       " must be an integer >= 0 (0 turns it off).")
+  if options.num_examples is not None and not (
+      _is_int(options.num_examples) and options.num_examples > 0
+      and not options.num_batches):
+    raise ConfigError(
+        f"config.precise_bn.num_examples={options.num_examples!r} must be a "
+        "positive integer, with config.precise_bn.num_batches=0 (give one "
+        "of the two), or None.")
+  if config.lr_scaling not in LR_SCALINGS:
+    raise ConfigError(f"config.lr_scaling={config.lr_scaling!r} is not "
+                      f"valid; choose one of {tuple(LR_SCALINGS)}.")
+  if not (_is_int(config.lr_reference_batch_size)
+          and config.lr_reference_batch_size > 0):
+    raise ConfigError(
+        f"config.lr_reference_batch_size={config.lr_reference_batch_size!r}"
+        " must be a positive integer.")
   if options.estimator not in precise.ESTIMATORS:
     raise ConfigError(f"config.precise_bn.estimator={options.estimator!r} is "
                       f"not valid; choose one of {precise.ESTIMATORS}.")
@@ -242,6 +317,62 @@ def _check_runs(config) -> None:
     for value in config.sweep[name]:
       _check_norm({**config.bn, option: value},
                   f" (a value of config.sweep.{name})")
+
+
+def _check_grad_clip(config) -> None:
+  value = config.grad_clip_norm
+  if value is not None and not (_is_number(value) and value > 0):
+    raise ConfigError(f"config.grad_clip_norm={value!r} must be a number > 0"
+                      " (the largest global norm of a step's gradient) or "
+                      "None (no clipping).")
+
+
+def _check_sequence_model(config) -> None:
+  """model=lstm against the rest of one combination's config: the fields
+  the LSTM cannot honour, each rejected in one line."""
+  if config.model not in models.SEQUENCE_MODELS:
+    return
+  where = f"model={config.model!r}"
+  if config.norm not in models.LSTM_NORM_FIELDS:
+    raise ConfigError(
+        f"config.norm={config.norm!r} does not fit {where}: the LSTM cell "
+        "takes batch (BN-LSTM), layer (LN-LSTM) or none (plain LSTM).")
+  if config.placement not in ("before_activation", "none"):
+    raise ConfigError(
+        f"config.placement={config.placement!r} does not fit {where}: the "
+        "cell normalizes its gates' pre-activations and its cell state "
+        "before their nonlinearities (Cooijmans et al.); set "
+        "placement='before_activation', or 'none' for the plain LSTM.")
+  hidden = config.lstm.hidden_size
+  if not (_is_int(hidden) and hidden > 0):
+    raise ConfigError(f"config.lstm.hidden_size={hidden!r} must be a "
+                      "positive integer.")
+  seed = config.lstm.permutation_seed
+  if not (_is_int(seed) and 0 <= seed < 2**32):
+    raise ConfigError(f"config.lstm.permutation_seed={seed!r} must be an "
+                      "integer in [0, 2**32).")
+  if config.precise_bn.num_batches or config.precise_bn.num_examples:
+    raise ConfigError(
+        f"config.precise_bn does not fit {where}: PreciseBN recomputes the "
+        "statistics of bn_jax.nn.BatchNorm layers, and the LSTM keeps its "
+        "own per time step; set precise_bn.num_batches=0.")
+  if config.probe.every_steps:
+    raise ConfigError(
+        f"config.probe.every_steps does not fit {where}: the probe reads a "
+        "feed-forward model's last hidden block; set it to 0.")
+  if config.norm != "batch" or config.placement == "none":
+    return
+  for field, value in models.LSTM_FIXED_BN.items():
+    if config.bn[field] != value:
+      raise ConfigError(
+          f"config.bn.{field}={config.bn[field]!r} does not fit {where}: "
+          "the BN-LSTM reads only bn.momentum, bn.epsilon and bn.impl "
+          f"(its {field} is {value!r}).")
+  if config.mesh_devices != 1:
+    raise ConfigError(
+        f"config.mesh_devices={config.mesh_devices!r} does not fit {where} "
+        "with norm='batch': the BN-LSTM's per-step statistics are not "
+        "synchronized over devices; train it on one (mesh_devices=1).")
 
 
 def _check_norm_fits(config) -> None:
@@ -321,6 +452,7 @@ def validate_config(config) -> None:
     _check_field(field, config[field], f"config.{field}")
   _check_axes(config)
   _check_numbers(config)
+  _check_grad_clip(config)
   _check_runs(config)
   try:
     parallel.check_config(config)
@@ -330,6 +462,7 @@ def validate_config(config) -> None:
     raise ConfigError(str(e)) from e
   for combo in combinations(config):
     _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
+    _check_sequence_model(combo.config)
     _check_norm_fits(combo.config)
 
 
@@ -355,6 +488,11 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
     if c.probe.every_steps and c.probe.num_images > num_test:
       raise ConfigError(f"config.probe.num_images={c.probe.num_images} is "
                         f"more than the {num_test} test images.")
+    if c.precise_bn.num_examples is not None and (
+        c.precise_bn.num_examples > num_train):
+      raise ConfigError(
+          f"config.precise_bn.num_examples={c.precise_bn.num_examples} is "
+          f"more than the {num_train} training examples; give fewer.")
     if c.precise_bn.num_batches * batch_size > num_train:
       raise ConfigError(
           f"config.precise_bn.num_batches={c.precise_bn.num_batches} batches "

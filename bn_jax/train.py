@@ -58,6 +58,11 @@ class TrainSpec:
   init: str = "default"  # the Dense kernels' initializer (models.INITS)
   init_std: float = 0.01  # init="gaussian": its standard deviation
   norm: str = "batch"  # models.NORMS: the normalization layer
+  # Sequence models (models.SEQUENCE_MODELS) only: how the image becomes a
+  # sequence (models.SEQUENCES), the LSTM's units, the permuted order's seed.
+  sequence: str = "rows"
+  hidden_size: int = 100
+  permutation_seed: int = 0
   # (name, value) pairs of normalization options (config.bn's fields,
   # renorm_schedule in steps); () keeps the layer's defaults. Swept values
   # override them per run (TrainState.bn_hparams).
@@ -66,6 +71,7 @@ class TrainSpec:
   schedule: str = "constant"
   warmup_steps: int = 0
   weight_decay: float = 0.0
+  grad_clip_norm: float | None = None  # clip the gradient's global norm
   batch_size: int = 128
   steps_per_epoch: int = 468
   num_epochs: int = 10
@@ -105,6 +111,12 @@ class TrainSpec:
     """The model, its norm built from `self.bn` with the run's swept BN
     values (`TrainState.bn_hparams`, traced under a sweep's vmap)."""
     dense_init = models.kernel_initializer(self.init, self.init_std)
+    if self.model in models.SEQUENCE_MODELS:  # the cell takes norm by name
+      return models.make_sequence_model(
+          self.model, {**dict(self.bn), **bn_hparams},
+          norm="none" if self.placement == "none" else self.norm,
+          sequence=self.sequence, hidden_size=self.hidden_size,
+          permutation_seed=self.permutation_seed, dense_init=dense_init)
     if self.norm == "none":  # no layer to build: the placement "none"
       return models.make_model(
           self.model, placement="none", activation=self.activation,
@@ -183,7 +195,9 @@ def make_optimizer(spec: TrainSpec, learning_rate=0.0,
   state and `update` reads it from there, so the training step builds this
   with the default. A schedule multiplies the updates by its factor at the
   step (optax's learning rate is always the last scaling, so this is the
-  scheduled learning rate).
+  scheduled learning rate). With `spec.grad_clip_norm`, the gradient is
+  first scaled down to that global norm where it is longer
+  (`optax.clip_by_global_norm`), as Cooijmans et al. train their LSTMs.
   """
   if spec.optimizer not in _OPTIMIZERS:
     raise ValueError(f"optimizer={spec.optimizer!r}; choose one of "
@@ -196,8 +210,11 @@ def make_optimizer(spec: TrainSpec, learning_rate=0.0,
   tx = optax.inject_hyperparams(_OPTIMIZERS[spec.optimizer])(
       learning_rate=learning_rate, **extra)
   factor = _SCHEDULES[spec.schedule](spec)
-  return tx if factor is None else optax.chain(
-      tx, optax.scale_by_schedule(factor))
+  if factor is not None:
+    tx = optax.chain(tx, optax.scale_by_schedule(factor))
+  if spec.grad_clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
+  return tx
 
 
 def split_hparams(hparams: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

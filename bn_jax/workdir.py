@@ -294,7 +294,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # without them resumes while the current config keeps those values.
 ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "eval_train": False, "probe.every_steps": 0,
-                "init": "default", "virtual_batch_sizes": []}
+                "init": "default", "virtual_batch_sizes": [],
+                "lr_scaling": "none", "lr_reference_batch_size": 128,
+                "sequence": "rows", "lstm.hidden_size": 100,
+                "lstm.permutation_seed": 0, "grad_clip_norm": None}
 _READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
                              "bn.stats_", "bn.num_groups", "precise_bn.",
                              "probe.", "init_std")

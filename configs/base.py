@@ -31,7 +31,7 @@ def get_config():
   c.input_scaling = "unit"  # unit ([0, 1]) | standardize (MNIST mean/std)
   # | raw (0..255 as they are)
 
-  c.model = "mlp"  # mlp | cnn
+  c.model = "mlp"  # mlp | cnn | lstm (the image as a sequence, below)
   c.placement = "after_activation"  # none | before_activation |
   # after_activation | input
   c.activation = "relu"  # relu | sigmoid | tanh
@@ -45,6 +45,20 @@ def get_config():
   # values", whose scale the paper does not give).
   c.init = "default"
   c.init_std = 0.01
+  # model=lstm (bn_jax.recurrent; bn_jax.models.SequenceClassifier): the
+  # image read as a sequence by an LSTM of lstm.hidden_size units, its last
+  # hidden state -> Dense(10). `norm` picks the cell: batch (the BN-LSTM of
+  # Cooijmans et al. 2016, statistics per time step, gammas from 0.1) |
+  # layer (LN-LSTM) | none (plain LSTM); it reads bn.momentum, bn.epsilon,
+  # bn.impl. `placement` is before_activation (where the cell normalizes) or
+  # none; activation, widths, channels and conv are not read.
+  # sequence: rows (28 steps of 28 pixels) | pixels (784 steps of 1) |
+  # permuted (784 steps of 1 in a fixed random order from
+  # lstm.permutation_seed).
+  c.sequence = "rows"
+  c.lstm = ml_collections.ConfigDict()
+  c.lstm.hidden_size = 100
+  c.lstm.permutation_seed = 0
 
   # The normalization layer wherever `placement` puts one (bn_jax.models.
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of
@@ -96,7 +110,15 @@ def get_config():
   c.schedule = "constant"  # constant | cosine | warmup_cosine
   c.warmup_steps = 0
   c.weight_decay = 0.0  # adamw only
+  # Clip each step's gradient to this global norm (optax.clip_by_global_norm,
+  # before the optimizer); None: no clipping.
+  c.grad_clip_norm = config_dict.placeholder(float)
   c.batch_size = 128
+  # How the learning rate follows the batch size (with config.batch_sizes):
+  # none | linear | sqrt, times batch_size / lr_reference_batch_size; the
+  # reference batch size trains at learning_rate (study.LR_SCALINGS).
+  c.lr_scaling = "none"
+  c.lr_reference_batch_size = 128
   c.num_epochs = 10
 
   c.seeds = (0, 1, 2)
@@ -147,6 +169,10 @@ def get_config():
   # statistics, Bessel-corrected, as fvcore) | pooled (E[x^2] - E[x]^2).
   c.precise_bn = ml_collections.ConfigDict()
   c.precise_bn.num_batches = 0
+  # Instead of num_batches: this many training examples, in batches of each
+  # combination's batch size (a batch-size sweep recomputes over the same
+  # examples).
+  c.precise_bn.num_examples = config_dict.placeholder(int)
   c.precise_bn.estimator = "mean"
   c.precise_bn.layerwise = False  # layer l with the layers below in eval mode
   c.keep_checkpoints = 2

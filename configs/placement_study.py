@@ -8,7 +8,9 @@ The reference MLP (784 -> Dense(50) -> act -> Dense(10), Adam 1e-3, batch
 code) and on the input only, 5 seeds. `:cnn`: the small CNN (conv 16 ->
 conv 32 -> Dense(64), relu), 3 seeds, 3 epochs, its channels halved from
 configs/placements.py's so that it fits in about 20 minutes on a 2-core CPU.
-A short run: --config.num_epochs=1 --config.seeds='(0,1)'.
+A short run: --config.num_epochs=1 --config.seeds='(0,1)' (MLP); for
+`:cnn`, --config.num_epochs=1 --config.seeds='(0,)'
+--config.placements="('none','before_activation')".
 """
 
 from configs import base

@@ -8,22 +8,18 @@ training lives in bn_jax.experiment, the tables and plots in
 experiments/report.py, each importable and testable.
 """
 
-import logging as py_logging
-import os
 import sys
-from pathlib import Path
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
-import bn_jax
 from bn_jax import data
 from bn_jax import experiment
 from bn_jax import study
 from bn_jax import workdir as workdir_lib
+from experiments import cli
 from experiments import report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,53 +29,21 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for config, metrics, checkpoints and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# The directories whose INFO lines are shown (progress, resumes, data).
-_OWN_CODE = tuple(str(Path(module.__file__).resolve().parent) + os.sep
-                  for module in (bn_jax, report))
-
-
 def parse_flags(argv):
-  """absl's parser, with a bad flag or config field reported in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    # ml_collections' bare error for an unknown --config.FIELD.
-    field = str(e.args[0] if e.args else e).strip("'\"")
-    sys.exit(f"FATAL Flags parsing error: the config has no field "
-             f"'{field}'; see configs/base.py for the valid fields.")
-  except flags.Error as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
+  return cli.parse_flags(argv, fields_file="configs/base.py")
 
 
 def load_config():
-  """The --config file (config_flags loads it on first use), or one line
-  saying why it could not be loaded."""
-  try:
-    config = _CONFIG.value
-    config.keys()  # a config that failed to load raises only when used
-    return config
-  except OSError as e:
-    reason = [line.strip() for line in str(e).splitlines() if line.strip()]
-    sys.exit(f"FATAL Flags parsing error: the --config file could not be "
-             f"loaded ({reason[-1]}); give the path of a config file, e.g. "
-             "--config=configs/placements.py.")
-
-
-def _only_own_info(record: py_logging.LogRecord) -> bool:
-  """INFO lines from bn_jax and experiments (progress), warnings from all:
-  orbax logs hundreds of INFO lines per run that would bury the progress."""
-  return (record.levelno >= py_logging.WARNING
-          or str(Path(record.pathname).resolve()).startswith(_OWN_CODE))
+  return cli.load_config(lambda: _CONFIG.value,
+                         example="--config=configs/placements.py")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_only_own_info)
+  cli.start(argv)
   try:
-    experiment.train_and_evaluate(load_config(), _WORKDIR.value)
+    experiment.train_and_evaluate(
+        load_config(), _WORKDIR.value,
+        command=cli.command_line("experiments.main", sys.argv))
     if jax.process_index() == 0:  # the process that wrote the files
       print(report.write_report([_WORKDIR.value], _WORKDIR.value),
             flush=True)

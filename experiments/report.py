@@ -12,6 +12,11 @@ plots in --out, which is then required:
     python -m experiments.report --workdir=workdirs/placements \
         --workdir=workdirs/placements_cnn --out=workdirs/compared
 
+With --page, the studies page instead: docs/studies.md and its figures from
+every study's workdir (experiments/studies_page.py):
+
+    python -m experiments.report --page=docs/studies.md
+
 The trainer's entry point calls `write_report` at the end of a run; the pure
 helpers (`load_rows`, `load_results`, `summarize`, `summary_markdown`,
 `plot_comparison`, `plot_runs`) are for tests and notebooks. bn_jax never
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -651,6 +657,11 @@ def _flag_values() -> flags.FlagValues:
   flags.DEFINE_string(
       "out", None, "Directory for summary.md and the PNGs; default the "
       "workdir; required with several.", flag_values=values)
+  flags.DEFINE_string(
+      "page", None, "Instead of summary.md: the studies page (e.g. "
+      "docs/studies.md) of the given workdirs (default: every study's, "
+      "experiments/studies_page.py), its figures beside it.",
+      flag_values=values)
   return values
 
 
@@ -671,6 +682,9 @@ def main(argv: Sequence[str]) -> None:
   workdirs, out = values["workdir"].value or [], values["out"].value
   if extra:
     sys.exit(f"FATAL unexpected arguments {extra}; give --workdir=DIR.")
+  if values["page"].value is not None:
+    _write_page(workdirs, values["page"].value, argv)
+    return
   if not workdirs:
     sys.exit("FATAL give at least one --workdir=DIR.")
   if out is None and len(workdirs) > 1:
@@ -684,6 +698,21 @@ def main(argv: Sequence[str]) -> None:
   print(table, end="")
   print(f"\nWrote summary.md, learning_curves.png and curves_*.png to "
         f"{out or workdirs[0]}", flush=True)
+
+
+def _write_page(workdirs: Sequence[str], page: str,
+                argv: Sequence[str]) -> None:
+  from experiments import studies_page  # it imports this module
+  command = " ".join(["python", "-m", "experiments.report",
+                      *(shlex.quote(a) for a in argv[1:])])
+  try:
+    studies_page.write_page(workdirs or studies_page.default_workdirs(),
+                            page, command)
+  except ReportError as e:
+    sys.exit(f"ReportError: {e}")
+  except workdir_lib.WriteError as e:
+    sys.exit(f"WriteError: {e}")
+  print(f"Wrote {page} and its figures beside it.", flush=True)
 
 
 if __name__ == "__main__":

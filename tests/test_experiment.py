@@ -7,6 +7,7 @@ in subprocesses.
 """
 
 import ast
+import importlib
 import json
 import math
 import shlex
@@ -16,13 +17,16 @@ import sys
 import time
 
 import helpers
+import jax
 import numpy as np
 import pytest
 
 from bn_jax import experiment
+from bn_jax import gan
 from bn_jax import study
 from bn_jax import train
 from configs import placements
+from experiments import cli
 from experiments import report
 
 NUM_TRAIN, NUM_TEST = 400, 200
@@ -142,6 +146,19 @@ def test_results_json_has_every_combination(study_run, idx_dir):
   for combo in results["combos"]:
     last = [r for r in rows if r["combo"] == combo["combo"]][-1]
     assert combo["wall_time"] == last["wall_time"] > 0
+  # Provenance: started in-process, so no command; the machine it ran on.
+  assert results["command"] is None
+  assert results["machine"]["jax"] == jax.__version__
+  assert results["machine"]["platform"] == jax.devices()[0].platform
+  assert results["finished"].endswith(" UTC")
+
+
+def test_the_cli_records_its_command_as_typed():
+  assert cli.command_line("experiments.main", [
+      "experiments/main.py", "--config=configs/staleness.py",
+       "--workdir=w", "--config.seeds=(0, 1)"]) == (
+           "python -m experiments.main --config=configs/staleness.py "
+           "--workdir=w '--config.seeds=(0, 1)'")
 
 
 @pytest.mark.slow
@@ -289,13 +306,17 @@ CONFIG_FILES = sorted(p.name for p in (helpers.REPO / "configs").glob("*.py")
 def test_config_docstring_starts_with_the_command_that_runs_it(name):
   path = helpers.REPO / "configs" / name
   argv = docstring_command(path)
-  assert argv[:3] == ["python", "-m", "experiments.main"]
+  assert argv[:2] == ["python", "-m"]
+  assert argv[2] in ("experiments.main", "experiments.gan")
   args = argv[3:]
   assert args[0] == f"--config=configs/{name}"  # names the file itself
   assert any(a.startswith("--workdir=") for a in args)
-  # The entry point's own flags accept the command as written.
-  config = helpers.resolved_config(args)
-  study.validate_config(config)
+  if argv[2] == "experiments.gan":  # its own trainer and checks
+    config = importlib.import_module(f"configs.{path.stem}").get_config()
+    gan.validate_config(config)
+  else:  # the entry point's own flags accept the command as written
+    config = helpers.resolved_config(args)
+    study.validate_config(config)
   assert config.study  # says what it studies
 
 

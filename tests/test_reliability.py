@@ -89,7 +89,10 @@ def training_metrics(workdir: Path) -> list[dict]:
 
 
 def results_without_times(workdir: Path) -> dict:
+  """results.json without the timings and the provenance: when it finished
+  and the command (the CLI's, or none for a run started in-process)."""
   results = json.loads((workdir / "results.json").read_text())
+  del results["finished"], results["command"]
   for combo in results["combos"]:
     del combo["wall_time"], combo["compile_time"]
   return results

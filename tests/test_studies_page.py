@@ -1,0 +1,225 @@
+"""The studies page (experiments/studies_page.py) from tiny runs of every
+study's own config: its sections, figures and provenance, and numbers and
+verdicts checked against the workdirs' metrics recomputed here with NumPy."""
+
+import json
+import re
+
+import helpers
+import numpy as np
+import pytest
+
+from bn_jax import experiment
+from bn_jax import train
+from configs import article_claims
+from configs import batch_size
+from configs import ioffe2015_mnist
+from configs import placement_study
+from configs import placements
+from configs import staleness
+from experiments import report
+from experiments import studies_page
+
+# The page tests share ten tiny trainings (23 programs): slow.
+
+
+def _tiny(config, idx_dir, **changes):
+  for field, value in {"dataset": "tiny", "data_dir": str(idx_dir),
+                       "progress_seconds": 0.0, "num_epochs": 2,
+                       "batch_size": 50, "seeds": (0, 1), **changes}.items():
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+# name -> (the config's module and argument, overrides for the tiny data)
+RUNS = {
+    "ioffe2015": (ioffe2015_mnist, "default", {
+        "batch_size": 60, "num_epochs": 3, "probe.every_steps": 1,
+        "probe.num_images": 50, "seeds": (0, 1, 2)}),
+    "ioffe2015_gaussian": (ioffe2015_mnist, "gaussian", {
+        "batch_size": 60, "num_epochs": 3, "probe.every_steps": 3,
+        "probe.num_images": 50}),
+    "placement_study": (placement_study, "mlp", {
+        "activations": ("sigmoid",)}),
+    "staleness": (staleness, None, {"precise_bn.num_batches": 2}),
+    "article_claims": (article_claims, None, {}),
+    "article_claims_raw": (article_claims, None, {
+        "input_scaling": "raw", "placements": ("none", "input")}),
+    "batch_size_norm": (batch_size, "norm", {
+        "batch_size": 40, "virtual_batch_sizes": (2, 8),
+        "norms": ("ghost", "layer"), "precise_bn.num_examples": 200}),
+    "batch_size_sgd": (batch_size, "sgd", {
+        "batch_sizes": (4, 20), "norms": ("batch", "layer"),
+        "precise_bn.num_examples": 200}),
+    "placements": (placements, None, {"placements": ("none", "input")}),
+}
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  idx_dir = helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), 200, 100)
+  root = tmp_path_factory.mktemp("workdirs")
+  for name, (module, arg, changes) in RUNS.items():
+    config = module.get_config(arg) if arg else module.get_config()
+    suffix = f":{arg}" if arg else ""
+    experiment.train_and_evaluate(
+        _tiny(config, idx_dir, **changes), root / name,
+        command=(f"python -m experiments.main --config=configs/"
+                 f"{module.__name__.split('.')[-1]}.py{suffix} "
+                 f"--workdir={root / name}"))
+  cost = root / "bn_cost"
+  cost.mkdir()
+  rows = [{"model": m, "placement": p, "ms_per_step": t, "time_ratio": r,
+           "temp_bytes": b, "memory_ratio": q}
+          for m, p, t, r, b, q in (("mlp", "none", 1.0, 1.0, 1000, 1.0),
+                                   ("mlp", "after_activation", 1.5, 1.5,
+                                    1100, 1.1))]
+  (cost / "results.json").write_text(json.dumps(
+      {"benchmark": "bn_cost", "rows": rows, **experiment.provenance(
+          "python benchmarks/bn_cost.py --json=x")}))
+  return root
+
+
+@pytest.fixture(scope="module")
+def page(workdirs, tmp_path_factory):
+  out = tmp_path_factory.mktemp("docs") / "studies.md"
+  report.main(["report", f"--page={out}",
+               *(f"--workdir={workdirs / name}"
+                 for name in (*RUNS, "bn_cost"))])
+  return out
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in
+          (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _finals(rows, **where):
+  mine = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+  last = max(r["epoch"] for r in mine)
+  return [r for r in mine if r["epoch"] == last]
+
+
+@pytest.mark.slow
+def test_sections_figures_and_provenance(page, workdirs):
+  text = page.read_text()
+  headings = re.findall(r"^## (.*)$", text, re.M)
+  assert headings[:5] == [
+      "Ioffe & Szegedy (2015), Figure 1",
+      "Where BN goes, for which activation", "Batch size, decomposed",
+      "How stale is the moving average", "The source article's claims"]
+  # configs/placements.py has no section of its own: a generic one.
+  assert len(headings) == 6 and headings[5].startswith(
+      placements.get_config().study)
+  figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+  assert len(figures) == 7
+  for name in figures:
+    assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for name in RUNS:  # every command, as recorded
+    assert f"--workdir={workdirs / name}" in text
+  assert "python benchmarks/bn_cost.py --json=x" in text
+  machine = experiment.provenance()["machine"]
+  assert f"jax {machine['jax']}" in text and machine["cpu"] in text
+  assert "python -m experiments.report --page=" in text  # how it was made
+
+
+@pytest.mark.slow
+def test_placement_table_matches_the_metrics(page, workdirs):
+  rows = _rows(workdirs / "placement_study")
+  for activation in ("sigmoid",):
+    for placement in ("none", "before_activation", "after_activation",
+                      "input"):
+      acc = np.array([r["test_accuracy"] for r in _finals(
+          rows, activation=activation, placement=placement)])
+      cell = f"{100 * acc.mean():.2f} +- {100 * acc.std(ddof=1):.2f}"
+      assert f"| mlp | {activation} | {placement} | {cell} |" in (
+          page.read_text())
+
+
+@pytest.mark.slow
+def test_ioffe_checkpoint_count_matches_the_metrics(page, workdirs):
+  rows = _rows(workdirs / "ioffe2015")
+  steps = sorted({r["step"] for r in rows})
+  mean = lambda placement, s: np.mean([
+      r["test_accuracy"] for r in rows
+      if r["placement"] == placement and r["step"] == s])
+  ahead = sum(mean("before_activation", s) > mean("none", s) for s in steps)
+  verdict = "holds" if ahead == len(steps) else (
+      "holds at most checkpoints" if ahead > len(steps) / 2
+      else "does not hold")
+  assert (f"default: (a) BN ahead at every checkpoint: {verdict}.** The BN "
+          f"network's mean test accuracy is above the plain network's at "
+          f"{ahead} of {len(steps)} checkpoints") in page.read_text()
+
+
+@pytest.mark.slow
+def test_batch_size_columns_match_the_metrics(page, workdirs):
+  rows = _rows(workdirs / "batch_size_norm")
+  finals = _finals(rows, combo="norm=ghost__bn.virtual_batch_size=8")
+  m = {k: np.mean([r[k] for r in finals]) for k in (
+      "train_accuracy_eval", "test_accuracy_batch_stats", "test_accuracy",
+      train.PRECISE_METRIC)}
+  stale = m[train.PRECISE_METRIC] - m["test_accuracy"]
+  inconsistency = m[train.PRECISE_METRIC] - m["test_accuracy_batch_stats"]
+  line = (f"| ghost | 8 | {100 * m['train_accuracy_eval']:.2f} | "
+          f"{100 * m['test_accuracy_batch_stats']:.2f} | "
+          f"{100 * m['test_accuracy']:.2f} | "
+          f"{100 * m[train.PRECISE_METRIC]:.2f} | "
+          f"{100 * (m['train_accuracy_eval'] - m['test_accuracy']):.2f} | "
+          f"{100 * stale:+.2f} | {100 * inconsistency:+.2f} | "
+          + ("stale average" if abs(stale) > abs(inconsistency)
+             else "inconsistency") + " |")
+  text = page.read_text()
+  assert line in text
+  # The references train once, whatever the ghost size.
+  assert "| layer | - |" in text
+  assert "### (b) The SGD batch" in text and "| batch | 20 |" in text
+
+
+@pytest.mark.slow
+def test_staleness_cells_and_claims(page, workdirs):
+  rows = _rows(workdirs / "staleness")
+  worse = sum(np.mean([r[train.PRECISE_METRIC] - r["test_accuracy"]
+                       for r in rows if r["bn_momentum"] == m
+                       and r["epoch"] == e]) < 0
+              for m in {r["bn_momentum"] for r in rows}
+              for e in {r["epoch"] for r in rows})
+  text = page.read_text()
+  assert f"({6 - worse} of 6 (momentum, epoch) cells" in text
+  assert "| BN costs computation and memory |" in text
+  assert "mlp: 1.50x time, 1.10x temporary memory | yes |" in text
+  assert re.search(r"\| the worked example .* \| y = -1\.8995, 2\.0995; the "
+                   r"formula gives -1\.8995, 2\.0995 \| yes \|", text)
+
+
+@pytest.mark.slow
+def test_a_bad_workdir_leaves_the_page_as_it_was(page, workdirs, tmp_path):
+  before = page.read_text()
+  with pytest.raises(SystemExit, match="ReportError: workdir .* does not "
+                     "exist"):
+    report.main(["report", f"--page={page}",
+                 f"--workdir={workdirs / 'staleness'}",
+                 f"--workdir={tmp_path / 'missing'}"])
+  assert page.read_text() == before
+
+
+def test_config_file_is_read_from_the_command():
+  assert studies_page.config_file(
+      "python -m experiments.main --config=configs/placement_study.py:cnn "
+      "--workdir=w") == ("placement_study", "cnn")
+  assert studies_page.config_file(
+      "python -m experiments.main --workdir=w --config=configs/staleness.py"
+  ) == ("staleness", None)
+  assert studies_page.config_file(None) == (None, None)
+
+
+def test_default_workdirs_name_the_missing_runs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit, match=re.escape(
+      "ReportError: no finished run in workdirs/ioffe2015, ") + ".*" +
+      re.escape("run python -m experiments.main "
+                "--config=configs/ioffe2015_mnist.py "
+                "--workdir=workdirs/ioffe2015; ")):
+    report.main(["report", "--page=docs/studies.md"])
+  assert not (tmp_path / "docs").exists()
