@@ -194,9 +194,9 @@ def setup_line(config: Mapping[str, Any]) -> str:
   layers = (f"conv 3x3 {' -> '.join(map(str, config['channels']))} (each "
             "followed by a 2x2 max-pool), " if config["model"] == "cnn"
             else "784 -> ")
-  dense = " -> ".join(f"Dense({w})" for w in config["widths"])
+  dense = "".join(f"Dense({w}) -> act -> " for w in config["widths"])
   activations = config.get("activations") or [config["activation"]]
-  return (f"{config['model'].upper()}: {layers}{dense} -> Dense(10), "
+  return (f"{config['model'].upper()}: {layers}{dense}Dense(10), act = "
           f"{' or '.join(activations)}; {config['optimizer']} "
           f"{config['learning_rate']:g}, batch {config['batch_size']}, "
           f"{config['num_epochs']} epochs, {len(config['seeds'])} seeds; "
