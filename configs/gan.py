@@ -12,7 +12,7 @@ classifier trained once by bn_jax.train (cached in the workdir) measures
 10,000 samples per run: class coverage (entropy of the predicted-label
 histogram, classes with >= 5%) and the Frechet distance to the test images
 in its penultimate features. The nets are bn_jax.gan's; see docs/gan.md
-for the measured time (about 20 minutes on a 2-core CPU).
+for the measured time (14 minutes alone on a 2-core CPU).
 
 `:short` is a smoke run (2 x 20 steps, 2 seeds, 2000 samples, the
 classifier trained for 100 steps).
