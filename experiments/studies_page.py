@@ -50,6 +50,11 @@ def load_study(path: Path) -> dict[str, Any]:
   """A workdir (or a benchmark's JSON directory) with what the page needs:
   rows, results, config, the config file's name and argument."""
   results = report.load_results(path)
+  if results is not None and "variants" in results:  # experiments.gan
+    return {"path": path, "label": path.name, "results": results,
+            "benchmark": None, "rows": [], "config": {},
+            "config_name": config_file(results.get("command"))[0],
+            "config_arg": None}
   if results is not None and "benchmark" in results:
     return {"path": path, "label": path.name, "results": results,
             "benchmark": results["benchmark"], "rows": [], "config": {},
@@ -165,7 +170,8 @@ def provenance_markdown(studies: Sequence[Mapping[str, Any]]) -> str:
     results = study["results"] or {}
     commands.append(results.get("command")
                     or f"(command not recorded: {study['path']})")
-    wall = sum(c.get("wall_time") or 0 for c in results.get("combos", []))
+    wall = sum(c.get("wall_time") or 0 for c in results.get("combos", [])
+               ) or results.get("wall_time") or 0
     what = (f"{wall:.0f} s of training" if not study["benchmark"] else
             "the benchmark")
     notes.append(f"`{study['label']}`: {what}, finished "
@@ -807,6 +813,65 @@ def _worked_example_claim() -> list[str]:
 
 
 # ----------------------------------------------------------------------------
+# BN in a GAN (experiments.gan).
+
+GAN_METRICS = (("coverage_entropy", "coverage entropy (nats)", "{:.3f}"),
+               ("classes_5pct", "classes >= 5%", "{:.1f}"),
+               ("frechet_distance", "Frechet distance", "{:.2f}"))
+
+
+def gan_section(studies, out: Path) -> str:
+  from experiments import gan as gan_cli  # its plots; imports no flags
+  study = studies[0]
+  results = study["results"]
+  variants = results["variants"]
+  cell = lambda values, fmt: (fmt.format(np.mean(values)) + " +- "
+                              + fmt.format(np.std(values, ddof=1))
+                              if len(values) > 1 else fmt.format(values[0]))
+  lines = [[v["generator_norm"], v["discriminator_norm"]]
+           + [cell(v["eval_mode"][k], fmt) for k, _, fmt in GAN_METRICS]
+           for v in variants]
+  finals = {v["variant"]: np.load(study["path"] / "samples" / v["variant"]
+                                  / "final.npy") for v in variants}
+  text = ["## BN in a GAN: does it reduce mode collapse?\n",
+          provenance_markdown(studies),
+          f"{len(variants)} variants x {len(results['seeds'])} seeds, "
+          f"{results['steps']:,} steps of batch {results['batch_size']}; "
+          f"{results['eval_samples']:,} samples per run, drawn with G in eval "
+          "mode, labeled by a classifier bn_jax trained "
+          f"({100 * results['classifier']['test_accuracy']:.2f}% test "
+          "accuracy): mean +- sample std over seeds. Setup, figures over "
+          "training and the per-variant grids: [gan.md](gan.md).\n",
+          table(["G norm", "D norm"] + [h for _, h, _ in GAN_METRICS], lines),
+          figure(out, f"{study['label']}_samples.png",
+                 lambda p: gan_cli.plot_overview(finals, variants, p),
+                 "samples, first seed")]
+  by = {(v["generator_norm"], v["discriminator_norm"]): v["eval_mode"]
+        for v in variants}
+  for d_norm in dict.fromkeys(v["discriminator_norm"] for v in variants):
+    if ("batch", d_norm) not in by or ("none", d_norm) not in by:
+      continue
+    bn, plain = by[("batch", d_norm)], by[("none", d_norm)]
+    parts = []
+    for key, name, _ in GAN_METRICS:
+      diff, se = difference(bn[key], plain[key])
+      parts.append(f"{name} {np.mean(plain[key]):.2f} -> "
+                   f"{np.mean(bn[key]):.2f} ("
+                   + ("beyond" if beyond_noise(diff, se) else "within")
+                   + " seed noise)")
+    text.append(f"* **BN in G, D norm {d_norm}:** " + "; ".join(parts)
+                + ".")
+  collapsed = [(v["variant"], seed) for v in variants
+               for seed, n in zip(v["seeds"], v["eval_mode"]["classes_5pct"])
+               if n <= 1]
+  text.append("* Runs collapsed to at most one class: "
+              + (", ".join(f"{name} seed {seed}" for name, seed in collapsed)
+                 or "none") + f", of {len(variants) * len(results['seeds'])}"
+              " runs.\n")
+  return "\n".join(text)
+
+
+# ----------------------------------------------------------------------------
 # Any other workdir.
 
 
@@ -831,6 +896,7 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "batch_size": batch_size_section,
     "staleness": staleness_section,
     "article_claims": claims_section,
+    "gan": gan_section,
 }
 BENCHMARK_SECTIONS = {"bn_cost": "article_claims"}
 
@@ -849,6 +915,10 @@ STUDY_COMMANDS = {
                                     "--config.input_scaling=raw"),
     "workdirs/seq_mnist": "--config=configs/seq_mnist.py",
 }
+GAN_COMMANDS = {
+    "workdirs/gan": "python -m experiments.gan --config=configs/gan.py "
+                    "--workdir=workdirs/gan",
+}
 BENCHMARK_COMMANDS = {
     "workdirs/bn_cost": "python benchmarks/bn_cost.py "
                         "--json=workdirs/bn_cost/results.json",
@@ -860,6 +930,7 @@ def default_workdirs() -> list[str]:
   commands that make them."""
   commands = {w: f"python -m experiments.main {c} --workdir={w}"
               for w, c in STUDY_COMMANDS.items()}
+  commands.update(GAN_COMMANDS)
   commands.update(BENCHMARK_COMMANDS)
   missing = [w for w in commands if not (Path(w) / "results.json").exists()]
   if missing:
@@ -877,7 +948,8 @@ Generated by `experiments.report` from the studies' workdirs; do not edit
 by hand. Each study is one config and one command, and every table, figure
 and verdict below is computed from its recorded runs (the commands, the
 machine and the time are under each heading). The normalization family's
-comparison is in [norms.md](norms.md), BN in a GAN in [gan.md](gan.md).
+comparison is in [norms.md](norms.md), the GAN study's details in
+[gan.md](gan.md).
 
     .venv/bin/{command}
 

@@ -78,7 +78,38 @@ def workdirs(tmp_path_factory):
   (cost / "results.json").write_text(json.dumps(
       {"benchmark": "bn_cost", "rows": rows, **experiment.provenance(
           "python benchmarks/bn_cost.py --json=x")}))
+  _write_gan_workdir(root / "gan")
   return root
+
+
+# A GAN workdir as experiments.gan leaves it (results.json, the final
+# samples): hand-made numbers, so that the section's cells can be checked.
+GAN_VARIANTS = {("none", "none"): ([1.8, 1.9, 2.0], [6, 6, 7], [18.0, 16.0,
+                                                            20.0]),
+                ("batch", "none"): ([2.0, 2.1, 2.2], [7, 7, 8], [13.0, 14.0,
+                                                            12.0]),
+                ("none", "batch_joint"): ([2.0, 1.9, 0.1], [7, 6, 1],
+                                          [12.0, 13.0, 119.0])}
+
+
+def _write_gan_workdir(workdir):
+  variants = []
+  for (g, d), (entropy, classes, fd) in GAN_VARIANTS.items():
+    name = f"G-{g}_D-{d}"
+    (workdir / "samples" / name).mkdir(parents=True)
+    np.save(workdir / "samples" / name / "final.npy",
+            np.zeros((3, 4, 28, 28), np.uint8))
+    variants.append({"variant": name, "generator_norm": g,
+                     "discriminator_norm": d, "seeds": [0, 1, 2],
+                     "eval_mode": {"coverage_entropy": entropy,
+                                   "classes_5pct": classes,
+                                   "frechet_distance": fd}})
+  (workdir / "results.json").write_text(json.dumps({
+      "variants": variants, "seeds": [0, 1, 2], "steps": 40,
+      "batch_size": 64, "eval_samples": 2000, "wall_time": 12.0,
+      "classifier": {"test_accuracy": 0.9}, **experiment.provenance(
+          "python -m experiments.gan --config=configs/gan.py "
+          f"--workdir={workdir}")}))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +117,7 @@ def page(workdirs, tmp_path_factory):
   out = tmp_path_factory.mktemp("docs") / "studies.md"
   report.main(["report", f"--page={out}",
                *(f"--workdir={workdirs / name}"
-                 for name in (*RUNS, "bn_cost"))])
+                 for name in (*RUNS, "bn_cost", "gan"))])
   return out
 
 
@@ -109,11 +140,12 @@ def test_sections_figures_and_provenance(page, workdirs):
       "Ioffe & Szegedy (2015), Figure 1",
       "Where BN goes, for which activation", "Batch size, decomposed",
       "How stale is the moving average", "The source article's claims"]
+  assert headings[5] == "BN in a GAN: does it reduce mode collapse?"
   # configs/placements.py has no section of its own: a generic one.
-  assert len(headings) == 6 and headings[5].startswith(
+  assert len(headings) == 7 and headings[6].startswith(
       placements.get_config().study)
   figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-  assert len(figures) == 7
+  assert len(figures) == 8
   for name in figures:
     assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for name in RUNS:  # every command, as recorded
@@ -223,3 +255,20 @@ def test_default_workdirs_name_the_missing_runs(tmp_path, monkeypatch):
                 "--workdir=workdirs/ioffe2015; ")):
     report.main(["report", "--page=docs/studies.md"])
   assert not (tmp_path / "docs").exists()
+
+
+@pytest.mark.slow
+def test_gan_table_and_verdicts_match_the_results(page):
+  text = page.read_text()
+  for (g, d), (entropy, classes, fd) in GAN_VARIANTS.items():
+    cells = [f"{np.mean(v):{f}} +- {np.std(v, ddof=1):{f}}"
+             for v, f in ((entropy, ".3f"), (classes, ".1f"), (fd, ".2f"))]
+    assert f"| {g} | {d} | " + " | ".join(cells) + " |" in text
+  # FD 18.00 -> 13.00: a difference of 5.0 against an SE of
+  # sqrt(4/3 + 1/3) = 1.29, beyond noise.
+  assert ("* **BN in G, D norm none:** coverage entropy (nats) 1.90 -> 2.10 "
+          "(beyond seed noise); classes >= 5% 6.33 -> 7.33 (beyond seed "
+          "noise); Frechet distance 18.00 -> 13.00 (beyond seed noise).") in (
+              text)
+  assert ("* Runs collapsed to at most one class: G-none_D-batch_joint seed 2"
+          ", of 9 runs.") in text
