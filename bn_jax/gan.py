@@ -84,53 +84,12 @@ ModuleDef = Callable[..., nn.Module]
 # The networks.
 
 
-class StridedConv(nn.Module):
-  """flax.linen.Conv with `strides` and "SAME" padding, computed as one
-  matmul over the kh * kw strided slices of the padded input (im2col).
-
-  For D's 4x4 stride-2 convolutions on XLA:CPU, where (as for
-  `bn_jax.models.Conv`, its stride-1 sibling) a generic convolution's
-  weight gradient is slow. Parameters sit where flax.linen.Conv's do (same
-  names, shapes, initializers); tests/test_gan.py checks the outputs
-  against flax.linen.Conv.
-  """
-  features: int
-  kernel_size: Sequence[int] = (4, 4)
-  strides: Sequence[int] = (2, 2)
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    (kh, kw), (sh, sw) = self.kernel_size, self.strides
-    _, height, width, channels = x.shape
-    kernel = self.param("kernel", nn.linear.default_kernel_init,
-                        (kh, kw, channels, self.features))
-    out_h, out_w = -(-height // sh), -(-width // sw)
-    # lax's "SAME": the total padding split with the smaller half first.
-    pad_h = max((out_h - 1) * sh + kh - height, 0)
-    pad_w = max((out_w - 1) * sw + kw - width, 0)
-    padded = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                         (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    # patches[..., (i * kw + j) * channels + c] =
-    #   padded[:, h * sh + i, w * sw + j, c], kernel.reshape's row order.
-    patches = jnp.concatenate(
-        [padded[:, i:i + (out_h - 1) * sh + 1:sh,
-                j:j + (out_w - 1) * sw + 1:sw, :]
-         for i in range(kh) for j in range(kw)], axis=-1)
-    y = patches @ kernel.reshape(kh * kw * channels, self.features)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros_init(),
-                        (self.features,))
-      y = y + bias.reshape(1, 1, 1, self.features)
-    return y
-
-
 # The convolutions of each net by config.conv ("auto": im2col on a CPU, xla
 # on GPU/TPU): G's stride-1 3x3 ones, D's 4x4 stride-2 ones. On a 2-core
 # CPU the whole training step is several times faster with im2col, even
 # where a lone XLA convolution is faster (docs/gan.md).
 GENERATOR_CONVS: dict[str, ModuleDef] = models.CONVS
-DISCRIMINATOR_CONVS: dict[str, ModuleDef] = {"im2col": StridedConv,
+DISCRIMINATOR_CONVS: dict[str, ModuleDef] = {"im2col": models.Conv,
                                              "xla": nn.Conv}
 
 
@@ -183,7 +142,7 @@ class Discriminator(nn.Module):
   """
   channels: tuple[int, int] = (16, 32)
   norm: ModuleDef | None = None
-  conv: ModuleDef = StridedConv
+  conv: ModuleDef = models.Conv
   joint: bool = True
 
   @nn.compact

@@ -111,8 +111,9 @@ class _Classifier(nn.Module):
 
 
 class Conv(nn.Module):
-  """flax.linen.Conv for stride 1 and "SAME" padding, computed as one matmul
-  over the kh * kw shifted copies of the padded input (im2col).
+  """flax.linen.Conv with "SAME" padding (and `strides`), computed as one
+  matmul over the kh * kw shifted (strided) slices of the padded input
+  (im2col). bn_jax.gan's discriminator uses it at stride 2.
 
   Why: XLA:CPU runs the weight gradient of a 3x3 convolution as a generic
   convolution at ~1.5 GFLOP/s; as a matmul it takes the fast path, and the
@@ -127,23 +128,30 @@ class Conv(nn.Module):
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
   use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
-    kh, kw = self.kernel_size
-    if kh % 2 == 0 or kw % 2 == 0:
+    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    if (sh, sw) == (1, 1) and (kh % 2 == 0 or kw % 2 == 0):
       raise ValueError(f"kernel_size={tuple(self.kernel_size)}: odd sizes "
-                       "only (SAME padding, centred).")
-    batch, height, width, channels = x.shape
+                       "only at stride 1 (SAME padding, centred).")
+    _, height, width, channels = x.shape
     kernel = self.param("kernel", nn.linear.default_kernel_init,
                         (kh, kw, channels, self.features))
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2),
-                         (0, 0)))
-    # patches[..., (i * kw + j) * channels + c] = padded[:, h + i, w + j, c],
-    # the order of kernel.reshape(-1, features)'s rows.
+    out_h, out_w = -(-height // sh), -(-width // sw)
+    # lax's "SAME": the total padding split with the smaller half first
+    # (at stride 1 and an odd kernel, k // 2 on each side).
+    pad_h = max((out_h - 1) * sh + kh - height, 0)
+    pad_w = max((out_w - 1) * sw + kw - width, 0)
+    padded = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                         (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    # patches[..., (i * kw + j) * channels + c] =
+    #   padded[:, h * sh + i, w * sw + j, c], kernel.reshape's row order.
     patches = jnp.concatenate(
-        [padded[:, i:i + height, j:j + width, :]
+        [padded[:, i:i + (out_h - 1) * sh + 1:sh,
+                j:j + (out_w - 1) * sw + 1:sw, :]
          for i in range(kh) for j in range(kw)], axis=-1)
     y = patches @ kernel.reshape(kh * kw * channels, self.features)
     if self.use_bias:

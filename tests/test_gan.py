@@ -18,6 +18,7 @@ from scipy import stats
 
 import helpers
 from bn_jax import gan
+from bn_jax import models
 from bn_jax import train
 from bn_jax import workdir as workdir_lib
 from configs import gan as gan_config
@@ -112,9 +113,9 @@ def test_pixel_ranges_of_each_output():
 @pytest.mark.parametrize("kernel,strides,size", [
     ((4, 4), (2, 2), 28), ((3, 3), (2, 2), 14), ((4, 4), (2, 2), 7),
     ((3, 3), (1, 1), 9)])
-def test_strided_conv_matches_flax_conv(kernel, strides, size):
+def test_strided_im2col_conv_matches_flax_conv(kernel, strides, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-  ours = gan.StridedConv(5, kernel, strides=strides)
+  ours = models.Conv(5, kernel, strides=strides)
   theirs = nn.Conv(5, kernel, strides=strides)
   variables = theirs.init(jax.random.key(1), x)
   chex.assert_trees_all_equal(ours.init(jax.random.key(1), x), variables)
