@@ -225,7 +225,7 @@ def figure(out: Path, name: str, plot: Callable[[Path], Any],
 def ioffe_section(studies, out: Path) -> str:
   studies = sorted(studies, key=lambda s: s["config"].get("init") != "default")
   config = studies[0]["config"]
-  steps = config["num_epochs"] * (60000 // config["batch_size"])
+  steps = max(r["step"] for r in studies[0]["rows"])
   text = [
       "## Ioffe & Szegedy (2015), Figure 1\n",
       provenance_markdown(studies),
@@ -305,8 +305,8 @@ def _ioffe_verdicts(init, plain, bn, drift_plain, drift_bn, steps) -> str:
   first = (f"* **{init}: (a) BN ahead at every checkpoint: {lead}.** The BN "
            f"network's mean test accuracy is above the plain network's at "
            f"{ahead} of {len(xs)} checkpoints and ends "
-           f"{100 * diff:+.2f} points apart ({abs(diff) / se:.0f} standard "
-           "errors)." if se else "")
+           f"{100 * diff:+.2f} points apart"
+           + (f" ({abs(diff) / se:.0f} standard errors)." if se else "."))
   calmer = drift_bn < drift_plain
   if calmer.all():
     drift = "holds at every probe"
