@@ -8,6 +8,7 @@ the one before it used, so a corrupt file costs an epoch, never the run.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -61,12 +62,10 @@ def restore_newest(checkpoints, abstract_states):
   TensorStore raise many kinds of errors) is reported, moved aside
   (`_move_aside`), and the next older one is tried.
   """
-  import orbax.checkpoint as ocp
   for epoch in sorted(checkpoints.all_steps(), reverse=True):
     path = Path(checkpoints.directory) / str(epoch)
     try:
-      states = checkpoints.restore(
-          epoch, args=ocp.args.StandardRestore(abstract_states))
+      states = _restore_any_layout(checkpoints, epoch, abstract_states)
     except Exception as e:  # pylint: disable=broad-except
       reason = (str(e).strip().splitlines() or [""])[0][:300]
       aside = _move_aside(path)
@@ -78,6 +77,39 @@ def restore_newest(checkpoints, abstract_states):
       continue
     return epoch, states
   return None
+
+
+def _layouts(abstract_states):
+  """`abstract_states`, then, for a NamedTuple state, dicts of its fields
+  without each combination of its None fields. Why: an optional field
+  (None unless a feature uses it, e.g. train.TrainState.noise_key) that was
+  added after a checkpoint was written is missing from it, and orbax
+  matches tree structures exactly."""
+  yield abstract_states
+  if not hasattr(abstract_states, "_asdict"):
+    return
+  fields = abstract_states._asdict()
+  optional = [name for name, value in fields.items() if value is None]
+  for r in range(1, len(optional) + 1):
+    for missing in itertools.combinations(optional, r):
+      yield {k: v for k, v in fields.items() if k not in missing}
+
+
+def _restore_any_layout(checkpoints, epoch, abstract_states):
+  """The checkpoint of `epoch` in the first of `_layouts` that matches it,
+  as `abstract_states`' type; the first layout's error if none does."""
+  import orbax.checkpoint as ocp
+  first_error = None
+  for layout in _layouts(abstract_states):
+    try:
+      states = checkpoints.restore(epoch,
+                                   args=ocp.args.StandardRestore(layout))
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      continue
+    return type(abstract_states)(**states) if isinstance(layout, dict) and (
+        not isinstance(abstract_states, dict)) else states
+  raise first_error
 
 
 def restore_or_create(checkpoints, create):

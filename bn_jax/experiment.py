@@ -40,6 +40,7 @@ import numpy as np
 
 from bn_jax import checkpoints
 from bn_jax import data as data_lib
+from bn_jax import landscape
 from bn_jax import parallel
 from bn_jax import study
 from bn_jax import train
@@ -196,6 +197,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
     probe_steps = ([(epoch - 1) * spec.steps_per_epoch + (j + 1)
                     * spec.probe_every for j in range(probed.shape[1])]
                    if probed is not None else None)
+    measured = {name: metrics.pop(name) for name in ("ics", "landscape")
+                if name in metrics}
     last_epoch = time.perf_counter() - started
     if compile_time is None and epoch == start_epoch + 1:
       compile_time = last_epoch  # compile + one epoch
@@ -210,7 +213,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
               int(diverged_at[i]) if diverged_at[i] >= 0 else None)}),
           **({} if probed is None else {
               "probe_steps": probe_steps,
-              "probe_percentiles": np.round(probed[i], 6).tolist()})}
+              "probe_percentiles": np.round(probed[i], 6).tolist()}),
+          **measurement_fields(measured, i, spec)}
                     for i, run in enumerate(runs)])
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])
@@ -226,6 +230,35 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
   return {"combo": combo.name, **combo.values, "runs": len(runs),
           "epochs": config.num_epochs, "wall_time": wall,
           "compile_time": compile_time}
+
+
+def _significant(values, digits: int = 7):
+  """An array as nested lists of floats rounded to `digits` significant
+  digits (a float32's precision, without float64's noise digits)."""
+  return np.vectorize(lambda v: float(f"{v:.{digits}g}"), otypes=[float])(
+      np.asarray(values, np.float64)).tolist()
+
+
+def measurement_fields(measured: dict[str, Any], run: int,
+                       spec: train.TrainSpec) -> dict[str, Any]:
+  """A metrics row's fields for run `run` of the epoch's ICS and landscape
+  measurements (`train.measure_ics`, `train.measure_landscape`, stacked
+  over the epoch's measurements): `<name>_steps` (updates taken before
+  each) and `<name>_<field>` per measurement; "ics_layers" names the
+  layers of the ICS arrays' last axis, "landscape_step_sizes" the grid
+  (the same at every measurement)."""
+  fields = {}
+  for name, values in measured.items():
+    fields[f"{name}_steps"] = [int(s) for s in values["step"][run]]
+    for field, value in values.items():
+      if field == "step_sizes":
+        fields[f"{name}_{field}"] = _significant(value[run][0])
+      elif field != "step":
+        fields[f"{name}_{field}"] = _significant(value[run])
+  if "ics" in measured:
+    fields["ics_layers"] = list(landscape.classifier_layers(
+        spec.make_model({})))
+  return fields
 
 
 def _check_workdir_path(workdir: str | os.PathLike) -> Path:
@@ -313,15 +346,26 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       workdir.rmdir()  # stopped before writing: leave nothing behind
 
 
-def _claim_workdir(workdir: Path, config_dict, lock: contextlib.ExitStack):
-  """Creates the workdir, takes its lock (held until `lock` closes) and
-  checks that it holds no other experiment's run."""
+def _create(workdir: Path) -> Path:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise study.ConfigError(f"--workdir {workdir} cannot be created "
                             f"({os.strerror(e.errno)}); give a directory "
                             "this user can write.") from e
+  return workdir
+
+
+def make_workdir(workdir: str | os.PathLike) -> Path:
+  """An entry point's --workdir, created (parents too); study.ConfigError,
+  one line, when it is empty, lies under a file or cannot be created."""
+  return _create(_check_workdir_path(workdir))
+
+
+def _claim_workdir(workdir: Path, config_dict, lock: contextlib.ExitStack):
+  """Creates the workdir, takes its lock (held until `lock` closes) and
+  checks that it holds no other experiment's run."""
+  _create(workdir)
   lock.enter_context(workdir_lib.Lock(workdir))
   workdir_lib.check_resumable(workdir, config_dict)
 

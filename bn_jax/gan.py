@@ -44,7 +44,6 @@ import functools
 import itertools
 import json
 import math
-import numbers
 import time
 import warnings
 from pathlib import Path
@@ -556,36 +555,20 @@ ConfigError = study.ConfigError
 NON_RESULT_FIELDS = ("study", "data_dir")
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check(condition: bool, field: str, value, requirement: str) -> None:
-  if not condition:
-    raise ConfigError(f"config.{field}={value!r} {requirement}.")
 
 
-def _check_choices(field: str, values, choices) -> None:
-  _check(isinstance(values, (tuple, list)) and len(values) > 0, field, values,
-         f"must be a non-empty tuple of values among {choices}")
-  for value in values:
-    if value not in choices:
-      raise ConfigError(f"config.{field}={tuple(values)!r} has {value!r}; "
-                        f"choose among {choices}.")
-  _check(len(set(values)) == len(values), field, values,
-         "names a value twice")
 
 
 def _check_ints(field: str, values, length: int | None = None,
                 minimum: int = 1) -> None:
   ok = (isinstance(values, (tuple, list)) and len(values) > 0
         and (length is None or len(values) == length)
-        and all(_is_int(v) and v >= minimum for v in values))
-  _check(ok, field, values,
+        and all(study.is_int(v) and v >= minimum for v in values))
+  study.check(ok, field, values,
          f"must be a tuple of {length or 'one or more'} integers >= "
          f"{minimum}")
 
@@ -594,15 +577,15 @@ def validate_config(config) -> None:
   """Raises ConfigError (a ValueError), one line naming the field, for a
   config that cannot run; the data-dependent checks come after loading
   (`validate_data_size`)."""
-  _check_choices("generator_norms", config.generator_norms, GENERATOR_NORMS)
-  _check_choices("discriminator_norms", config.discriminator_norms,
+  study.check_choices("generator_norms", config.generator_norms, GENERATOR_NORMS)
+  study.check_choices("discriminator_norms", config.discriminator_norms,
                  DISCRIMINATOR_NORMS)
-  _check(config.output in OUTPUTS, "output", config.output,
+  study.check(config.output in OUTPUTS, "output", config.output,
          f"is not valid; choose one of {OUTPUTS}")
   convs = ("auto", *models.CONVS)
-  _check(config.conv in convs, "conv", config.conv,
+  study.check(config.conv in convs, "conv", config.conv,
          f"is not valid; choose one of {convs}")
-  _check(config.data_source in data_lib.SOURCES, "data_source",
+  study.check(config.data_source in data_lib.SOURCES, "data_source",
          config.data_source, f"is not valid; choose one of "
          f"{data_lib.SOURCES}")
   for field in ("latent_dim", "batch_size", "steps_per_epoch", "num_epochs",
@@ -610,52 +593,52 @@ def validate_config(config) -> None:
                 "eval.epoch_grid_samples", "eval.chunk",
                 "classifier.batch_size", "classifier.num_epochs"):
     value = _get(config, field)
-    _check(_is_int(value) and value > 0, field, value,
+    study.check(study.is_int(value) and value > 0, field, value,
            "must be a positive integer")
-  _check(config.batch_size >= 2, "batch_size", config.batch_size,
+  study.check(config.batch_size >= 2, "batch_size", config.batch_size,
          "must be at least 2 (batch statistics of one example are 0)")
   curve = config.eval.curve_samples
-  _check(_is_int(curve) and curve >= 0, "eval.curve_samples", curve,
+  study.check(study.is_int(curve) and curve >= 0, "eval.curve_samples", curve,
          "must be an integer >= 0 (0: no evaluation per epoch)")
   for field in ("eval.num_samples", "eval.curve_samples"):
     value = _get(config, field)
-    _check(value == 0 or value >= 2, field, value,
+    study.check(value == 0 or value >= 2, field, value,
            "must be at least 2 (a covariance needs two samples)")
   grid = config.eval.grid_samples
-  _check(math.isqrt(grid) ** 2 == grid, "eval.grid_samples", grid,
+  study.check(math.isqrt(grid) ** 2 == grid, "eval.grid_samples", grid,
          "must be a square (an n x n grid)")
   steps = config.classifier.steps_per_epoch
-  _check(steps is None or (_is_int(steps) and steps > 0),
+  study.check(steps is None or (study.is_int(steps) and steps > 0),
          "classifier.steps_per_epoch", steps,
          "must be None (whole epochs) or a positive integer")
   _check_ints("generator_channels", config.generator_channels, 2)
   _check_ints("discriminator_channels", config.discriminator_channels, 2)
   _check_ints("classifier.widths", config.classifier.widths)
   _check_ints("classifier.channels", config.classifier.channels)
-  _check(config.classifier.model in models.MODELS, "classifier.model",
+  study.check(config.classifier.model in models.MODELS, "classifier.model",
          config.classifier.model, f"is not valid; choose one of "
          f"{models.MODELS}")
-  _check(config.classifier.placement in models.PLACEMENTS,
+  study.check(config.classifier.placement in models.PLACEMENTS,
          "classifier.placement", config.classifier.placement,
          f"is not valid; choose one of {models.PLACEMENTS}")
   momentum = config.classifier.bn_momentum
-  _check(_is_number(momentum) and 0 <= momentum <= 1,
+  study.check(study.is_number(momentum) and 0 <= momentum <= 1,
          "classifier.bn_momentum", momentum, "must be a number in [0, 1]")
   for field in ("learning_rate", "classifier.learning_rate"):
     value = _get(config, field)
-    _check(_is_number(value) and value > 0, field, value,
+    study.check(study.is_number(value) and value > 0, field, value,
            "must be a number > 0")
   for field in ("b1", "b2"):
     value = config[field]
-    _check(_is_number(value) and 0 <= value < 1, field, value,
+    study.check(study.is_number(value) and 0 <= value < 1, field, value,
            "must be a number in [0, 1)")
   seeds = config.seeds
-  _check(isinstance(seeds, (tuple, list)) and len(seeds) > 0
-         and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds),
+  study.check(isinstance(seeds, (tuple, list)) and len(seeds) > 0
+         and all(study.is_int(s) for s in seeds) and len(set(seeds)) == len(seeds),
          "seeds", seeds, "must be a non-empty tuple of distinct integers")
   for field in ("data_seed", "classifier.seed"):
     value = _get(config, field)
-    _check(value is None or _is_int(value), field, value,
+    study.check(value is None or study.is_int(value), field, value,
            "must be an integer" + (" or None" if field == "data_seed" else ""))
   try:
     models.check_norm_options(dict(config.bn))
@@ -670,11 +653,11 @@ def validate_config(config) -> None:
 def validate_data_size(config, num_train: int) -> None:
   """The checks that need the training set's size."""
   used = config.steps_per_epoch * config.batch_size
-  _check(used <= num_train, "steps_per_epoch", config.steps_per_epoch,
+  study.check(used <= num_train, "steps_per_epoch", config.steps_per_epoch,
          f"x batch_size {config.batch_size} = {used} examples per epoch; the "
          f"training set has {num_train} (each epoch draws without "
          "replacement)")
-  _check(config.classifier.batch_size <= num_train, "classifier.batch_size",
+  study.check(config.classifier.batch_size <= num_train, "classifier.batch_size",
          config.classifier.batch_size,
          f"is more than the {num_train} training examples")
 
@@ -957,16 +940,7 @@ def train_and_evaluate(config, workdir, command: str | None = None,
   and workdir.WorkdirError with messages that say what to fix.
   """
   validate_config(config)
-  if not str(workdir).strip():
-    raise ConfigError("--workdir is empty; give a directory for the run's "
-                      "files, e.g. --workdir=workdirs/gan.")
-  workdir = Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir {workdir} cannot be created "
-                      f"({e.strerror}); give a directory this user can "
-                      "write.") from None
+  workdir = experiment.make_workdir(workdir)
   started = time.perf_counter()
   with workdir_lib.Lock(workdir):
     _check_resumable(workdir, config.to_dict())

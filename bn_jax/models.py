@@ -26,7 +26,6 @@ LSTM); `activation`, `widths`, `channels` and `conv` are not read.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax import core
+from bn_jax import landscape
 from bn_jax import nn as bn_nn
 from bn_jax import recurrent
 
@@ -116,9 +116,9 @@ class Conv(nn.Module):
   (im2col). bn_jax.gan's discriminator uses it at stride 2.
 
   Why: XLA:CPU runs the weight gradient of a 3x3 convolution as a generic
-  convolution at ~1.5 GFLOP/s; as a matmul it takes the fast path, and the
-  CNN's training step runs 9.9x faster on a 2-core CPU (931.7 -> 94.6 ms at
-  batch 128; benchmarks/cnn_conv.py). The shifted copies take kh * kw times
+  convolution, far below its matmul rate; as a matmul it takes the fast
+  path (the CNN's step against flax.linen.Conv: benchmarks/cnn_conv.py,
+  figures in benchmarks/README.md). The shifted copies take kh * kw times
   the input's memory: 29 MB for the second conv of a training batch of 128,
   226 MB per run for an evaluation chunk of 1000 (TrainSpec.eval_chunk;
   times K in a vmapped sweep). Named `Conv` so that its parameters
@@ -161,6 +161,25 @@ class Conv(nn.Module):
     return y
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """flax.linen.max_pool(x, (2, 2), strides=(2, 2)) on NHWC with even H and
+  W, as a reshape and a max over the two window axes.
+
+  Why: XLA:CPU runs max_pool as reduce-window and its gradient as
+  select-and-scatter, both slow generic loops; a reduction's gradient is
+  elementwise (benchmarks/cnn_step.py --ab). The gradient differs from
+  max_pool's where a window has tied maxima: max_pool sends it all to one
+  of them, a reduction splits it evenly (jax's rule for max); both are
+  subgradients. Ties are common here: after ReLU -> BN, a window of zeros
+  has four equal values.
+  """
+  n, height, width, c = x.shape
+  if height % 2 or width % 2:
+    raise ValueError(f"x.shape={x.shape}: 2x2 pooling needs an even height "
+                     "and width.")
+  return x.reshape(n, height // 2, 2, width // 2, 2, c).max(axis=(2, 4))
+
+
 class MLP(_Classifier):
   """784 -> hidden widths -> num_classes, on flattened images."""
   widths: Sequence[int] = (50,)
@@ -197,7 +216,7 @@ class CNN(_Classifier):
       conv = lambda use_bias, c=channels: self.conv(c, (3, 3),
                                                     use_bias=use_bias)
       x = self.block(conv, name=f"conv_{i}")(x, train=train)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.widths):
       x = self.block(self.dense(width),
@@ -233,7 +252,13 @@ NORM_MODULES: dict[str, ModuleDef] = {
     "group": bn_nn.GroupNorm,
     "instance": bn_nn.InstanceNorm,
     "rms": bn_nn.RMSNorm,
+    # Santurkar et al.'s "noisy BN": BN, then a random scale and shift
+    # redrawn every step (the trainer's "noise" rng stream).
+    "noisy_batch": landscape.NoisyBN,
 }
+# The noise constants of "noisy_batch" (landscape.noisy_affine), read from
+# config.noisy_bn rather than config.bn (study.make_spec merges them).
+NOISE_FIELDS = tuple(landscape.PAPER_NOISE)
 NORM_FIELDS: dict[str, tuple[str, ...]] = {
     "batch": _BN_FIELDS,
     "renorm": _BN_FIELDS + ("renorm_clipping", "renorm_momentum",
@@ -245,6 +270,7 @@ NORM_FIELDS: dict[str, tuple[str, ...]] = {
     "group": ("epsilon", "num_groups"),
     "instance": ("epsilon",),
     "rms": ("epsilon",),
+    "noisy_batch": _BN_FIELDS + NOISE_FIELDS,
 }
 # "none": no normalization layer anywhere (the model's placement "none").
 NORMS = (*NORM_MODULES, "none")
@@ -252,7 +278,10 @@ NORMS = (*NORM_MODULES, "none")
 # Ghost batches are chunks of each device's own examples, so that N devices
 # compute what one does; the trainer averages their running statistics
 # over the devices (train.train_step), as the chunks' are averaged.
-SYNCED_NORMS = ("batch", "renorm", "sampled")
+SYNCED_NORMS = ("batch", "renorm", "sampled", "noisy_batch")
+# Variants that draw from the "noise" rng stream in training mode: the
+# trainer passes it (train.noise_rngs).
+NOISY_NORMS = ("noisy_batch",)
 # Layers without a bias (beta): the linear layer before them keeps its own.
 NORMS_WITHOUT_BIAS = ("rms",)
 

@@ -140,7 +140,9 @@ def precise_batches(config, num_train: int) -> int:
 def make_spec(config, num_train: int) -> train.TrainSpec:
   """The static part of one combination's program (`combinations`)."""
   steps_per_epoch = num_train // config.batch_size
-  bn = models.norm_options(config.norm, config.bn) if (
+  options = ({**dict(config.bn), **dict(config.noisy_bn)}
+             if config.norm in models.NOISY_NORMS else config.bn)
+  bn = models.norm_options(config.norm, options) if (
       config.norm != "none") else {}
   if "renorm_schedule" in bn:  # in steps of this combination's training
     bn["renorm_schedule"] = models.renorm_schedule_steps(
@@ -167,7 +169,11 @@ def make_spec(config, num_train: int) -> train.TrainSpec:
       precise_layerwise=config.precise_bn.layerwise,
       eval_train=config.eval_train,
       probe_every=config.probe.every_steps,
-      probe_images=config.probe.num_images)
+      probe_images=config.probe.num_images,
+      ics_every=config.ics.every_steps,
+      landscape_every=config.landscape.every_steps,
+      landscape_step_factors=tuple(config.landscape.step_factors),
+      landscape_num_steps=config.landscape.num_step_sizes)
 
 
 # ----------------------------------------------------------------------------
@@ -184,19 +190,38 @@ _CHOICES = {
 _POSITIVE_INTS = ("batch_size", "num_epochs", "keep_checkpoints")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+  """An int, not a bool (True is an Integral)."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check(condition: bool, field: str, value, requirement: str) -> None:
+  """ConfigError "config.<field>=<value> <requirement>." unless `condition`
+  (for the entry points with configs of their own: gan, transfer, ...)."""
+  if not condition:
+    raise ConfigError(f"config.{field}={value!r} {requirement}.")
+
+
+def check_choices(field: str, values, choices) -> None:
+  """`values`: a non-empty tuple of distinct members of `choices`."""
+  check(isinstance(values, (tuple, list)) and len(values) > 0, field, values,
+        f"must be a non-empty tuple of values among {choices}")
+  for value in values:
+    check(value in choices, field, tuple(values),
+          f"has {value!r}; choose among {choices}")
+  check(len(set(values)) == len(values), field, values,
+        "names a value twice")
 
 
 def _check_field(field: str, value, where: str) -> None:
   if field in _CHOICES and value not in _CHOICES[field]:
     raise ConfigError(f"{where}={value!r} is not valid; choose one of "
                       f"{_CHOICES[field]}.")
-  if field in _POSITIVE_INTS and not (_is_int(value) and value > 0):
+  if field in _POSITIVE_INTS and not (is_int(value) and value > 0):
     raise ConfigError(f"{where}={value!r} must be a positive integer.")
 
 
@@ -226,33 +251,33 @@ def _check_axes(config) -> None:
 
 
 def _check_numbers(config) -> None:
-  if not (_is_int(config.warmup_steps) and config.warmup_steps >= 0):
+  if not (is_int(config.warmup_steps) and config.warmup_steps >= 0):
     raise ConfigError(f"config.warmup_steps={config.warmup_steps!r} must be "
                       "an integer >= 0.")
   for field in ("widths", "channels"):
-    if not all(_is_int(n) and n > 0 for n in config[field]):
+    if not all(is_int(n) and n > 0 for n in config[field]):
       raise ConfigError(f"config.{field}={tuple(config[field])!r} must hold "
                         "positive integers (layer sizes).")
-  if not (_is_number(config.weight_decay) and config.weight_decay >= 0):
+  if not (is_number(config.weight_decay) and config.weight_decay >= 0):
     raise ConfigError(f"config.weight_decay={config.weight_decay!r} must be "
                       ">= 0.")
-  if not (_is_number(config.progress_seconds)
+  if not (is_number(config.progress_seconds)
           and config.progress_seconds >= 0):
     raise ConfigError(f"config.progress_seconds={config.progress_seconds!r}"
                       " must be >= 0 (0 turns the progress line off).")
-  if not (_is_number(config.target_accuracy)
+  if not (is_number(config.target_accuracy)
           and 0 < config.target_accuracy <= 1):
     raise ConfigError(f"config.target_accuracy={config.target_accuracy!r} "
                       "must be in (0, 1].")
-  if not (_is_number(config.init_std) and config.init_std > 0):
+  if not (is_number(config.init_std) and config.init_std > 0):
     raise ConfigError(f"config.init_std={config.init_std!r} must be a "
                       "number > 0.")
   options = config.precise_bn
-  if not (_is_int(options.num_batches) and options.num_batches >= 0):
+  if not (is_int(options.num_batches) and options.num_batches >= 0):
     raise ConfigError(f"config.precise_bn.num_batches={options.num_batches!r}"
                       " must be an integer >= 0 (0 turns it off).")
   if options.num_examples is not None and not (
-      _is_int(options.num_examples) and options.num_examples > 0
+      is_int(options.num_examples) and options.num_examples > 0
       and not options.num_batches):
     raise ConfigError(
         f"config.precise_bn.num_examples={options.num_examples!r} must be a "
@@ -261,7 +286,7 @@ def _check_numbers(config) -> None:
   if config.lr_scaling not in LR_SCALINGS:
     raise ConfigError(f"config.lr_scaling={config.lr_scaling!r} is not "
                       f"valid; choose one of {tuple(LR_SCALINGS)}.")
-  if not (_is_int(config.lr_reference_batch_size)
+  if not (is_int(config.lr_reference_batch_size)
           and config.lr_reference_batch_size > 0):
     raise ConfigError(
         f"config.lr_reference_batch_size={config.lr_reference_batch_size!r}"
@@ -271,7 +296,7 @@ def _check_numbers(config) -> None:
                       f"not valid; choose one of {precise.ESTIMATORS}.")
   probe = config.probe
   for field in ("every_steps", "num_images"):
-    if not (_is_int(probe[field]) and probe[field] >= (field == "num_images")):
+    if not (is_int(probe[field]) and probe[field] >= (field == "num_images")):
       raise ConfigError(f"config.probe.{field}={probe[field]!r} must be an "
                         "integer >= " + ("1." if field == "num_images" else
                                          "0 (0 turns the probe off)."))
@@ -284,18 +309,44 @@ def _check_numbers(config) -> None:
   if not (isinstance(config.nan_guard, bool) or config.nan_guard == "record"):
     raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True, "
                       "False or 'record'.")
+  _check_why_bn_fields(config)
+
+
+def _check_why_bn_fields(config) -> None:
+  """config.ics, config.landscape and config.noisy_bn (Santurkar et al.)."""
+  for field in ("ics.every_steps", "landscape.every_steps"):
+    value = _get(config, field)
+    if not (is_int(value) and value >= 0):
+      raise ConfigError(f"config.{field}={value!r} must be an integer >= 0 "
+                        "(0 turns the measurement off).")
+  factors = config.landscape.step_factors
+  if not (isinstance(factors, (tuple, list)) and len(factors) == 2
+          and all(is_number(f) for f in factors)
+          and 0 < factors[0] <= factors[1]):
+    raise ConfigError(f"config.landscape.step_factors={factors!r} must be "
+                      "(low, high) with 0 < low <= high, e.g. the paper's "
+                      "(0.5, 4.0) (times the learning rate).")
+  num = config.landscape.num_step_sizes
+  if not (is_int(num) and num > 0):
+    raise ConfigError(f"config.landscape.num_step_sizes={num!r} must be a "
+                      "positive integer.")
+  for name in models.NOISE_FIELDS:
+    value, low = config.noisy_bn[name], 1.0 if name == "n_sigma" else 0.0
+    if not (is_number(value) and value >= low):
+      raise ConfigError(f"config.noisy_bn.{name}={value!r} must be a number "
+                        f">= {low:g} (Santurkar et al.'s Algorithm 1).")
 
 
 def _check_runs(config) -> None:
   seeds = config.seeds
   if (not isinstance(seeds, (tuple, list)) or not seeds
-      or not all(_is_int(s) and 0 <= s < 2**31 for s in seeds)):
+      or not all(is_int(s) and 0 <= s < 2**31 for s in seeds)):
     raise ConfigError(f"config.seeds={seeds!r} must be a non-empty tuple of "
                       "integers in [0, 2**31), e.g. --config.seeds='(0,1)'.")
   if len(set(seeds)) < len(seeds):
     raise ConfigError(f"config.seeds={tuple(seeds)!r} repeats a seed: the "
                       "runs would be identical copies.")
-  if config.data_seed is not None and not (_is_int(config.data_seed)
+  if config.data_seed is not None and not (is_int(config.data_seed)
                                            and 0 <= config.data_seed < 2**31):
     raise ConfigError(f"config.data_seed={config.data_seed!r} must be None "
                       "(each run's order follows its seed) or an integer in "
@@ -303,7 +354,7 @@ def _check_runs(config) -> None:
   for name in train.SWEEPABLE:
     values = config.sweep[name]
     if not isinstance(values, (tuple, list)) or not all(
-        _is_number(v) for v in values):
+        is_number(v) for v in values):
       raise ConfigError(f"config.sweep.{name}={values!r} must be a tuple of "
                         f"numbers, e.g. --config.sweep.{name}='(0.1,0.2)'.")
   for lr in (config.learning_rate, *config.sweep.learning_rate):
@@ -321,7 +372,7 @@ def _check_runs(config) -> None:
 
 def _check_grad_clip(config) -> None:
   value = config.grad_clip_norm
-  if value is not None and not (_is_number(value) and value > 0):
+  if value is not None and not (is_number(value) and value > 0):
     raise ConfigError(f"config.grad_clip_norm={value!r} must be a number > 0"
                       " (the largest global norm of a step's gradient) or "
                       "None (no clipping).")
@@ -344,11 +395,11 @@ def _check_sequence_model(config) -> None:
         "before their nonlinearities (Cooijmans et al.); set "
         "placement='before_activation', or 'none' for the plain LSTM.")
   hidden = config.lstm.hidden_size
-  if not (_is_int(hidden) and hidden > 0):
+  if not (is_int(hidden) and hidden > 0):
     raise ConfigError(f"config.lstm.hidden_size={hidden!r} must be a "
                       "positive integer.")
   seed = config.lstm.permutation_seed
-  if not (_is_int(seed) and 0 <= seed < 2**32):
+  if not (is_int(seed) and 0 <= seed < 2**32):
     raise ConfigError(f"config.lstm.permutation_seed={seed!r} must be an "
                       "integer in [0, 2**32).")
   if config.precise_bn.num_batches or config.precise_bn.num_examples:
@@ -383,7 +434,7 @@ def _check_norm_fits(config) -> None:
                                     config.widths, config.channels)
   # Ghost batches are chunks of each device's share of the batch (with
   # mesh_devices="auto" the share is known, and checked, once traced).
-  devices = (config.mesh_devices if _is_int(config.mesh_devices)
+  devices = (config.mesh_devices if is_int(config.mesh_devices)
              and config.mesh_devices > 0 else 1)
   share = config.batch_size // devices
   if norm == "ghost" and share % bn.virtual_batch_size:
@@ -416,7 +467,7 @@ def _check_norm_fits(config) -> None:
         "fewer than 2 examples for the statistics; raise the fraction or "
         "the batch size.")
   if norm == "sampled" and bn.stats_examples is not None and not (
-      _is_int(bn.stats_examples) and 2 <= bn.stats_examples <= share):
+      is_int(bn.stats_examples) and 2 <= bn.stats_examples <= share):
     raise ConfigError(
         f"config.bn.stats_examples={bn.stats_examples!r} must be an integer "
         f"from 2 to the batch size ({share}"
@@ -446,7 +497,7 @@ def validate_config(config) -> None:
   """Rejects bad values, naming the field and what it accepts."""
   for field in ("learning_rate", "weight_decay", "progress_seconds",
                 "target_accuracy"):
-    if not _is_number(config[field]):
+    if not is_number(config[field]):
       raise ConfigError(f"config.{field}={config[field]!r} must be a number.")
   for field in (*_CHOICES, *_POSITIVE_INTS):
     _check_field(field, config[field], f"config.{field}")
@@ -464,6 +515,34 @@ def validate_config(config) -> None:
     _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
     _check_sequence_model(combo.config)
     _check_norm_fits(combo.config)
+    _check_measurements_fit(combo.config)
+
+
+def _check_measurements_fit(config) -> None:
+  """ICS, landscape and noisy BN against one combination's setup."""
+  for field in ("ics.every_steps", "landscape.every_steps"):
+    if not _get(config, field):
+      continue
+    if config.model not in models.MODELS:
+      raise ConfigError(
+          f"config.{field} does not fit model={config.model!r}: it reads "
+          f"the layers of a feed-forward classifier ({', '.join(models.MODELS)}"
+          "); set it to 0.")
+    if config.mesh_devices != 1:
+      raise ConfigError(
+          f"config.{field} measures one device's training: set "
+          "config.mesh_devices=1, or the measurement to 0.")
+  if config.norm in models.NOISY_NORMS and (config.precise_bn.num_batches
+                                            or config.precise_bn.num_examples):
+    raise ConfigError(
+        f"config.precise_bn does not fit norm={config.norm!r}: recomputing "
+        "the statistics runs the model in training mode, which would draw "
+        "noise; set precise_bn.num_batches=0.")
+  if config.norm in models.NOISY_NORMS and config.probe.every_steps:
+    raise ConfigError(
+        f"config.probe.every_steps does not fit norm={config.norm!r}: the "
+        "percentile probe reads a block that calls its norm once, and noisy "
+        "BN calls BatchNorm inside; set probe.every_steps=0.")
 
 
 def validate_data_size(config, num_train: int, num_test: int) -> None:
@@ -485,6 +564,13 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
           f"the {steps_per_epoch} steps of an epoch (batch size "
           f"{batch_size}); choose a divisor, so that every epoch probes at "
           "the same steps.")
+    for field in ("ics.every_steps", "landscape.every_steps"):
+      every = _get(c, field)
+      if every and steps_per_epoch % every:
+        raise ConfigError(
+            f"config.{field}={every} does not divide the {steps_per_epoch} "
+            f"steps of an epoch (batch size {batch_size}); choose a divisor, "
+            "so that every epoch measures at the same steps.")
     if c.probe.every_steps and c.probe.num_images > num_test:
       raise ConfigError(f"config.probe.num_images={c.probe.num_images} is "
                         f"more than the {num_test} test images.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import flax
@@ -24,6 +25,7 @@ import optax
 from flax import traverse_util
 
 from bn_jax import data as data_lib
+from bn_jax import landscape
 from bn_jax import models
 from bn_jax import precise as precise_lib
 from bn_jax import probes
@@ -102,6 +104,16 @@ class TrainSpec:
   # (bn_jax.probes); it must divide steps_per_epoch.
   probe_every: int = 0
   probe_images: int = 1000
+  # Santurkar et al. (2018), measured on the training batch of every k-th
+  # step at the state before its update (0: never; k must divide
+  # steps_per_epoch): internal covariate shift per layer (`measure_ics`)
+  # and the loss landscape along the gradient (`measure_landscape`), with
+  # step sizes `landscape_num_steps` points evenly spaced over
+  # `landscape_step_factors` (low, high) x the run's learning rate.
+  ics_every: int = 0
+  landscape_every: int = 0
+  landscape_step_factors: tuple[float, float] = landscape.PAPER_STEP_FACTORS
+  landscape_num_steps: int = 8
 
   @property
   def total_steps(self) -> int:
@@ -145,6 +157,10 @@ class TrainState(NamedTuple):
   # first non-finite one (int32; -1: none), after which the run is frozen.
   # None otherwise, so the checkpoints of other runs keep their layout.
   diverged_at: jax.Array | None = None
+  # With a norm that draws noise (models.NOISY_NORMS): the run's uint32
+  # noise key; step t draws with fold_in(key, t) (`noise_rngs`). None
+  # otherwise (the checkpoints of other runs keep their layout).
+  noise_key: jax.Array | None = None
 
 
 class DeviceData(NamedTuple):
@@ -232,6 +248,8 @@ def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
   traced (vmap)."""
   lr, bn_hparams = split_hparams(hparams)
   init_key, data_key = jax.random.split(jax.random.key(seed))
+  # Apart from the split above, so that every other run keeps its keys.
+  noise_key = jax.random.fold_in(jax.random.key(seed), _NOISE_STREAM)
   if spec.data_seed is not None:  # the order run `data_seed` would have
     data_key = jax.random.split(jax.random.key(spec.data_seed))[1]
   model = spec.make_model(bn_hparams)
@@ -244,7 +262,22 @@ def create_train_state(spec: TrainSpec, seed, hparams: dict[str, Any],
       opt_state=make_optimizer(spec, lr).init(params),
       bn_hparams=bn_hparams, data_key=jax.random.key_data(data_key),
       diverged_at=(jnp.asarray(-1, jnp.int32) if spec.freeze_diverged
-                   else None))
+                   else None),
+      noise_key=(jax.random.key_data(noise_key)
+                 if spec.norm in models.NOISY_NORMS else None))
+
+
+_NOISE_STREAM = 0x6E6F6973  # "nois": the noise key's fold-in constant
+
+
+def noise_rngs(state: TrainState, spec: TrainSpec) -> dict[str, Any] | None:
+  """The rng streams of step `state.step` in training mode: {"noise":
+  fold_in(noise key, step)} for a norm that draws noise (a new draw, and
+  a new noise distribution, every step), else None (no stream)."""
+  if spec.norm not in models.NOISY_NORMS:
+    return None
+  key = jax.random.wrap_key_data(state.noise_key)
+  return {"noise": jax.random.fold_in(key, state.step)}
 
 
 def _pmean(value, axis_name):
@@ -298,11 +331,12 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
   """
   model = spec.make_model(state.bn_hparams)
   inputs = model_inputs(images, spec)
+  rngs = noise_rngs(state, spec)
 
   def loss_fn(params):
     logits, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, inputs,
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"], rngs=rngs)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
     # Averaged inside the differentiated function: under shard_map the
@@ -414,12 +448,21 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
 
   With `spec.probe_every` = k, the epoch is a scan over chunks of k steps,
   each followed by `probes.probe` of the state it leaves; metric "probe" is
-  (steps_per_epoch / k, len(probes.QS), units). Without it, no probe is
-  traced.
+  (steps_per_epoch / k, len(probes.QS), units). With `spec.ics_every` or
+  `spec.landscape_every` = k, every k-th step's batch is measured at the
+  state before its update (`measure_ics`, `measure_landscape`): metrics
+  "ics" and "landscape", dicts of (steps_per_epoch / k, ...) arrays, their
+  "step" the updates taken before each. Several intervals share chunks of
+  their greatest common divisor, and a measurement due on fewer chunks
+  runs under a `lax.cond` on the chunk's index (not per run, so a vmap
+  keeps it a branch). Without them, nothing of them is traced.
   """
   if spec.freeze_diverged and not spec.nan_guard:
     raise ValueError("freeze_diverged needs nan_guard: the guard's flags "
                      "decide which steps to drop.")
+  if (spec.ics_every or spec.landscape_every) and spec.axis_name is not None:
+    raise ValueError("ics_every and landscape_every measure one device's "
+                     "training; train on one (no axis_name).")
   if batches is None:
     batches = epoch_batches(state.data_key, state.step // spec.steps_per_epoch,
                             data.train_images.shape[0], spec)
@@ -443,16 +486,22 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                jnp.where(is_first, flags, first_flags))
     return (carry, guard), metrics
 
-  if not spec.probe_every:
+  every = _measurement_intervals(spec)
+  if not every:
     (state, guard), metrics = jax.lax.scan(body, (state, guard), batches)
-  else:  # scans of probe_every steps, each followed by the probe
-    (state, guard), (metrics, probed) = jax.lax.scan(
-        functools.partial(_steps_then_probe, body, data, spec),
-        (state, guard), batches.reshape(-1, spec.probe_every,
-                                        batches.shape[-1]))
+  else:  # scans of `chunk` steps, measured before and probed after
+    chunk = math.gcd(*every.values())
+    num_chunks = batches.shape[0] // chunk
+    (state, guard), (metrics, measured) = jax.lax.scan(
+        functools.partial(_measured_steps, body, data, spec, chunk),
+        (state, guard), (batches.reshape(num_chunks, chunk,
+                                         batches.shape[-1]),
+                         jnp.arange(num_chunks)))
   metrics = jax.tree.map(jnp.sum, metrics)
-  if spec.probe_every:
-    metrics["probe"] = probed
+  for name, k in every.items():  # only the chunks each one ran on
+    per = k // chunk
+    first = per - 1 if name == "probe" else 0
+    metrics[name] = jax.tree.map(lambda x: x[first::per], measured[name])
   if spec.nan_guard:
     first_step, first_flags = guard
     # The last step's update has no next loss to show it.
@@ -464,17 +513,115 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   return state, metrics
 
 
-def _steps_then_probe(body, data: DeviceData, spec: TrainSpec, carry,
-                      batches):
-  """`spec.probe_every` training steps (the epoch scan's `body`), then the
-  probe of the state they leave: (len(probes.QS), units) percentiles."""
-  carry, metrics = jax.lax.scan(body, carry, batches)
+def _measurement_intervals(spec: TrainSpec) -> dict[str, int]:
+  """The measurements `spec` asks for, each with its interval in steps."""
+  return {name: k for name, k in (("ics", spec.ics_every),
+                                  ("landscape", spec.landscape_every),
+                                  ("probe", spec.probe_every)) if k}
+
+
+def _measured_steps(body, data: DeviceData, spec: TrainSpec, chunk: int,
+                    carry, xs):
+  """One chunk of `chunk` training steps (the epoch scan's `body`): before
+  them, at the state before the first step's update and on its batch, the
+  measurements due (`measure_ics`, `measure_landscape`); after them, the
+  probe of the state they leave ((len(probes.QS), units) percentiles).
+  Each runs on every (interval / chunk)-th chunk: the others return zeros,
+  which `train_epoch` drops."""
+  batches, index = xs
   state = carry[0]
-  inputs = model_inputs(data.test_images[:spec.probe_images], spec)
-  percentiles = probes.probe(
-      spec.make_model(state.bn_hparams),
-      {"params": state.params, "batch_stats": state.batch_stats}, inputs)
-  return carry, (metrics, percentiles)
+
+  def on_chunks(k, first, measure):
+    per = k // chunk
+    if per == 1:
+      return measure()
+    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                 jax.eval_shape(measure))
+    return jax.lax.cond(index % per == first, measure, zeros)
+
+  def before(measure):
+    return lambda: measure(state, data.train_images[batches[0]],
+                           data.train_labels[batches[0]], spec=spec)
+
+  measured = {}
+  if spec.ics_every:
+    measured["ics"] = on_chunks(spec.ics_every, 0, before(measure_ics))
+  if spec.landscape_every:
+    measured["landscape"] = on_chunks(spec.landscape_every, 0,
+                                      before(measure_landscape))
+  carry, metrics = jax.lax.scan(body, carry, batches)
+
+  def probe():
+    after = carry[0]
+    inputs = model_inputs(data.test_images[:spec.probe_images], spec)
+    return probes.probe(
+        spec.make_model(after.bn_hparams),
+        {"params": after.params, "batch_stats": after.batch_stats}, inputs)
+
+  if spec.probe_every:
+    measured["probe"] = on_chunks(spec.probe_every,
+                                  spec.probe_every // chunk - 1, probe)
+  return carry, (metrics, measured)
+
+
+def _step_loss(state: TrainState, images, labels, spec: TrainSpec):
+  """(model, the loss `train_step` differentiates at this state and batch,
+  as a function of the parameters: same noise draw, statistics held)."""
+  model = spec.make_model(state.bn_hparams)
+  return model, landscape.training_loss(
+      model, state.batch_stats, model_inputs(images, spec), labels,
+      rngs=noise_rngs(state, spec))
+
+
+def measure_ics(state: TrainState, images, labels, *, spec: TrainSpec,
+                ) -> dict[str, jax.Array]:
+  """Internal covariate shift (Santurkar et al. 2018, Definition 2.1) of
+  the step `train_step(state, images, labels)` would take: per layer
+  (`landscape.classifier_layers`, bottom to top), its gradient before and
+  after the layers below take this step's update, the one the optimizer
+  makes of this gradient and state (`landscape.internal_covariate_shift`).
+
+  Returns {"step": updates taken before, "l2", "cosine", "grad_norm":
+  (layers,) each}. The state is not changed.
+  """
+  model, loss_fn = _step_loss(state, images, labels, spec)
+  grads = jax.grad(loss_fn)(state.params)
+  updates, _ = make_optimizer(spec).update(grads, state.opt_state,
+                                           state.params)
+  shift = landscape.internal_covariate_shift(
+      loss_fn, state.params, updates, landscape.classifier_layers(model))
+  return {"step": state.step, **shift._asdict()}
+
+
+def landscape_step_sizes(state: TrainState, spec: TrainSpec) -> jax.Array:
+  """The landscape's step sizes: `spec.landscape_num_steps` points over
+  `spec.landscape_step_factors` x the run's (base, unscheduled) learning
+  rate; steps along the raw gradient, as SGD's."""
+  learning_rate = optax.tree_utils.tree_get(state.opt_state, "learning_rate")
+  return landscape.step_sizes(learning_rate, spec.landscape_num_steps,
+                              tuple(spec.landscape_step_factors))
+
+
+LANDSCAPE_FIELDS = ("losses", "grad_changes", "beta_smoothness", "loss",
+                    "grad_norm")
+
+
+def measure_landscape(state: TrainState, images, labels, *,
+                      spec: TrainSpec) -> dict[str, jax.Array]:
+  """The loss landscape along this step's gradient (Santurkar et al.,
+  Sec. 3.2, Fig. 4; `landscape.gradient_landscape`) at the step sizes
+  `landscape_step_sizes`.
+
+  Returns {"step": updates taken before, "step_sizes": (k,), and
+  `LANDSCAPE_FIELDS`: per step size the loss and the gradient's l2
+  change ((k,) each), the effective beta-smoothness, the loss and the
+  gradient's norm at the state}. The state is not changed.
+  """
+  _, loss_fn = _step_loss(state, images, labels, spec)
+  etas = landscape_step_sizes(state, spec)
+  found = landscape.gradient_landscape(loss_fn, state.params, etas)._asdict()
+  return {"step": state.step, "step_sizes": etas,
+          **{k: found[k] for k in LANDSCAPE_FIELDS}}
 
 
 def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
@@ -534,9 +681,10 @@ def evaluate(state: TrainState, images, labels, *, spec: TrainSpec,
   def chunk_metrics(chunk):
     x, y, valid = chunk
     x = model_inputs(x, spec)
-    if use_batch_stats:
+    if use_batch_stats:  # noise (if any) drawn as at the state's step
       logits, _ = model.apply(variables, x, train=True,
-                              mutable=["batch_stats"])
+                              mutable=["batch_stats"],
+                              rngs=noise_rngs(state, spec))
     else:
       logits = model.apply(variables, x, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -592,8 +740,8 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
     metrics.update(zip(STALENESS_METRICS, gaps))
   if spec.freeze_diverged:
     metrics["diverged_at"] = state.diverged_at
-  if spec.probe_every:
-    metrics["probe"] = train["probe"]
+  for name in _measurement_intervals(spec):
+    metrics[name] = train[name]
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]

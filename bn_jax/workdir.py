@@ -297,10 +297,11 @@ ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "init": "default", "virtual_batch_sizes": [],
                 "lr_scaling": "none", "lr_reference_batch_size": 128,
                 "sequence": "rows", "lstm.hidden_size": 100,
-                "lstm.permutation_seed": 0, "grad_clip_norm": None}
+                "lstm.permutation_seed": 0, "grad_clip_norm": None,
+                "ics.every_steps": 0, "landscape.every_steps": 0}
 _READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
                              "bn.stats_", "bn.num_groups", "precise_bn.",
-                             "probe.", "init_std")
+                             "probe.", "init_std", "landscape.", "noisy_bn.")
 
 
 def result_fields_that_differ(saved: Mapping[str, Any],

@@ -64,7 +64,8 @@ def get_config():
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of
   # bn.virtual_batch_size) | sampled (statistics from bn.stats_fraction of
   # the batch) | layer | group (bn.num_groups) | instance (cnn only) | rms |
-  # none (no normalization anywhere: placement none).
+  # noisy_batch (BN followed by random noise, config.noisy_bn) | none (no
+  # normalization anywhere: placement none).
   c.norm = "batch"
 
   # Normalization options: each field is an argument of the same name of the
@@ -161,6 +162,36 @@ def get_config():
   c.probe = ml_collections.ConfigDict()
   c.probe.every_steps = 0
   c.probe.num_images = 1000
+
+  # Why BN helps, measured as Santurkar et al. (2018) do (bn_jax.landscape),
+  # on the training batch of every every_steps-th step (0: off; it must
+  # divide the steps per epoch), at the state before that step's update.
+  # Written to metrics.jsonl as ics_* and landscape_* lists.
+  # ics: internal covariate shift (their Definition 2.1): per layer, the
+  # l2 distance and cosine between its weights' gradient before and after
+  # the layers below take the optimizer's update of this step.
+  c.ics = ml_collections.ConfigDict()
+  c.ics.every_steps = 0
+  # landscape: along the gradient, at num_step_sizes step sizes evenly
+  # spaced over step_factors x the learning rate (the paper's VGG grid,
+  # [1/2, 4] x; steps along the raw gradient, so meant for SGD): the loss
+  # at each (its range: loss variation), the gradient's l2 change
+  # (predictiveness), and the largest change per distance (effective
+  # beta-smoothness).
+  c.landscape = ml_collections.ConfigDict()
+  c.landscape.every_steps = 0
+  c.landscape.step_factors = (0.5, 4.0)
+  c.landscape.num_step_sizes = 8
+  # norm=noisy_batch ("noisy BN", their Algorithm 1): BN, then per feature
+  # j a scale and shift redrawn every step, s ~ N(sigma_j, r_sigma^2),
+  # m ~ U(mu_j - r_mu, mu_j + r_mu), with mu_j ~ U(-n_mu, n_mu) and
+  # sigma_j ~ U(1, n_sigma) new each step; in evaluation y * (1 +
+  # n_sigma) / 2, the noise's mean. The paper's values.
+  c.noisy_bn = ml_collections.ConfigDict()
+  c.noisy_bn.n_mu = 0.5
+  c.noisy_bn.n_sigma = 1.25
+  c.noisy_bn.r_mu = 0.1
+  c.noisy_bn.r_sigma = 0.1
 
   # Exact population statistics after each epoch ("PreciseBN", Wu & Johnson
   # 2021; bn_jax.precise): every BN layer's statistics recomputed over

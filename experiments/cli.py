@@ -1,6 +1,7 @@
-"""What the entry points (experiments.main, experiments.gan) share: absl's
-flags parsed and the --config file loaded with one-line errors, and the
-command line as results.json records it."""
+"""What the entry points (experiments.main, .gan, .transfer, .domain_shift)
+share: --config and --workdir, absl's flags parsed and the --config file
+loaded with one-line errors, and the command line as results.json records
+it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,31 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 import bn_jax
+from bn_jax import data
+from bn_jax import study
+from bn_jax import workdir as workdir_lib
 
 # The directories whose INFO lines are shown (progress, resumes, data).
 _OWN_CODE = tuple(str(Path(path).resolve().parent) + os.sep
                   for path in (bn_jax.__file__, __file__))
+
+
+def define_config_and_workdir(config_file: str, workdir_help: str) -> dict:
+  """Defines the required --config (a file like `config_file`) and
+  --workdir; returns {"config": ..., "workdir": ...} holders. Call it only
+  where the module is the program: importing an entry point (its report
+  functions, in tests or a notebook) must not clash with experiments.main's
+  flags of the same names."""
+  holders = {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "Path to an ml_collections config file "
+          f"({config_file}).", lock_config=True),
+      "workdir": flags.DEFINE_string("workdir", None, workdir_help)}
+  flags.mark_flags_as_required(["config", "workdir"])
+  return holders
 
 
 def parse_flags(argv: Sequence[str], fields_file: str):
@@ -72,3 +92,20 @@ def _only_own_info(record: py_logging.LogRecord) -> bool:
   orbax logs hundreds of INFO lines per run that would bury the progress."""
   return (record.levelno >= py_logging.WARNING
           or str(Path(record.pathname).resolve()).startswith(_OWN_CODE))
+
+
+def run_study(argv: Sequence[str], module: str,
+              run: Callable[[str, str], object],
+              write_report: Callable[[str], str], errors: tuple = ()) -> None:
+  """The main of an entry point with a trainer of its own: `run(workdir,
+  command)`, then the path `write_report(workdir)` returns, printed. The
+  errors a user can fix (a bad config, data or workdir, and `errors`)
+  exit with their one line."""
+  start(argv)
+  workdir = flags.FLAGS.workdir
+  try:
+    run(workdir, command_line(module, sys.argv))
+    print(write_report(workdir), flush=True)
+  except (study.ConfigError, data.DataError, workdir_lib.WorkdirError,
+          *errors) as e:
+    sys.exit(f"{type(e).__name__}: {e}")

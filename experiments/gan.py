@@ -11,16 +11,12 @@ PNG sample grids (matplotlib's Agg canvas, no pyplot).
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from absl import app
-from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
-from bn_jax import data
 from bn_jax import gan
 from bn_jax import workdir as workdir_lib
 from experiments import cli
@@ -29,16 +25,10 @@ _FLAGS: dict[str, Any] = {}  # "config", "workdir": see define_flags
 
 
 def define_flags() -> None:
-  """Defines --config and --workdir, only where this module is the program:
-  importing it (the report's functions, in tests or a notebook) must not
-  clash with experiments.main's flags of the same names."""
-  _FLAGS["config"] = config_flags.DEFINE_config_file(
-      "config", None, "Path to an ml_collections config file "
-      "(configs/gan.py).", lock_config=True)
-  _FLAGS["workdir"] = flags.DEFINE_string(
-      "workdir", None, "Directory for config, metrics, checkpoints, samples "
-      "and the report.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  _FLAGS.update(cli.define_config_and_workdir(
+      "configs/gan.py", "Directory for config, metrics, checkpoints, "
+      "samples and the report."))
+
 
 _DPI = 110
 
@@ -257,16 +247,11 @@ def write_report(workdir) -> str:
 
 
 def main(argv):
-  cli.start(argv)
-  try:
-    workdir = _FLAGS["workdir"].value
-    gan.train_and_evaluate(
-        load_config(), workdir,
-        command=cli.command_line("experiments.gan", sys.argv))
-    print(write_report(workdir), flush=True)
-  except (gan.ConfigError, data.DataError, workdir_lib.WorkdirError,
-          ReportError) as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+  cli.run_study(
+      argv, "experiments.gan",
+      lambda workdir, command: gan.train_and_evaluate(
+          load_config(), workdir, command=command),
+      write_report, errors=(ReportError,))
 
 
 if __name__ == "__main__":

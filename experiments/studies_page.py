@@ -28,7 +28,11 @@ import numpy as np
 from bn_jax import probes
 from bn_jax import train
 from bn_jax import workdir as workdir_lib
+from experiments import domain_shift_page
+from experiments import lr_range_page
 from experiments import report
+from experiments import transfer_page
+from experiments import why_bn_page
 
 Rows = Sequence[Mapping[str, Any]]
 # Two means differ "beyond seed noise" when the difference exceeds this many
@@ -50,7 +54,10 @@ def load_study(path: Path) -> dict[str, Any]:
   """A workdir (or a benchmark's JSON directory) with what the page needs:
   rows, results, config, the config file's name and argument."""
   results = report.load_results(path)
-  if results is not None and "variants" in results:  # experiments.gan
+  if results is not None and "domain_shift" in results:
+    return domain_shift_page.load(path)  # experiments.domain_shift
+  if results is not None and "variants" in results:
+    # experiments.gan and experiments.transfer
     return {"path": path, "label": path.name, "results": results,
             "benchmark": None, "rows": [], "config": {},
             "config_name": config_file(results.get("command"))[0],
@@ -172,8 +179,9 @@ def provenance_markdown(studies: Sequence[Mapping[str, Any]]) -> str:
                     or f"(command not recorded: {study['path']})")
     wall = sum(c.get("wall_time") or 0 for c in results.get("combos", [])
                ) or results.get("wall_time") or 0
-    what = (f"{wall:.0f} s of training" if not study["benchmark"] else
-            "the benchmark")
+    what = ("the benchmark" if study["benchmark"] else
+            f"{wall:.0f} s of evaluation" if "domain_shift" in results
+            else f"{wall:.0f} s of training")
     notes.append(f"`{study['label']}`: {what}, finished "
                  f"{results.get('finished', 'at an unrecorded time')}"
                  + ("" if study["results"] else " (no results.json: "
@@ -897,6 +905,10 @@ SECTIONS: dict[str, Callable[..., str]] = {
     "staleness": staleness_section,
     "article_claims": claims_section,
     "gan": gan_section,
+    "why_bn": why_bn_page.why_bn_section,
+    "lr_range": lr_range_page.lr_range_section,
+    "domain_shift": domain_shift_page.domain_shift_section,
+    "transfer": transfer_page.transfer_section,
 }
 BENCHMARK_SECTIONS = {"bn_cost": "article_claims"}
 
@@ -914,10 +926,21 @@ STUDY_COMMANDS = {
     "workdirs/article_claims_raw": ("--config=configs/article_claims.py "
                                     "--config.input_scaling=raw"),
     "workdirs/seq_mnist": "--config=configs/seq_mnist.py",
+    "workdirs/lr_range": "--config=configs/lr_range.py",
+    "workdirs/why_bn_ics": "--config=configs/why_bn.py:ics",
+    "workdirs/why_bn_ics_mlp": "--config=configs/why_bn.py:ics_mlp",
+    "workdirs/why_bn_landscape": "--config=configs/why_bn.py:landscape",
 }
-GAN_COMMANDS = {
+# The studies with entry points of their own.
+OWN_COMMANDS = {
     "workdirs/gan": "python -m experiments.gan --config=configs/gan.py "
                     "--workdir=workdirs/gan",
+    "workdirs/domain_shift": "python -m experiments.domain_shift "
+                             "--config=configs/domain_shift.py "
+                             "--workdir=workdirs/domain_shift",
+    "workdirs/transfer": "python -m experiments.transfer "
+                         "--config=configs/transfer.py "
+                         "--workdir=workdirs/transfer",
 }
 BENCHMARK_COMMANDS = {
     "workdirs/bn_cost": "python benchmarks/bn_cost.py "
@@ -930,7 +953,7 @@ def default_workdirs() -> list[str]:
   commands that make them."""
   commands = {w: f"python -m experiments.main {c} --workdir={w}"
               for w, c in STUDY_COMMANDS.items()}
-  commands.update(GAN_COMMANDS)
+  commands.update(OWN_COMMANDS)
   commands.update(BENCHMARK_COMMANDS)
   missing = [w for w in commands if not (Path(w) / "results.json").exists()]
   if missing:

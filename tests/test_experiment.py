@@ -21,10 +21,12 @@ import jax
 import numpy as np
 import pytest
 
+from bn_jax import domain_shift
 from bn_jax import experiment
 from bn_jax import gan
 from bn_jax import study
 from bn_jax import train
+from bn_jax import transfer
 from configs import placements
 from experiments import cli
 from experiments import report
@@ -302,18 +304,24 @@ CONFIG_FILES = sorted(p.name for p in (helpers.REPO / "configs").glob("*.py")
                       if p.name != "__init__.py")
 
 
+# The entry points other than experiments.main, with their config checks.
+OWN_ENTRY_POINTS = {"experiments.gan": gan.validate_config,
+                    "experiments.domain_shift": domain_shift.validate_config,
+                    "experiments.transfer": transfer.validate_config}
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_docstring_starts_with_the_command_that_runs_it(name):
   path = helpers.REPO / "configs" / name
   argv = docstring_command(path)
   assert argv[:2] == ["python", "-m"]
-  assert argv[2] in ("experiments.main", "experiments.gan")
+  assert argv[2] in ("experiments.main", *OWN_ENTRY_POINTS)
   args = argv[3:]
   assert args[0] == f"--config=configs/{name}"  # names the file itself
   assert any(a.startswith("--workdir=") for a in args)
-  if argv[2] == "experiments.gan":  # its own trainer and checks
+  if argv[2] in OWN_ENTRY_POINTS:  # its own trainer and checks
     config = importlib.import_module(f"configs.{path.stem}").get_config()
-    gan.validate_config(config)
+    OWN_ENTRY_POINTS[argv[2]](config)
   else:  # the entry point's own flags accept the command as written
     config = helpers.resolved_config(args)
     study.validate_config(config)

@@ -308,6 +308,47 @@ def test_conv_rejects_even_kernels():
     models.Conv(4, (2, 2)).init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))
 
 
+def _numpy_pool_2x2(x):
+  """Max over each 2x2 window and the pooling gradient that splits each
+  window's cotangent evenly over its tied maxima, by explicit loops."""
+  n, h, w, c = x.shape
+  out = np.zeros((n, h // 2, w // 2, c), x.dtype)
+  share = np.zeros_like(x)  # d out[window] / d x
+  for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+    window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k]
+    out[b, i, j, k] = window.max()
+    ties = window == window.max()
+    share[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k] = ties / ties.sum()
+  return out, share
+
+
+def test_max_pool_2x2_matches_flax_and_numpy():
+  """Forward: flax.linen.max_pool's values exactly. Gradient: flax's where
+  the maxima are unique; with ties (a ReLU'd, BN'd window of zeros), the
+  cotangent split evenly over them, against NumPy loops."""
+  import flax.linen as flax_nn
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 6, 4, 3)))
+  np.testing.assert_array_equal(
+      models.max_pool_2x2(x), flax_nn.max_pool(x, (2, 2), strides=(2, 2)))
+  weights = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 2, 3)))
+  loss = lambda pool: lambda x: jnp.sum(pool(x) * weights)
+  flax_pool = lambda x: flax_nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(jax.grad(loss(models.max_pool_2x2))(x),
+                                jax.grad(loss(flax_pool))(x))
+  tied = np.maximum(np.round(x), 0.0)  # many windows of equal values
+  out, share = _numpy_pool_2x2(tied)
+  assert np.any((share > 0) & (share < 1)), "the case has no ties"
+  np.testing.assert_array_equal(models.max_pool_2x2(tied), out)
+  upsampled = np.repeat(np.repeat(weights, 2, axis=1), 2, axis=2)
+  np.testing.assert_allclose(jax.grad(loss(models.max_pool_2x2))(tied),
+                             share * upsampled, rtol=1e-6)
+
+
+def test_max_pool_2x2_rejects_odd_sizes():
+  with pytest.raises(ValueError, match="even height and width"):
+    models.max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
+
+
 # ----------------------------------------------------------------------------
 # Backend switches and the norm factory.
 

@@ -20,6 +20,7 @@ import pytest
 
 from bn_jax import core
 from bn_jax import experiment
+from bn_jax import landscape
 from bn_jax import models
 from bn_jax import nn as bn_nn
 from bn_jax import study
@@ -54,6 +55,7 @@ EXPECTED = {
     "group": bn_nn.GroupNorm(num_groups=5, epsilon=1e-3),
     "instance": bn_nn.InstanceNorm(epsilon=1e-3),
     "rms": bn_nn.RMSNorm(epsilon=1e-3),
+    "noisy_batch": landscape.NoisyBN(**_BN),  # the paper's noise (defaults)
 }
 
 

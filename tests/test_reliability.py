@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import helpers
 import jax
@@ -663,3 +664,33 @@ def test_a_failed_checkpoint_save_is_a_one_line_write_error(
                 if p.name.isdigit()) == ["1"]
   experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
+
+
+class _OldState(NamedTuple):  # a state as saved before a field was added
+  step: jax.Array
+  diverged_at: jax.Array | None = None
+
+
+class _NewState(NamedTuple):  # the same with a new optional field
+  step: jax.Array
+  diverged_at: jax.Array | None = None
+  noise_key: jax.Array | None = None
+
+
+def test_checkpoints_from_before_an_optional_field_still_restore(tmp_path):
+  """A checkpoint written before train.TrainState gained an optional (None
+  unless used) field restores into today's state, the field None, and is
+  not moved aside as corrupt; a real mismatch still is."""
+  from bn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  manager = checkpoints.manager(tmp_path / "checkpoints", keep=2)
+  checkpoints.save(manager, 1, _OldState(jnp.arange(3)))
+  template = _NewState(jax.ShapeDtypeStruct((3,), jnp.int32))
+  epoch, restored = checkpoints.restore_newest(manager, template)
+  assert epoch == 1 and isinstance(restored, _NewState)
+  np.testing.assert_array_equal(restored.step, np.arange(3))
+  assert restored.diverged_at is None and restored.noise_key is None
+  assert not (tmp_path / "checkpoints.corrupt").exists()
+  wrong = _NewState(jax.ShapeDtypeStruct((3,), jnp.int32),
+                    noise_key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  assert checkpoints.restore_newest(manager, wrong) is None
+  assert (tmp_path / "checkpoints.corrupt" / "1").is_dir()

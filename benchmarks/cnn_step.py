@@ -1,0 +1,314 @@
+"""The CNN's training step: bn_jax against PyTorch eager, back to back.
+
+    .venv/bin/python benchmarks/cnn_step.py --torch_python=build/torch-venv/bin/python
+    .venv/bin/python benchmarks/cnn_step.py --quick     # smoke run (no PyTorch needed)
+    .venv/bin/python benchmarks/cnn_step.py --ab --profile  # + the A/B, where the time goes
+
+The `:cnn` model of configs/placements.py (conv3x3(32) -> relu -> BN ->
+maxpool 2x2 -> conv3x3(64) -> relu -> BN -> maxpool 2x2 -> Dense(128) ->
+relu -> BN -> Dense(10); Adam 1e-3, batch 128, real MNIST), one training
+step of each implementation:
+
+  bn_jax          `train.train_epoch` of `--steps` steps, jitted, as the
+                  CLI trains (config.conv="auto" is models.Conv on a CPU).
+  bn_jax, before  `--ab`: the same with one change of the step undone
+                  (`AB_CHANGES`), compiled in this process: the same-process
+                  A/B that kept the change.
+  PyTorch         the same model in eager mode (benchmarks/_torch_cnn.py),
+                  channels_last and the default layout, `--threads` threads
+                  (default: this machine's CPU count), each in its own
+                  process under `--torch_python` (a Python that has torch:
+                  PyTorch is not a bn_jax dependency; benchmarks/README.md
+                  says how to make one).
+
+Every candidate runs `--steps` steps per call, in interleaved rounds, so that
+the load of a shared machine hits all of them alike; the table gives the
+median ms per step and each one's ratio to bn_jax (PyTorch channels_last /
+bn_jax is the figure the speed-up is judged by).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from bn_jax import data as data_lib  # noqa: E402
+from bn_jax import models  # noqa: E402
+from bn_jax import train  # noqa: E402
+
+HPARAMS = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
+SPEC = train.TrainSpec(model="cnn", placement="after_activation",
+                       widths=(128,), channels=(32, 64))
+TORCH_WORKER = Path(__file__).resolve().parent / "_torch_cnn.py"
+
+
+def _flax_max_pool(x):
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+# Each change to the step, as the patch that undoes it: `--ab` times the
+# step with and without it in this process.
+AB_CHANGES = {
+    "2x2 max-pool as reshape + max (not flax.linen.max_pool)":
+        lambda: mock.patch.object(models, "max_pool_2x2", _flax_max_pool),
+}
+
+
+class JaxStep:
+  """`steps` jitted training steps of bn_jax's CNN per call, compiled under
+  `patch` (a context manager; the model is traced on the first call)."""
+
+  def __init__(self, data, steps: int, patch=contextlib.nullcontext):
+    spec = dataclasses.replace(SPEC, steps_per_epoch=steps)
+    self.state = train.create_train_state(spec, 0, HPARAMS)
+    self._data = data
+    self._epoch = jax.jit(
+        lambda state, data: train.train_epoch(state, data, spec=spec)[0],
+        donate_argnums=0)
+    with patch():
+      _common.block(self())
+
+  def compiled_text(self) -> str:
+    """The optimized HLO of the compiled epoch (kernel names, metadata)."""
+    return self._epoch.lower(self.state, self._data).compile().as_text()
+
+  def __call__(self):
+    self.state = self._epoch(self.state, self._data)
+    return self.state
+
+
+class TorchStep:
+  """A PyTorch worker process (benchmarks/_torch_cnn.py); each call runs
+  `steps` steps there and returns once they are done."""
+
+  def __init__(self, python: str, data_file: str, layout: str, threads: int,
+               steps: int):
+    self.steps = steps
+    self.process = subprocess.Popen(
+        [python, str(TORCH_WORKER), f"--data={data_file}",
+         f"--layout={layout}", f"--threads={threads}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._answer()
+
+  def _answer(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the PyTorch worker ({TORCH_WORKER.name}) exited "
+                         f"with code {self.process.wait()}; its error is "
+                         "above.")
+    answer = json.loads(line)
+    if "error" in answer:
+      raise RuntimeError(f"the PyTorch worker: {answer['error']}")
+    return answer
+
+  def __call__(self):
+    self.process.stdin.write(f"steps {self.steps}\n")
+    self.process.stdin.flush()
+    return self._answer()
+
+  def close(self):
+    with contextlib.suppress(OSError):
+      self.process.stdin.write("quit\n")
+      self.process.stdin.close()
+    self.process.wait(timeout=60)
+
+
+def check_torch_python(python: str) -> str:
+  """The torch version under `python`, or SystemExit saying how to get one."""
+  try:
+    result = subprocess.run([python, "-c", "import torch; "
+                             "print(torch.__version__)"],
+                            capture_output=True, text=True, timeout=120)
+  except OSError as e:
+    raise SystemExit(f"--torch_python={python}: cannot run it ({e}); name a "
+                     "Python that has torch (benchmarks/README.md, "
+                     "'CNN step').") from e
+  if result.returncode:
+    raise SystemExit(f"--torch_python={python}: `import torch` failed "
+                     f"({result.stderr.strip().splitlines()[-1]}); install "
+                     "torch there (benchmarks/README.md, 'CNN step').")
+  return result.stdout.strip()
+
+
+# Where the time of a step goes: each XLA kernel's category from the op
+# that the compiled program's metadata names (op_name) and its output shape.
+# "backward" is the transpose of the forward pass (JAX's reverse mode).
+_LAYER = re.compile(r"(conv_\d+|hidden_\d+|readout)/")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]"
+                          r".*?op_name=\"([^\"]*)\"")
+
+
+def kernel_category(op_name: str, shape: tuple[int, ...],
+                    kernel_sizes: set[int]) -> str:
+  """The part of the step an XLA kernel belongs to (`op_name`: its HLO
+  metadata; `shape`: its output's; `kernel_sizes`: the conv kernels' sizes,
+  which only their gradients match)."""
+  if "jvp(CNN)" not in op_name:
+    return "data, loss, Adam and the rest"
+  direction = "backward" if "transpose(jvp(CNN))" in op_name else "forward"
+  layer = _LAYER.search(op_name)
+  if layer is None:  # between the blocks: the pooling (and free reshapes)
+    return f"max-pool ({direction})"
+  layer = layer.group(1)
+  if "BatchNorm" in op_name:
+    return f"BN ({direction})"
+  if "relu" in op_name:
+    return f"relu ({direction})"
+  if layer.startswith("conv") and direction == "backward" and (
+      math.prod(shape) in kernel_sizes):  # the weight gradient's matmul
+    return "conv weight gradients"
+  if layer.startswith("conv") and "dot_general" in op_name:
+    return ("conv matmuls (forward)" if direction == "forward"
+            else "conv input gradients")
+  if layer.startswith("conv"):
+    return f"im2col copies ({direction})"
+  return f"dense layers ({direction})"
+
+
+def profile_by_category(step: JaxStep, steps: int) -> dict[str, float]:
+  """ms per step of each `kernel_category`, from one profiled call."""
+  hlo = step.compiled_text()
+  kernel_sizes = {math.prod(k.shape) for k in jax.tree.leaves(
+      step.state.params) if k.ndim == 4}
+  categories = {}
+  for line in hlo.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      name, dims, op_name = match.groups()
+      shape = tuple(int(d) for d in dims.split(",") if d)
+      categories[name] = kernel_category(op_name, shape, kernel_sizes)
+  totals = collections.Counter()
+  for name, ms, _ in _common.kernel_profile(step, top=None):
+    totals[categories.get(name, "data, loss, Adam and the rest")] += (
+        ms / steps)
+  return dict(totals.most_common())
+
+
+def matmul_floor_ms(rounds: int) -> float:
+  """ms for `step_matmul_flops` at the median rate of a large matmul here."""
+  matmul, flops = _common.matmul_candidate()
+  wall, _ = _common.interleaved({"matmul": matmul}, rounds)
+  return 1e3 * step_matmul_flops(SPEC) * _common.median(wall["matmul"]) / flops
+
+
+def step_matmul_flops(spec: train.TrainSpec) -> float:
+  """FLOPs of the matmuls of one training step of the CNN (2 m n k each):
+  every conv (9 taps, SAME) and Dense layer forward, its weight gradient
+  and its input gradient (none for the first layer, whose input is data)."""
+  side, width, flops = 28, 1, 0.0
+  layers = []
+  for channels in spec.channels:
+    layers.append(spec.batch_size * side * side * 9 * width * channels)
+    side, width = side // 2, channels
+  width *= side * side
+  for features in (*spec.widths, 10):
+    layers.append(spec.batch_size * width * features)
+    width = features
+  for i, multiply_adds in enumerate(layers):
+    flops += 2 * multiply_adds * (2 if i == 0 else 3)
+  return flops
+
+
+def write_training_data(dataset, directory: str) -> str:
+  path = os.path.join(directory, "mnist_train.npz")
+  np.savez(path, images=data_lib.flatten_pixels(dataset.train_images),
+           labels=dataset.train_labels)
+  return path
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  _common.add_common_flags(parser)
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per timed call (default 20; "
+                      "--quick: 4)")
+  parser.add_argument("--torch_python", default=os.environ.get(
+      "BN_JAX_TORCH_PYTHON", ""), help="a Python with torch (default: "
+      "$BN_JAX_TORCH_PYTHON); empty: bn_jax only")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                      help="PyTorch's intra-op threads (default: the CPU "
+                      "count, which XLA:CPU also uses)")
+  parser.add_argument("--ab", action="store_true",
+                      help="also time bn_jax with each change in AB_CHANGES "
+                      "undone")
+  parser.add_argument("--profile", action="store_true",
+                      help="print where bn_jax's step goes, by part")
+  args = parser.parse_args()
+  rounds = args.rounds or (2 if args.quick else 7)
+  steps = args.steps or (4 if args.quick else 20)
+  torch_version = (check_torch_python(args.torch_python)
+                   if args.torch_python else None)
+
+  print(_common.header("CNN training step: bn_jax vs PyTorch eager"),
+        flush=True)
+  dataset = data_lib.load_dataset("mnist", data_dir=args.data_dir or None)
+  data = train.to_device(
+      data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
+      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
+  candidates = {"bn_jax": JaxStep(data, steps)}
+  if args.ab:
+    for change, undo in AB_CHANGES.items():
+      candidates[f"bn_jax without: {change}"] = JaxStep(data, steps, undo)
+  workers = []
+  with tempfile.TemporaryDirectory() as directory:
+    if torch_version:
+      data_file = write_training_data(dataset, directory)
+      for layout in ("channels_last", "default"):
+        worker = TorchStep(args.torch_python, data_file, layout,
+                           args.threads, steps)
+        workers.append(worker)
+        candidates[f"PyTorch {torch_version} eager, {layout}, "
+                   f"{worker.info['threads']} threads"] = worker
+    try:
+      for fn in candidates.values():  # one untimed round of warm-up
+        _common.block(fn())
+      wall, cpu = _common.interleaved(candidates, rounds)
+    finally:
+      for worker in workers:
+        worker.close()
+
+  floor_ms = matmul_floor_ms(rounds)
+  print(f"\n{steps} steps per call, median of {rounds} interleaved rounds; "
+        "ratio = the row's ms per step / bn_jax's\n")
+  print("| implementation | ms/step | min-max s per call | ratio to bn_jax |")
+  print("|---|---:|---:|---:|")
+  jax_ms = 1e3 * _common.median(wall["bn_jax"]) / steps
+  for name, times in wall.items():
+    ms = 1e3 * _common.median(times) / steps
+    print(f"| {name} | {ms:.1f} | {_common.spread(times)} | "
+          f"{ms / jax_ms:.2f} |", flush=True)
+  print(f"\nThe floor: the step's matmuls ({step_matmul_flops(SPEC) / 1e9:.2f}"
+        f" GFLOP) at this run's rate of a {_common.MATMUL_N}^3 float32 "
+        f"matmul take {floor_ms:.1f} ms.")
+  if args.profile:
+    parts = profile_by_category(candidates["bn_jax"], steps)
+    total = sum(parts.values())
+    print(f"\nWhere bn_jax's step goes: its XLA kernels (jax.profiler, one "
+          f"call of {steps} steps, summed over threads) by the op each "
+          "computes\n")
+    print("| part of the step | ms/step | share |")
+    print("|---|---:|---:|")
+    for part, ms in parts.items():
+      print(f"| {part} | {ms:.2f} | {ms / total:.0%} |")
+
+
+if __name__ == "__main__":
+  main()

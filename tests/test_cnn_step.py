@@ -1,0 +1,81 @@
+"""benchmarks/cnn_step.py: the CNN step against PyTorch, smoke-tested.
+
+PyTorch is not a dependency, so the suite checks the parts that do not need
+it: the one-line errors for a Python without torch, and a --quick run of
+bn_jax's side with its table (rows, not numbers: timings on a shared CPU say
+nothing). The PyTorch worker's model is checked against bn_jax's parameter
+count where $BN_JAX_TORCH_PYTHON names a Python with torch.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import helpers
+
+sys.path.insert(0, str(helpers.REPO / "benchmarks"))
+import cnn_step  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from bn_jax import train  # noqa: E402
+
+
+def test_a_python_without_torch_is_named_in_one_line():
+  with pytest.raises(SystemExit, match=r"--torch_python=.*import torch` "
+                     r"failed .*install torch there"):
+    cnn_step.check_torch_python(sys.executable)  # the venv has no torch
+  with pytest.raises(SystemExit, match="cannot run it"):
+    cnn_step.check_torch_python("/nonexistent/python")
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path):
+  with pytest.raises(RuntimeError, match="PyTorch worker .* exited"):
+    cnn_step.TorchStep(sys.executable, str(tmp_path / "none.npz"),
+                       "channels_last", 1, 2)
+
+
+def test_the_torch_model_has_bn_jax_s_parameters():
+  """Same layers, so the same number of trainable parameters (flax's
+  scale/bias of BN are PyTorch's weight/bias). Runs where
+  $BN_JAX_TORCH_PYTHON names a Python with torch."""
+  python = os.environ.get("BN_JAX_TORCH_PYTHON")
+  if not python:
+    pytest.skip("set BN_JAX_TORCH_PYTHON to a Python with torch")
+  result = subprocess.run(
+      [str(helpers.REPO / python), "-c", "import _torch_cnn; print(sum(p.numel() for p in "
+       "_torch_cnn.make_model().parameters()))"],
+      cwd=helpers.REPO / "benchmarks", capture_output=True, text=True,
+      timeout=300, check=True)
+  state = train.create_train_state(cnn_step.SPEC, 0, cnn_step.HPARAMS)
+  assert int(result.stdout) == sum(x.size for x in
+                                   jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_table():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", BN_JAX_TORCH_PYTHON="")
+  result = subprocess.run(
+      [sys.executable, "benchmarks/cnn_step.py", "--quick", "--steps=2",
+       "--rounds=1", "--ab"], cwd=helpers.REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = re.findall(r"^\| (bn_jax[^|]*) \| ([0-9.]+) \|", result.stdout,
+                    re.MULTILINE)
+  assert [name.strip() for name, _ in rows] == [
+      "bn_jax", *(f"bn_jax without: {c}" for c in cnn_step.AB_CHANGES)]
+  assert all(float(ms) > 0 for _, ms in rows)
+
+
+def test_step_matmul_flops_by_hand():
+  """The issue's 3.2 GFLOP: conv_0 forward and weight gradient (its input
+  is data), conv_1, hidden and readout forward, weight and input gradients;
+  2 FLOPs per multiply-add."""
+  conv_0 = 128 * 28 * 28 * (9 * 1) * 32
+  conv_1 = 128 * 14 * 14 * (9 * 32) * 64
+  dense = 128 * (7 * 7 * 64) * 128 + 128 * 128 * 10
+  expected = 2 * (2 * conv_0 + 3 * conv_1 + 3 * dense)
+  assert cnn_step.step_matmul_flops(cnn_step.SPEC) == expected
+  assert round(expected / 1e9, 1) == 3.2

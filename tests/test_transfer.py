@@ -1,0 +1,349 @@
+"""The transfer-learning study (bn_jax.transfer, experiments/transfer.py,
+experiments/transfer_page.py): class subsets and the labeled budget against
+NumPy, what each variant may change, recomputed statistics against a NumPy
+forward pass, config errors, and (slow) the entry point end to end with
+the page's section on its run."""
+
+import functools
+import json
+import re
+import shutil
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bn_jax import study
+from bn_jax import train
+from bn_jax import workdir as workdir_lib
+from bn_jax import transfer
+from configs import transfer as transfer_config
+from experiments import studies_page
+from experiments import transfer_page
+from tests import helpers
+
+
+def tiny_config():
+  config = transfer_config.get_config("short")
+  config.widths = (8, 6)
+  return config
+
+
+def tiny_spec(norm="batch", batch_size=5, steps_per_epoch=2, num_epochs=2):
+  return transfer.make_spec(tiny_config(), norm=norm, batch_size=batch_size,
+                            steps_per_epoch=steps_per_epoch,
+                            num_epochs=num_epochs)
+
+
+def init_variables(spec, seed=0):
+  """The network's initial variables, compiled (faster than op by op)."""
+  model = spec.make_model({})
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, 784)),
+                                        train=False))(jax.random.key(seed))
+
+
+def pretrained_variables(spec, seed=0):
+  """A network's variables as pretraining might leave them: random
+  kernels, gammas, betas and running statistics away from their init."""
+  variables = init_variables(spec, seed)
+  rng = np.random.default_rng(seed)
+  perturb = lambda x, lo, hi: rng.uniform(lo, hi, x.shape).astype(x.dtype)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: perturb(x, 0.5, 2.0) if path[-1].key == "scale"
+      else perturb(x, -0.5, 0.5) if path[-1].key == "bias"
+      else np.asarray(x), variables["params"])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, x: perturb(x, 0.2, 3.0) if path[-1].key == "var"
+      else perturb(x, -1.0, 1.0), variables["batch_stats"])
+  return {"params": params, "batch_stats": stats}
+
+
+def pixels(n, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, 784), np.uint8)
+
+
+def flat(tree):
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def test_class_subset_keeps_the_classes_in_order_and_relabels_them():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 500)
+  images = rng.integers(0, 256, (500, 3))
+  classes = (5, 6, 7, 8, 9)
+  got_images, got_labels = transfer.class_subset(images, labels, classes)
+  expected = [(image, classes.index(label))
+              for image, label in zip(images, labels) if label in classes]
+  np.testing.assert_array_equal(got_images, [e[0] for e in expected])
+  np.testing.assert_array_equal(got_labels, [e[1] for e in expected])
+  # An order other than sorted: the label is the position in `classes`.
+  _, shuffled = transfer.class_subset(images, labels, (9, 2))
+  np.testing.assert_array_equal(
+      shuffled, [0 if l == 9 else 1 for l in labels if l in (9, 2)])
+
+
+def test_labeled_budget_is_stratified_distinct_and_seeded():
+  labels = np.random.default_rng(1).integers(0, 5, 400)
+  picked = transfer.labeled_budget(labels, 100, seed=3)
+  assert len(set(picked.tolist())) == 100
+  np.testing.assert_array_equal(np.bincount(labels[picked], minlength=5),
+                                [20] * 5)
+  np.testing.assert_array_equal(picked,
+                                transfer.labeled_budget(labels, 100, seed=3))
+  assert not np.array_equal(picked,
+                            transfer.labeled_budget(labels, 100, seed=4))
+  with pytest.raises(ValueError, match="not a multiple of the 5 classes"):
+    transfer.labeled_budget(labels, 12, seed=0)
+
+
+# ----------------------------------------------------------------------------
+# What each variant changes.
+
+
+def _two_steps(spec, variables, *, readout_only):
+  """Two training steps of a transfer run from `variables`: the readout
+  step (frozen) or bn_jax.train's step (trained), compiled."""
+  state = jax.jit(functools.partial(
+      transfer.transfer_state, spec, readout_only=readout_only))(
+          variables, 7, 1e-2)
+  step = jax.jit(functools.partial(
+      transfer.readout_step if readout_only else train.train_step,
+      spec=spec))
+  labels = jnp.arange(5, dtype=jnp.int32)
+  for seed in (0, 1):
+    state, metrics = step(state, jnp.asarray(pixels(5, seed)), labels)
+  assert int(state.step) == 2 and int(metrics["count"]) == 5
+  return state
+
+
+def test_frozen_changes_only_the_readout_bitwise():
+  spec = tiny_spec()
+  variables = pretrained_variables(spec)
+  state = _two_steps(spec, variables, readout_only=True)
+  before, after = flat(variables["params"]), flat(state.params)
+  assert before.keys() == after.keys()
+  # One output per target class (the spec's 5, not bn_jax.models' 10).
+  assert after[(transfer.READOUT, "kernel")].shape == (6, 5)
+  for key in before:
+    same = np.asarray(before[key]).tobytes() == np.asarray(after[key]).tobytes()
+    assert same == (key[0] != transfer.READOUT), key
+  for key, value in flat(variables["batch_stats"]).items():
+    assert np.asarray(value).tobytes() == np.asarray(
+        flat(state.batch_stats)[key]).tobytes(), key
+
+
+def test_trained_changes_every_layer_and_the_statistics():
+  spec = tiny_spec()
+  variables = pretrained_variables(spec)
+  state = _two_steps(spec, variables, readout_only=False)
+  for key, value in flat(variables["params"]).items():
+    assert not np.array_equal(value, flat(state.params)[key]), key
+  for key, value in flat(variables["batch_stats"]).items():
+    assert not np.array_equal(value, flat(state.batch_stats)[key]), key
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_recomputed_statistics_are_numpy_mean_and_var_of_each_layer():
+  """Layer by layer in float64 NumPy: each BN layer's inputs on all the new
+  images (three batches pooled), the layers below normalizing with their
+  recomputed statistics."""
+  config = tiny_config()
+  placement = config.placement
+  assert placement == "before_activation"
+  spec = transfer.make_spec(config, norm="batch", batch_size=5,
+                            steps_per_epoch=1, num_epochs=1)
+  variables = pretrained_variables(spec, seed=1)
+  images = pixels(24, seed=2)
+  got = transfer.recompute_statistics(spec, variables,
+                                      jnp.asarray(images.reshape(3, 8, 784)))
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                        variables["params"])
+  epsilon = config.bn.epsilon
+  x = images.astype(np.float64) / 255
+  for i in range(len(config.widths)):
+    layer = params[f"hidden_{i}"]
+    h = x @ layer["Dense_0"]["kernel"]  # no bias: BN's beta replaces it
+    mean, var = h.mean(0), h.var(0)
+    np.testing.assert_allclose(got[f"hidden_{i}"]["BatchNorm_0"]["mean"],
+                               mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[f"hidden_{i}"]["BatchNorm_0"]["var"],
+                               var, rtol=1e-3, atol=1e-6)
+    bn = layer["BatchNorm_0"]
+    h = (h - mean) / np.sqrt(var + epsilon) * bn["scale"] + bn["bias"]
+    x = _sigmoid(h)
+  # Not the pretraining's statistics any more.
+  assert not np.allclose(got["hidden_0"]["BatchNorm_0"]["mean"],
+                         variables["batch_stats"]["hidden_0"]["BatchNorm_0"][
+                             "mean"])
+
+
+def test_network_without_bn_has_no_statistics_to_recompute():
+  spec = tiny_spec(norm="layer")
+  assert transfer.recompute_statistics(
+      spec, {"params": {}, "batch_stats": {}},
+      jnp.asarray(pixels(8).reshape(2, 4, 784))) == {}
+
+
+def test_cells_give_the_statistics_variants_to_bn_only():
+  config = tiny_config()
+  config.norms = ("batch", "layer")
+  config.transfer.variants = ("frozen", "recomputed")
+  assert transfer.cells(config) == [("batch", "frozen", 100),
+                                    ("batch", "recomputed", 100),
+                                    ("layer", "frozen", 100)]
+
+
+# ----------------------------------------------------------------------------
+# The config.
+
+
+def test_config_variants_are_valid():
+  for arg in ("", "short"):
+    transfer.validate_config(transfer_config.get_config(arg))
+  with pytest.raises(ValueError, match="the variants are"):
+    transfer_config.get_config("long")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norms", ("batch", "group"), "config.norms=('batch', 'group') has "
+     "'group'; choose among ('batch', 'layer', 'none')."),
+    ("transfer.variants", ("frozen", "adabn"), "has 'adabn'"),
+    ("transfer.budgets", (100, 12), "has 12, not a multiple of the 5 "
+     "target classes"),
+    ("target_classes", (4, 5), "shares classes with source_classes"),
+    ("transfer.batch_size", 1, "config.transfer.batch_size=1 must be at "
+     "least 2"),
+    ("transfer.readout_learning_rate", -1.0, "config.transfer."
+     "readout_learning_rate=-1.0 must be a number > 0."),
+    ("placement", "input", "config.placement='input' is not valid"),
+    ("bn.momentum", 1.0, "config.bn.momentum=1.0 must be a number in "
+     "[0, 1)."),
+])
+def test_bad_config_is_one_line_naming_the_field(field, value, message):
+  config = transfer_config.get_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(study.ConfigError, match=re.escape(message)) as error:
+    transfer.validate_config(config)
+  assert "\n" not in str(error.value)
+
+
+def test_budget_larger_than_a_class_is_refused():
+  config = transfer_config.get_config()
+  with pytest.raises(study.ConfigError, match=re.escape(
+      "has 1000: 200 per class, more than the 150 training images")):
+    transfer.validate_data_size(config, 30000, 29000, [150, 6000, 6000,
+                                                      6000, 6000])
+
+
+# ----------------------------------------------------------------------------
+# The entry point and the page's section on a tiny real run.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A tiny study through the entry point: (workdir, its arguments, the
+  process, a copy of the workdir as the first run left it)."""
+  tmp = tmp_path_factory.mktemp("transfer")
+  data_dir = helpers.write_tiny_idx(tmp / "idx", 400, 200)
+  workdir = tmp / "work"
+  args = ["--config=configs/transfer.py:short", f"--workdir={workdir}",
+          "--config.dataset=tiny_idx", "--config.data_source=idx",
+          f"--config.data_dir={data_dir}", "--config.widths=(8, 8)",
+          "--config.seeds=(0, 1, 2)", "--config.pretrain.batch_size=50",
+          "--config.transfer.budgets=(10,)",
+          "--config.norms=('batch',)",
+          "--config.transfer.variants=('frozen', 'recomputed', 'trained')",
+          "--config.transfer.steps=6", "--config.transfer.batch_size=5",
+          "--config.transfer.recompute_chunk=50"]
+  first = helpers.run_cli(args, module="experiments.transfer")
+  copy = tmp / "transfer_first"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("*.lock"))
+  return workdir, args, first, copy
+
+
+@pytest.mark.slow
+def test_entry_point_end_to_end_and_rerun(tiny_run):
+  workdir, args, first, _ = tiny_run
+  assert first.stdout.strip().endswith("report.md")
+  assert "[batch] pretraining epoch 1/1" in first.stderr
+  assert "[batch] trained, budget 10 (3/3)" in first.stderr
+  results = json.loads((workdir / "results.json").read_text())
+  assert [(c["norm"], c["variant"]) for c in results["variants"]] == [
+      ("batch", "frozen"), ("batch", "recomputed"), ("batch", "trained")]
+  for cell in results["variants"]:
+    assert len(cell["test_accuracy"]) == 3
+    assert all(0 <= a <= 1 for a in cell["test_accuracy"])
+    assert cell["steps"] == 6 and cell["batch_size"] == 5
+  assert results["command"].startswith(
+      "python -m experiments.transfer --config=configs/transfer.py:short")
+  assert results["machine"]["cpu_count"] > 0
+  assert "| BN | frozen (readout only) |" in (workdir / "report.md"
+                                              ).read_text()
+
+  # A rerun of the same pretraining loads the saved networks (no data
+  # needed); another pretraining is refused in one line.
+  config = ml_collections.ConfigDict(
+      json.loads((workdir / "config.json").read_text()))
+  variables, summary = transfer.pretrain(config, "batch", None,
+                                         workdir / "pretrained")
+  assert summary["test_accuracy"] == results["pretrain"]["batch"][
+      "test_accuracy"]
+  assert variables["params"]["readout"]["kernel"].shape == (3, 8, 5)
+  config.pretrain.num_epochs = 2
+  with pytest.raises(workdir_lib.ConfigMismatch, match=re.escape(
+      "was pretrained with other pretrain; use a new --workdir")):
+    transfer.pretrain(config, "batch", None, workdir / "pretrained")
+  # A bad value: one line naming the field.
+  bad = helpers.run_cli([*args, "--config.transfer.steps=0"],
+                        module="experiments.transfer", check=False)
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "ConfigError: config.transfer.steps=0 must be a positive integer.")
+
+
+@pytest.mark.slow
+def test_page_section_on_the_tiny_run(tiny_run, tmp_path):
+  """The table's means and each verdict, recomputed here from results.json
+  (difference of means against twice its standard error)."""
+  _, _, _, workdir = tiny_run
+  study = studies_page.load_study(workdir)
+  assert study["config_name"] == "transfer"
+  text = transfer_page.transfer_section([study], tmp_path)
+  accuracy = {(c["norm"], c["variant"]): np.asarray(c["test_accuracy"])
+              for c in study["results"]["variants"]}
+  assert len(accuracy) == 3
+  for (norm, variant), acc in accuracy.items():
+    row = next(line for line in text.splitlines()
+               if line.startswith(f"| {transfer_page.NORM_NAMES[norm]} | "
+                                  f"{transfer_page.VARIANT_NAMES[variant]} |"))
+    assert f"{100 * acc.mean():.2f} +- {100 * acc.std(ddof=1):.2f}" in row
+  assert "| norm | variant | 10 labeled |" in text
+
+  def expected(a, b):
+    a, b = accuracy[a], accuracy[b]
+    diff = a.mean() - b.mean()
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return ("holds" if diff > 2 * se else "does not hold" if diff < -2 * se
+            else "not shown")
+
+  claims = {
+      "Recomputing BN's statistics on the budget's images beats frozen "
+      "statistics": (("batch", "recomputed"), ("batch", "frozen")),
+      "Fine-tuning everything beats frozen BN statistics and layers":
+          (("batch", "trained"), ("batch", "frozen"))}
+  for claim, (a, b) in claims.items():
+    line = next(l for l in text.splitlines() if l.startswith(f"* {claim}:"))
+    assert line.startswith(f"* {claim}: **{expected(a, b)}")
+  # Only the cells of the run: no claim about norms it did not train.
+  assert "no norm" not in text and "LayerNorm" not in text
