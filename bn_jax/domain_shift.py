@@ -25,8 +25,8 @@ bias-free Dense before BN sees W(a x + b) = a h + b W1, per feature again
 a * h + c. BN with statistics recomputed on the shifted data then
 normalizes (a h + c - (a mu + c)) / sqrt(a^2 var + eps) = (h - mu) /
 sqrt(var + eps / a^2): the clean (h - mu) / sqrt(var + eps) exactly for
-brightness (a = 1), and for contrast (a < 1) only where var is large
-against eps / a^2 (input BN's near-constant border pixels are not). After a ReLU the
+brightness (a = 1), and for contrast (a < 1) only where var is large against
+eps / a^2 (input BN's near-constant border pixels are not). After a ReLU the
 shift is no longer affine (relu(a h + c) is not a * relu(h) + c'), and a
 network without BN has nothing to adapt. Clipping to [0, 1] (`clip=True`)
 saturates the brightest pixels, which breaks the affine map; noise and

@@ -569,44 +569,45 @@ def _check_ints(field: str, values, length: int | None = None,
         and (length is None or len(values) == length)
         and all(study.is_int(v) and v >= minimum for v in values))
   study.check(ok, field, values,
-         f"must be a tuple of {length or 'one or more'} integers >= "
-         f"{minimum}")
+              f"must be a tuple of {length or 'one or more'} integers >= "
+              f"{minimum}")
 
 
 def validate_config(config) -> None:
   """Raises ConfigError (a ValueError), one line naming the field, for a
   config that cannot run; the data-dependent checks come after loading
   (`validate_data_size`)."""
-  study.check_choices("generator_norms", config.generator_norms, GENERATOR_NORMS)
+  study.check_choices("generator_norms", config.generator_norms,
+                      GENERATOR_NORMS)
   study.check_choices("discriminator_norms", config.discriminator_norms,
-                 DISCRIMINATOR_NORMS)
+                      DISCRIMINATOR_NORMS)
   study.check(config.output in OUTPUTS, "output", config.output,
-         f"is not valid; choose one of {OUTPUTS}")
+              f"is not valid; choose one of {OUTPUTS}")
   convs = ("auto", *models.CONVS)
   study.check(config.conv in convs, "conv", config.conv,
-         f"is not valid; choose one of {convs}")
+              f"is not valid; choose one of {convs}")
   study.check(config.data_source in data_lib.SOURCES, "data_source",
-         config.data_source, f"is not valid; choose one of "
-         f"{data_lib.SOURCES}")
+              config.data_source, f"is not valid; choose one of "
+              f"{data_lib.SOURCES}")
   for field in ("latent_dim", "batch_size", "steps_per_epoch", "num_epochs",
                 "keep_checkpoints", "eval.num_samples", "eval.grid_samples",
                 "eval.epoch_grid_samples", "eval.chunk",
                 "classifier.batch_size", "classifier.num_epochs"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(study.is_int(value) and value > 0, field, value,
            "must be a positive integer")
   study.check(config.batch_size >= 2, "batch_size", config.batch_size,
-         "must be at least 2 (batch statistics of one example are 0)")
+              "must be at least 2 (batch statistics of one example are 0)")
   curve = config.eval.curve_samples
   study.check(study.is_int(curve) and curve >= 0, "eval.curve_samples", curve,
          "must be an integer >= 0 (0: no evaluation per epoch)")
   for field in ("eval.num_samples", "eval.curve_samples"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(value == 0 or value >= 2, field, value,
-           "must be at least 2 (a covariance needs two samples)")
+                "must be at least 2 (a covariance needs two samples)")
   grid = config.eval.grid_samples
   study.check(math.isqrt(grid) ** 2 == grid, "eval.grid_samples", grid,
-         "must be a square (an n x n grid)")
+              "must be a square (an n x n grid)")
   steps = config.classifier.steps_per_epoch
   study.check(steps is None or (study.is_int(steps) and steps > 0),
          "classifier.steps_per_epoch", steps,
@@ -616,16 +617,16 @@ def validate_config(config) -> None:
   _check_ints("classifier.widths", config.classifier.widths)
   _check_ints("classifier.channels", config.classifier.channels)
   study.check(config.classifier.model in models.MODELS, "classifier.model",
-         config.classifier.model, f"is not valid; choose one of "
-         f"{models.MODELS}")
+              config.classifier.model, f"is not valid; choose one of "
+              f"{models.MODELS}")
   study.check(config.classifier.placement in models.PLACEMENTS,
-         "classifier.placement", config.classifier.placement,
-         f"is not valid; choose one of {models.PLACEMENTS}")
+              "classifier.placement", config.classifier.placement,
+              f"is not valid; choose one of {models.PLACEMENTS}")
   momentum = config.classifier.bn_momentum
   study.check(study.is_number(momentum) and 0 <= momentum <= 1,
          "classifier.bn_momentum", momentum, "must be a number in [0, 1]")
   for field in ("learning_rate", "classifier.learning_rate"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(study.is_number(value) and value > 0, field, value,
            "must be a number > 0")
   for field in ("b1", "b2"):
@@ -634,10 +635,11 @@ def validate_config(config) -> None:
            "must be a number in [0, 1)")
   seeds = config.seeds
   study.check(isinstance(seeds, (tuple, list)) and len(seeds) > 0
-         and all(study.is_int(s) for s in seeds) and len(set(seeds)) == len(seeds),
-         "seeds", seeds, "must be a non-empty tuple of distinct integers")
+              and all(study.is_int(s) for s in seeds)
+              and len(set(seeds)) == len(seeds),
+              "seeds", seeds, "must be a non-empty tuple of distinct integers")
   for field in ("data_seed", "classifier.seed"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(value is None or study.is_int(value), field, value,
            "must be an integer" + (" or None" if field == "data_seed" else ""))
   try:
@@ -654,18 +656,12 @@ def validate_data_size(config, num_train: int) -> None:
   """The checks that need the training set's size."""
   used = config.steps_per_epoch * config.batch_size
   study.check(used <= num_train, "steps_per_epoch", config.steps_per_epoch,
-         f"x batch_size {config.batch_size} = {used} examples per epoch; the "
-         f"training set has {num_train} (each epoch draws without "
-         "replacement)")
-  study.check(config.classifier.batch_size <= num_train, "classifier.batch_size",
-         config.classifier.batch_size,
-         f"is more than the {num_train} training examples")
-
-
-def _get(config, dotted: str):
-  for key in dotted.split("."):
-    config = config[key]
-  return config
+              f"x batch_size {config.batch_size} = {used} examples per "
+              f"epoch; the training set has {num_train} (each epoch draws "
+              "without replacement)")
+  study.check(config.classifier.batch_size <= num_train,
+              "classifier.batch_size", config.classifier.batch_size,
+              f"is more than the {num_train} training examples")
 
 
 def variants(config) -> list[tuple[str, str]]:

@@ -68,10 +68,10 @@ def combinations(config) -> list[Combination]:
     with combo_config.unlocked():
       for field, value in chosen.items():
         section, _, key = field.rpartition(".")
-        (_get(combo_config, section) if section else combo_config)[
+        (get_dotted(combo_config, section) if section else combo_config)[
             key] = value
     combos.append(Combination(
-        name, {f: None if f in unread else _get(combo_config, f)
+        name, {f: None if f in unread else get_dotted(combo_config, f)
                for f in AXES.values()},
         combo_config))
   return combos
@@ -82,7 +82,7 @@ def _is_unread_norm_option(field: str, norm: str) -> bool:
   return section == "bn" and name not in models.NORM_FIELDS.get(norm, ())
 
 
-def _get(config, dotted: str):
+def get_dotted(config, dotted: str):
   """config["a.b"] for a nested field: an axis may set `bn.momentum`."""
   for name in dotted.split("."):
     config = config[name]
@@ -315,7 +315,7 @@ def _check_numbers(config) -> None:
 def _check_why_bn_fields(config) -> None:
   """config.ics, config.landscape and config.noisy_bn (Santurkar et al.)."""
   for field in ("ics.every_steps", "landscape.every_steps"):
-    value = _get(config, field)
+    value = get_dotted(config, field)
     if not (is_int(value) and value >= 0):
       raise ConfigError(f"config.{field}={value!r} must be an integer >= 0 "
                         "(0 turns the measurement off).")
@@ -521,7 +521,7 @@ def validate_config(config) -> None:
 def _check_measurements_fit(config) -> None:
   """ICS, landscape and noisy BN against one combination's setup."""
   for field in ("ics.every_steps", "landscape.every_steps"):
-    if not _get(config, field):
+    if not get_dotted(config, field):
       continue
     if config.model not in models.MODELS:
       raise ConfigError(
@@ -565,7 +565,7 @@ def validate_data_size(config, num_train: int, num_test: int) -> None:
           f"{batch_size}); choose a divisor, so that every epoch probes at "
           "the same steps.")
     for field in ("ics.every_steps", "landscape.every_steps"):
-      every = _get(c, field)
+      every = get_dotted(c, field)
       if every and steps_per_epoch % every:
         raise ConfigError(
             f"config.{field}={every} does not divide the {steps_per_epoch} "

@@ -261,14 +261,6 @@ def _transfer_states(variables, seeds, learning_rate, *, spec: TransferSpec,
 # The config.
 
 
-
-
-
-
-
-
-
-
 def _check_ints(field: str, values, minimum: int = 0, maximum=None,
                 distinct: bool = True) -> None:
   ok = (isinstance(values, (tuple, list)) and len(values) > 0
@@ -276,14 +268,8 @@ def _check_ints(field: str, values, minimum: int = 0, maximum=None,
                 and (maximum is None or v <= maximum) for v in values)
         and (not distinct or len(set(values)) == len(values)))
   study.check(ok, field, values, "must be a non-empty tuple of "
-         + ("distinct " if distinct else "") + f"integers >= {minimum}"
-         + (f" and <= {maximum}" if maximum is not None else ""))
-
-
-def _get(config, dotted: str):
-  for key in dotted.split("."):
-    config = config[key]
-  return config
+              + ("distinct " if distinct else "") + f"integers >= {minimum}"
+              + (f" and <= {maximum}" if maximum is not None else ""))
 
 
 def validate_config(config) -> None:
@@ -295,47 +281,49 @@ def validate_config(config) -> None:
   _check_ints("source_classes", config.source_classes, 0, 9)
   _check_ints("target_classes", config.target_classes, 0, 9)
   study.check(not set(config.source_classes) & set(config.target_classes),
-         "target_classes", config.target_classes,
-         f"shares classes with source_classes {config.source_classes}")
+              "target_classes", config.target_classes,
+              f"shares classes with source_classes {config.source_classes}")
   study.check(config.placement in PLACEMENTS, "placement", config.placement,
-         f"is not valid; choose one of {PLACEMENTS}")
+              f"is not valid; choose one of {PLACEMENTS}")
   study.check(config.activation in models.ACTIVATIONS, "activation",
-         config.activation,
-         f"is not valid; choose one of {tuple(models.ACTIVATIONS)}")
+              config.activation,
+              f"is not valid; choose one of {tuple(models.ACTIVATIONS)}")
   study.check(config.input_scaling in ("unit", "standardize", "raw"),
-         "input_scaling", config.input_scaling,
-         "is not valid; choose one of ('unit', 'standardize', 'raw')")
+              "input_scaling", config.input_scaling,
+              "is not valid; choose one of ('unit', 'standardize', 'raw')")
   study.check(config.data_source in data_lib.SOURCES, "data_source",
-         config.data_source, f"is not valid; choose one of "
-         f"{data_lib.SOURCES}")
+              config.data_source, f"is not valid; choose one of "
+              f"{data_lib.SOURCES}")
   _check_ints("widths", config.widths, 1, distinct=False)
   _check_ints("seeds", config.seeds)
   _check_ints("transfer.budgets", config.transfer.budgets, 1)
   for budget in config.transfer.budgets:
     study.check(budget % len(config.target_classes) == 0, "transfer.budgets",
-           tuple(config.transfer.budgets),
-           f"has {budget}, not a multiple of the "
-           f"{len(config.target_classes)} target classes (each class gets "
-           "the same share)")
+                tuple(config.transfer.budgets),
+                f"has {budget}, not a multiple of the "
+                f"{len(config.target_classes)} target classes (each class gets "
+                "the same share)")
   for field in ("pretrain.batch_size", "pretrain.num_epochs",
                 "transfer.batch_size", "transfer.steps",
                 "transfer.recompute_chunk"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(study.is_int(value) and value > 0, field, value,
-           "must be a positive integer")
+                "must be a positive integer")
   for field in ("pretrain.batch_size", "transfer.batch_size"):
-    study.check(_get(config, field) >= 2, field, _get(config, field),
-           "must be at least 2 (batch statistics of one example are 0)")
+    value = study.get_dotted(config, field)
+    study.check(value >= 2, field, value,
+                "must be at least 2 (batch statistics of one example are 0)")
   for field in ("pretrain.learning_rate", "transfer.learning_rate",
                 "transfer.readout_learning_rate", "bn.epsilon"):
-    value = _get(config, field)
+    value = study.get_dotted(config, field)
     study.check(study.is_number(value) and value > 0, field, value,
-           "must be a number > 0")
-  study.check(study.is_number(config.bn.momentum) and 0 <= config.bn.momentum < 1,
-         "bn.momentum", config.bn.momentum, "must be a number in [0, 1)")
+                "must be a number > 0")
+  momentum = config.bn.momentum
+  study.check(study.is_number(momentum) and 0 <= momentum < 1, "bn.momentum",
+              momentum, "must be a number in [0, 1)")
   unread = sorted(set(config.bn) - set(BN_FIELDS))
-  study.check(not unread, "bn", unread, f"has fields this study does not read; "
-         f"it reads {BN_FIELDS}")
+  study.check(not unread, "bn", unread, "has fields this study does not "
+              f"read; it reads {BN_FIELDS}")
 
 
 def transfer_batch_size(config, budget: int) -> int:
@@ -348,19 +336,19 @@ def validate_data_size(config, num_source: int, num_target: int,
                        target_counts: Sequence[int]) -> None:
   """The checks that need the data's class sizes."""
   study.check(config.pretrain.batch_size <= num_source, "pretrain.batch_size",
-         config.pretrain.batch_size,
-         f"is more than the {num_source} training images of the source "
-         "classes")
+              config.pretrain.batch_size,
+              f"is more than the {num_source} training images of the source "
+              "classes")
   for budget in config.transfer.budgets:
     per_class = budget // len(config.target_classes)
     study.check(per_class <= min(target_counts), "transfer.budgets",
-           tuple(config.transfer.budgets),
-           f"has {budget}: {per_class} per class, more than the "
-           f"{min(target_counts)} training images of the smallest target "
-           "class")
+                tuple(config.transfer.budgets),
+                f"has {budget}: {per_class} per class, more than the "
+                f"{min(target_counts)} training images of the smallest target "
+                "class")
   study.check(config.transfer.recompute_chunk <= num_target,
-         "transfer.recompute_chunk", config.transfer.recompute_chunk,
-         f"is more than the {num_target} target training images")
+              "transfer.recompute_chunk", config.transfer.recompute_chunk,
+              f"is more than the {num_target} target training images")
 
 
 # ----------------------------------------------------------------------------

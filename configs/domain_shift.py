@@ -23,9 +23,11 @@ partly for `after_activation`, not at all for `none`; Gaussian noise
 recovers partly everywhere. `source_workdir=workdirs/placement_study_cnn`
 evaluates the CNN's runs instead.
 
-A short run (seconds): --config.shifts="('brightness','noise')"
---config.severities='(1,5)' --config.clipped_shifts='()'
---config.adapt_examples=2000
+A short run from scratch (about a minute): a one-epoch, one-seed
+placement study, then the shifts on it:
+
+    python -m experiments.main --config=configs/placement_study.py --workdir=/tmp/placement_short --config.num_epochs=1 --config.seeds='(0,)'
+    python -m experiments.domain_shift --config=configs/domain_shift.py --workdir=/tmp/domain_shift_short --config.source_workdir=/tmp/placement_short --config.shifts="('brightness','noise')" --config.severities='(1,5)' --config.clipped_shifts='()' --config.adapt_examples=2000
 """
 
 import ml_collections

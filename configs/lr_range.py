@@ -13,16 +13,14 @@ NaN/inf is frozen at its last finite state and its rows carry
 other runs train on.
 
 The network: 784 -> 3 x (Dense(100) -> [BN] -> relu) -> Dense(10), not the
-reference 784 -> Dense(50) -> Dense(10) MLP. In a 3-epoch pilot on this
-machine (one seed) the reference MLP without BN did not diverge at any rate
-up to 30: its ReLUs die and it sits at chance with a finite loss, so
-divergence was never recorded, and BN moved the largest rate that trains
-only from 1 to 3. The 3-layer ReLU net diverges to NaN without BN from
-rate 3 (diverged_at recorded), trains with BN up to 3, and is deep enough
-for the unnormalized net's curvature to limit its rate, Bjorck et al.'s
-mechanism. (The Ioffe 3 x 100 sigmoid net was the other candidate: it did
-not diverge either, and its sigmoids barely train at small rates without
-BN, a vanishing-gradient effect rather than the learning-rate one.)
+reference 784 -> Dense(50) -> Dense(10) MLP: without BN, the reference
+MLP's ReLUs die at large rates and it sits at chance with a finite loss,
+so no divergence is recorded and the range says little; three layers
+give the unnormalized net's curvature room to limit its rate, Bjorck et
+al.'s mechanism. (The Ioffe 3 x 100 sigmoid net was the other candidate:
+it did not diverge either, and without BN its sigmoids barely train at
+small rates, a vanishing-gradient effect rather than the learning-rate
+one.)
 
 The small-learning-rate pair (`lr_range.small_learning_rate`, one grid
 point, 0.01): both networks at the same small rate, where Bjorck et al.
@@ -31,8 +29,9 @@ test accuracy reaches `lr_range.trains_at` (90%); the page
 (experiments/lr_range_page.py) reports the largest rate at which every
 seed trains, with and without BN.
 
-A short run (under a minute): --config.num_epochs=1 --config.seeds='(0,)'
---config.sweep.learning_rate='(0.01,0.1,1.0,10.0)'
+A short run (under a minute):
+
+    python -m experiments.main --config=configs/lr_range.py --workdir=/tmp/lr_range_short --config.num_epochs=1 --config.seeds='(0,)' --config.sweep.learning_rate='(0.01,0.1,1.0,10.0)'
 """
 
 import ml_collections

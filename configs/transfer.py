@@ -15,18 +15,16 @@ statistics from pretraining), recomputed (BN's statistics first recomputed
 on the labeled budget's images), recomputed_unlabeled (on all 29,404
 training images of 5-9, labels unused: AdaBN), trained (fine-tune
 everything, BN in training mode) and scratch (no pretraining). Score: test
-accuracy on the 4,861 test images of 5-9, mean +- std over seeds. About 6
-minutes on a loaded 2-core CPU; a rerun reuses the pretrained networks
-saved in the workdir.
+accuracy on the 4,861 test images of 5-9, mean +- std over seeds. A rerun
+reuses the pretrained networks saved in the workdir.
 
 The network with 3 BN layers between nonlinearities, not the reference
 MLP's single BN after the last ReLU: there BN is a per-feature affine map
 right before the new readout, which the readout absorbs, so frozen and
 recomputed statistics could differ only in optimization.
 
-`:short` is a smoke run (about 1.5 minutes on the loaded 2-core CPU): BN
-and no norm, 2 seeds, 1 pretraining epoch, the budget of 100, 200 transfer
-steps.
+`:short` is a smoke run: BN and no norm, 2 seeds, 1 pretraining epoch,
+the budget of 100, 200 transfer steps.
 
     python -m experiments.transfer --config=configs/transfer.py:short --workdir=/tmp/transfer_short
 """
@@ -72,8 +70,9 @@ def get_config(arg: str = ""):
                          "trained", "scratch")
   c.transfer.learning_rate = 1e-3  # Adam: trained, scratch
   # Adam for the readout-only variants (frozen, recomputed*): a linear
-  # readout on fixed sigmoid features is still far from its optimum after
-  # 2,000 steps at 1e-3 (training accuracy), closer at 1e-2.
+  # readout on fixed sigmoid features converges slowly, so it gets a larger
+  # rate than the variants that train every layer, to come near its optimum
+  # within the same number of steps.
   c.transfer.readout_learning_rate = 1e-2
   c.transfer.batch_size = 50  # or the whole budget where it is smaller
   c.transfer.steps = 2000  # rounded up to whole passes over the budget

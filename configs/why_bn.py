@@ -33,9 +33,15 @@ Variants (the argument after the colon):
              each, the gradient's l2 change, and the largest change per
              distance.
 
-Short variants (under a minute each): add --config.num_epochs=1 (ics and
-landscape: 1,000 steps, 4 measurements per run; ics_mlp: 468 steps) and
---config.seeds='(0,)', in another --workdir.
+Short variants (under a minute each; one epoch, one seed: ics and
+landscape 1,000 steps and 4 measurements per run, ics_mlp 468 steps and 6):
+
+    python -m experiments.main --config=configs/why_bn.py:ics --workdir=/tmp/why_bn_short --config.num_epochs=1 --config.seeds='(0,)'
+    python -m experiments.main --config=configs/why_bn.py:ics_mlp --workdir=/tmp/why_bn_ics_mlp_short --config.num_epochs=1 --config.seeds='(0,)'
+    python -m experiments.main --config=configs/why_bn.py:landscape --workdir=/tmp/why_bn_landscape_short --config.num_epochs=1 --config.seeds='(0,)'
+
+With one seed the page's verdicts read "undetermined" (no seed noise to
+judge a difference by); --config.seeds='(0, 1)' gives verdicts.
 """
 
 from configs import base

@@ -122,9 +122,11 @@ def percent(values: Sequence[float]) -> str:
 
 
 def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-  """(mean(a) - mean(b), its standard error), in fractions."""
+  """(mean(a) - mean(b), its standard error), in fractions. The error is
+  nan where a side has one value (no spread to judge by), so that
+  `beyond_noise` is then False rather than true of any difference."""
   a, b = np.asarray(a, float), np.asarray(b, float)
-  var = lambda x: x.var(ddof=1) / x.size if x.size > 1 else 0.0
+  var = lambda x: x.var(ddof=1) / x.size if x.size > 1 else float("nan")
   return float(a.mean() - b.mean()), float(np.sqrt(var(a) + var(b)))
 
 

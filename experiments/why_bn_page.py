@@ -17,10 +17,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from experiments import report
-from experiments import studies_page as page
 
 Rows = Sequence[Mapping[str, Any]]
 NETWORKS = ("standard", "BN", "noisy BN")  # in the page's order
+# A comparison whose standard error is nan (a side has one seed, so there is
+# no seed noise to judge a difference by): neither within nor beyond noise.
+UNDETERMINED = "undetermined"
+
+
+def _page():
+  """experiments.studies_page, imported when used: it imports this module
+  for its SECTIONS, so importing it here at load time would be circular."""
+  from experiments import studies_page  # pylint: disable=g-import-not-at-top
+  return studies_page
 
 
 # ----------------------------------------------------------------------------
@@ -45,7 +54,7 @@ def series(rows: Rows, name: str, field: str):
   """The measurement `name` ("ics", "landscape") over training: (steps
   (T,), values (runs, T, ...)), each run's epochs in order; runs cut to
   the measurements every run has."""
-  runs = page.by_run(rows)
+  runs = _page().by_run(rows)
   steps, values = [], []
   for run in sorted(runs):
     mine = sorted(runs[run], key=lambda r: r["epoch"])
@@ -57,21 +66,31 @@ def series(rows: Rows, name: str, field: str):
 
 
 def _finals(rows: Rows, key: str = "test_accuracy") -> list[float]:
-  return [r[key] for r in page.final_rows(rows)]
+  return [r[key] for r in _page().final_rows(rows)]
 
 
 def _compare(a: Sequence[float], b: Sequence[float]) -> tuple[str, float,
                                                                float]:
-  """("lower" / "higher" / "within noise", diff, se) of mean(a) - mean(b),
-  judged by studies_page.beyond_noise."""
+  """("lower" / "higher" / "within noise" / UNDETERMINED, diff, se) of
+  mean(a) - mean(b), judged by studies_page.beyond_noise; UNDETERMINED
+  where the standard error is nan (one seed), which would otherwise pass
+  for "within noise"."""
+  page = _page()
   diff, se = page.difference(a, b)
+  if np.isnan(se):
+    return UNDETERMINED, diff, se
   if not page.beyond_noise(diff, se):
     return "within noise", diff, se
   return ("lower" if diff < 0 else "higher"), diff, se
 
 
 def _se_text(diff: float, se: float) -> str:
-  return f"{abs(diff) / se:.1f} SE" if se else "one seed"
+  """The difference in standard errors, or why there are none to count."""
+  if np.isnan(se):
+    return "one seed"
+  if se == 0:
+    return "no spread over seeds"
+  return f"{abs(diff) / se:.1f} SE"
 
 
 # ----------------------------------------------------------------------------
@@ -134,6 +153,7 @@ def _plot_ics(numbers, path: Path):
 
 
 def _ics_table(numbers) -> str:
+  page = _page()
   lines = []
   for name, n in numbers.items():
     for j, layer in enumerate(n["layers"]):
@@ -150,46 +170,93 @@ def _ics_table(numbers) -> str:
                     lines)
 
 
-def _ics_verdicts(numbers, tally: list) -> list[str]:
+def layer_shifts(bn, plain, key: str) -> list[tuple[str, float, float]]:
+  """Per layer above the first (whose ICS is 0 by definition), BN's
+  per-seed mean over training of the measure `key` ("l2", "relative",
+  "cosine") against the standard network's: ("reduced" / "raised" /
+  "within noise" / UNDETERMINED, diff, se), diff BN - standard."""
+  shifts = []
+  for j in range(1, len(plain["layers"])):
+    verdict, diff, se = _compare(np.nanmean(bn[key][:, :, j], 1),
+                                 np.nanmean(plain[key][:, :, j], 1))
+    if verdict in ("lower", "higher"):
+      # Less shift: a lower (relative) l2, a higher cosine.
+      verdict = ("reduced" if (verdict == "lower") == (key != "cosine")
+                 else "raised")
+    shifts.append((verdict, diff, se))
+  return shifts
+
+
+def ics_answer(shifts: Sequence[str]) -> str:
+  """Did BN reduce ICS, from each layer's l2 shift ("reduced", "raised",
+  "within noise", UNDETERMINED): "yes" only where every layer is reduced
+  beyond seed noise, "no" where none is, "mixed" where some are and others
+  are not. Not a majority of layers: that would call one reduced layer of
+  three "no"."""
+  if not shifts or UNDETERMINED in shifts:
+    return UNDETERMINED
+  reduced = list(shifts).count("reduced")
+  if reduced == len(shifts):
+    return "yes"
+  return "mixed" if reduced else "no"
+
+
+def _no_reduction_claim(answer: str, layers: Sequence[str],
+                        shifts: Sequence[str]):
+  """Santurkar et al.'s claim that BN does not reduce ICS, given
+  `ics_answer`'s answer: its text, and its outcome for the tally (True,
+  False, where it held, or None: undetermined)."""
+  if answer == "mixed":
+    reduced = [l for l, s in zip(layers, shifts) if s == "reduced"]
+    not_reduced = [l for l, s in zip(layers, shifts) if s != "reduced"]
+    return ("**holds in part** here (by the l2 measure: BN reduced it "
+            f"beyond seed noise in {', '.join(reduced)}, not in "
+            f"{', '.join(not_reduced)}).",
+            f"in {', '.join(not_reduced)} only")
+  return {"yes": ("**does not hold** here (by the l2 measure).", False),
+          "no": ("**holds** here (by the l2 measure).", True),
+          UNDETERMINED: ("is **undetermined** here (one seed: no seed noise "
+                         "to judge a difference by).", None)}[answer]
+
+
+def ics_reduction_verdict(plain, bn, tally: list) -> str:
+  """Did BN reduce ICS here, each layer above the bottom judged by its
+  per-seed means over training, BN against standard (`layer_shifts`,
+  `ics_answer`). Appends (claim, outcome) to `tally`."""
+  layers = plain["layers"][1:]
+  shifts = {key: layer_shifts(bn, plain, key)
+            for key in ("l2", "relative", "cosine")}
+  count = lambda key, outcome: [v for v, _, _ in shifts[key]].count(outcome)
+  l2 = [v for v, _, _ in shifts["l2"]]
+  answer = ics_answer(l2)
+  claim, outcome = _no_reduction_claim(answer, layers, l2)
+  tally.append(("BN does not reduce ICS", outcome))
+  details = [f"{layer} {key} {diff:+.3g} ({_se_text(diff, se)}, {verdict})"
+             for j, layer in enumerate(layers) for key in shifts
+             for verdict, diff, se in [shifts[key][j]]]
+  total = len(layers)
+  return (
+      f"* **Did BN reduce ICS here? {answer}.** (\"yes\" needs a lower l2 "
+      "ICS beyond seed noise in every layer, \"no\" in none.) Of the "
+      f"{total} layer{'s' * (total != 1)} above the first (whose ICS is 0 "
+      "by definition), BN "
+      f"has a lower l2 ICS beyond seed noise in {count('l2', 'reduced')}, a "
+      f"higher one in {count('l2', 'raised')}; a lower l2 relative to the "
+      f"gradient's norm in {count('relative', 'reduced')} (higher in "
+      f"{count('relative', 'raised')}); a higher cosine (less shift) in "
+      f"{count('cosine', 'reduced')} (lower in {count('cosine', 'raised')})."
+      " Per-seed means over training, BN - standard: " + "; ".join(details)
+      + ". Santurkar et al.'s claim, that BN does not reduce ICS (their Fig. "
+      "5: as much or more of it with BN): " + claim)
+
+
+def ics_verdicts(numbers, tally: list) -> list[str]:
   """Did BN reduce ICS here; is noisy BN's larger; does noisy BN train as
-  well as BN. Each layer above the bottom (whose ICS is 0 by definition)
-  is judged by its per-seed mean over training, BN against standard.
-  Appends (claim, matched) pairs to `tally`."""
+  well as BN. Appends (claim, outcome) pairs to `tally`."""
   text = []
   if {"standard", "BN"} <= numbers.keys():
-    plain, bn = numbers["standard"], numbers["BN"]
-    counts = {"l2": [], "relative": [], "cosine": []}
-    details = []
-    for j, layer in enumerate(plain["layers"][1:], 1):
-      for key in counts:
-        verdict, diff, se = _compare(np.nanmean(bn[key][:, :, j], 1),
-                                     np.nanmean(plain[key][:, :, j], 1))
-        # Less shift: a lower (relative) l2, a higher cosine.
-        reduced = ("reduced" if (verdict == "lower") == (key != "cosine")
-                   else "raised") if verdict != "within noise" else verdict
-        counts[key].append(reduced)
-        details.append(f"{layer} {key} {diff:+.3g} ({_se_text(diff, se)}, "
-                       f"{reduced})")
-    reduced_l2 = counts["l2"].count("reduced")
-    raised_l2 = counts["l2"].count("raised")
-    total = len(counts["l2"])
-    holds = reduced_l2 > total / 2
-    tally.append(("BN does not reduce ICS", not holds))
-    text.append(
-        f"* **Did BN reduce ICS here? {'yes' if holds else 'no'}.** Of the "
-        f"{total} layer{'s' * (total != 1)} above the first (whose ICS is 0 "
-        "by definition), BN "
-        f"has a lower l2 ICS beyond seed noise in {reduced_l2}, a higher one "
-        f"in {raised_l2}; a lower l2 relative to the gradient's norm in "
-        f"{counts['relative'].count('reduced')} (higher in "
-        f"{counts['relative'].count('raised')}); a higher cosine (less "
-        f"shift) in {counts['cosine'].count('reduced')} (lower in "
-        f"{counts['cosine'].count('raised')}). Per-seed means over "
-        "training, BN - standard: " + "; ".join(details) + ". "
-        "Santurkar et al.'s claim, that BN does not reduce ICS (their Fig. "
-        "5: as much or more of it with BN): "
-        + ("**does not hold** here (by the l2 measure)." if holds else
-           "**holds** here (by the l2 measure)."))
+    text.append(ics_reduction_verdict(numbers["standard"], numbers["BN"],
+                                      tally))
   if {"BN", "noisy BN"} <= numbers.keys():
     bn, noisy = numbers["BN"], numbers["noisy BN"]
     higher = []
@@ -200,47 +267,67 @@ def _ics_verdicts(numbers, tally: list) -> list[str]:
                     f"{verdict})")
     text.append("* **Noisy BN's ICS against BN's** (l2, noisy - BN, "
                 "per-seed means over training): " + "; ".join(higher) + ".")
-    text.append(_noisy_trains_verdict(numbers, tally))
+    text.append(noisy_trains_verdict(numbers, tally))
   return text
 
 
-def _noisy_trains_verdict(numbers, tally: list) -> str:
+# How a comparison of final accuracies reads, by `_compare`'s verdict.
+_NOISE_WORDS = {"lower": "beyond seed noise", "higher": "beyond seed noise",
+                "within noise": "within seed noise",
+                UNDETERMINED: "not judged against seed noise"}
+
+
+def _against_standard(noisy: Sequence[float], standard: Sequence[float],
+                      tally: list) -> str:
+  """The "better than standard" half of the noisy BN claim."""
+  verdict, diff, se = _compare(noisy, standard)
+  outcome = None if verdict == UNDETERMINED else verdict == "higher"
+  tally.append(("noisy BN trains better than standard", outcome))
+  return (" Against standard: noisy - standard "
+          f"{100 * diff:+.2f} points ({_se_text(diff, se)}, "
+          + {"higher": "better beyond seed noise",
+             "lower": "worse beyond seed noise",
+             "within noise": "within seed noise",
+             UNDETERMINED: "not judged against seed noise"}[verdict]
+          + "): the \"better than standard\" part "
+          + {True: "**holds**.", False: "**does not hold**.",
+             None: "is **undetermined**."}[outcome])
+
+
+def noisy_trains_verdict(numbers, tally: list) -> str:
+  """Does noisy BN train as well as BN: "yes" unless its final test
+  accuracy is lower than BN's beyond seed noise, undetermined with one
+  seed; and against standard where there is one. Appends (claim, outcome)
+  pairs to `tally`."""
+  page = _page()
   bn, noisy = (_finals(numbers[k]["rows"]) for k in ("BN", "noisy BN"))
-  diff, se = page.difference(noisy, bn)
-  beyond = page.beyond_noise(diff, se)
-  holds = not beyond or diff > 0
-  tally.append(("noisy BN trains as well as BN", holds))
+  verdict, diff, se = _compare(noisy, bn)
+  answer = {UNDETERMINED: UNDETERMINED, "lower": "no"}.get(verdict, "yes")
+  tally.append(("noisy BN trains as well as BN",
+                {"yes": True, "no": False}.get(answer)))
   loss = {k: np.mean(_finals(numbers[k]["rows"], "train_loss"))
           for k in numbers}
   plain, against_standard = "", ""
   if "standard" in numbers:
     standard = _finals(numbers["standard"]["rows"])
     plain = f"; standard {page.percent(standard)}"
-    verdict, d, e = _compare(noisy, standard)
-    against_standard = (
-        " Against standard: noisy - standard "
-        f"{100 * d:+.2f} points ({_se_text(d, e)}, "
-        + {"higher": "better beyond seed noise",
-           "lower": "worse beyond seed noise",
-           "within noise": "within seed noise"}[verdict] + "): the "
-        "\"better than standard\" part "
-        + ("**holds**." if verdict == "higher" else "**does not hold**."))
-    tally.append(("noisy BN trains better than standard",
-                  verdict == "higher"))
-  return (f"* **Does noisy BN train as well as BN? {'yes' if holds else 'no'}"
-          f".** Final test accuracy noisy BN {page.percent(noisy)} against "
+    against_standard = _against_standard(noisy, standard, tally)
+  return (f"* **Does noisy BN train as well as BN? {answer}.** Final test "
+          f"accuracy noisy BN {page.percent(noisy)} against "
           f"BN {page.percent(bn)}{plain} (%): noisy - BN "
-          f"{100 * diff:+.2f} points, "
-          + ("beyond" if beyond else "within") + " seed noise ("
+          f"{100 * diff:+.2f} points, {_NOISE_WORDS[verdict]} ("
           + _se_text(diff, se) + "). Final training loss (training mode, "
           "epoch mean): " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items())
           + ". Santurkar et al.'s claim (noisy BN trains about as well as "
           "BN, better than standard): "
-          + ("**holds** against BN." if holds else
-             "**does not hold** against BN.") + against_standard)
+          + {"yes": "**holds** against BN.",
+             "no": "**does not hold** against BN.",
+             UNDETERMINED: "is **undetermined** against BN."}[answer]
+          + against_standard)
 
 
 def ics_part(study, out: Path, tally: list) -> str:
+  page = _page()
   config = study["config"]
   numbers = ics_numbers(study["rows"])
   label = study["label"]
@@ -270,7 +357,7 @@ def ics_part(study, out: Path, tally: list) -> str:
           "Final test accuracy (eval mode, %): " + "; ".join(
               f"{k} {page.percent(_finals(n['rows']))}"
               for k, n in numbers.items()) + ".\n"]
-  text += _ics_verdicts(numbers, tally)
+  text += ics_verdicts(numbers, tally)
   return "\n".join(text) + "\n"
 
 
@@ -342,21 +429,39 @@ _LANDSCAPE_POINTS = {
 }
 
 
-def _halves_verdict(bn: np.ndarray, plain: np.ndarray) -> tuple[str, list]:
+def halves_verdict(bn: np.ndarray, plain: np.ndarray) -> tuple[str, list]:
   """Whether BN's measure ((runs, T) per checkpoint) is lower than the
   standard network's beyond seed noise, judged on the per-seed means over
   the first and the second half of training: the verdict, and per half
-  (verdict, diff, se)."""
-  half = bn.shape[1] // 2
+  (verdict, diff, se). Undetermined, with no halves, where a run has too
+  few checkpoints to split in two (an empty half's mean is nan, which
+  would read as "within noise"); undetermined where a network has one
+  seed."""
+  checkpoints = min(bn.shape[1], plain.shape[1])
+  if checkpoints < 2:
+    return (f"{UNDETERMINED} (too few measurements: {checkpoints} per run,"
+            " each half of training needs one)", [])
+  half = checkpoints // 2
   halves = [_compare(np.mean(b, 1), np.mean(p, 1))
             for b, p in ((bn[:, :half], plain[:, :half]),
                          (bn[:, half:], plain[:, half:]))]
+  if any(v == UNDETERMINED for v, _, _ in halves):
+    return f"{UNDETERMINED} (one seed: no seed noise to judge by)", halves
   lower = [v == "lower" for v, _, _ in halves]
   verdict = ("holds" if all(lower) else
              "holds in the first half of training only" if lower[0] else
              "holds in the second half of training only" if lower[1] else
              "does not hold")
   return verdict, halves
+
+
+def _halves_outcome(verdict: str):
+  """`halves_verdict`'s verdict as the tally's outcome: True, False, where
+  it held, or None (undetermined)."""
+  if verdict.startswith(UNDETERMINED):
+    return None
+  return {"holds": True, "does not hold": False}.get(
+      verdict, verdict.removeprefix("holds "))
 
 
 def _landscape_verdicts(numbers, tally: list) -> list[str]:
@@ -369,19 +474,18 @@ def _landscape_verdicts(numbers, tally: list) -> list[str]:
             "beta-smoothness": "a smaller effective beta"}
   for name, _, per_run in _LANDSCAPE_MEASURES:
     point = _LANDSCAPE_POINTS[name]
-    verdict, halves = _halves_verdict(point(bn), point(plain))
-    tally.append((f"BN gives {claims[name]}",
-                  {"holds": True, "does not hold": False}.get(
-                      verdict, verdict.removeprefix("holds "))))
+    verdict, halves = halves_verdict(point(bn), point(plain))
+    tally.append((f"BN gives {claims[name]}", _halves_outcome(verdict)))
     overall, diff, se = _compare(per_run(bn), per_run(plain))
     below = np.mean(point(bn), 0) < np.mean(point(plain), 0)
     text.append(
         f"* **BN gives {claims[name]}: {verdict}.** "
-        + "; ".join(
+        + "".join(
             f"{half} half of training, BN - standard {d:+.3g} ({v}, "
-            f"{_se_text(d, e)})"
-            for half, (v, d, e) in zip(("First", "second"), halves))
-        + f". Over all of training BN {np.mean(per_run(bn)):.4g} against "
+            f"{_se_text(d, e)}){end} "
+            for half, end, (v, d, e) in zip(("First", "second"), (";", "."),
+                                             halves))
+        + f"Over all of training BN {np.mean(per_run(bn)):.4g} against "
         f"standard {np.mean(per_run(plain)):.4g} ({overall}, "
         f"{_se_text(diff, se)}); BN lower at {int(below.sum())} of "
         f"{below.size} checkpoints (seed means).")
@@ -389,6 +493,7 @@ def _landscape_verdicts(numbers, tally: list) -> list[str]:
 
 
 def landscape_part(study, out: Path, tally: list) -> str:
+  page = _page()
   config = study["config"]
   numbers = landscape_numbers(study["rows"])
   label = study["label"]
@@ -441,6 +546,7 @@ def landscape_part(study, out: Path, tally: list) -> str:
 
 
 def why_bn_section(studies, out: Path) -> str:
+  page = _page()
   ics = [s for s in studies if s["rows"] and "ics_l2" in s["rows"][0]]
   land = [s for s in studies if s["rows"]
           and "landscape_losses" in s["rows"][0]]
@@ -464,13 +570,16 @@ def why_bn_section(studies, out: Path) -> str:
 
 def _against_the_paper(tally: Sequence[tuple[str, list]]) -> str:
   """The section's summary: each of the paper's claims, per workdir,
-  matched or not (or matched only in part of training), from the
-  verdicts above."""
-  matched, partly, not_matched = [], [], []
+  matched or not (or matched only in part: a str says where), or
+  undetermined (None: one seed, too few measurements), from the verdicts
+  above."""
+  matched, partly, not_matched, undetermined = [], [], [], []
   for label, claims in tally:
     for claim, outcome in claims:
       if outcome is True:
         matched.append(f"{claim} ({label})")
+      elif outcome is None:
+        undetermined.append(f"{claim} ({label})")
       elif outcome:  # a str: where it held
         partly.append(f"{claim} ({label}: {outcome})")
       else:
@@ -480,4 +589,6 @@ def _against_the_paper(tally: Sequence[tuple[str, list]]) -> str:
           + ("* **Matched in part:** " + "; ".join(partly) + ".\n"
              if partly else "")
           + "* **Not matched:** " + ("; ".join(not_matched) or "none")
-          + ".\n")
+          + ".\n"
+          + ("* **Undetermined:** " + "; ".join(undetermined) + ".\n"
+             if undetermined else ""))

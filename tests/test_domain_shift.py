@@ -17,11 +17,11 @@ import pytest
 from bn_jax import data
 from bn_jax import domain_shift
 from bn_jax import experiment
+from bn_jax import study
 from bn_jax import train
 from configs import base
 from configs import domain_shift as domain_shift_config
 from configs import placement_study
-from experiments import studies_page  # noqa: F401  (before the section's module)
 from experiments import domain_shift_page
 
 
@@ -120,12 +120,21 @@ def test_config_command_and_short_variant():
                      "--workdir=workdirs/domain_shift"]
   config = domain_shift_config.get_config()
   domain_shift.validate_config(config)
-  short = re.search(r"A short run.*?: (.*)\Z", doc.strip(), re.S).group(1)
-  for flag in shlex.split(short):
+  source_line, short_line = re.findall(r"^\s+(python -m .*)$", doc,
+                                       re.MULTILINE)[-2:]
+  source = shlex.split(source_line)
+  assert source[2] == "experiments.main"
+  study.validate_config(helpers.resolved_config(source[3:]))
+  short = shlex.split(short_line)
+  assert short[2:4] == ["experiments.domain_shift",
+                        "--config=configs/domain_shift.py"]
+  for flag in short[5:]:
     field, value = flag.removeprefix("--config.").split("=", 1)
-    config[field] = ast.literal_eval(value)
+    config[field] = (value if field == "source_workdir"
+                     else ast.literal_eval(value))
   domain_shift.validate_config(config)
   assert tuple(config.severities) == (1, 5)
+  assert config.source_workdir == source[4].removeprefix("--workdir=")
 
 
 @pytest.mark.parametrize("field, value, message", [

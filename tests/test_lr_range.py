@@ -38,11 +38,11 @@ def test_config_validates_and_sweeps_a_log_grid():
 
 
 def test_short_variant_in_the_docstring_parses_and_validates():
-  short = re.search(r"A short run.*?: (.*?)\n\"\"\"", lr_range.__doc__ + '"""',
-                    re.S)
-  config = helpers.resolved_config(["--config=configs/lr_range.py",
-                                    "--workdir=unused",
-                                    *shlex.split(short.group(1))])
+  short = re.search(r"A short run.*?:\s+(python -m .*)", lr_range.__doc__)
+  argv = shlex.split(short.group(1))
+  assert argv[:4] == ["python", "-m", "experiments.main",
+                      "--config=configs/lr_range.py"]
+  config = helpers.resolved_config(argv[3:])
   study.validate_config(config)
   assert config.num_epochs == 1 and tuple(config.seeds) == (0,)
   assert config.lr_range.small_learning_rate in tuple(

@@ -9,7 +9,9 @@ direct loss evaluations, the noise against Algorithm 1's distribution.
 Here: that the trainer measures what it says (the rows equal Definition 2.1
 and direct loss evaluations, redone from a restored checkpoint and the
 step's batch), that measuring changes no training and costs nothing when
-off, the config checks, and the noise the trainer threads through.
+off, the config checks, the noise the trainer threads through, and the
+studies page's verdicts on made-up numbers whose answers are worked out by
+hand.
 """
 
 import dataclasses
@@ -275,6 +277,106 @@ def test_noise_key_only_for_noisy_norms():
 
 
 # ----------------------------------------------------------------------------
+# The page's verdicts on made-up numbers. Two seeds a side at m - 0.1 and
+# m + 0.1: a sample variance of 0.02 each, so a difference of means has the
+# standard error sqrt(0.02 / 2 + 0.02 / 2) = 0.141, and 2 SE = 0.283.
+
+
+def _two_seeds(mean):
+  return [mean - 0.1, mean + 0.1]
+
+
+def _ics_network(per_layer):
+  """ICS numbers of a network whose layer "in" has ICS 0 and layer j >= 1
+  the per-seed l2 `per_layer[j - 1]` at each of two measurements; the
+  relative l2 equals the l2, the cosine is 1 - l2 / 10 (less shift, higher
+  cosine)."""
+  per_seed = np.array([[0.0] * len(per_layer[0]), *per_layer]).T
+  l2 = np.repeat(per_seed[:, None, :], 2, axis=1)  # (runs, 2, layers)
+  layers = ["in"] + [f"h{j}" for j in range(1, len(per_layer) + 1)]
+  return {"layers": layers, "l2": l2, "relative": l2, "cosine": 1 - l2 / 10}
+
+
+REDUCED, SAME, RAISED = _two_seeds(0.5), _two_seeds(1.0), _two_seeds(1.5)
+
+
+@pytest.mark.parametrize("bn_layers, answer, outcome, claim", [
+    # -0.5 in every layer: 3.5 SE each.
+    ([REDUCED, REDUCED, REDUCED], "yes", False, "**does not hold**"),
+    ([SAME, SAME, SAME], "no", True, "**holds** here"),
+    ([SAME, RAISED, RAISED], "no", True, "**holds** here"),
+    # One reduced layer of three is not "no" (a majority would say so).
+    ([REDUCED, SAME, SAME], "mixed", "in h2, h3 only", "**holds in part**"),
+    ([RAISED, REDUCED, SAME], "mixed", "in h1, h3 only", "**holds in part**"),
+    # BN with one seed: no seed noise to judge by.
+    ([[0.5], [0.5], [0.5]], "undetermined", None, "**undetermined**"),
+])
+def test_ics_verdict(bn_layers, answer, outcome, claim):
+  plain = _ics_network([SAME, SAME, SAME])
+  tally = []
+  text = why_bn_page.ics_reduction_verdict(plain, _ics_network(bn_layers),
+                                           tally)
+  assert f"Did BN reduce ICS here? {answer}." in text, text
+  assert tally == [("BN does not reduce ICS", outcome)]
+  assert claim in text.split("Santurkar et al.'s claim")[1], text
+  assert "nan" not in text, text
+  if answer == "undetermined":
+    assert "(one seed, undetermined)" in text, text
+
+
+_PLAIN_CHECKPOINTS = np.array([[1.0] * 4, [1.2] * 4])  # (runs, checkpoints)
+
+
+@pytest.mark.parametrize("bn, verdict", [
+    ([[0.5] * 4, [0.7] * 4], "holds"),  # -0.5 in each half: 3.5 SE
+    ([[0.5, 0.5, 1.0, 1.0], [0.7, 0.7, 1.2, 1.2]],
+     "holds in the first half of training only"),
+    ([[1.0, 1.0, 0.5, 0.5], [1.2, 1.2, 0.7, 0.7]],
+     "holds in the second half of training only"),
+    ([[1.0] * 4, [1.2] * 4], "does not hold"),  # equal
+    ([[1.5] * 4, [1.7] * 4], "does not hold"),  # higher
+    ([[0.5] * 4], "undetermined (one seed"),
+])
+def test_halves_verdict(bn, verdict):
+  got, halves = why_bn_page.halves_verdict(np.array(bn), _PLAIN_CHECKPOINTS)
+  assert got.startswith(verdict), got
+  assert len(halves) == 2
+
+
+def test_halves_verdict_with_an_empty_half_is_undetermined():
+  """One checkpoint per run: the first half is empty, and its mean (nan)
+  must not read as "within noise"."""
+  got, halves = why_bn_page.halves_verdict(np.array([[0.5], [0.7]]),
+                                           np.array([[1.0], [1.2]]))
+  assert got.startswith("undetermined (too few measurements: 1 per run"), got
+  assert halves == []
+
+
+def _accuracy_rows(accuracies):
+  return {"rows": [{"run": run, "epoch": 1, "test_accuracy": a,
+                    "train_loss": 0.1} for run, a in enumerate(accuracies)]}
+
+
+@pytest.mark.parametrize("bn, answer, se_text", [
+    # noisy BN at 0.90 and 0.92: the SE of noisy - BN is sqrt(0.0002) =
+    # 0.01414, so 2 SE = 0.0283 (2.83 points).
+    ([0.93, 0.95], "no", "(2.1 SE)"),  # -3.0 points: beyond noise
+    ([0.926, 0.946], "yes", "(1.8 SE)"),  # -2.6 points: within noise
+    ([0.87, 0.89], "yes", "(2.1 SE)"),  # +3.0 points: better, beyond noise
+    ([0.94], "undetermined", "(one seed)"),
+])
+def test_noisy_trains_as_well_as_bn_verdict(bn, answer, se_text):
+  numbers = {"BN": _accuracy_rows(bn),
+             "noisy BN": _accuracy_rows([0.90, 0.92])}
+  tally = []
+  text = why_bn_page.noisy_trains_verdict(numbers, tally)
+  assert f"Does noisy BN train as well as BN? {answer}." in text, text
+  assert se_text in text and "nan" not in text, text
+  assert tally == [("noisy BN trains as well as BN",
+                    {"yes": True, "no": False}.get(answer))]
+
+
+# ----------------------------------------------------------------------------
 # A tiny real run of configs/why_bn.py: rows, checkpoint, the section.
 
 
@@ -371,7 +473,7 @@ def test_section_from_a_tiny_run(tiny_run, tmp_path):
   text = why_bn_page.why_bn_section([loaded], tmp_path)
   for figure in ("ics", "landscape"):
     assert (tmp_path / f"{workdir.name}_{figure}.png").stat().st_size > 0
-  for verdict in (r"Did BN reduce ICS here\? (yes|no)",
+  for verdict in (r"Did BN reduce ICS here\? (yes|no|mixed)",
                   r"Does noisy BN train as well as BN\? (yes|no)",
                   r"BN gives smaller loss variation: (holds|does not hold)",
                   r"more predictive gradients .*: (holds|does not hold)",
