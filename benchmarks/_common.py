@@ -165,7 +165,14 @@ def spread(values) -> str:
 def kernel_profile(fn: Callable[[], object], top: int = 12,
                    ) -> list[tuple[str, float, int]]:
   """(kernel, ms, calls) of the XLA kernels that one call of `fn` ran, the
-  `top` most expensive, summed over threads (jax.profiler on the CPU)."""
+  `top` most expensive, summed over threads (jax.profiler on the CPU).
+
+  A plain `dot` (one that XLA:CPU leaves to Eigen's thread pool) runs
+  asynchronously: its event is the launch alone, and an "end: dot.N" event
+  marks its completion; its time is counted from launch to end, during which
+  other kernels may run on the same cores. (Loop fusions have end events
+  too, but their own events cover their work.)
+  """
   import collections
   import glob
   import tempfile
@@ -175,6 +182,7 @@ def kernel_profile(fn: Callable[[], object], top: int = 12,
     path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
     profile = jax.profiler.ProfileData.from_file(path)
   total, calls = collections.Counter(), collections.Counter()
+  launches, ends = collections.defaultdict(list), collections.defaultdict(list)
   for plane in profile.planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLA"):  # XLA's threads only
@@ -182,8 +190,19 @@ def kernel_profile(fn: Callable[[], object], top: int = 12,
       for event in line.events:
         if event.name.startswith(("ThunkExecutor", "while")):
           continue  # containers of the kernels below
+        if event.name.startswith("end: "):
+          ends[event.name[len("end: "):]].append(event.start_ns)
+          continue
+        launches[event.name].append(event.start_ns)
         total[event.name] += event.duration_ns / 1e6
         calls[event.name] += 1
+  for name, end_times in ends.items():  # asynchronous dots: launch to end
+    starts = sorted(launches[name])
+    if not name.startswith("dot"):
+      continue
+    if len(starts) == len(end_times):
+      total[name] = sum(end - start for start, end in zip(
+          starts, sorted(end_times))) / 1e6
   return [(name, ms, calls[name]) for name, ms in total.most_common(top)]
 
 

@@ -67,6 +67,9 @@ def _flax_max_pool(x):
 # Each change to the step, as the patch that undoes it: `--ab` times the
 # step with and without it in this process.
 AB_CHANGES = {
+    "conv matmul on 2-D patches (not 4-D)":
+        lambda: mock.patch.object(models, "patches_matmul",
+                                  lambda patches, kernel: patches @ kernel),
     "2x2 max-pool as reshape + max (not flax.linen.max_pool)":
         lambda: mock.patch.object(models, "max_pool_2x2", _flax_max_pool),
 }
@@ -129,6 +132,11 @@ class TorchStep:
       self.process.stdin.write("quit\n")
       self.process.stdin.close()
     self.process.wait(timeout=60)
+
+
+def max_param_difference(a: JaxStep, b: JaxStep) -> float:
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(
+      jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)))
 
 
 def check_torch_python(python: str) -> str:
@@ -295,6 +303,13 @@ def main():
     ms = 1e3 * _common.median(times) / steps
     print(f"| {name} | {ms:.1f} | {_common.spread(times)} | "
           f"{ms / jax_ms:.2f} |", flush=True)
+  if args.ab:
+    print("\nParameters after the same calls, max |difference| from "
+          "bn_jax's (0: the change leaves training bit for bit the same):")
+    for name, step in candidates.items():
+      if name != "bn_jax" and isinstance(step, JaxStep):
+        difference = max_param_difference(step, candidates["bn_jax"])
+        print(f"- {name}: {difference:.3g}")
   print(f"\nThe floor: the step's matmuls ({step_matmul_flops(SPEC) / 1e9:.2f}"
         f" GFLOP) at this run's rate of a {_common.MATMUL_N}^3 float32 "
         f"matmul take {floor_ms:.1f} ms.")
@@ -302,8 +317,9 @@ def main():
     parts = profile_by_category(candidates["bn_jax"], steps)
     total = sum(parts.values())
     print(f"\nWhere bn_jax's step goes: its XLA kernels (jax.profiler, one "
-          f"call of {steps} steps, summed over threads) by the op each "
-          "computes\n")
+          f"call of {steps} steps, summed over threads; Eigen's "
+          "asynchronous matmuls from launch to end, while other kernels "
+          "run) by the op each computes\n")
     print("| part of the step | ms/step | share |")
     print("|---|---:|---:|")
     for part, ms in parts.items():

@@ -153,12 +153,27 @@ class Conv(nn.Module):
         [padded[:, i:i + (out_h - 1) * sh + 1:sh,
                 j:j + (out_w - 1) * sw + 1:sw, :]
          for i in range(kh) for j in range(kw)], axis=-1)
-    y = patches @ kernel.reshape(kh * kw * channels, self.features)
+    y = patches_matmul(patches, kernel.reshape(kh * kw * channels,
+                                               self.features))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros_init(),
                         (self.features,))
       y = y + bias.reshape(1, 1, 1, self.features)
     return y
+
+
+def patches_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+  """patches (..., k) @ kernel (k, f), as one 2-D matmul.
+
+  Why 2-D: on the 4-D patches, XLA:CPU computed the weight gradient from a
+  transposed copy of the output gradient, with a slower dot; flattened, it
+  is one (k, m) @ (m, f) product of the patches and the output gradient as
+  they lie (benchmarks/cnn_step.py --ab, where the trained parameters come
+  out bit for bit the same either way).
+  """
+  leading = patches.shape[:-1]
+  flat = patches.reshape(-1, patches.shape[-1]) @ kernel
+  return flat.reshape(*leading, kernel.shape[-1])
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

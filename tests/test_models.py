@@ -303,6 +303,23 @@ def test_conv_matches_flax_conv(kernel_size, use_bias):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_patches_matmul_is_the_matmul_over_the_last_axis():
+  """The 2-D form of the im2col product: a (2, 3, 4, 5) array of patches
+  times a (5, 6) kernel, against NumPy's einsum, and its gradients against
+  those of the plain 4-D matmul."""
+  patches = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 4, 5)))
+  kernel = np.asarray(jax.random.normal(jax.random.key(1), (5, 6)))
+  np.testing.assert_allclose(models.patches_matmul(patches, kernel),
+                             np.einsum("abck,kf->abcf", patches, kernel),
+                             rtol=1e-5, atol=1e-6)
+  weights = np.asarray(jax.random.normal(jax.random.key(2), (2, 3, 4, 6)))
+  loss = lambda matmul: lambda p, k: jnp.sum(matmul(p, k) * weights)
+  ours = jax.grad(loss(models.patches_matmul), argnums=(0, 1))(patches, kernel)
+  plain = jax.grad(loss(jnp.matmul), argnums=(0, 1))(patches, kernel)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="odd sizes"):
     models.Conv(4, (2, 2)).init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))

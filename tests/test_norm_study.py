@@ -10,8 +10,6 @@ them as it says.
 import json
 import re
 
-import chex
-import flax.linen as flax_nn
 import helpers
 import jax
 import jax.numpy as jnp
