@@ -165,7 +165,25 @@ def spread(values) -> str:
 def kernel_profile(fn: Callable[[], object], top: int = 12,
                    ) -> list[tuple[str, float, int]]:
   """(kernel, ms, calls) of the XLA kernels that one call of `fn` ran, the
-  `top` most expensive, summed over threads (jax.profiler on the CPU).
+  `top` most expensive, summed over threads (jax.profiler on the CPU;
+  `kernel_times` says how)."""
+  import glob
+  import tempfile
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      block(fn())
+    path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
+    profile = jax.profiler.ProfileData.from_file(path)
+  events = [(event.name, event.start_ns, event.duration_ns)
+            for plane in profile.planes for line in plane.lines
+            if line.name.startswith("tf_XLA")  # XLA's threads only
+            for event in line.events]
+  return kernel_times(events)[:top]
+
+
+def kernel_times(events) -> list[tuple[str, float, int]]:
+  """(kernel, ms, calls), most expensive first, from profiler events
+  (name, start_ns, duration_ns) of XLA's threads.
 
   A plain `dot` (one that XLA:CPU leaves to Eigen's thread pool) runs
   asynchronously: its event is the launch alone, and an "end: dot.N" event
@@ -174,36 +192,23 @@ def kernel_profile(fn: Callable[[], object], top: int = 12,
   too, but their own events cover their work.)
   """
   import collections
-  import glob
-  import tempfile
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory):
-      block(fn())
-    path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
-    profile = jax.profiler.ProfileData.from_file(path)
   total, calls = collections.Counter(), collections.Counter()
   launches, ends = collections.defaultdict(list), collections.defaultdict(list)
-  for plane in profile.planes:
-    for line in plane.lines:
-      if not line.name.startswith("tf_XLA"):  # XLA's threads only
-        continue
-      for event in line.events:
-        if event.name.startswith(("ThunkExecutor", "while")):
-          continue  # containers of the kernels below
-        if event.name.startswith("end: "):
-          ends[event.name[len("end: "):]].append(event.start_ns)
-          continue
-        launches[event.name].append(event.start_ns)
-        total[event.name] += event.duration_ns / 1e6
-        calls[event.name] += 1
+  for name, start_ns, duration_ns in events:
+    if name.startswith(("ThunkExecutor", "while")):
+      continue  # containers of the kernels below
+    if name.startswith("end: "):
+      ends[name[len("end: "):]].append(start_ns)
+      continue
+    launches[name].append(start_ns)
+    total[name] += duration_ns / 1e6
+    calls[name] += 1
   for name, end_times in ends.items():  # asynchronous dots: launch to end
     starts = sorted(launches[name])
-    if not name.startswith("dot"):
-      continue
-    if len(starts) == len(end_times):
+    if name.startswith("dot") and len(starts) == len(end_times):
       total[name] = sum(end - start for start, end in zip(
           starts, sorted(end_times))) / 1e6
-  return [(name, ms, calls[name]) for name, ms in total.most_common(top)]
+  return [(name, ms, calls[name]) for name, ms in total.most_common()]
 
 
 # ----------------------------------------------------------------------------

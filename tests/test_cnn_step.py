@@ -18,6 +18,7 @@ import pytest
 import helpers
 
 sys.path.insert(0, str(helpers.REPO / "benchmarks"))
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 import cnn_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bn_jax import train  # noqa: E402
@@ -59,7 +60,7 @@ def test_quick_run_prints_the_table():
   env = dict(os.environ, JAX_PLATFORMS="cpu", BN_JAX_TORCH_PYTHON="")
   result = subprocess.run(
       [sys.executable, "benchmarks/cnn_step.py", "--quick", "--steps=2",
-       "--rounds=1", "--ab"], cwd=helpers.REPO, env=env,
+       "--rounds=1", "--ab", "--profile"], cwd=helpers.REPO, env=env,
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = re.findall(r"^\| (bn_jax[^|]*) \| ([0-9.]+) \|", result.stdout,
@@ -67,6 +68,30 @@ def test_quick_run_prints_the_table():
   assert [name.strip() for name, _ in rows] == [
       "bn_jax", *(f"bn_jax without: {c}" for c in cnn_step.AB_CHANGES)]
   assert all(float(ms) > 0 for _, ms in rows)
+  # The 2-D patches change the layout of the matmuls, not their sums.
+  assert re.search(r"^- bn_jax without: conv matmul on 2-D patches "
+                   r"\(not 4-D\): 0$", result.stdout, re.MULTILINE)
+  parts = dict(re.findall(r"^\| ([A-Za-z][^|]*?) \| ([0-9.]+) \| \d+% \|$",
+                          result.stdout, re.MULTILINE))
+  for part in ("conv weight gradients", "conv input gradients",
+               "conv matmuls (forward)", "max-pool (forward)", "BN (forward)"):
+    assert float(parts[part]) > 0, (part, parts)
+
+
+def test_kernel_times_counts_asynchronous_dots_from_launch_to_end():
+  """Hand-made profiler events (name, start_ns, duration_ns): a fusion's
+  time is its events' durations; an Eigen dot's, each launch to its "end:"
+  event; a fusion's own end events change nothing; containers are left
+  out."""
+  events = [
+      ("ThunkExecutor::Execute", 0, 10_000_000),
+      ("fusion.1", 0, 1_000_000), ("end: fusion.1", 5_000_000, 100),
+      ("dot.2", 1_000_000, 50_000), ("end: dot.2", 4_000_000, 100),
+      ("dot.2", 6_000_000, 50_000), ("end: dot.2", 8_000_000, 100),
+      ("fusion.1", 7_000_000, 500_000),
+  ]
+  assert _common.kernel_times(events) == [
+      ("dot.2", 5.0, 2), ("fusion.1", 1.5, 2)]
 
 
 def test_step_matmul_flops_by_hand():
