@@ -305,19 +305,23 @@ def test_conv_matches_flax_conv(kernel_size, use_bias):
 
 def test_patches_matmul_is_the_matmul_over_the_last_axis():
   """The 2-D form of the im2col product: a (2, 3, 4, 5) array of patches
-  times a (5, 6) kernel, against NumPy's einsum, and its gradients against
-  those of the plain 4-D matmul."""
+  times a (5, 6) kernel, and the gradients of sum(y * weights), against
+  NumPy's einsums (d/dpatches = weights @ kernel.T, d/dkernel = the patches'
+  rows times the weights' rows, summed)."""
   patches = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 4, 5)))
   kernel = np.asarray(jax.random.normal(jax.random.key(1), (5, 6)))
   np.testing.assert_allclose(models.patches_matmul(patches, kernel),
                              np.einsum("abck,kf->abcf", patches, kernel),
                              rtol=1e-5, atol=1e-6)
   weights = np.asarray(jax.random.normal(jax.random.key(2), (2, 3, 4, 6)))
-  loss = lambda matmul: lambda p, k: jnp.sum(matmul(p, k) * weights)
-  ours = jax.grad(loss(models.patches_matmul), argnums=(0, 1))(patches, kernel)
-  plain = jax.grad(loss(jnp.matmul), argnums=(0, 1))(patches, kernel)
-  for a, b in zip(ours, plain):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  loss = lambda p, k: jnp.sum(models.patches_matmul(p, k) * weights)
+  d_patches, d_kernel = jax.grad(loss, argnums=(0, 1))(patches, kernel)
+  np.testing.assert_allclose(d_patches,
+                             np.einsum("abcf,kf->abck", weights, kernel),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_kernel,
+                             np.einsum("abck,abcf->kf", patches, weights),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_conv_rejects_even_kernels():
