@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bn_jax import data as data_lib
-from bn_jax import train
+from bn_lab import data as data_lib
+from bn_lab import train
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456",
               "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -36,7 +36,7 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 def add_common_flags(parser) -> None:
   parser.add_argument("--data_dir", default=os.environ.get(
       "BN_JAX_DATA_DIR", ""), help="directory with the MNIST IDX files "
-      "(default: $BN_JAX_DATA_DIR, then bn_jax.data's cache, then the "
+      "(default: $BN_JAX_DATA_DIR, then bn_lab.data's cache, then the "
       "MNIST bundled with bn_jax)")
   parser.add_argument("--quick", action="store_true",
                       help="a short smoke run: fewer rounds")

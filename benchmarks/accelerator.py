@@ -26,8 +26,8 @@ exit status is 1 if any part failed.
                   mmaps that page-fault on every call, so the fraction says
                   little there: benchmarks/bn_op.py measures a CPU.)
   epochs          One training epoch of real MNIST (468 steps of batch 128)
-                  of the reference MLP (configs/base.py) and of the CNN
-                  (configs/placements.py:cnn, BN after the activation), on
+                  of the reference MLP (lab/bn_lab/config.py) and of the CNN
+                  (studies/placements/main_job.py:cnn, BN after the activation), on
                   the CLI's training path (`train.over_runs(train.train_epoch)`
                   for one run, as benchmarks/train_throughput.py times it;
                   evaluation not included); median over epochs after the
@@ -36,18 +36,18 @@ exit status is 1 if any part failed.
                   against one run, and the throughput ratio 64 x t(1) /
                   t(64) (> 1: the sweep trains runs faster than one at a
                   time); as benchmarks/sweep_throughput.py.
-  time_to_target  The CLI on the CNN (configs/placements.py:cnn,
+  time_to_target  The CLI on the CNN (studies/placements/main_job.py:cnn,
                   after_activation, seed 0): the training wall time
                   (compile, evaluation and checkpoints included; metrics.
                   jsonl's wall_time) to the end of the first epoch whose test
                   accuracy is >= 98%.
-  ioffe           The whole CLI run of configs/ioffe2015_mnist.py (its
+  ioffe           The whole CLI run of studies/ioffe2015/config.py (its
                   figure: 2 placements x 3 seeds x 50 epochs, probes, report
                   and plots), wall time of the command.
 
 --quick cuts everything down for a CPU: small tensors, 50 (MLP) and 4
 (CNN) steps per epoch, 4 runs instead of 64, time to 90% for the MLP
-(configs/placements.py, after_activation, 1 epoch) instead of 98% for the
+(studies/placements/main_job.py, after_activation, 1 epoch) instead of 98% for the
 CNN, and 2 epochs of the Ioffe figure. Its numbers say only that the script
 works.
 
@@ -122,7 +122,7 @@ class Recorder:
               **{**self.defaults, **overrides})
     self.rows.append(row)
     print(format_row(row), flush=True)
-    from bn_jax import workdir  # pylint: disable=g-import-not-at-top
+    from bn_lab import workdir  # pylint: disable=g-import-not-at-top
     workdir.write_atomic(self.path, json.dumps(
         [dataclasses.asdict(r) for r in self.rows]))
 
@@ -161,7 +161,7 @@ def part_bn_op(record: Recorder, quick: bool, scratch: Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import bn_jax  # pylint: disable=g-import-not-at-top
-  from bn_jax import models  # pylint: disable=g-import-not-at-top
+  from bn_lab import models  # pylint: disable=g-import-not-at-top
 
   on_cpu = jax.default_backend() == "cpu"
   if quick:
@@ -228,14 +228,14 @@ def _config(path: str, arg: str | None = None, **fields):
 
 def _spec_and_hparams(config, steps: int | None = None):
   """The first combination's TrainSpec and the run hparams, as
-  bn_jax.experiment builds them; `steps` cuts the epoch (--quick)."""
-  from bn_jax import study  # pylint: disable=g-import-not-at-top
-  from bn_jax import train  # pylint: disable=g-import-not-at-top
-  combo = study.combinations(config)[0]
-  spec = study.make_spec(combo.config, NUM_TRAIN)
+  bn_lab.runner builds them; `steps` cuts the epoch (--quick)."""
+  from bn_lab import sweep  # pylint: disable=g-import-not-at-top
+  from bn_lab import train  # pylint: disable=g-import-not-at-top
+  combo = sweep.combinations(config)[0]
+  spec = sweep.make_spec(combo.config, NUM_TRAIN)
   if steps:
     spec = dataclasses.replace(spec, steps_per_epoch=steps)
-  runs = study.run_grid(combo.config)
+  runs = sweep.run_grid(combo.config)
   hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE
              if runs[0]["hparams"][n] is not None}
   return spec, hparams, [r["seed"] for r in runs]
@@ -244,7 +244,7 @@ def _spec_and_hparams(config, steps: int | None = None):
 def _epoch_runner(spec, hparams, seeds, data):
   """One epoch per call of the stacked runs, on the CLI's training path."""
   import train_throughput  # pylint: disable=g-import-not-at-top
-  from bn_jax import train  # pylint: disable=g-import-not-at-top
+  from bn_lab import train  # pylint: disable=g-import-not-at-top
   epoch = train_throughput.sweep_train_epoch(spec)
   return train_throughput.Runner(
       train.create_sweep_states(spec, seeds, hparams),
@@ -266,13 +266,13 @@ def _time_epochs(runners: dict, rounds: int):
 def part_epochs(record: Recorder, quick: bool, scratch: Path) -> None:
   del scratch
   import _common  # pylint: disable=g-import-not-at-top
-  from bn_jax import models  # pylint: disable=g-import-not-at-top
+  from bn_lab import models  # pylint: disable=g-import-not-at-top
   data = _common.load_mnist("")
   cases = {
-      "reference MLP (configs/base.py)": (
-          _config("configs/base.py", seeds=(0,)), 50 if quick else None),
-      "CNN (configs/placements.py:cnn, after_activation)": (
-          _config("configs/placements.py", "cnn", seeds=(0,),
+      "reference MLP (lab/bn_lab/config.py)": (
+          _config("lab/bn_lab/config.py", seeds=(0,)), 50 if quick else None),
+      "CNN (studies/placements/main_job.py:cnn, after_activation)": (
+          _config("studies/placements/main_job.py", "cnn", seeds=(0,),
                   placements=("after_activation",)), 4 if quick else None),
   }
   runners, specs = {}, {}
@@ -302,7 +302,7 @@ def part_sweep(record: Recorder, quick: bool, scratch: Path) -> None:
   import _common  # pylint: disable=g-import-not-at-top
   data = _common.load_mnist("")
   k = 4 if quick else 64
-  config = _config("configs/base.py", seeds=tuple(range(k)))
+  config = _config("lab/bn_lab/config.py", seeds=tuple(range(k)))
   spec, hparams, seeds = _spec_and_hparams(config, 50 if quick else None)
   runners = {k: _epoch_runner(spec, hparams, seeds, data),
              1: _epoch_runner(spec, {n: v[:1] for n, v in hparams.items()},
@@ -354,15 +354,15 @@ def _machine(results: dict) -> dict:
 def part_time_to_target(record: Recorder, quick: bool, scratch: Path,
                         ) -> None:
   if quick:
-    target, args = 0.90, ["--config=configs/placements.py",
+    target, args = 0.90, ["--config=studies/placements/main_job.py",
                           "--config.num_epochs=1"]
-    model = "reference MLP (configs/placements.py)"
+    model = "reference MLP (studies/placements/main_job.py)"
   else:
     # The :cnn config trains 3 epochs; 5 leave room (each 98% by epoch 2
     # in docs/studies.md's CNN study).
-    target, args = 0.98, ["--config=configs/placements.py:cnn",
+    target, args = 0.98, ["--config=studies/placements/main_job.py:cnn",
                           "--config.num_epochs=5"]
-    model = "CNN (configs/placements.py:cnn)"
+    model = "CNN (studies/placements/main_job.py:cnn)"
   args += ['--config.placements=("after_activation",)',
            "--config.seeds=(0,)"]
   seconds, files = _run_cli(args, scratch / "workdir")
@@ -384,13 +384,13 @@ def part_time_to_target(record: Recorder, quick: bool, scratch: Path,
 
 
 def part_ioffe(record: Recorder, quick: bool, scratch: Path) -> None:
-  args = ["--config=configs/ioffe2015_mnist.py"]
+  args = ["--config=studies/ioffe2015/config.py"]
   if quick:
     args.append("--config.num_epochs=2")
   seconds, files = _run_cli(args, scratch / "workdir")
   results = json.loads(files["results.json"])
   combos = results["combos"]
-  record("ioffe", "Ioffe & Szegedy figure (configs/ioffe2015_mnist.py): the "
+  record("ioffe", "Ioffe & Szegedy figure (studies/ioffe2015/config.py): the "
          "whole CLI run", seconds, "s",
          f"{len(combos)} placements x {combos[0]['runs']} seeds x "
          f"{results['num_epochs']} epochs of 1000 steps"
@@ -562,7 +562,7 @@ def main():
                                        if args.quick else
                                        "accelerator_results.md"))
   out.parent.mkdir(parents=True, exist_ok=True)
-  from bn_jax import workdir  # pylint: disable=g-import-not-at-top
+  from bn_lab import workdir  # pylint: disable=g-import-not-at-top
   started = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y-%m-%d %H:%M UTC")
   deadline = time.monotonic() + (

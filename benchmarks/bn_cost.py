@@ -7,7 +7,7 @@ The source article says BN costs computation and memory. For the article's
 MLP (784 -> Dense(50, relu) -> [BN] -> Dense(10)) and the small CNN (conv
 32 -> relu -> [BN] -> pool, conv 64 -> relu -> [BN] -> pool, Dense(128) ->
 relu -> [BN], Dense(10)), both Adam, batch 128: the jitted training step
-(`bn_jax.train.train_step`, forward, backward and update) with placement
+(`bn_lab.train.train_step`, forward, backward and update) with placement
 "none" and "after_activation", timed in interleaved rounds in one process,
 and the compiled program's memory from XLA's memory analysis (temporary
 buffers: what the step needs beyond its inputs and outputs).
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bn_jax import experiment
-from bn_jax import train
-from bn_jax import workdir
+from bn_lab import runner
+from bn_lab import train
+from bn_lab import workdir
 
 
 def step_and_memory(spec: train.TrainSpec):
@@ -84,7 +84,7 @@ def main():
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     workdir.write_atomic(Path(args.json), json.dumps(
         {"benchmark": "bn_cost", "rounds": rounds, "rows": rows,
-         **experiment.provenance(command)}, indent=2) + "\n")
+         **runner.provenance(command)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

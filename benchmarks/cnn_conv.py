@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cnn_conv.py          # ~2.5 min
     .venv/bin/python benchmarks/cnn_conv.py --quick  # smoke
 
-The `:cnn` variant of configs/placements.py (two 3x3 conv blocks of 32 and
+The `:cnn` variant of studies/placements/main_job.py (two 3x3 conv blocks of 32 and
 64 channels with 2x2 max-pooling, Dense(128), BN after each activation;
 Adam, batch 128) on real MNIST, trained by `train.train_epoch` for
 `--steps` steps of one epoch, in two versions (`TrainSpec.conv`, the
@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from bn_jax import train  # noqa: E402
+from bn_lab import train  # noqa: E402
 
 HPARAMS = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/cnn_step.py --quick     # smoke run (no PyTorch needed)
     .venv/bin/python benchmarks/cnn_step.py --ab --profile  # + the A/B, where the time goes
 
-The `:cnn` model of configs/placements.py (conv3x3(32) -> relu -> BN ->
+The `:cnn` model of studies/placements/main_job.py (conv3x3(32) -> relu -> BN ->
 maxpool 2x2 -> conv3x3(64) -> relu -> BN -> maxpool 2x2 -> Dense(128) ->
 relu -> BN -> Dense(10); Adam 1e-3, batch 128, real MNIST), one training
 step of each implementation:
@@ -50,9 +50,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from bn_jax import data as data_lib  # noqa: E402
-from bn_jax import models  # noqa: E402
-from bn_jax import train  # noqa: E402
+from bn_lab import data as data_lib  # noqa: E402
+from bn_lab import models  # noqa: E402
+from bn_lab import train  # noqa: E402
 
 HPARAMS = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
 SPEC = train.TrainSpec(model="cnn", placement="after_activation",

@@ -7,7 +7,7 @@ The reference model (MLP 784-50-10, ReLU, BN after the activation, Adam),
 global batch 128 split over the devices, synchronized BN (bn_stats="sync")
 unless --bn-stats=per_device. Each timed call is one epoch of `--steps`
 steps: `train.train_epoch` under `jax.shard_map` over the `data` mesh, one
-run vmapped, exactly as `bn_jax.parallel.sweep_epoch` trains (evaluation
+run vmapped, exactly as `bn_lab.parallel.sweep_epoch` trains (evaluation
 left out). The data are synthetic (uniform pixels, random labels) and
 replicated on every device, as in the experiments.
 
@@ -43,8 +43,8 @@ def worker(devices: int, steps: int, rounds: int, bn_stats: str) -> list:
   import numpy as np
 
   import _common
-  from bn_jax import parallel
-  from bn_jax import train
+  from bn_lab import parallel
+  from bn_lab import train
 
   assert jax.device_count() >= devices, jax.devices()
   counter = _common.CompileCounter()

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import train_throughput  # noqa: E402
 
-from bn_jax import train  # noqa: E402
+from bn_lab import train  # noqa: E402
 
 KS = (1, 4, 8, 16)
 

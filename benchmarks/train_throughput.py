@@ -9,7 +9,7 @@ Two models, trained on real MNIST ([0, 1] pixels, as the CLI loads them):
   reference  784 -> Dense(50) -> relu -> BN -> Dense(10); Adam 1e-3, batch
              128, 468 steps per epoch (the CLI's default config; its
              default sweep is 3 seeds, K=3).
-  ioffe      Ioffe & Szegedy's MNIST net as configs/ioffe2015_mnist.py has it:
+  ioffe      Ioffe & Szegedy's MNIST net as studies/ioffe2015/config.py has it:
              3 x [Dense(100, no bias) -> BN -> sigmoid] -> Dense(10); SGD
              0.5, batch 60, 1000 steps per epoch, one seed (K=1).
 
@@ -66,18 +66,18 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs/
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # studies/
 import _common  # noqa: E402
 
-from bn_jax import study  # noqa: E402
-from bn_jax import train  # noqa: E402
-from configs import base  # noqa: E402
+from bn_lab import sweep  # noqa: E402
+from bn_lab import train  # noqa: E402
+from bn_lab import config as base  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """A model as the CLI trains it: a config (the defaults or a file in
-  configs/), a few overrides, and the spec study.make_spec builds."""
+  studies/), a few overrides, and the spec sweep.make_spec builds."""
   name: str
   config_file: str | None = None  # relative to the repository root
   overrides: tuple[tuple[str, Any], ...] = ()
@@ -98,8 +98,8 @@ class Case:
 
   @property
   def spec(self) -> train.TrainSpec:
-    combo, *_ = study.combinations(self.config)
-    return study.make_spec(combo.config, NUM_TRAIN)
+    combo, *_ = sweep.combinations(self.config)
+    return sweep.make_spec(combo.config, NUM_TRAIN)
 
   @property
   def learning_rate(self) -> float:
@@ -126,9 +126,9 @@ REPO = Path(__file__).resolve().parent.parent
 CASES = (
     # The CLI's defaults: the reference Keras model.
     Case("reference"),
-    # configs/ioffe2015_mnist.py, its BN variant (SGD lr 0.5, batch 60,
+    # studies/ioffe2015/config.py, its BN variant (SGD lr 0.5, batch 60,
     # BN epsilon 1e-5, unbiased running variance).
-    Case("ioffe", "configs/ioffe2015_mnist.py",
+    Case("ioffe", "studies/ioffe2015/config.py",
          (("placements", ("before_activation",)),)),
 )
 
@@ -138,7 +138,7 @@ CASES = (
 
 
 class FlaxMLP(nn.Module):
-  """bn_jax.models.MLP with flax.linen.BatchNorm (placements used here)."""
+  """bn_lab.models.MLP with flax.linen.BatchNorm (placements used here)."""
   widths: Sequence[int]
   activation: Callable[[Any], Any]
   placement: str

@@ -842,7 +842,7 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       reduced and a multiple of it. Each chunk is normalized with its own
       statistics (with renorm: its own r and d), and the new state is the
       mean over chunks of the states that each chunk's update gives (the
-      count advances by 1): one device's version of bn_jax.parallel's
+      count advances by 1): one device's version of bn_lab.parallel's
       bn_stats="per_device" (a chunk per device, the devices' new
       statistics averaged). With axis_name, chunk i is pooled with chunk i
       of every other member of the named axis. Evaluation ignores it.

@@ -11,7 +11,7 @@ Two uses of the same computation:
     that is evaluated.
   * AdaBN (Li et al., "Revisiting Batch Normalization For Practical Domain
     Adaptation", 2016): on unlabeled data of the target domain (a shifted
-    test set, `bn_jax.data.shift_images`), so that every BN layer normalizes
+    test set, `bn_lab.data.shift_images`), so that every BN layer normalizes
     with the target's statistics. An affine shift a * x + b (a > 0) of what
     a BN layer sees is then undone exactly (up to epsilon).
 
@@ -77,7 +77,7 @@ def _train_apply(model) -> Callable[..., Any]:
     return model
   raise ValueError(
       f"model={model!r}; pass a flax Module whose __call__ takes `train=` "
-      "(bn_jax.models) or apply_fn(variables, x, mutable=...) running the "
+      "(bn_lab.models) or apply_fn(variables, x, mutable=...) running the "
       "model with its BatchNorm layers in training mode.")
 
 
@@ -193,11 +193,11 @@ def recompute_statistics(model, variables, batches, *,
   variables), since the batches are iterated by `lax.scan`.
 
   Args:
-    model: a flax Module taking `train=` (bn_jax.models: applied with
+    model: a flax Module taking `train=` (bn_lab.models: applied with
       train=True), or apply_fn(variables, x, mutable=...) -> (out, mutated)
       that runs the model with its BatchNorm layers in training mode. The
       layers are bn_jax.nn.BatchNorm; for `layerwise`, they must take
-      `use_running_average` at call time (as bn_jax.models' do).
+      `use_running_average` at call time (as bn_lab.models' do).
     variables: the model's variables: params and batch_stats (and any other
       collections the model reads).
     batches: (N, B, ...) array, N batches of the model's inputs.

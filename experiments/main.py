@@ -1,11 +1,12 @@
-"""Runs a bn_jax study from a config file, then writes its report.
+"""Runs a study from a config file, then writes the run's report.
 
-    python -m experiments.main --config=configs/placements.py --workdir=workdirs/placements
+    python -m experiments.main --config=studies/placements/main_job.py --workdir=workdirs/placements
 
-Fields of the config can be overridden as --config.FIELD=VALUE. Rerunning the
-same command resumes from the workdir's checkpoints. This file is kept short:
-training lives in bn_jax.experiment, the tables and plots in
-experiments/report.py, each importable and testable.
+The study is the one whose folder holds the config file
+(studies/registry.py); a config elsewhere runs as classifier sweeps.
+Fields of the config can be overridden as --config.FIELD=VALUE. Rerunning
+the same command resumes from the workdir's checkpoints. This file is
+kept short: the protocol lives in bn_lab.runner, each study in its folder.
 """
 
 import sys
@@ -15,39 +16,44 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from bn_jax import data
-from bn_jax import experiment
-from bn_jax import study
-from bn_jax import workdir as workdir_lib
-from experiments import cli
-from experiments import report
+from bn_lab import train
+from bn_lab import cli
+from bn_lab import data
+from bn_lab import report
+from bn_lab import runner
+from bn_lab import sweep
+from bn_lab import workdir as workdir_lib
+from studies import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file.",
-    lock_config=True)
+    "config", None, "Path to an ml_collections config file, e.g. "
+    "studies/placements/config.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for config, metrics, checkpoints and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+
 def parse_flags(argv):
-  return cli.parse_flags(argv, fields_file="configs/base.py")
+  return cli.parse_flags(argv, fields_file="the --config file and "
+                         "lab/bn_lab/config.py")
 
 
 def load_config():
   return cli.load_config(lambda: _CONFIG.value,
-                         example="--config=configs/placements.py")
+                         example="--config=studies/placements/main_job.py")
 
 
 def main(argv):
-  cli.start(argv)
+  cli.start(argv, own_code=(registry.__file__,))
+  config = load_config()
+  study = registry.for_config_file(config_flags.get_config_filename(
+      flags.FLAGS["config"]))
   try:
-    experiment.train_and_evaluate(
-        load_config(), _WORKDIR.value,
-        command=cli.command_line("experiments.main", sys.argv))
+    runner.run(study, config, _WORKDIR.value,
+               command=cli.command_line("experiments.main", sys.argv))
     if jax.process_index() == 0:  # the process that wrote the files
-      print(report.write_report([_WORKDIR.value], _WORKDIR.value),
-            flush=True)
-  except (study.ConfigError, data.DataError, experiment.NonFiniteError,
+      print(study.report(_WORKDIR.value), flush=True)
+  except (sweep.ConfigError, data.DataError, train.NonFiniteError,
           workdir_lib.WorkdirError, report.ReportError) as e:
     # Problems the user can fix: the message says how; no traceback needed.
     sys.exit(f"{type(e).__name__}: {e}")

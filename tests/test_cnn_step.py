@@ -21,7 +21,7 @@ sys.path.insert(0, str(helpers.REPO / "benchmarks"))
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 import cnn_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from bn_jax import train  # noqa: E402
+from bn_lab import train  # noqa: E402
 
 
 def test_a_python_without_torch_is_named_in_one_line():

@@ -1,4 +1,4 @@
-"""Tests for bn_jax.data: IDX parsing, validation, checksums, sources.
+"""Tests for bn_lab.data: IDX parsing, validation, checksums, sources.
 
 No test touches the network: an autouse fixture lets names resolve only to
 the loopback interface, and the download tests run a local HTTP server on
@@ -24,11 +24,11 @@ import pooch
 import pytest
 import requests
 
-from bn_jax import data
+from bn_lab import data
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared/data/mnist"
-BUNDLED_MNIST = REPO / "bn_jax/bundled/mnist"
+BUNDLED_MNIST = REPO / "lab/bn_lab/bundled/mnist"
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 STEMS = data.IDX_FILES  # role -> standard file name
@@ -621,10 +621,10 @@ def test_bundled_files_and_their_readme():
 
 
 def test_bundled_files_are_package_data():
-  """pyproject.toml installs every bundled file with the package."""
-  config = tomllib.loads((REPO / "pyproject.toml").read_text())
-  patterns = config["tool"]["setuptools"]["package-data"]["bn_jax"]
-  package = REPO / "bn_jax"
+  """lab/pyproject.toml installs every bundled file with the lab."""
+  config = tomllib.loads((REPO / "lab" / "pyproject.toml").read_text())
+  patterns = config["tool"]["setuptools"]["package-data"]["bn_lab"]
+  package = REPO / "lab" / "bn_lab"
   files = sorted(BUNDLED_MNIST.iterdir())
   assert len(files) == 5  # four .gz and the README
   for path in files:

@@ -7,7 +7,6 @@ in subprocesses.
 """
 
 import ast
-import importlib
 import json
 import math
 import shlex
@@ -21,15 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from bn_jax import domain_shift
-from bn_jax import experiment
-from bn_jax import gan
-from bn_jax import study
-from bn_jax import train
-from bn_jax import transfer
-from configs import placements
-from experiments import cli
-from experiments import report
+from bn_lab import classifier
+from bn_lab import cli
+from bn_lab import report
+from bn_lab import runner
+from bn_lab import sweep
+from bn_lab import train
+from studies import registry
+from studies.placements import main_job as placements
 
 NUM_TRAIN, NUM_TEST = 400, 200
 PLACEMENTS = ("none", "before_activation")
@@ -70,15 +68,15 @@ def study_run(idx_dir, tmp_path_factory):
   the report's table."""
   workdir = tmp_path_factory.mktemp("study")
   snapshots = []
-  real_write = experiment.workdir_lib.MetricsWriter.write
+  real_write = runner.workdir_lib.MetricsWriter.write
 
   def write(self, rows):
     real_write(self, rows)
     snapshots.append(self.path.read_text())
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(experiment.workdir_lib.MetricsWriter, "write", write)
-    experiment.train_and_evaluate(study_config(idx_dir), workdir)
+    patch.setattr(runner.workdir_lib.MetricsWriter, "write", write)
+    classifier.train_and_evaluate(study_config(idx_dir), workdir)
   table = report.write_report([workdir], workdir)
   return workdir, snapshots, table
 
@@ -104,7 +102,7 @@ def test_rows_carry_every_axis_run_and_epoch(study_run):
     assert (row["seed"], row["bn_momentum"]) == RUNS[row["run"]]
     assert row["learning_rate"] == 1e-3 and row["bn_epsilon"] == 1e-3
     assert row["step"] == row["epoch"] * (NUM_TRAIN // row["batch_size"])
-    for key in experiment.METRICS:
+    for key in classifier.METRICS:
       assert math.isfinite(row[key]), (key, row)
       if "accuracy" in key:
         assert 0.0 <= row[key] <= 1.0
@@ -157,9 +155,9 @@ def test_results_json_has_every_combination(study_run, idx_dir):
 
 def test_the_cli_records_its_command_as_typed():
   assert cli.command_line("experiments.main", [
-      "experiments/main.py", "--config=configs/staleness.py",
+      "experiments/main.py", "--config=studies/staleness/config.py",
        "--workdir=w", "--config.seeds=(0, 1)"]) == (
-           "python -m experiments.main --config=configs/staleness.py "
+           "python -m experiments.main --config=studies/staleness/config.py "
            "--workdir=w '--config.seeds=(0, 1)'")
 
 
@@ -212,8 +210,8 @@ def assert_tensorboard_matches_metrics(workdir):
     events.Reload()
     mine = [r for r in rows if r["combo"] == run_dir.parent.name
             and f"run{r['run']}" == run_dir.name]
-    assert sorted(events.Tags()["scalars"]) == sorted(experiment.METRICS)
-    for key in experiment.METRICS:
+    assert sorted(events.Tags()["scalars"]) == sorted(classifier.METRICS)
+    for key in classifier.METRICS:
       scalars = events.Scalars(key)
       assert [s.step for s in scalars] == [r["step"] for r in mine]
       np.testing.assert_allclose([s.value for s in scalars],
@@ -223,13 +221,13 @@ def assert_tensorboard_matches_metrics(workdir):
 @pytest.mark.slow
 def test_a_new_axis_is_one_table_entry(idx_dir, tmp_path, monkeypatch):
   """An axis over the optimizer: one AXES entry (and the config field)."""
-  monkeypatch.setitem(study.AXES, "optimizers", "optimizer")
+  monkeypatch.setitem(sweep.AXES, "optimizers", "optimizer")
   config = study_config(idx_dir, placements=("before_activation",),
                         batch_sizes=(), seeds=(0,), num_epochs=1)
   config.sweep.bn_momentum = ()
   with config.unlocked():
     config.optimizers = ("sgd", "adam")
-  results = experiment.train_and_evaluate(config, tmp_path)
+  results = classifier.train_and_evaluate(config, tmp_path)
   assert [c["combo"] for c in results["combos"]] == [
       "placement=before_activation__optimizer=sgd",
       "placement=before_activation__optimizer=adam"]
@@ -269,7 +267,7 @@ def test_a_resumed_study_repeats_the_uninterrupted_one(study_run, idx_dir,
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train, "sweep_epoch", counting)
-    experiment.train_and_evaluate(study_config(idx_dir), resumed)
+    classifier.train_and_evaluate(study_config(idx_dir), resumed)
   # killed: its last epoch; each not started combination: every epoch.
   assert len(trained) == 1 + NUM_EPOCHS * len(not_started)
   without_time = lambda rows: [{k: v for k, v in r.items()
@@ -300,66 +298,74 @@ def docstring_command(path):
   return shlex.split(" ".join(command))
 
 
-CONFIG_FILES = sorted(p.name for p in (helpers.REPO / "configs").glob("*.py")
-                      if p.name != "__init__.py")
+def _config_files():
+  """Every config file of a registered study (a module of its folder that
+  defines get_config), as a path from the repository root."""
+  found = []
+  for name in registry.STUDIES:
+    for path in sorted(registry.folder(name).glob("*.py")):
+      if "def get_config(" in path.read_text():
+        found.append(str(path.relative_to(helpers.REPO)))
+  return found
 
 
-# The entry points other than experiments.main, with their config checks.
-OWN_ENTRY_POINTS = {"experiments.gan": gan.validate_config,
-                    "experiments.domain_shift": domain_shift.validate_config,
-                    "experiments.transfer": transfer.validate_config}
+CONFIG_FILES = _config_files()
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-def test_config_docstring_starts_with_the_command_that_runs_it(name):
-  path = helpers.REPO / "configs" / name
-  argv = docstring_command(path)
-  assert argv[:2] == ["python", "-m"]
-  assert argv[2] in ("experiments.main", *OWN_ENTRY_POINTS)
+def test_every_study_has_a_config():
+  assert {p.split("/")[1] for p in CONFIG_FILES} == set(registry.STUDIES)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_config_docstring_starts_with_the_command_that_runs_it(path):
+  argv = docstring_command(helpers.REPO / path)
+  assert argv[:3] == ["python", "-m", "experiments.main"]
   args = argv[3:]
-  assert args[0] == f"--config=configs/{name}"  # names the file itself
+  assert args[0].split(":")[0] == f"--config={path}"  # names the file
   assert any(a.startswith("--workdir=") for a in args)
-  if argv[2] in OWN_ENTRY_POINTS:  # its own trainer and checks
-    config = importlib.import_module(f"configs.{path.stem}").get_config()
-    OWN_ENTRY_POINTS[argv[2]](config)
-  else:  # the entry point's own flags accept the command as written
-    config = helpers.resolved_config(args)
-    study.validate_config(config)
+  config = helpers.resolved_config(args)
+  study = registry.for_config_file(helpers.REPO / path)
+  assert study.name == path.split("/")[1]
+  study.validate(config)
   assert config.study  # says what it studies
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-def test_configs_import_nothing_from_the_training_code(name):
-  tree = ast.parse((helpers.REPO / "configs" / name).read_text())
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_configs_import_nothing_from_the_training_code(path):
+  """A config reads on its own: it imports the base config and other
+  configs, nothing that trains."""
+  tree = ast.parse((helpers.REPO / path).read_text())
   imported = {alias.name for node in ast.walk(tree)
               if isinstance(node, ast.Import) for alias in node.names}
-  imported |= {node.module for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom)}
-  assert not {m for m in imported if m.startswith("bn_jax")}, imported
+  imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) for alias in node.names}
+  code = {m for m in imported if m.startswith(("bn_jax", "bn_lab", "studies"))}
+  assert all(m == "bn_lab.config" or m.endswith(".config")
+             for m in code), code
 
 
 def test_placements_config_cnn_variant_is_valid():
-  config = helpers.resolved_config(["--config=configs/placements.py:cnn",
+  config = helpers.resolved_config(["--config=studies/placements/main_job.py:cnn",
                                     "--workdir=unused"])
-  study.validate_config(config)
+  sweep.validate_config(config)
   assert config.model == "cnn"
-  assert [c.values["placement"] for c in study.combinations(config)] == [
+  assert [c.values["placement"] for c in sweep.combinations(config)] == [
       "none", "before_activation", "after_activation", "input"]
 
 
 def test_progress_line_while_a_long_epoch_runs(caplog):
   with caplog.at_level("INFO"):
-    with experiment._progress(0.05, "mlp epoch 3/10", expected=None):
+    with classifier._progress(0.05, "mlp epoch 3/10", expected=None):
       time.sleep(0.3)
   assert "[mlp epoch 3/10] ... 0 s (compiling, training)" in caplog.text
   caplog.clear()
   with caplog.at_level("INFO"):
-    with experiment._progress(0.05, "e2", expected=0.2):
+    with classifier._progress(0.05, "e2", expected=0.2):
       time.sleep(0.15)
   assert "done by the last epoch's time" in caplog.text
   caplog.clear()
   with caplog.at_level("INFO"):
-    with experiment._progress(0.0, "off", expected=None):  # 0: off
+    with classifier._progress(0.0, "off", expected=None):  # 0: off
       time.sleep(0.1)
   assert caplog.text == ""
 
@@ -373,7 +379,7 @@ def test_cli_momentum_none_runs_and_reports(idx_dir, tmp_path):
   """--config.bn.momentum=None (the exact cumulative average) end to end;
   then the report regenerates summary.md and the plots from the files."""
   workdir = tmp_path / "run"
-  args = ["--config=configs/placements.py", f"--workdir={workdir}",
+  args = ["--config=studies/placements/main_job.py", f"--workdir={workdir}",
           f"--config.data_dir={idx_dir}", "--config.dataset=tiny",
           "--config.num_epochs=1", "--config.seeds=(0,)",
           "--config.widths=(8,)", "--config.bn.momentum=None",
@@ -392,11 +398,11 @@ def test_cli_momentum_none_runs_and_reports(idx_dir, tmp_path):
 
 
 def test_an_axis_may_set_a_nested_field(monkeypatch):
-  monkeypatch.setitem(study.AXES, "bn_epsilons", "bn.epsilon")
+  monkeypatch.setitem(sweep.AXES, "bn_epsilons", "bn.epsilon")
   config = placements.get_config()
   with config.unlocked():
     config.bn_epsilons = (1e-5, 1e-1)
-  combos = study.combinations(config)
+  combos = sweep.combinations(config)
   assert [c.name for c in combos] == [
       f"placement={p}__bn.epsilon={e}" for p in config.placements
       for e in (1e-5, 1e-1)]
@@ -406,11 +412,12 @@ def test_an_axis_may_set_a_nested_field(monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_library_imports_no_plotting():
-  """bn_jax trains without matplotlib: plots live in experiments/report.py."""
-  code = ("import sys, bn_jax, bn_jax.experiment, bn_jax.nn, bn_jax.parallel; "
+def test_the_trainer_imports_no_plotting():
+  """The library and the trainer load without matplotlib (plots load when a
+  report is drawn) and without any study or entry point."""
+  code = ("import sys, bn_jax, bn_lab.runner, bn_jax.nn, bn_lab.parallel; "
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-          "('matplotlib', 'experiments', 'configs')))")
+          "('matplotlib', 'experiments', 'studies')))")
   result = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO,
                           capture_output=True, text=True, check=True)
   assert result.stdout.strip() == "[]", result.stdout

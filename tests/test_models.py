@@ -1,4 +1,4 @@
-"""Tests for bn_jax.models: every placement x model x activation, the
+"""Tests for bn_lab.models: every placement x model x activation, the
 variables each placement creates, and a NumPy forward pass as reference."""
 
 import re
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import models
+from bn_lab import models
 from bn_jax import nn as bn_nn
 
 CHANNELS = (2, 3)  # tiny CNN: 28 -> 14 -> 7, so 7 * 7 * 3 = 147 features

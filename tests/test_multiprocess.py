@@ -3,7 +3,7 @@
 Each process is `python -m experiments.main` with 2 forced CPU devices,
 joined through a coordinator on 127.0.0.1 (Gloo collectives over TCP), so
 the mesh has 4 devices, as one process with 4 forced devices has. The
-reference placements (configs/placements.py) train for two epochs on tiny
+reference placements (studies/placements/main_job.py) train for two epochs on tiny
 IDX data; the pair is killed after its first checkpoint and the same
 commands resume it. Compared with one process on 4 devices:
 
@@ -38,20 +38,20 @@ import jax
 import numpy as np
 import pytest
 
-from bn_jax import experiment
-from bn_jax import models
-from bn_jax import parallel
-from bn_jax import study
-from configs import base
+from bn_lab import classifier
+from bn_lab import models
+from bn_lab import parallel
+from bn_lab import sweep
+from bn_lab import config as base
 
 REPO = helpers.REPO
 DEVICES_PER_PROCESS = 2
 NUM_PROCESSES = 2
 NUM_EPOCHS = 2
-SEEDS = 3  # configs/placements.py's
+SEEDS = 3  # studies/placements/main_job.py's
 TIMEOUT_S = 240  # per group of processes; a healthy pair takes ~30 s
-# Fields set on top of configs/placements.py (4 steps of 64 per epoch).
-FLAGS = ("--config=configs/placements.py", "--config.dataset=tiny_idx",
+# Fields set on top of studies/placements/main_job.py (4 steps of 64 per epoch).
+FLAGS = ("--config=studies/placements/main_job.py", "--config.dataset=tiny_idx",
          "--config.data_source=idx", "--config.batch_size=64",
          f"--config.num_epochs={NUM_EPOCHS}", "--config.mesh_devices=auto",
          "--config.progress_seconds=0")
@@ -306,15 +306,15 @@ def test_bad_distributed_settings_fail_in_one_line_before_initializing(
   config.mesh_devices = fields.pop("mesh_devices", "auto")
   for field, value in fields.items():
     config.distributed[field] = value
-  with pytest.raises(study.ConfigError, match=message) as error:
-    study.validate_config(config)
+  with pytest.raises(sweep.ConfigError, match=message) as error:
+    sweep.validate_config(config)
   assert "\n" not in str(error.value)
   # The CLI's path stops there too, before any wait or any file.
   def initialize(**kwargs):
     raise AssertionError(f"jax.distributed.initialize({kwargs}) was called")
   monkeypatch.setattr(jax.distributed, "initialize", initialize)
-  with pytest.raises(study.ConfigError, match=message):
-    experiment.train_and_evaluate(config, tmp_path / "work")
+  with pytest.raises(sweep.ConfigError, match=message):
+    classifier.train_and_evaluate(config, tmp_path / "work")
   assert not (tmp_path / "work").exists()
 
 
@@ -329,5 +329,5 @@ def test_good_distributed_settings_pass_the_checks():
     config.distributed.coordinator_address = coordinator
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
-    study.validate_config(config)
+    sweep.validate_config(config)
   assert parallel.message_from_process0("why") == "why"  # one process

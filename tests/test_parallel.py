@@ -1,4 +1,4 @@
-"""Tests for bn_jax.parallel: data-parallel training on 8 forced CPU devices.
+"""Tests for bn_lab.parallel: data-parallel training on 8 forced CPU devices.
 
 JAX fixes the device count when it starts, so the 8-device checks run in a
 subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8
@@ -34,11 +34,11 @@ from jax.sharding import PartitionSpec as P
 
 import bn_jax
 import helpers
-from bn_jax import models
-from bn_jax import parallel
-from bn_jax import study
-from bn_jax import train
-from configs import base
+from bn_lab import models
+from bn_lab import parallel
+from bn_lab import sweep
+from bn_lab import train
+from bn_lab import config as base
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -382,7 +382,7 @@ def children(tmp_path_factory):
   checks = _Child([sys.executable, __file__], root / "checks")
   cli = _Child(
       [sys.executable, "-m", "experiments.main",
-       "--config=configs/placements.py", f"--workdir={root / 'work'}",
+       "--config=studies/placements/main_job.py", f"--workdir={root / 'work'}",
        f"--config.mesh_devices={DEVICES}", f"--config.data_dir={data_dir}",
        "--config.dataset=tiny_idx", "--config.data_source=idx",
        "--config.num_epochs=1", "--config.batch_size=64",
@@ -452,8 +452,8 @@ def test_default_is_the_single_device_path():
 def test_bad_parallel_config_rejected(field, value, message):
   config = base.get_config()
   config[field] = value
-  with pytest.raises(study.ConfigError, match=message):
-    study.validate_config(config)
+  with pytest.raises(sweep.ConfigError, match=message):
+    sweep.validate_config(config)
 
 
 if __name__ == "__main__":

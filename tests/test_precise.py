@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import data
-from bn_jax import models
+from bn_lab import data
+from bn_lab import models
 from bn_jax import nn as bn_nn
 from bn_jax import precise
 

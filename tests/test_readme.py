@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import study
+from bn_lab import sweep
+from studies import registry
 
 README = (helpers.REPO / "README.md").read_text()
-# Every `python -m experiments.main ...` line of the README, its flags.
+# Every `python -m experiments.main ...` command of the README (in a code
+# block or a table's cell), its flags.
 EXPERIMENT_COMMANDS = [
-    shlex.split(line.split("experiments.main", 1)[1])
-    for line in re.findall(r"^[^#\n]*-m experiments\.main .*$", README, re.M)]
+    shlex.split(command)
+    for command in re.findall(r"-m experiments\.main ([^`|\n]*)", README)]
 
 
 @pytest.mark.slow  # the example's (128, 28, 28, 64) batch: seconds on a CPU
@@ -56,9 +58,11 @@ def test_normalization_family_example_runs():
                          ids=[" ".join(a)[:60] for a in EXPERIMENT_COMMANDS])
 def test_experiment_commands_parse_and_validate(args):
   """Each command's flags, as printed, go through the entry point's parser
-  and give a config that passes every check."""
+  and give a config that passes its study's checks."""
   config = helpers.resolved_config(args)
-  study.validate_config(config)
+  config_file = next(a for a in args if a.startswith("--config="))
+  registry.for_config_file(config_file.split("=", 1)[1].split(":")[0]
+                           ).validate(config)
 
 
 def test_readme_has_the_main_and_the_test_command():
@@ -70,7 +74,7 @@ def test_readme_has_the_main_and_the_test_command():
   args = shlex.split(main_job.split("experiments.main", 1)[1])
   assert not [a for a in args if a.startswith("--config.data_dir")]
   config = helpers.resolved_config(args)
-  assert len(study.combinations(config)) == 4
+  assert len(sweep.combinations(config)) == 4
   test_command, = [line for line in README.splitlines()
                    if line.startswith("bash scripts/setup.sh && ")
                    and "pytest" in line]

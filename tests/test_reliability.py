@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_jax import experiment
-from bn_jax import study
-from bn_jax import train
-from bn_jax import workdir as workdir_lib
-from configs import base
-from configs import placements
+from bn_lab import runner
+from bn_lab import sweep
+from bn_lab import train
+from bn_lab import workdir as workdir_lib
+from bn_lab import config as base
+from studies import placements as placements_study
+from studies.placements import main_job as placements
 
 REPO = helpers.REPO
 N_TRAIN, N_TEST, BATCH = 128, 48, 32  # 4 steps per epoch
 STEPS_PER_EPOCH = N_TRAIN // BATCH
-# Fields set on top of configs/placements.py, here and on the CLI.
+# Fields set on top of studies/placements/main_job.py, here and on the CLI.
 OVERRIDES = {"dataset": "tiny", "placements": ("before_activation",),
              "widths": (8,), "seeds": (0, 1), "batch_size": BATCH,
              "num_epochs": 3, "keep_checkpoints": 3,
@@ -54,12 +55,17 @@ def idx_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(idx_dir: Path, **changes):
-  """configs/placements.py with OVERRIDES: the config the CLI builds."""
+  """studies/placements/main_job.py with OVERRIDES: the config the CLI builds."""
   config = placements.get_config()
   for field, value in {**OVERRIDES, "data_dir": str(idx_dir),
                        **changes}.items():
     set_field(config, field, value)
   return config
+
+
+def train_placements(config, workdir, **kwargs):
+  """The placements study's run, as the CLI runs its config file."""
+  return runner.run(placements_study.STUDY, config, workdir, **kwargs)
 
 
 def set_field(config, path: str, value) -> None:
@@ -73,7 +79,7 @@ def cli_command(idx_dir: Path, workdir: Path, *extra: str) -> list[str]:
   flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else
            f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   return [sys.executable, "-m", "experiments.main",
-          "--config=configs/placements.py", f"--workdir={workdir}",
+          "--config=studies/placements/main_job.py", f"--workdir={workdir}",
           f"--config.data_dir={idx_dir}", *flags, *extra]
 
 
@@ -111,7 +117,7 @@ def assert_same_run(workdir: Path, reference: Path) -> None:
 def reference(idx_dir, tmp_path_factory) -> Path:
   """An uninterrupted run: the workdir."""
   workdir = tmp_path_factory.mktemp("reference")
-  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  runner.run(placements_study.STUDY, tiny_config(idx_dir), workdir)
   return workdir
 
 
@@ -161,8 +167,8 @@ def test_validate_config_names_the_field(field, value, fragments):
   config = base.get_config()
   with config.unlocked():  # a flag may give any type; the check names it
     set_field(config, field, value)
-  with pytest.raises(study.ConfigError) as info:
-    study.validate_config(config)
+  with pytest.raises(sweep.ConfigError) as info:
+    sweep.validate_config(config)
   message = str(info.value)
   assert "\n" not in message
   for fragment in fragments:
@@ -170,7 +176,7 @@ def test_validate_config_names_the_field(field, value, fragments):
 
 
 def test_base_config_is_valid():
-  study.validate_config(base.get_config())
+  sweep.validate_config(base.get_config())
 
 
 def test_momentum_none_is_valid_and_a_sweep_replaces_it():
@@ -178,12 +184,12 @@ def test_momentum_none_is_valid_and_a_sweep_replaces_it():
   of momenta still replaces it per run."""
   config = base.get_config()
   config.bn.momentum = None
-  study.validate_config(config)
-  assert {r["hparams"]["bn_momentum"] for r in study.run_grid(config)} == {
+  sweep.validate_config(config)
+  assert {r["hparams"]["bn_momentum"] for r in sweep.run_grid(config)} == {
       None}
   config.sweep.bn_momentum = (0.9,)
-  study.validate_config(config)
-  assert {r["hparams"]["bn_momentum"] for r in study.run_grid(config)} == {
+  sweep.validate_config(config)
+  assert {r["hparams"]["bn_momentum"] for r in sweep.run_grid(config)} == {
       0.9}
 
 
@@ -191,8 +197,8 @@ def test_config_is_checked_before_data_and_workdir(tmp_path):
   config = base.get_config()
   config.data_dir = str(tmp_path / "no-such-dir")  # would be a DataError
   config.bn.epsilon = 0.0
-  with pytest.raises(study.ConfigError, match="config.bn.epsilon"):
-    experiment.train_and_evaluate(config, tmp_path / "workdir")
+  with pytest.raises(sweep.ConfigError, match="config.bn.epsilon"):
+    train_placements(config, tmp_path / "workdir")
   assert not (tmp_path / "workdir").exists()
 
 
@@ -201,9 +207,9 @@ def test_workdir_that_is_a_file(idx_dir, tmp_path, where):
   file = tmp_path / "a_file"
   file.write_text("not a directory")
   workdir = file if where == "workdir" else file / "run"
-  with pytest.raises(study.ConfigError,
+  with pytest.raises(sweep.ConfigError,
                      match=re.escape(f"{file} is a file")):
-    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+    train_placements(tiny_config(idx_dir), workdir)
 
 
 @pytest.mark.parametrize("batch_size, fragment", [
@@ -216,8 +222,8 @@ def test_batch_larger_than_data_stops_before_compiling(
     raise AssertionError("compiled despite an invalid batch size")
   monkeypatch.setattr(train, "create_sweep_states", must_not_run)
   monkeypatch.setattr(train, "sweep_epoch", must_not_run)
-  with pytest.raises(study.ConfigError) as info:
-    experiment.train_and_evaluate(
+  with pytest.raises(sweep.ConfigError) as info:
+    train_placements(
         tiny_config(idx_dir, batch_size=batch_size), tmp_path)
   assert f"batch size {batch_size} (config.batch_size" in str(info.value)
   assert fragment in str(info.value)
@@ -228,7 +234,7 @@ def test_batch_larger_than_data_stops_before_compiling(
 @pytest.mark.slow
 def test_cli_rejects_unknown_config_field(tmp_path):
   result = run_cli([sys.executable, "-m", "experiments.main",
-                    "--config=configs/placements.py",
+                    "--config=studies/placements/main_job.py",
                     f"--workdir={tmp_path / 'run'}", "--config.foo=1"])
   assert result.returncode != 0
   assert "has no field 'foo'" in result.stderr.strip().splitlines()[-1], (
@@ -245,7 +251,7 @@ def test_cli_rejects_unknown_config_field(tmp_path):
 ])
 def test_cli_reports_a_bad_value_in_one_line(tmp_path, flag, fragment):
   result = run_cli([sys.executable, "-m", "experiments.main",
-                    "--config=configs/placements.py",
+                    "--config=studies/placements/main_job.py",
                     f"--workdir={tmp_path / 'run'}", flag])
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
@@ -364,8 +370,8 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
 
   monkeypatch.setattr(train, "sweep_epoch", sweep_epoch)
   config = tiny_config(idx_dir)
-  with pytest.raises(experiment.NonFiniteError) as info:
-    experiment.train_and_evaluate(config, tmp_path)
+  with pytest.raises(train.NonFiniteError) as info:
+    train_placements(config, tmp_path)
   assert isinstance(info.value, FloatingPointError)
   message = str(info.value)
   step = STEPS_PER_EPOCH + 1
@@ -384,15 +390,15 @@ def test_nan_guard_stops_with_the_step_and_keeps_the_last_epoch(
 
   # The same command resumes from epoch 1 as if nothing had happened.
   monkeypatch.setattr(train, "sweep_epoch", real_sweep_epoch)
-  experiment.train_and_evaluate(config, tmp_path)
+  train_placements(config, tmp_path)
   assert_same_run(tmp_path, reference)
 
 
 def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
   config = tiny_config(idx_dir, seeds=(0,))
   config.sweep.learning_rate = (1e-3, 1e30)
-  with pytest.raises(experiment.NonFiniteError) as info:
-    experiment.train_and_evaluate(config, tmp_path)
+  with pytest.raises(train.NonFiniteError) as info:
+    train_placements(config, tmp_path)
   message = str(info.value)
   assert "run 1 (seed 0, learning_rate=1e+30" in message, message
   assert "run 0" not in message
@@ -406,7 +412,7 @@ def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
 
 def test_same_config_and_seed_give_identical_metrics(
     idx_dir, reference, tmp_path):
-  experiment.train_and_evaluate(tiny_config(idx_dir), tmp_path)
+  train_placements(tiny_config(idx_dir), tmp_path)
   assert_same_run(tmp_path, reference)
   # Every output was written whole: no temporary file is left behind.
   assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -427,7 +433,7 @@ def test_corrupt_checkpoints_fall_back_to_older_ones(
       file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
 
   with caplog.at_level("INFO"):
-    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+    train_placements(tiny_config(idx_dir), workdir)
   assert f"checkpoint {checkpoints / '2'} is corrupt" in caplog.text
   assert f"[{COMBO}] resumed from checkpoint at epoch 1" in caplog.text
   assert (checkpoints.parent / f"{COMBO}.corrupt" / "2").is_dir()
@@ -480,13 +486,13 @@ def test_resume_allows_only_fields_that_do_not_change_results(
   shutil.copytree(reference, workdir)
   moved = tmp_path / "moved-idx"  # the same files elsewhere
   shutil.copytree(idx_dir, moved)
-  experiment.train_and_evaluate(
+  train_placements(
       tiny_config(moved, progress_seconds=5.0, target_accuracy=0.5,
                   keep_checkpoints=4), workdir)
   assert training_metrics(workdir) == training_metrics(reference)
 
   with pytest.raises(workdir_lib.ConfigMismatch) as info:
-    experiment.train_and_evaluate(
+    train_placements(
         tiny_config(idx_dir, learning_rate=0.01, widths=(16,)), workdir)
   message = str(info.value)
   assert "learning_rate, widths differ" in message, message
@@ -500,14 +506,14 @@ def test_a_second_run_on_a_busy_workdir_stops_and_names_the_first(
   workdir.mkdir()
   with workdir_lib.Lock(workdir):  # a run in progress (this process)
     with pytest.raises(workdir_lib.WorkdirInUse) as info:
-      experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1),
+      train_placements(tiny_config(idx_dir, num_epochs=1),
                                     workdir)
   message = str(info.value)
   assert f"in use by process {os.getpid()}" in message, message
   assert "\n" not in message
   assert not (workdir / "metrics.jsonl").exists()
   # Released on exit: the same command now runs.
-  experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1), workdir)
+  train_placements(tiny_config(idx_dir, num_epochs=1), workdir)
   assert (workdir / "results.json").exists()
 
 
@@ -517,7 +523,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(idx_dir, tmp_path,
   workdir.mkdir()
   (workdir / ".lock").write_text("process 999999999 on elsewhere\n")
   with caplog.at_level("INFO"):
-    experiment.train_and_evaluate(tiny_config(idx_dir, num_epochs=1),
+    train_placements(tiny_config(idx_dir, num_epochs=1),
                                   workdir)
   assert "stale lock of process 999999999" in caplog.text
   assert (workdir / "results.json").exists()
@@ -565,7 +571,7 @@ def test_a_full_disk_stops_in_one_line_and_rerunning_resumes(
   with monkeypatch.context() as patch:
     _fail_writes_to(patch, name)
     with pytest.raises(workdir_lib.WriteError) as info:
-      experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+      train_placements(tiny_config(idx_dir), workdir)
   message = str(info.value)
   target = name.strip(".").removesuffix(".tmp")
   assert f"could not write {workdir / target}" in message, message
@@ -575,7 +581,7 @@ def test_a_full_disk_stops_in_one_line_and_rerunning_resumes(
   assert not list(workdir.glob(".*.tmp"))
   if name == "metrics.jsonl":  # the first epoch's rows: nothing kept
     assert (workdir / "metrics.jsonl").read_text() == ""
-  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  train_placements(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
 
 
@@ -606,7 +612,7 @@ def test_a_run_stopped_before_any_result_does_not_pin_its_config(
   (workdir / "config.json").write_text(json.dumps(
       {**tiny_config(idx_dir).to_dict(), "learning_rate": 99.0},
       default=list))
-  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  train_placements(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
 
 
@@ -622,7 +628,7 @@ def test_a_row_cut_off_mid_write_is_trained_again(idx_dir, reference,
   lines = (workdir / "metrics.jsonl").read_text().splitlines(True)
   # Epoch 3's append cut off in its first row: no whole row of it on disk.
   (workdir / "metrics.jsonl").write_text("".join(lines[:4]) + lines[4][:30])
-  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  train_placements(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
 
 
@@ -635,7 +641,7 @@ def test_a_corrupt_metrics_line_is_a_one_line_error(idx_dir, reference,
   (workdir / "metrics.jsonl").write_text("".join(lines))
   with pytest.raises(workdir_lib.CorruptMetrics,
                      match=r"metrics.jsonl, line 2 is not a JSON row"):
-    experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+    train_placements(tiny_config(idx_dir), workdir)
 
 
 def test_a_failed_checkpoint_save_is_a_one_line_write_error(
@@ -655,14 +661,14 @@ def test_a_failed_checkpoint_save_is_a_one_line_write_error(
   with monkeypatch.context() as patch:
     patch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(workdir_lib.WriteError) as info:
-      experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+      train_placements(tiny_config(idx_dir), workdir)
   message = str(info.value)
   assert f"could not write {workdir / 'checkpoints' / COMBO / '2'}" in (
       message), message
   assert "No space left on device" in message and "\n" not in message
   assert sorted(p.name for p in (workdir / "checkpoints" / COMBO).iterdir()
                 if p.name.isdigit()) == ["1"]
-  experiment.train_and_evaluate(tiny_config(idx_dir), workdir)
+  train_placements(tiny_config(idx_dir), workdir)
   assert_same_run(workdir, reference)
 
 
@@ -681,7 +687,7 @@ def test_checkpoints_from_before_an_optional_field_still_restore(tmp_path):
   """A checkpoint written before train.TrainState gained an optional (None
   unless used) field restores into today's state, the field None, and is
   not moved aside as corrupt; a real mismatch still is."""
-  from bn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from bn_lab import checkpoints  # pylint: disable=g-import-not-at-top
   manager = checkpoints.manager(tmp_path / "checkpoints", keep=2)
   checkpoints.save(manager, 1, _OldState(jnp.arange(3)))
   template = _NewState(jax.ShapeDtypeStruct((3,), jnp.int32))

@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from bn_jax import workdir as workdir_lib
+from bn_lab import workdir as workdir_lib
 import experiments.main  # noqa: F401  (its global --workdir must not clash)
-from experiments import report
+from bn_lab import report
+from experiments import report as report_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"placement": "none", "batch_size": 128, "model": "mlp",
@@ -231,7 +232,7 @@ def assert_png(path):
 def test_cli_regenerates_summary_and_pngs(tmp_path, capsys):
   workdir = write_workdir(tmp_path / "w", placements_rows())
   (workdir / "summary.md").write_text("stale\n")
-  report.main(["report", f"--workdir={workdir}"])
+  report_cli.main(["report", f"--workdir={workdir}"])
   printed = capsys.readouterr().out
   summary = (workdir / "summary.md").read_text()
   assert summary.startswith("# w: no results.json yet\n\n| placement |")
@@ -247,7 +248,7 @@ def test_cli_several_workdirs_into_out(tmp_path, capsys):
   a = write_workdir(tmp_path / "a", placements_rows())
   b = write_workdir(tmp_path / "b", [make_row(0, 1, 0.99)])
   out = tmp_path / "compared"
-  report.main(["report", f"--workdir={a}", "--workdir", str(b),
+  report_cli.main(["report", f"--workdir={a}", "--workdir", str(b),
                f"--out={out}"])
   table = capsys.readouterr().out
   assert table.startswith("| workdir | placement " + TABLE_HEADER)
@@ -263,7 +264,7 @@ def test_cli_several_workdirs_into_out(tmp_path, capsys):
 
 def exit_message(argv):
   with pytest.raises(SystemExit) as raised:
-    report.main(argv)
+    report_cli.main(argv)
   message = str(raised.value.code)
   assert raised.value.code not in (0, None)
   assert "\n" not in message and "Traceback" not in message, message

@@ -1,4 +1,4 @@
-"""The studies page (experiments/studies_page.py) from tiny runs of every
+"""The studies page (bn_lab.page, experiments.report) from tiny runs of every
 study's own config: its sections, figures and provenance, and numbers and
 verdicts checked against the workdirs' metrics recomputed here with NumPy."""
 
@@ -9,16 +9,19 @@ import helpers
 import numpy as np
 import pytest
 
-from bn_jax import experiment
-from bn_jax import train
-from configs import article_claims
-from configs import batch_size
-from configs import ioffe2015_mnist
-from configs import placement_study
-from configs import placements
-from configs import staleness
+from bn_lab import runner
+from bn_lab import train
+from bn_lab import workdir as workdir_lib
+from studies.article_claims import config as article_claims
+from studies.batch_size import config as batch_size
+from studies.gan import config as gan_config
+from studies.ioffe2015 import config as ioffe2015_mnist
+from studies.placements import config as placement_study
+from studies.placements import main_job as placements
+from studies.staleness import config as staleness
+from bn_lab import page as studies_page
 from experiments import report
-from experiments import studies_page
+from studies import registry
 
 # The page tests share ten tiny trainings (23 programs): slow.
 
@@ -63,10 +66,11 @@ def workdirs(tmp_path_factory):
   for name, (module, arg, changes) in RUNS.items():
     config = module.get_config(arg) if arg else module.get_config()
     suffix = f":{arg}" if arg else ""
-    experiment.train_and_evaluate(
+    path = module.__name__.replace(".", "/") + ".py"
+    runner.run(
+        registry.for_config_file(module.__file__),
         _tiny(config, idx_dir, **changes), root / name,
-        command=(f"python -m experiments.main --config=configs/"
-                 f"{module.__name__.split('.')[-1]}.py{suffix} "
+        command=(f"python -m experiments.main --config={path}{suffix} "
                  f"--workdir={root / name}"))
   cost = root / "bn_cost"
   cost.mkdir()
@@ -76,18 +80,19 @@ def workdirs(tmp_path_factory):
                                    ("mlp", "after_activation", 1.5, 1.5,
                                     1100, 1.1))]
   (cost / "results.json").write_text(json.dumps(
-      {"benchmark": "bn_cost", "rows": rows, **experiment.provenance(
+      {"benchmark": "bn_cost", "rows": rows, **runner.provenance(
           "python benchmarks/bn_cost.py --json=x")}))
   _write_gan_workdir(root / "gan")
   return root
 
 
-# A GAN workdir as experiments.gan leaves it (results.json, the final
-# samples): hand-made numbers, so that the section's cells can be checked.
-GAN_VARIANTS = {("none", "none"): ([1.8, 1.9, 2.0], [6, 6, 7], [18.0, 16.0,
-                                                            20.0]),
-                ("batch", "none"): ([2.0, 2.1, 2.2], [7, 7, 8], [13.0, 14.0,
-                                                            12.0]),
+# A GAN workdir as studies.gan.main leaves it (results.json, config.json,
+# the final samples): hand-made numbers, so that the section's cells can be
+# checked.
+GAN_VARIANTS = {("none", "none"): ([1.80, 1.82, 1.84], [6, 6, 7],
+                                  [18.0, 16.0, 20.0]),
+                ("batch", "none"): ([2.10, 2.12, 2.14], [7, 7, 8],
+                                    [13.0, 14.0, 12.0]),
                 ("none", "batch_joint"): ([2.0, 1.9, 0.1], [7, 6, 1],
                                           [12.0, 13.0, 119.0])}
 
@@ -104,11 +109,13 @@ def _write_gan_workdir(workdir):
                      "eval_mode": {"coverage_entropy": entropy,
                                    "classes_5pct": classes,
                                    "frechet_distance": fd}})
+  (workdir / "config.json").write_text(
+      workdir_lib.config_json(gan_config.get_config().to_dict()))
   (workdir / "results.json").write_text(json.dumps({
       "variants": variants, "seeds": [0, 1, 2], "steps": 40,
       "batch_size": 64, "eval_samples": 2000, "wall_time": 12.0,
-      "classifier": {"test_accuracy": 0.9}, **experiment.provenance(
-          "python -m experiments.gan --config=configs/gan.py "
+      "classifier": {"test_accuracy": 0.9}, **runner.provenance(
+          "python -m studies.gan.main --config=studies/gan/config.py "
           f"--workdir={workdir}")}))
 
 
@@ -141,9 +148,11 @@ def test_sections_figures_and_provenance(page, workdirs):
       "Where BN goes, for which activation", "Batch size, decomposed",
       "How stale is the moving average", "The source article's claims"]
   assert headings[5] == "BN in a GAN: does it reduce mode collapse?"
-  # configs/placements.py has no section of its own: a generic one.
-  assert len(headings) == 7 and headings[6].startswith(
-      placements.get_config().study)
+  # studies/placements/main_job.py's workdir is the placements study's too:
+  # its own rows in that section, never pooled with the other workdir's.
+  assert len(headings) == 6
+  placement_section = text.split("## Where BN goes")[1].split("\n## ")[0]
+  assert "| mlp | relu | none |" in placement_section  # the main job's
   figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
   assert len(figures) == 8
   for name in figures:
@@ -151,7 +160,7 @@ def test_sections_figures_and_provenance(page, workdirs):
   for name in RUNS:  # every command, as recorded
     assert f"--workdir={workdirs / name}" in text
   assert "python benchmarks/bn_cost.py --json=x" in text
-  machine = experiment.provenance()["machine"]
+  machine = runner.provenance()["machine"]
   assert f"jax {machine['jax']}" in text and machine["cpu"] in text
   assert "python -m experiments.report --page=" in text  # how it was made
 
@@ -238,10 +247,13 @@ def test_a_bad_workdir_leaves_the_page_as_it_was(page, workdirs, tmp_path):
 
 def test_config_file_is_read_from_the_command():
   assert studies_page.config_file(
+      "python -m experiments.main --config=studies/placements/config.py:cnn "
+      "--workdir=w") == ("placements", "cnn")
+  assert studies_page.config_file(  # before the study folders
       "python -m experiments.main --config=configs/placement_study.py:cnn "
       "--workdir=w") == ("placement_study", "cnn")
   assert studies_page.config_file(
-      "python -m experiments.main --workdir=w --config=configs/staleness.py"
+      "python -m experiments.main --workdir=w --config=studies/staleness/config.py"
   ) == ("staleness", None)
   assert studies_page.config_file(None) == (None, None)
 
@@ -251,7 +263,7 @@ def test_default_workdirs_name_the_missing_runs(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match=re.escape(
       "ReportError: no finished run in workdirs/ioffe2015, ") + ".*" +
       re.escape("run python -m experiments.main "
-                "--config=configs/ioffe2015_mnist.py "
+                "--config=studies/ioffe2015/config.py "
                 "--workdir=workdirs/ioffe2015; ")):
     report.main(["report", "--page=docs/studies.md"])
   assert not (tmp_path / "docs").exists()
@@ -264,11 +276,63 @@ def test_gan_table_and_verdicts_match_the_results(page):
     cells = [f"{np.mean(v):{f}} +- {np.std(v, ddof=1):{f}}"
              for v, f in ((entropy, ".3f"), (classes, ".1f"), (fd, ".2f"))]
     assert f"| {g} | {d} | " + " | ".join(cells) + " |" in text
-  # FD 18.00 -> 13.00: a difference of 5.0 against an SE of
-  # sqrt(4/3 + 1/3) = 1.29, beyond noise.
-  assert ("* **BN in G, D norm none:** coverage entropy (nats) 1.90 -> 2.10 "
-          "(beyond seed noise); classes >= 5% 6.33 -> 7.33 (beyond seed "
-          "noise); Frechet distance 18.00 -> 13.00 (beyond seed noise).") in (
-              text)
+  # BN in G against none, D none (Welch: different generators), one Holm
+  # family of 3. Coverage entropy +0.30 against an SE of sqrt(2 * 0.0004 /
+  # 3) = 0.0163: t = 18.4 at df = 4, p = 5e-5, beyond noise. Classes +1.00,
+  # SE sqrt(2 / 9) = 0.471: t = 2.12, p = 0.10, within noise. FD -5.00, SE
+  # sqrt(4/3 + 1/3) = 1.29: t = -3.87 at df = 2.9, p = 0.032, beyond noise
+  # alone, but Holm's second-smallest of 3 is doubled: 0.064, within noise.
+  from scipy import stats as sps
+  bn, plain = GAN_VARIANTS[("batch", "none")], GAN_VARIANTS[("none", "none")]
+  results = [sps.ttest_ind(b, a, equal_var=False) for b, a in zip(bn, plain)]
+  p = [r.pvalue for r in results]
+  assert p[0] < 0.001 and p[1] > 0.05 and 0.02 < p[2] < 0.05
+  holm = [min(1, 3 * p[0]), p[1], 2 * p[2]]  # p[0] < p[2] < p[1]
+  assert 2 * p[2] < p[1]
+  ci = [r.confidence_interval(0.95) for r in results]
+  num = lambda v: f"{v:+.2f}"
+  cells = [f"{num(np.mean(b) - np.mean(a))} [{num(c.low)}, {num(c.high)}]"
+           for b, a, c in zip(bn, plain, ci)]
+  assert ("* **BN in G, D norm none:** coverage entropy (nats) 1.82 -> 2.12 "
+          f"({cells[0]}, p < 0.001 (Holm < 0.001), beyond noise); classes "
+          f">= 5% 6.33 -> 7.33 ({cells[1]}, p = {p[1]:.2g} (Holm "
+          f"{holm[1]:.2g}), within noise); Frechet distance 18.00 -> 13.00 "
+          f"({cells[2]}, p = {p[2]:.2g} (Holm {holm[2]:.2g}), within "
+          "noise).") in text
   assert ("* Runs collapsed to at most one class: G-none_D-batch_joint seed 2"
           ", of 9 runs.") in text
+
+
+def test_in_one_family_corrects_every_comparison_render_makes():
+  """render(family) runs twice; the second pass gets every comparison of
+  the first back with Holm's p over all of them (3 here: the smallest p
+  times 3), and a render that asks for other comparisons the second time
+  is an error, not a silently wrong correction."""
+  from bn_lab import stats
+  a, b, c = [0.50, 0.52, 0.51], [0.40, 0.43, 0.41], [0.505, 0.515, 0.52]
+  calls = []
+
+  def render(family):
+    got = [family.compare(a, b, label="a - b"),
+           family.compare(a, c, label="a - c"),
+           family.compare(b, c, paired=True, label="b - c")]
+    calls.append(got)
+    return got
+  got = studies_page.in_one_family(render)
+  assert len(calls) == 2 and all(x.p_holm is None for x in calls[0])
+  raw = [stats.welch(a, b).p, stats.welch(a, c).p, stats.paired(b, c).p]
+  assert [x.p for x in got] == pytest.approx(raw, rel=1e-12)
+  assert [x.p_holm for x in got] == pytest.approx(list(stats.holm(raw)),
+                                                  rel=1e-12)
+  assert got[0].p_holm == pytest.approx(3 * got[0].p)  # the smallest p
+  assert studies_page.judged(got[0]).endswith(", beyond noise")
+  assert studies_page.judged(stats.welch([0.5], b)) == (
+      "+8.67 points, undetermined (n < 2)")
+  passes = iter([(a, b), (a, c)])
+  with pytest.raises(RuntimeError, match="same ones in the same order"):
+    studies_page.in_one_family(
+        lambda family: family.compare(*next(passes), label="x"))
+  with pytest.raises(RuntimeError, match="fewer comparisons"):
+    studies_page.in_one_family(
+        lambda family, n=iter([2, 1]): [family.compare(a, b)
+                                        for _ in range(next(n))])

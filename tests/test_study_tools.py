@@ -1,11 +1,8 @@
 """What the studies measure with: raw input scaling, the training set in eval
 mode, and the source article's worked example of the BN transform."""
 
-import dataclasses
-import functools
 import json
 
-import chex
 import helpers
 import jax
 import jax.numpy as jnp
@@ -13,13 +10,11 @@ import numpy as np
 import pytest
 
 import bn_jax
-from bn_jax import data as data_lib
-from bn_jax import experiment
-from bn_jax import probes
-from bn_jax import study
-from bn_jax import train
-from configs import base
-from experiments import report
+from bn_lab import classifier
+from bn_lab import data as data_lib
+from bn_lab import sweep
+from bn_lab import train
+from bn_lab import config as base
 
 
 def test_raw_scaling_keeps_pixel_values():
@@ -76,9 +71,9 @@ def test_eval_train_is_eval_mode_accuracy_over_the_training_set():
 def test_eval_train_adds_its_metrics():
   config = base.get_config()
   config.eval_train = True
-  study.validate_config(config)
-  assert study.make_spec(config, 60000).eval_train
-  assert experiment.metric_names(config)[-2:] == train.TRAIN_EVAL_METRICS
+  sweep.validate_config(config)
+  assert sweep.make_spec(config, 60000).eval_train
+  assert classifier.metric_names(config)[-2:] == train.TRAIN_EVAL_METRICS
 
 
 def test_the_articles_worked_example():
@@ -110,7 +105,7 @@ def _diverging_sweep(idx_dir, workdir, nan_guard):
                        "nan_guard": nan_guard}.items():
     config[field] = value
   config.sweep.learning_rate = (0.1, 1e30)
-  return experiment.train_and_evaluate(config, workdir)
+  return classifier.train_and_evaluate(config, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def test_nan_guard_record_freezes_the_diverging_run_only(idx_dir, tmp_path):
   """learning rate 1e30 diverges at once: with nan_guard="record" that run
   is frozen at its initial state and marked, the other trains on exactly as
   it does alone; the default guard stops the whole sweep."""
-  with pytest.raises(experiment.NonFiniteError):
+  with pytest.raises(train.NonFiniteError):
     _diverging_sweep(idx_dir, tmp_path / "stop", True)
   _diverging_sweep(idx_dir, tmp_path / "record", "record")
   rows = [json.loads(l) for l in
@@ -147,7 +142,7 @@ def test_nan_guard_record_freezes_the_diverging_run_only(idx_dir, tmp_path):
                        "placement": "none", "optimizer": "sgd",
                        "learning_rate": 0.1}.items():
     config[field] = value
-  experiment.train_and_evaluate(config, alone)
+  classifier.train_and_evaluate(config, alone)
   reference = [json.loads(l) for l in
                (alone / "metrics.jsonl").read_text().splitlines()]
   for mine, theirs in zip(good, reference):
@@ -160,75 +155,12 @@ def test_nan_guard_record_freezes_the_diverging_run_only(idx_dir, tmp_path):
 def test_nan_guard_values_are_checked():
   config = base.get_config()
   config.nan_guard = "skip"
-  with pytest.raises(study.ConfigError, match="config.nan_guard='skip'"):
-    study.validate_config(config)
+  with pytest.raises(sweep.ConfigError, match="config.nan_guard='skip'"):
+    sweep.validate_config(config)
   config.nan_guard = "record"
-  study.validate_config(config)
-  spec = study.make_spec(config, 60000)
+  sweep.validate_config(config)
+  spec = sweep.make_spec(config, 60000)
   assert spec.nan_guard and spec.freeze_diverged
-
-
-def test_probe_every_k_steps_records_and_changes_nothing():
-  """probe_every=k: the epoch's state is what it is without the probe, and
-  the probe after the epoch's last chunk is the percentiles of the final
-  state's activation inputs (np.percentile of bn_jax.probes'
-  activation_inputs, which tests/test_probes.py checks against a NumPy
-  forward pass)."""
-  rng = np.random.default_rng(2)
-  images = rng.integers(0, 256, (240, 784)).astype(np.uint8)
-  labels = rng.integers(0, 10, 240)
-  data = train.to_device(images, labels, images[:30], labels[:30])
-  spec = train.TrainSpec(placement="before_activation", activation="sigmoid",
-                         widths=(12, 12), batch_size=40, steps_per_epoch=6,
-                         num_epochs=1, optimizer="sgd")
-  probed_spec = dataclasses.replace(spec, probe_every=3, probe_images=30)
-  runs = []
-  for s in (spec, probed_spec):
-    state = train.create_train_state(s, 0, {"learning_rate": 0.5})
-    runs.append(jax.jit(functools.partial(train.train_epoch, spec=s))(
-        state, data))
-  (plain, plain_metrics), (state, metrics) = runs
-  chex.assert_trees_all_equal(state, plain)
-  probed = metrics.pop("probe")
-  assert probed.shape == (2, len(probes.QS), 12)
-  chex.assert_trees_all_equal(metrics, plain_metrics)
-  last = probed[-1]
-  inputs = probes.activation_inputs(
-      spec.make_model(state.bn_hparams),
-      {"params": state.params, "batch_stats": state.batch_stats},
-      jnp.asarray(images[:30], jnp.float32) / 255.0)
-  np.testing.assert_allclose(
-      last, np.percentile(np.asarray(inputs), probes.QS, axis=0), rtol=1e-5,
-      atol=1e-6)
-
-
-def test_probe_rows_and_checks(idx_dir, tmp_path):
-  config = base.get_config()
-  for field, value in {"dataset": "tiny", "data_dir": str(idx_dir),
-                       "num_epochs": 2, "seeds": (0,), "widths": (8,),
-                       "batch_size": 50, "progress_seconds": 0.0}.items():
-    config[field] = value
-  config.probe.every_steps, config.probe.num_images = 2, 50
-  experiment.train_and_evaluate(config, tmp_path)
-  rows = [json.loads(l) for l in
-          (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["probe_steps"] for r in rows] == [[2, 4], [6, 8]]
-  assert np.asarray(rows[1]["probe_percentiles"]).shape == (
-      2, len(probes.QS), 8)
-  table = report.write_report([tmp_path], tmp_path / "report")
-  probe_table = table.split("Probes (config.probe")[1]
-  assert "| steps to 97% | steps to 98% |" in probe_table, table
-  assert (tmp_path / "report" / "probes.png").stat().st_size > 0
-  steps, values = report.probe_series(rows)["run"]
-  np.testing.assert_array_equal(steps, [2, 4, 6, 8])
-  assert values.shape == (1, 4, len(probes.QS), 8)
-  config.probe.every_steps = 3  # 4 steps per epoch
-  with pytest.raises(study.ConfigError,
-                     match="config.probe.every_steps=3 does not divide the 4"):
-    study.validate_data_size(config, 200, 100)
-  config.probe.every_steps, config.widths = 2, ()
-  with pytest.raises(study.ConfigError, match="config.widths is empty"):
-    study.validate_config(config)
 
 
 def test_small_gaussian_init_option():
@@ -251,8 +183,8 @@ def test_small_gaussian_init_option():
           init, name)
   config = base.get_config()
   config.init = "xavier"
-  with pytest.raises(study.ConfigError, match="config.init='xavier'"):
-    study.validate_config(config)
+  with pytest.raises(sweep.ConfigError, match="config.init='xavier'"):
+    sweep.validate_config(config)
 
 
 def test_running_statistics_gaps_match_numpy():

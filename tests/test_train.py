@@ -1,4 +1,4 @@
-"""Tests for bn_jax.train on a tiny synthetic, learnable data set.
+"""Tests for bn_lab.train on a tiny synthetic, learnable data set.
 
 References are independent of the code under test where one exists: a loop
 of single-run steps for the vmapped sweep, NumPy for evaluation and for the
@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from bn_jax import models
-from bn_jax import train
+from bn_lab import models
+from bn_lab import train
 
 NUM_TRAIN, NUM_TEST = 512, 200
 WIDTH = 16
@@ -414,8 +414,8 @@ def test_shared_data_order_single_run_path(data):
 def test_uint8_pixels_train_like_floats_scaled_on_the_host(arrays, scaling):
   """DeviceData with uint8 pixels (the CLI's: scaled per batch inside the
   step, `train.model_inputs`) trains and evaluates like float32 images
-  scaled once on the host by `bn_jax.data.to_float`."""
-  from bn_jax import data as data_lib
+  scaled once on the host by `bn_lab.data.to_float`."""
+  from bn_lab import data as data_lib
   rng = np.random.default_rng(1)
   pixels = rng.integers(0, 256, (NUM_TRAIN + NUM_TEST, 784), dtype=np.uint8)
   labels = np.concatenate(arrays[1::2])

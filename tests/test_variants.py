@@ -432,7 +432,7 @@ def test_ghost_batches_pool_chunk_i_over_the_named_axis():
 
 def check_ghost_batches_are_per_device_bn():
   """8 devices of 4 examples, BN without axis_name and the mean of the
-  devices' new batch_stats (bn_stats="per_device" of bn_jax.parallel and
+  devices' new batch_stats (bn_stats="per_device" of bn_lab.parallel and
   train.py) == one device with virtual_batch_size=4; with renorm and with
   grad="paper_vjp" too. Runs in a process with 8 CPU devices."""
   # pylint: disable=g-import-not-at-top

@@ -1,1 +1,0 @@
-"""Experiment configs: `get_config()` in each file; see configs/base.py."""

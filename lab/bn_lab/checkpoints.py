@@ -1,0 +1,126 @@
+"""Orbax checkpoints of a combination's stacked train states, one per epoch.
+
+Checkpoints hold state only (params, BN statistics, optimizer state, step,
+per-run hyperparameters, data keys); the history of metrics lives in the
+workdir's metrics.jsonl. A checkpoint that does not load is moved aside and
+the one before it used, so a corrupt file costs an epoch, never the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from absl import logging
+import jax
+
+from bn_lab import workdir
+
+
+def manager(directory: Path, keep: int):
+  import orbax.checkpoint as ocp  # slow import; only runs need it
+  return ocp.CheckpointManager(
+      Path(directory).absolute(),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=False,
+          # Removes what a killed save left behind (orbax writes each step
+          # to a temporary directory and renames it when complete).
+          cleanup_tmp_directories=True))
+
+
+def save(checkpoints, epoch: int, states) -> None:
+  """Saves `states` as step `epoch`; a failed save (a full disk: orbax and
+  TensorStore raise many kinds of errors) is a one-line WriteError, the
+  checkpoints before it intact (orbax renames a step only when complete)."""
+  import orbax.checkpoint as ocp
+  try:
+    checkpoints.save(epoch, args=ocp.args.StandardSave(states))
+    checkpoints.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise workdir.write_error(Path(checkpoints.directory) / str(epoch),
+                              e) from e
+
+
+def _move_aside(path: Path) -> Path:
+  """Renames a step directory to `<manager dir>.corrupt/<step>[-n]`, outside
+  the manager's directory, where a later save of the step cannot meet it."""
+  corrupt = path.parent.with_name(f"{path.parent.name}.corrupt")
+  corrupt.mkdir(parents=True, exist_ok=True)
+  dest, n = corrupt / path.name, 0
+  while dest.exists():
+    n += 1
+    dest = corrupt / f"{path.name}-{n}"
+  os.replace(path, dest)
+  return dest
+
+
+def restore_newest(checkpoints, abstract_states):
+  """(epoch, states) of the newest checkpoint that loads, or None.
+
+  A checkpoint that does not load (a truncated or garbled file; orbax and
+  TensorStore raise many kinds of errors) is reported, moved aside
+  (`_move_aside`), and the next older one is tried.
+  """
+  for epoch in sorted(checkpoints.all_steps(), reverse=True):
+    path = Path(checkpoints.directory) / str(epoch)
+    try:
+      states = _restore_any_layout(checkpoints, epoch, abstract_states)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = (str(e).strip().splitlines() or [""])[0][:300]
+      aside = _move_aside(path)
+      logging.warning(
+          "checkpoint %s is corrupt or incomplete and was not used (%s: %s). "
+          "Moved it to %s; trying the previous checkpoint.", path,
+          type(e).__name__, reason, aside)
+      checkpoints.reload()
+      continue
+    return epoch, states
+  return None
+
+
+def _layouts(abstract_states):
+  """`abstract_states`, then, for a NamedTuple state, dicts of its fields
+  without each combination of its None fields. Why: an optional field
+  (None unless a feature uses it, e.g. train.TrainState.noise_key) that was
+  added after a checkpoint was written is missing from it, and orbax
+  matches tree structures exactly."""
+  yield abstract_states
+  if not hasattr(abstract_states, "_asdict"):
+    return
+  fields = abstract_states._asdict()
+  optional = [name for name, value in fields.items() if value is None]
+  for r in range(1, len(optional) + 1):
+    for missing in itertools.combinations(optional, r):
+      yield {k: v for k, v in fields.items() if k not in missing}
+
+
+def _restore_any_layout(checkpoints, epoch, abstract_states):
+  """The checkpoint of `epoch` in the first of `_layouts` that matches it,
+  as `abstract_states`' type; the first layout's error if none does."""
+  import orbax.checkpoint as ocp
+  first_error = None
+  for layout in _layouts(abstract_states):
+    try:
+      states = checkpoints.restore(epoch,
+                                   args=ocp.args.StandardRestore(layout))
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      continue
+    return type(abstract_states)(**states) if isinstance(layout, dict) and (
+        not isinstance(abstract_states, dict)) else states
+  raise first_error
+
+
+def restore_or_create(checkpoints, create):
+  """(epoch, states) of the newest checkpoint that loads, else (0,
+  create()). Both are committed to one device, so that a resumed run
+  executes the very program an uninterrupted one does; a resumed run does
+  not compile `create` (its shapes only)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored = restore_newest(checkpoints, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(create)))
+  if restored is None:
+    return 0, jax.device_put(create(), device)
+  return restored

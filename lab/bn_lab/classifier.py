@@ -1,0 +1,297 @@
+"""Classifier sweeps: the studies that train with the shared trainer.
+
+`study(name, title, ...)` makes such a study; the runner (bn_lab.runner)
+calls its validate, load_data and run. Every combination of the study's
+axes (bn_lab.sweep) is one compiled program in which all its runs (seeds x
+swept values) train together, vmapped, epoch by epoch
+(`train_combination`), with the measurements the study hands the trainer
+(`train.Measurement`). Written to the workdir:
+
+  config.json          the resolved config
+  metrics.jsonl        one line per combination, run and epoch, appended and
+                       synced every epoch
+  tensorboard/<combo>/run<i>/  the same curves for `tensorboard --logdir`
+  checkpoints/<combo>/ orbax checkpoints of the runs' state; rerunning the
+                       same command resumes from them (bn_lab.checkpoints)
+  results.json         the study, the data's origin, each combination's times
+
+With `config.nan_guard` (the default), a NaN or inf loss, parameter or BN
+statistic stops the run with `NonFiniteError` before anything of that
+epoch is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from bn_lab import checkpoints
+from bn_lab import data as data_lib
+from bn_lab import parallel
+from bn_lab import report
+from bn_lab import runner
+from bn_lab import study as study_lib
+from bn_lab import sweep
+from bn_lab import train
+from bn_lab import workdir as workdir_lib
+
+# Per-run metrics of every epoch (metrics.jsonl, TensorBoard).
+METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+           "test_accuracy_batch_stats")
+
+
+def metric_names(config) -> tuple[str, ...]:
+  """The per-run metrics of every epoch under `config`."""
+  return (METRICS
+          + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
+          + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
+             if config.precise_bn.num_batches
+             or config.precise_bn.num_examples else ()))
+
+
+@contextlib.contextmanager
+def _progress(seconds: float, label: str, expected: float | None):
+  """Logs a line every `seconds` while an epoch (or its compile) runs, with
+  the time so far and, once an epoch has been timed, the share done."""
+  if seconds <= 0:
+    yield
+    return
+  stop, start = threading.Event(), time.perf_counter()
+
+  def report():
+    while not stop.wait(seconds):
+      elapsed = time.perf_counter() - start
+      done = (f", about {min(elapsed / expected, 0.99):.0%} done by the "
+              "last epoch's time" if expected else " (compiling, training)")
+      logging.info("[%s] ... %.0f s%s", label, elapsed, done)
+
+  threading.Thread(target=report, daemon=True).start()
+  try:
+    yield
+  finally:
+    stop.set()
+
+
+def load_data(config) -> tuple[train.DeviceData, str]:
+  dataset = data_lib.load_dataset(config.dataset,
+                                  data_dir=config.data_dir or None,
+                                  source=config.data_source)
+  # uint8 on the device; each batch is scaled (config.input_scaling) in the
+  # compiled step (train.model_inputs).
+  device_data = train.to_device(
+      data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
+      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
+  return device_data, dataset.origin
+
+
+def _initial_states(spec, runs, manager):
+  """The runs' stacked states, (epoch, states): from the newest checkpoint
+  that loads, else fresh (`checkpoints.restore_or_create`)."""
+  seeds = [r["seed"] for r in runs]
+  hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE
+             if runs[0]["hparams"][n] is not None}
+  return checkpoints.restore_or_create(manager, functools.partial(
+      train.create_sweep_states, spec, seeds, hparams))
+
+
+def train_combination(combo: sweep.Combination, data: train.DeviceData,
+                      workdir: Path, writer, mesh=None,
+                      measurements: tuple[train.Measurement, ...] = (),
+                      ) -> dict[str, Any]:
+  """Trains all runs of one combination, resuming from its checkpoints.
+
+  `writer` (a workdir.MetricsWriter, or None in processes that do not
+  write) gets each epoch's rows. With a `mesh` (from `parallel.setup`),
+  each epoch is data-parallel over it; `measurements` are taken during
+  training (`train.Measurement`). Returns the combination's entry of
+  results.json.
+  """
+  config = combo.config
+  runs = sweep.run_grid(config)
+  spec = sweep.make_spec(config, data.train_images.shape[0], measurements)
+  epoch_fn = parallel.sweep_epoch_fn(spec, mesh, config.bn_stats)
+  with contextlib.closing(checkpoints.manager(
+      workdir / "checkpoints" / combo.name,
+      config.keep_checkpoints)) as manager:
+    return _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer)
+
+
+def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
+  """train_combination's loop: resume, then train, write, save each epoch."""
+  config = combo.config
+  start_epoch, states = _initial_states(spec, runs, manager)
+  kept = (writer.forget_after(combo.name, start_epoch, spec.steps_per_epoch)
+          if writer else [])
+  wall = kept[-1]["wall_time"] if kept else 0.0
+  if start_epoch:
+    logging.info("[%s] resumed from checkpoint at epoch %d", combo.name,
+                 start_epoch)
+  compile_time = last_epoch = None
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    started = time.perf_counter()
+    with _progress(config.progress_seconds,
+                   f"{combo.name} epoch {epoch}/{config.num_epochs}",
+                   last_epoch):
+      states, metrics = epoch_fn(states, data)
+      metrics = jax.device_get(metrics)  # the one host sync per epoch
+    if spec.nan_guard:  # checked before anything of the epoch is written
+      error = train.nonfinite_error(combo.name, runs, epoch, spec,
+                               metrics.pop("first_nonfinite_step"),
+                               metrics.pop("nonfinite"), manager.directory)
+      if error is not None and not spec.freeze_diverged:
+        raise error
+      if error is not None:  # nan_guard="record": those runs are frozen
+        logging.warning("%s\nThose runs are frozen at their last finite "
+                        "state (nan_guard='record'); the others go on.",
+                        str(error).split("\n(A non-finite")[0])
+    diverged_at = metrics.pop("diverged_at", None)
+    measured = {m.name: metrics.pop(m.name) for m in spec.measurements}
+    last_epoch = time.perf_counter() - started
+    if compile_time is None and epoch == start_epoch + 1:
+      compile_time = last_epoch  # compile + one epoch
+    wall += last_epoch
+    if writer:
+      writer.write([{
+          **combo.values, "combo": combo.name, "run": i, "seed": run["seed"],
+          **run["hparams"], "epoch": epoch,
+          "step": epoch * spec.steps_per_epoch, "wall_time": wall,
+          **{k: float(metrics[k][i]) for k in metric_names(config)},
+          **({} if diverged_at is None else {"diverged_at": (
+              int(diverged_at[i]) if diverged_at[i] >= 0 else None)}),
+          **_row_fields(spec, measured, i)}
+                    for i, run in enumerate(runs)])
+    checkpoints.save(manager, epoch, states)
+    accuracy = np.asarray(metrics["test_accuracy"])
+    precise = (f", precise BN {np.mean(metrics[train.PRECISE_METRIC]):.4f}"
+               if train.PRECISE_METRIC in metrics else "")
+    logging.info(
+        "[%s] epoch %d/%d  train loss %.4f  test acc %.4f +- %.4f "
+        "(batch stats %.4f%s)  %.1f s", combo.name, epoch, config.num_epochs,
+        np.mean(metrics["train_loss"]), accuracy.mean(), accuracy.std(),
+        np.mean(metrics["test_accuracy_batch_stats"]), precise, last_epoch)
+  if writer:
+    writer.close()  # this combination's TensorBoard files, complete
+  return {"combo": combo.name, **combo.values, "runs": len(runs),
+          "epochs": config.num_epochs, "wall_time": wall,
+          "compile_time": compile_time}
+
+
+def _row_fields(spec: train.TrainSpec, measured: dict[str, Any],
+                run: int) -> dict[str, Any]:
+  """Run `run`'s fields of every measurement the epoch took."""
+  fields = {}
+  for m in spec.measurements:
+    values = jax.tree.map(lambda x: x[run], measured[m.name])
+    fields.update(m.row_fields(values, spec) if m.row_fields
+                  else train.measurement_fields(m.name, values))
+  return fields
+
+
+def _setup_classifier(config, check=None, measure=None) -> None:
+  """The classifier studies' `validate`: JAX's distributed runtime first,
+  then the config (the shared fields, then the study's `check`)."""
+  try:
+    # Before any other JAX call (the config checks compute a little), and
+    # after its own fields' checks: a bad process id or address stops every
+    # process at once instead of leaving the others waiting for it.
+    parallel.initialize_distributed(config.distributed, config.mesh_devices)
+  except ValueError as e:
+    raise sweep.ConfigError(str(e)) from e
+  sweep.validate_config(config)
+  if check is not None:
+    check(config)
+  if measure is not None:
+    sweep.check_measurements(config, measure(config))
+
+
+def _classifier_data(config, measure=None):
+  """The classifier studies' `load_data`: the data set on the device(s),
+  checked against the config's batch sizes (and its measurements')."""
+  data, origin = load_data(config)
+  num_train = data.train_images.shape[0]
+  sweep.validate_data_size(config, num_train, data.test_images.shape[0],
+                           measure(config) if measure else ())
+  logging.info("data: %s from %s; %d train / %d test examples",
+               config.dataset, origin, num_train, data.test_images.shape[0])
+  return data, origin
+
+
+def train_sweeps(context: study_lib.RunContext,
+                 measure=None) -> dict[str, Any]:
+  """The classifier studies' `run`: every combination of the study's axes,
+  its seeds and sweeps vmapped into one program, data parallel over the
+  mesh (config.mesh_devices), with the measurements `measure(config)`
+  gives. Returns results.json's study part."""
+  config, workdir = context.config, context.workdir
+  combos = sweep.combinations(config)
+  try:
+    mesh = parallel.setup(config, [c.config.batch_size for c in combos])
+  except ValueError as e:  # e.g. more mesh_devices than devices
+    raise sweep.ConfigError(str(e)) from e
+  data = parallel.replicate(context.data, mesh)
+  logging.info("%d combination(s) x %d run(s) x %d epoch(s) on %s",
+               len(combos), len(sweep.run_grid(config)), config.num_epochs,
+               jax.devices()[0].platform)
+  writer = workdir_lib.MetricsWriter(workdir, metric_names(config)) if (
+      context.writes) else None
+  try:
+    trained = [train_combination(
+        combo, data, workdir, writer, mesh,
+        measure(combo.config) if measure else ()) for combo in combos]
+  finally:
+    if writer:
+      writer.close()
+  # In the order trained (not sorted): the report's columns follow it.
+  return {
+      "study": config.study, "dataset": config.dataset,
+      "data_origin": context.origin,
+      "target_accuracy": config.target_accuracy,
+      "num_epochs": config.num_epochs,
+      "axes": {field: list(dict.fromkeys(c.values[field] for c in combos))
+               for field in sweep.AXES.values()},
+      "combos": trained}
+
+
+def study(name: str, title: str, *, check=None, measure=None,
+          report_fn=None, **fields) -> study_lib.Study:
+  """A study of classifier sweeps with the shared trainer.
+
+  Args:
+    name, title: as `Study`'s.
+    check: config -> None, the study's own config checks (its own fields),
+      after the shared ones; raises sweep.ConfigError.
+    measure: config -> tuple of `train.Measurement`: what the trainer
+      measures during training for this study.
+    report_fn: workdir -> str, the run's report; default
+      `report.write_report` (summary.md and the curves).
+    **fields: `Study`'s other fields (section, commands, ...).
+  """
+  return study_lib.Study(
+      name=name, title=title,
+      validate=functools.partial(_setup_classifier, check=check,
+                                 measure=measure),
+      load_data=functools.partial(_classifier_data, measure=measure),
+      run=functools.partial(train_sweeps, measure=measure),
+      report=report_fn or (lambda workdir: report.write_report([workdir],
+                                                              workdir)),
+      **fields)
+
+
+# Any config outside a study folder (lab/bn_lab/config.py itself, a
+# user's own): its sweeps with the generic summary.
+GENERIC = study("classifier", "Classifier sweeps")
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike,
+                       command: str | None = None) -> dict[str, Any]:
+  """`runner.run` of a classifier config as the generic study."""
+  return runner.run(GENERIC, config, workdir, command)

@@ -1,0 +1,80 @@
+"""What the entry points (experiments.main, experiments.report) share:
+absl's flags parsed and the --config file loaded with one-line errors, the
+log filtered to the project's own lines, and the command line as
+results.json records it."""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+from pathlib import Path
+import shlex
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+import bn_jax
+
+# The directories whose INFO lines are shown (progress, resumes, data):
+# the library's, the lab's, and those `start` adds (the studies').
+_OWN_CODE = [str(Path(path).resolve().parent) + os.sep
+             for path in (bn_jax.__file__, __file__)]
+
+
+def parse_flags(argv: Sequence[str], fields_file: str):
+  """absl's parser, with a bad flag or config field reported in one line
+  that points to `fields_file` (the config holding the valid fields)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections' bare error for an unknown --config.FIELD.
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    sys.exit(f"FATAL Flags parsing error: the config has no field "
+             f"'{field}'; see {fields_file} for the valid fields.")
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+
+
+def load_config(config_value: Callable[[], object], example: str):
+  """The --config file (config_flags loads it on first use, in
+  `config_value()`), or one line saying why it could not be loaded."""
+  try:
+    config = config_value()
+    config.keys()  # a config that failed to load raises only when used
+    return config
+  except (OSError, ValueError) as e:
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"FATAL Flags parsing error: the --config file could not be "
+             f"loaded ({reason[-1] if reason else type(e).__name__}); give "
+             f"the path of a config file, e.g. {example}.")
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+  """The command as a user would type it again: `python -m MODULE` and the
+  flags, quoted for the shell."""
+  return " ".join(["python", "-m", module,
+                   *(shlex.quote(a) for a in argv[1:])])
+
+
+def start(argv: Sequence[str], own_code: Sequence[str] = ()) -> None:
+  """An entry point's first lines: no stray arguments, and INFO lines only
+  from the library, the lab and the folders of `own_code`'s files (the
+  studies'), unless --verbosity is given."""
+  _OWN_CODE.extend(str(Path(path).resolve().parent) + os.sep
+                   for path in own_code)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_only_own_info)
+
+
+def _only_own_info(record: py_logging.LogRecord) -> bool:
+  """INFO lines from bn_jax and experiments (progress), warnings from all:
+  orbax logs hundreds of INFO lines per run that would bury the progress."""
+  return (record.levelno >= py_logging.WARNING
+          or str(Path(record.pathname).resolve()).startswith(
+              tuple(_OWN_CODE)))

@@ -1,0 +1,387 @@
+"""The workdir's files: atomic writes, the run lock, the resume check.
+
+Every whole file an experiment writes goes through `atomic_file`: a
+temporary name beside the target, synced, then renamed, so a reader (or a
+rerun after a crash or a full disk) never meets a half-written file;
+metrics.jsonl grows by whole lines (`append_lines`), and orbax writes each
+checkpoint to a temporary directory it renames when complete. A write that
+fails raises `WriteError`, one line naming the file, and leaves the
+previous version whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+
+
+class WorkdirError(Exception):
+  """The workdir cannot be used as asked; the message says how to fix it."""
+
+
+class WriteError(WorkdirError, OSError):
+  """A file of the workdir could not be written (full disk, permissions).
+
+  What was written before is intact; rerunning the same command resumes.
+  """
+
+
+class CorruptMetrics(WorkdirError):
+  """metrics.jsonl has a line that is not a JSON row."""
+
+
+def write_error(path: Path, error: Exception) -> WriteError:
+  """The one-line WriteError for `error` (an OSError, or what a library
+  raised for one) while writing `path`."""
+  if isinstance(error, OSError) and error.errno:
+    reason = os.strerror(error.errno)
+  else:
+    reason = f"{type(error).__name__}: " + (
+        str(error).strip().splitlines() or [""])[0][:200]
+  failure = WriteError(
+      f"could not write {path} ({reason}). Nothing written before is lost: "
+      "free the space (or fix the permissions) and rerun the same command "
+      "to resume.")
+  failure.errno = getattr(error, "errno", None) or errno.EIO
+  return failure
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[Any]:
+  """Yields a temporary file beside `path`; once written and synced it is
+  renamed to `path`. On any error the temporary file is removed and `path`
+  keeps its previous content; an OSError becomes a `WriteError`."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    if isinstance(e, OSError) and not isinstance(e, WriteError):
+      raise write_error(path, e) from e
+    raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+  with atomic_file(path) as f:
+    f.write(text)
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+  """Appends whole lines and syncs them (metrics.jsonl, once per epoch).
+
+  A failed append is cut back to the file's previous length, so the file
+  never ends in a partial line.
+  """
+  path = Path(path)
+  data = "".join(line + "\n" for line in lines).encode()
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      start = os.lseek(fd, 0, os.SEEK_END)
+      try:
+        view = memoryview(data)
+        while view:
+          view = view[os.write(fd, view):]
+        os.fsync(fd)
+      except OSError:
+        os.ftruncate(fd, start)
+        raise
+    finally:
+      os.close(fd)
+  except OSError as e:
+    raise write_error(path, e) from e
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, Any]]:
+  """(line number, value) of every line of a JSON-lines file that exists.
+
+  Blank lines are skipped. A last line without its newline that does not
+  parse is a row cut off mid-write (or being appended now) and is left out;
+  any other line that is not JSON raises CorruptMetrics naming the file and
+  the line.
+  """
+  *lines, tail = Path(path).read_bytes().split(b"\n")
+  values = []
+  for number, line in enumerate([*lines, tail], 1):
+    if not line.strip():
+      continue
+    try:
+      values.append((number, json.loads(line)))  # invalid UTF-8: ValueError
+    except ValueError as e:
+      if number > len(lines):  # the unterminated tail
+        break
+      raise CorruptMetrics(
+          f"{path}, line {number} is not a JSON row ({e}): delete that line "
+          "and rerun to resume, or use a new --workdir.") from None
+  return values
+
+
+def read_jsonl(path: Path) -> list[Any]:
+  """The rows of a JSON-lines file (`numbered_jsonl`); [] if it does not
+  exist."""
+  if not Path(path).exists():
+    return []
+  return [value for _, value in numbered_jsonl(path)]
+
+
+class MetricsWriter:
+  """Each epoch's rows, to metrics.jsonl and to TensorBoard event files.
+
+  metrics.jsonl is append-only, one line per combination, run and epoch,
+  synced every epoch. TensorBoard gets one event directory per run,
+  `tensorboard/<combo>/run<i>`, so that `tensorboard --logdir workdirs`
+  shows every run's curves (tensorboardX: no TensorFlow needed), the x axis
+  in optimizer steps.
+  """
+
+  def __init__(self, workdir: Path, scalars: tuple[str, ...]):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._tensorboard = Path(workdir) / "tensorboard"
+    self._scalars = scalars
+    self._writers = {}
+    self._purge_step = {}  # combo -> first step of this process's events
+
+  def rows(self) -> list[dict[str, Any]]:
+    return read_jsonl(self.path)
+
+  def forget_after(self, combo: str, epoch: int,
+                   steps_per_epoch: int) -> list[dict[str, Any]]:
+    """Drops the combination's rows past `epoch` (written just before a
+    crash, their checkpoint never saved; they are trained again), and tells
+    TensorBoard to drop their events (`purge_step`); returns the rows it
+    keeps."""
+    self._purge_step[combo] = epoch * steps_per_epoch + 1
+    rows = self.rows()
+    kept = [r for r in rows if r["combo"] != combo or r["epoch"] <= epoch]
+    cut_off = self.path.exists() and not self.path.read_bytes().endswith(
+        b"\n") and self.path.stat().st_size > 0
+    if len(kept) < len(rows) or cut_off:
+      write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    return [r for r in kept if r["combo"] == combo]
+
+  def write(self, rows: list[dict[str, Any]]) -> None:
+    append_lines(self.path, [json.dumps(r) for r in rows])
+    try:
+      for row in rows:
+        writer = self._writer(row["combo"], row["run"])
+        for name in self._scalars:
+          writer.add_scalar(name, row[name], row["step"])
+    except OSError as e:
+      raise write_error(self._tensorboard, e) from e
+
+  def _writer(self, combo: str, run: int):
+    key = (combo, run)
+    if key not in self._writers:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      # Written by tensorboardX's own thread, on disk within `flush_secs`
+      # and completely at `close` (after each combination): a view of the
+      # runs; metrics.jsonl is the record.
+      self._writers[key] = tensorboardX.SummaryWriter(
+          str(self._tensorboard / combo / f"run{run}"), flush_secs=2,
+          purge_step=self._purge_step.get(combo))
+    return self._writers[key]
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers.clear()
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir.
+
+
+class WorkdirInUse(WorkdirError):
+  """Another process holds the workdir's lock."""
+
+
+class Lock:
+  """An exclusive lock on `<workdir>/.lock`, held while a run writes there.
+
+  `fcntl.flock`: the kernel releases it when the holder exits, however it
+  exits (even kill -9), so a lock file left by a dead process is stale by
+  construction and is simply taken over. The file records the holder's pid
+  and host for the message a second run gets, and is removed on exit.
+  """
+
+  def __init__(self, workdir: Path):
+    self.path = Path(workdir) / ".lock"
+    self._file = None
+
+  def __enter__(self) -> "Lock":
+    while True:
+      self._file = open(self.path, "a+")
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self._file.seek(0)
+        holder = self._file.read().strip() or "another process"
+        self._file.close()
+        raise WorkdirInUse(
+            f"{self.path.parent} is in use by {holder}: two runs must not "
+            "write one workdir. Wait for it to finish (or stop it), or use "
+            "another --workdir.") from None
+      # The holder before us may have removed the file (`__exit__`) after
+      # we opened it: then ours is a lock on nothing; open the new file.
+      if self.path.exists() and os.path.samestat(
+          os.fstat(self._file.fileno()), os.stat(self.path)):
+        break
+      self._file.close()
+    self._file.seek(0)
+    previous = self._file.read().strip()
+    if previous:  # its holder died without removing it
+      logging.info("took over the stale lock of %s (no longer running)",
+                   previous)
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    # Released: the file goes (a later run creates its own). Removed while
+    # still held, so no other run can have locked this file in between.
+    self.path.unlink(missing_ok=True)
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+# ----------------------------------------------------------------------------
+# Resuming: the same experiment or none.
+
+# Config fields (dotted names) that cannot change a run's numbers: a rerun
+# that changes only these resumes. Where the IDX files are (they are
+# md5-checked; not `data_source`: TFDS's copy is ordered differently), how
+# progress is shown and reported, how many checkpoints are kept, and where
+# the coordinator of several hosts listens.
+NON_RESULT_FIELDS = ("study", "data_dir", "progress_seconds",
+                     "target_accuracy", "keep_checkpoints",
+                     "distributed.coordinator_address")
+
+
+def config_json(config: Mapping[str, Any]) -> str:
+  return json.dumps(config, indent=2, sort_keys=True, default=list) + "\n"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(
+          value, tuple) else value
+  return flat
+
+
+# Fields added since workdirs were first written, with the value that runs
+# as before they existed; the normalization options are read only by the
+# other norms, and precise_bn's only with num_batches > 0. A config.json
+# without them resumes while the current config keeps those values.
+ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
+                "eval_train": False, "probe.every_steps": 0,
+                "init": "default", "virtual_batch_sizes": [],
+                "lr_scaling": "none", "lr_reference_batch_size": 128,
+                "sequence": "rows", "lstm.hidden_size": 100,
+                "lstm.permutation_seed": 0, "grad_clip_norm": None,
+                "ics.every_steps": 0, "landscape.every_steps": 0}
+# Fields that moved from the base config into one study's config, with the
+# value that left them off: a saved config.json of another study that has
+# them at that value resumes without them.
+MOVED_FIELDS = {"probe.every_steps": 0, "probe.num_images": 1000,
+                "ics.every_steps": 0, "landscape.every_steps": 0,
+                "landscape.step_factors": [0.5, 4.0],
+                "landscape.num_step_sizes": 8, "noisy_bn.n_mu": 0.5,
+                "noisy_bn.n_sigma": 1.25, "noisy_bn.r_mu": 0.1,
+                "noisy_bn.r_sigma": 0.1}
+_READ_ONLY_BY_NEW_CHOICES = ("bn.renorm_", "bn.virtual_batch_size",
+                             "bn.stats_", "bn.num_groups", "precise_bn.",
+                             "probe.", "init_std", "landscape.", "noisy_bn.")
+
+
+def result_fields_that_differ(saved: Mapping[str, Any],
+                              current: Mapping[str, Any]) -> list[str]:
+  """The dotted names of fields, outside NON_RESULT_FIELDS, whose values
+  differ between two configs (as dicts, e.g. config.json's); for a saved
+  config from before one of ADDED_FIELDS, its absence is its old value."""
+  def relevant(config):
+    return {k: v for k, v in _flatten(config).items()
+            if k not in NON_RESULT_FIELDS}
+  saved, current = relevant(saved), relevant(current)
+  for field, old in ADDED_FIELDS.items():
+    if field in current:  # a field added to the config this one has
+      saved.setdefault(field, old)
+  for field in current.keys() - saved.keys():
+    if field.startswith(_READ_ONLY_BY_NEW_CHOICES):
+      saved[field] = current[field]
+  for field in saved.keys() - current.keys():
+    if field in MOVED_FIELDS and saved[field] == MOVED_FIELDS[field]:
+      del saved[field]
+  return sorted(k for k in saved.keys() | current.keys()
+                if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+class ConfigMismatch(WorkdirError):
+  """The workdir holds a run of another experiment."""
+
+
+def has_results(workdir: Path, result_dirs: tuple[str, ...] = ()) -> bool:
+  """Whether a run in `workdir` got as far as a metrics row, a checkpoint
+  or one of a study's `result_dirs` (a run stopped before, by a bad value
+  or Ctrl-C, leaves nothing to keep)."""
+  metrics = Path(workdir) / "metrics.jsonl"
+  return ((metrics.exists() and metrics.stat().st_size > 0)
+          or any(Path(workdir).glob("checkpoints/*/[0-9]*"))
+          or any((Path(workdir) / d).exists() for d in result_dirs))
+
+
+def recorded_study(workdir: Path) -> str | None:
+  """The study_id in `workdir`'s results.json; None without one (or from
+  before results.json named its study)."""
+  try:
+    return json.loads((Path(workdir) / "results.json").read_text()).get(
+        "study_id")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def check_resumable(workdir: Path, config: Mapping[str, Any], *,
+                    study: str | None = None,
+                    result_dirs: tuple[str, ...] = ()) -> None:
+  """Raises ConfigMismatch unless `workdir` holds no results yet or a run
+  of the same `study` whose config differs from `config` only in
+  NON_RESULT_FIELDS."""
+  recorded = recorded_study(workdir)
+  if study is not None and recorded not in (None, study):
+    raise ConfigMismatch(
+        f"{workdir} holds results of the study {recorded!r}, not {study!r}; "
+        "use a new --workdir.")
+  saved_path = Path(workdir) / "config.json"
+  if not saved_path.exists() or not has_results(workdir, result_dirs):
+    return
+  try:
+    saved = json.loads(saved_path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigMismatch(f"{saved_path} cannot be read ({e}); use a new "
+                     "--workdir, or delete the workdir to start over.")
+  differ = result_fields_that_differ(saved, config)
+  if differ:
+    raise ConfigMismatch(
+        f"{workdir} holds a run with a different config: "
+        f"{', '.join(differ)} differ from {saved_path}. Resuming needs the "
+        "same values (only " + ", ".join(NON_RESULT_FIELDS) + " may change);"
+        " use a new --workdir for a new experiment.")

@@ -1,0 +1,30 @@
+r"""The normalization family side by side on the reference MLP, 3 seeds.
+
+    python -m experiments.main --config=studies/norms/config.py --workdir=workdirs/norms
+
+Every layer of bn_lab.models.NORMS that suits an MLP after its ReLU:
+batch (plain BN), renorm (Batch Renormalization; its clipping relaxed over
+training, `bn.renorm_schedule`), ghost (statistics per 32 examples of each
+batch of 128), sampled (statistics from every 4th example), layer, group (5
+groups of 10 of the 50 features), rms, and none (no normalization). Instance
+norm needs conv features (`:cnn`). Exact population statistics (PreciseBN,
+100 batches) are recomputed after each epoch beside the moving averages.
+Otherwise the reference Keras model, 3 epochs.
+"""
+
+from bn_lab import config as base
+
+
+def get_config(arg: str = "mlp"):
+  config = base.get_config()
+  config.model = arg or "mlp"
+  config.study = f"the normalization family ({config.model})"
+  config.norms = ("batch", "renorm", "ghost", "sampled", "layer", "group",
+                  "rms", "none")
+  config.num_epochs = 3
+  config.precise_bn.num_batches = 100
+  if config.model == "cnn":
+    config.widths = ()  # conv features only, so that instance norm fits
+    config.channels = (30, 60)  # divisible by bn.num_groups = 5
+    config.norms = (*config.norms[:-1], "instance", "none")
+  return config
