@@ -1,4 +1,5 @@
-"""The source article"s claims about BN, measured on its own example. See README.md."""
+"""The source article's claims about BN, measured on its own example. See
+README.md."""
 
 from bn_lab import classifier
 from bn_lab import study

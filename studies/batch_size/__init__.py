@@ -1,4 +1,5 @@
-"""Batch size and BN: the normalization batch, then the SGD batch. See README.md."""
+"""Batch size and BN: the normalization batch, then the SGD batch. See
+README.md."""
 
 from bn_lab import classifier
 from bn_lab import study

@@ -22,7 +22,6 @@ from bn_lab import models
 from bn_lab import runner
 from bn_lab import train
 from bn_lab import workdir as workdir_lib
-from studies import registry
 import studies.gan as gan_study
 from studies.gan import config as gan_config
 from studies.gan import gan
@@ -476,14 +475,6 @@ def test_more_examples_per_epoch_than_the_data_is_refused():
   with pytest.raises(gan.ConfigError, match="config.steps_per_epoch"):
     gan.validate_data_size(_config(steps_per_epoch=100, batch_size=64), 1000)
 
-
-def test_study_is_registered_with_its_command():
-  study = registry.get("gan")
-  assert study is gan_study.STUDY
-  assert study.commands == {"workdirs/gan": (
-      "python -m experiments.main --config=studies/gan/config.py "
-      "--workdir=workdirs/gan")}
-  assert registry.for_config_file("studies/gan/config.py") is study
 
 
 @pytest.mark.parametrize("result_dir", gan_study.STUDY.result_dirs)

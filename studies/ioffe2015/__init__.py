@@ -1,4 +1,5 @@
-"""Ioffe & Szegedy (2015)'s MNIST experiment and Figure 1: with and without BN. See README.md."""
+"""Ioffe & Szegedy (2015)'s MNIST experiment and Figure 1: with and without BN.
+See README.md."""
 
 from bn_lab import classifier
 from bn_lab import report

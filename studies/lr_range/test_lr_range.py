@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bn_lab import classifier
+from bn_lab import runner
 from bn_lab import sweep
+import studies.lr_range as lr_range_study
 from studies.lr_range import config as lr_range
 from bn_lab import report
 from bn_lab import page as studies_page  # before the section's module
@@ -65,7 +66,7 @@ def tiny_run(tmp_path_factory):
     config[field] = value
   config.sweep.learning_rate = (0.01, 0.5, 1e30)
   config.lr_range.trains_at = 0.3  # reachable in 8 steps of tiny data
-  classifier.train_and_evaluate(
+  runner.run(lr_range_study.STUDY, 
       config, workdir, command="python -m experiments.main "
       f"--config=studies/lr_range/config.py --workdir={workdir}")
   rows = [json.loads(line) for line in

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from bn_jax import core
-from bn_lab import classifier
+from bn_lab import runner
+from studies import norms as norms_package
 from studies.why_bn import landscape
 from bn_lab import models
 from bn_jax import nn as bn_nn
@@ -255,7 +256,7 @@ def norms_study(tmp_path_factory):
   config.bn.virtual_batch_size = 10
   config.precise_bn.num_batches = 5
   workdir = tmp_path_factory.mktemp("norms")
-  results = classifier.train_and_evaluate(config, workdir)
+  results = runner.run(norms_package.STUDY, config, workdir)
   return workdir, results, config
 
 
@@ -292,7 +293,7 @@ def test_instance_and_group_norm_train_a_cnn(tmp_path):
                        "target_accuracy": 0.3}.items():
     config[field] = value
   config.precise_bn.num_batches = 0
-  results = classifier.train_and_evaluate(config, tmp_path / "work")
+  results = runner.run(norms_package.STUDY, config, tmp_path / "work")
   assert [c["combo"] for c in results["combos"]] == [
       "norm=instance", "norm=group"]
   rows = [json.loads(l) for l in

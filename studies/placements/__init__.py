@@ -1,4 +1,5 @@
-"""Where BN goes (before or after the activation, on the input, nowhere), for which activation. See README.md."""
+"""Where BN goes (before or after the activation, on the input, nowhere), for
+which activation. See README.md."""
 
 from bn_lab import classifier
 from bn_lab import study

@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from bn_jax import core
+from bn_lab import runner
 from bn_lab import classifier
 from bn_lab import models
 from bn_jax import recurrent
@@ -27,6 +28,7 @@ from bn_lab import sweep
 from bn_lab import train
 from bn_lab import workdir as workdir_lib
 from bn_lab import config as base
+import studies.seq_mnist as seq_mnist_study
 from studies.seq_mnist import config as seq_mnist
 
 NORMS = ("batch", "layer", "none")
@@ -271,7 +273,7 @@ def test_each_cell_trains_and_resumes(norm, idx_dir, tmp_path):
   killed in its last epoch (checkpoint and rows gone) is retrained from
   the first epoch's checkpoint to the same numbers."""
   config = tiny_config(idx_dir, norms=(norm,), eval_train=True)
-  classifier.train_and_evaluate(config, tmp_path / "run")
+  runner.run(seq_mnist_study.STUDY, config, tmp_path / "run")
   rows = read_rows(tmp_path / "run")
   assert [(r["combo"], r["epoch"], r["seed"]) for r in rows] == [
       (f"norm={norm}", e, s) for e in (1, 2) for s in (0, 1)]
@@ -290,7 +292,7 @@ def test_each_cell_trains_and_resumes(norm, idx_dir, tmp_path):
   (resumed / "results.json").unlink()
   (resumed / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in rows[:2]))
-  classifier.train_and_evaluate(config, resumed)
+  runner.run(seq_mnist_study.STUDY, config, resumed)
   without_time = lambda rows: [{k: v for k, v in r.items()
                                 if k != "wall_time"} for r in rows]
   assert without_time(read_rows(resumed)) == without_time(rows)
@@ -302,7 +304,7 @@ def test_pixel_sequences_smoke(sequence, idx_dir, tmp_path):
   """The GPU-sized variants, 784 steps: one epoch of the tiny data set."""
   config = tiny_config(idx_dir, sequence=sequence, num_epochs=1,
                        seeds=(0,))
-  classifier.train_and_evaluate(config, tmp_path)
+  runner.run(seq_mnist_study.STUDY, config, tmp_path)
   rows = read_rows(tmp_path)
   assert [r["norm"] for r in rows] == list(NORMS)
   assert all(np.isfinite(r["test_loss"]) for r in rows)

@@ -242,14 +242,6 @@ def test_bad_config_is_one_line_naming_the_field(field, value, message):
   assert "\n" not in str(error.value)
 
 
-def test_study_is_registered_with_its_command():
-  study = registry.get("transfer")
-  assert study is transfer_study.STUDY
-  assert study.commands == {"workdirs/transfer": (
-      "python -m experiments.main --config=studies/transfer/config.py "
-      "--workdir=workdirs/transfer")}
-  assert registry.for_config_file("studies/transfer/config.py") is study
-
 
 def test_budget_larger_than_a_class_is_refused():
   config = transfer_config.get_config()

@@ -1,4 +1,5 @@
-"""Why BN helps: internal covariate shift, noisy BN and the loss landscape (Santurkar et al. 2018). See README.md."""
+"""Why BN helps: internal covariate shift, noisy BN and the loss landscape
+(Santurkar et al. 2018). See README.md."""
 
 from bn_lab import classifier
 from bn_lab import study
