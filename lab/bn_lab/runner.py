@@ -132,12 +132,6 @@ def _create(workdir: Path) -> Path:
   return workdir
 
 
-def make_workdir(workdir: str | os.PathLike) -> Path:
-  """An entry point's --workdir, created (parents too); sweep.ConfigError,
-  one line, when it is empty, lies under a file or cannot be created."""
-  return _create(_check_workdir_path(workdir))
-
-
 def _claim_workdir(workdir: Path, study, config_dict,
                    lock: contextlib.ExitStack):
   """Creates the workdir, takes its lock (held until `lock` closes) and

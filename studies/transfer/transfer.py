@@ -6,7 +6,7 @@ then learn others from a few labeled examples with a new readout.
 (`studies.transfer.STUDY`, run by bn_lab.runner: `validate_config`,
 `load_data`, `run`; the report is studies.transfer.report's.)
 
-The study (issue 13, item 5; the source article's outlook): a network is
+The study (the source article's outlook): a network is
 pretrained on MNIST digits 0-4 (`config.source_classes`), its readout is
 replaced by a fresh Dense layer for digits 5-9 (`config.target_classes`,
 relabeled 5..9 -> 0..4: a 5-way readout, so that no logit of a source class
