@@ -72,15 +72,18 @@ import _common  # noqa: E402
 from bn_lab import sweep  # noqa: E402
 from bn_lab import train  # noqa: E402
 from bn_lab import config as base  # noqa: E402
+from studies.ioffe2015 import probes  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """A model as the CLI trains it: a config (the defaults or a file in
-  studies/), a few overrides, and the spec sweep.make_spec builds."""
+  studies/), a few overrides, and the spec sweep.make_spec builds with what
+  the study measures during training (`measure`, as its Study does)."""
   name: str
   config_file: str | None = None  # relative to the repository root
   overrides: tuple[tuple[str, Any], ...] = ()
+  measure: Callable[[Any], tuple[train.Measurement, ...]] | None = None
 
   @functools.cached_property
   def config(self):
@@ -99,7 +102,8 @@ class Case:
   @property
   def spec(self) -> train.TrainSpec:
     combo, *_ = sweep.combinations(self.config)
-    return sweep.make_spec(combo.config, NUM_TRAIN)
+    return sweep.make_spec(combo.config, NUM_TRAIN, self.measure(
+        combo.config) if self.measure else ())
 
   @property
   def learning_rate(self) -> float:
@@ -127,9 +131,11 @@ CASES = (
     # The CLI's defaults: the reference Keras model.
     Case("reference"),
     # studies/ioffe2015/config.py, its BN variant (SGD lr 0.5, batch 60,
-    # BN epsilon 1e-5, unbiased running variance).
+    # BN epsilon 1e-5, unbiased running variance), with the study's probe
+    # every 500 steps (Figure 1), as the CLI trains it.
     Case("ioffe", "studies/ioffe2015/config.py",
-         (("placements", ("before_activation",)),)),
+         (("placements", ("before_activation",)),),
+         measure=probes.measurements),
 )
 
 
