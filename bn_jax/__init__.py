@@ -18,6 +18,7 @@ from bn_jax import recurrent
 from bn_jax.core import BNParams
 from bn_jax.core import BNState
 from bn_jax.core import GRAD_MODES
+from bn_jax.core import IMPL_CHOICES
 from bn_jax.core import IMPLS
 from bn_jax.core import STATS_METHODS
 from bn_jax.core import STATS_SAMPLINGS

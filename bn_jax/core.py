@@ -63,6 +63,9 @@ GRAD_MODES = ("paper_jvp", "paper_vjp", "autodiff")
 # "xla_cpu" with the devices of the note "Performance on XLA:CPU" below,
 # "plain" without them, for backends that fuse well on their own.
 IMPLS = ("xla_cpu", "plain")
+# What `impl` may also be: "auto", the flax front ends' default, chooses by
+# the backend (`resolve_impl`).
+IMPL_CHOICES = ("auto", *IMPLS)
 # Which examples sampled statistics read (see `apply`).
 STATS_SAMPLINGS = ("stride", "random")
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -152,6 +155,26 @@ def feature_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
   if not axes:
     raise ValueError("axis must name at least one feature axis, got ().")
   return axes
+
+
+def resolve_impl(impl: str) -> str:
+  """The `impl` that "auto" stands for on the default backend: "xla_cpu" on
+  a CPU, "plain" on GPU and TPU (whose compilers fuse the passes well on
+  their own); any other value as it is."""
+  if impl != "auto":
+    return impl
+  return "xla_cpu" if jax.default_backend() == "cpu" else "plain"
+
+
+def flax_stats_method(stats_method: str, use_fast_variance: bool) -> str:
+  """The stats_method that flax's `use_fast_variance` asks for (the flax
+  front ends' argument of that name): False,
+  flax's mean of squared deviations, is "two_pass" unless another method
+  than the default was named; True keeps `stats_method` (the default,
+  "shifted", gives E[x^2] - E[x]^2's value without its cancellation)."""
+  if not use_fast_variance and stats_method == "shifted":
+    return "two_pass"
+  return stats_method
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -538,7 +561,7 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups,
 def moments(x: jax.Array, reduction_axes: tuple[int, ...], *,
             mask: jax.Array | None = None, axis_name=None,
             axis_index_groups=None, stats_method: str = "shifted",
-            impl: str = "xla_cpu",
+            impl: str = "auto",
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Batch mean and biased variance, reduced keeping dims.
 
@@ -552,7 +575,8 @@ def moments(x: jax.Array, reduction_axes: tuple[int, ...], *,
   """
   _check_dtype(x)
   _check_choice("stats_method", stats_method, STATS_METHODS)
-  _check_choice("impl", impl, IMPLS)
+  _check_choice("impl", impl, IMPL_CHOICES)
+  impl = resolve_impl(impl)
   anchor, mean_minus_anchor, var, count = _moments(
       x, reduction_axes, mask, axis_name, axis_index_groups, stats_method,
       impl=impl)
@@ -742,7 +766,7 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
           epsilon: float = 1e-5, unbiased_running_var: bool = False,
           axis_name: Any = None, axis_index_groups: Any = None,
           mask: jax.Array | None = None, stats_method: str = "shifted",
-          grad: str = "paper_jvp", impl: str = "xla_cpu",
+          grad: str = "paper_jvp", impl: str = "auto",
           renorm: bool = False, renorm_clipping: Any = None,
           renorm_momentum: float = 0.99,
           renorm_schedule: tuple[int, int, int] | None = None,
@@ -800,10 +824,12 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       the vmap's axis scope; shard_map and pmap work.
       "autodiff": plain autodiff of the same forward pass, which on
       XLA:CPU writes two more full-size tensors.
-    impl: how the passes are written for the compiler, one of IMPLS; same
-      mathematics and numbers (to rounding), with every stats_method,
-      grad mode, mask and axis_name. "xla_cpu" (default) adds devices that
-      make XLA:CPU write fewer full-size tensors (optimization barriers so
+    impl: how the passes are written for the compiler, one of IMPL_CHOICES;
+      same mathematics and numbers (to rounding), with every stats_method,
+      grad mode, mask and axis_name. "auto" (default) is "xla_cpu" on a
+      CPU backend and "plain" on GPU and TPU (`resolve_impl`). "xla_cpu"
+      adds devices that make XLA:CPU write fewer full-size tensors
+      (optimization barriers so
       that each kernel converts x itself, per-feature vectors computed once
       by a reduction; see "Performance on XLA:CPU" in the source). "plain"
       leaves them out, plain jnp ops, for GPU and TPU, where the devices
@@ -873,7 +899,8 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   _check_hyperparameters(momentum, epsilon)
   _check_choice("stats_method", stats_method, STATS_METHODS)
   _check_choice("grad", grad, GRAD_MODES)
-  _check_choice("impl", impl, IMPLS)
+  _check_choice("impl", impl, IMPL_CHOICES)
+  impl = resolve_impl(impl)
   _check_choice("stats_sampling", stats_sampling, STATS_SAMPLINGS)
   clipping = _check_variants(
       renorm, renorm_clipping, renorm_momentum, renorm_schedule,

@@ -33,14 +33,32 @@ from bn_jax import core
 from bn_jax import norms
 
 
+def check_float32_reductions(force_float32_reductions: bool) -> None:
+  """flax's `force_float32_reductions`: True is what bn_jax always does."""
+  if force_float32_reductions is not True:
+    raise ValueError(
+        f"force_float32_reductions={force_float32_reductions!r}: bn_jax "
+        "always computes the statistics in float32 (flax's default, True); "
+        "leave it out or pass True.")
+
+
 class BatchNorm(nn.Module):
   """Batch normalization with state in the `batch_stats` collection.
 
-  Attributes mirror flax.linen.BatchNorm; see `bn_jax.core.apply` for the
-  extra options: `unbiased_running_var`, `stats_method` (a
+  Attributes: every one of flax.linen.BatchNorm's, in its order, with its
+  default and meaning, of which two are computed another way:
+  `use_fast_variance` (flax: E[x^2] - E[x]^2 when True, its default)
+  leaves bn_jax's `stats_method` ("shifted": the same value from a shifted
+  sum of squares, without its cancellation for a large mean), and False
+  asks for flax's mean of squared deviations (`stats_method="two_pass"`;
+  an explicit other `stats_method` wins); `force_float32_reductions`
+  (True) is what bn_jax always does, and False, reductions in a half
+  dtype, is refused (`ValueError`). Then bn_jax's own, see
+  `bn_jax.core.apply`: `unbiased_running_var`, `stats_method` (a
   `core.STATS_METHODS` name), `grad` (how it is differentiated, a
   `core.GRAD_MODES` name), `impl` (how the passes are written for the
-  compiler, a `core.IMPLS` name), and the variants of training: batch
+  compiler, a `core.IMPL_CHOICES` name; "auto" by the backend), and the
+  variants of training: batch
   renormalization (`renorm`, `renorm_clipping`, `renorm_momentum`,
   `renorm_schedule` in steps), ghost batches (`virtual_batch_size`) and
   sampled statistics (`stats_fraction` or `stats_examples`,
@@ -79,10 +97,12 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Any] = nn.initializers.ones
   axis_name: Any = None
   axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
   grad: str = "paper_jvp"  # "paper_jvp", "paper_vjp" or "autodiff"
-  impl: str = "xla_cpu"  # "xla_cpu" or "plain" (GPU, TPU)
+  impl: str = "auto"  # "xla_cpu" on a CPU, "plain" on GPU and TPU
   renorm: bool = False
   renorm_clipping: Any = None  # keys among "rmin", "rmax", "dmax"
   renorm_momentum: float = 0.99
@@ -96,6 +116,7 @@ class BatchNorm(nn.Module):
     # One hashable spelling for every way of writing the same limits.
     object.__setattr__(self, "renorm_clipping",
                        core.renorm_clipping_pairs(self.renorm_clipping))
+    check_float32_reductions(self.force_float32_reductions)
     super().__post_init__()
 
   @nn.compact
@@ -137,6 +158,8 @@ class BatchNorm(nn.Module):
     state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **{
         name: variable.value for name, variable in stats.items()}})
     options = {name: getattr(self, name) for name in core.MODULE_OPTIONS}
+    options["stats_method"] = stats_method = core.flax_stats_method(
+        self.stats_method, self.use_fast_variance)
     options["mask"] = mask
     params = core.BNParams(scale=scale, bias=bias)
     training = not use_running_average
@@ -148,7 +171,7 @@ class BatchNorm(nn.Module):
       # dummy batch fits) and never updates the state. A dummy batch of one
       # example has variance 0 and gives y = bias, as in flax.
       batch_mean, batch_var, _ = core.moments(
-          x, reduction_axes, mask=mask, stats_method=self.stats_method,
+          x, reduction_axes, mask=mask, stats_method=stats_method,
           impl=self.impl)
       batch_state = state._replace(mean=batch_mean.reshape(feature_shape),
                                    var=batch_var.reshape(feature_shape))
@@ -164,7 +187,7 @@ class BatchNorm(nn.Module):
       batch_mean, batch_var, count = jax.lax.stop_gradient(core.moments(
           x, reduction_axes, mask=mask, axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups,
-          stats_method=self.stats_method, impl=self.impl))
+          stats_method=stats_method, impl=self.impl))
       for name, value in (("mean", batch_mean.reshape(feature_shape)),
                           ("var", batch_var.reshape(feature_shape)),
                           ("count", jnp.mean(count))):

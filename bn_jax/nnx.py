@@ -102,12 +102,16 @@ class BatchNorm(nnx.Module):
     use_bias, use_scale: whether bias (beta) / scale (gamma) exist.
     bias_init, scale_init: their initializers.
     axis_name, axis_index_groups: synchronized statistics over a named axis.
+    use_fast_variance: flax's; True (its default) keeps `stats_method`
+      ("shifted" gives E[x^2] - E[x]^2's value without its cancellation),
+      False asks for flax's mean of squared deviations ("two_pass", unless
+      another `stats_method` is named), as bn_jax.nn.BatchNorm.
     promote_dtype: flax.nnx's dtype promotion hook, called with
       `(x, mean, var, scale, bias)`; its x, scale and bias are used.
     rngs: an `nnx.Rngs` with a `params` stream.
     bias_metadata, scale_metadata: metadata for the Params.
     unbiased_running_var, stats_method, grad, impl: bn_jax's options, see
-      `bn_jax.core.apply`.
+      `bn_jax.core.apply` (impl "auto": by the backend).
     renorm, renorm_clipping, renorm_momentum, renorm_schedule: batch
       renormalization, see `bn_jax.core.apply`; renorm adds the BatchStats
       `renorm_mean` and `renorm_stddev`. renorm_clipping (a Mapping or
@@ -139,6 +143,7 @@ class BatchNorm(nnx.Module):
       scale_init: Initializer = nnx.initializers.ones_init(),
       axis_name: Any = None,
       axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
       promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -146,7 +151,7 @@ class BatchNorm(nnx.Module):
       unbiased_running_var: bool = False,
       stats_method: str = "shifted",
       grad: str = "paper_jvp",
-      impl: str = "xla_cpu",
+      impl: str = "auto",
       renorm: bool = False,
       renorm_clipping: Any = None,
       renorm_momentum: float = 0.99,
@@ -185,6 +190,7 @@ class BatchNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.promote_dtype = promote_dtype
+    self.use_fast_variance = use_fast_variance
     self.unbiased_running_var = unbiased_running_var
     self.stats_method = stats_method
     self.grad = grad
@@ -226,10 +232,12 @@ class BatchNorm(nnx.Module):
          _value(self.bias)), dtype=self.dtype)
     stats = {name: getattr(self, name)[...] for name in self._stat_names()}
     state = core.BNState(**{"count": jnp.zeros((), jnp.int32), **stats})
+    options = {name: getattr(self, name) for name in core.MODULE_OPTIONS}
+    options["stats_method"] = core.flax_stats_method(
+        self.stats_method, self.use_fast_variance)
     y, new_state = core.apply(
         core.BNParams(scale=scale, bias=bias), state, x, training=training,
-        axis_name=self.axis_name, mask=mask,
-        **{name: getattr(self, name) for name in core.MODULE_OPTIONS})
+        axis_name=self.axis_name, mask=mask, **options)
     if training:
       for name in self._stat_names():
         getattr(self, name)[...] = getattr(new_state, name)

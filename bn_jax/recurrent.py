@@ -258,7 +258,7 @@ def _batch_norm_at(state: core.BNState, slot, value, scale, bias, *,
 def step(params: LSTMParams, stats: LSTMStats | None, carry: LSTMCarry,
          x_t: jax.Array, t, *, norm: str, training: bool,
          momentum: float | None = 0.99, epsilon: float = 1e-5,
-         impl: str = "xla_cpu") -> tuple[LSTMCarry, LSTMStats | None]:
+         impl: str = "auto") -> tuple[LSTMCarry, LSTMStats | None]:
   """One time step of the LSTM cell; returns (new_carry, new_stats).
 
   Args:
@@ -312,7 +312,7 @@ def step(params: LSTMParams, stats: LSTMStats | None, carry: LSTMCarry,
 
 def unroll(params: LSTMParams, stats: LSTMStats | None, x: jax.Array, *,
            norm: str, training: bool, momentum: float | None = 0.99,
-           epsilon: float = 1e-5, impl: str = "xla_cpu",
+           epsilon: float = 1e-5, impl: str = "auto",
            ) -> tuple[jax.Array, LSTMStats | None]:
   """Runs `step` over time with `lax.scan`, from h_0 = c_0 = 0.
 
@@ -370,7 +370,7 @@ class LSTM(nn.Module):
   epsilon: float = 1e-5
   scale_init: float | None = None  # None: DEFAULT_SCALE_INIT[norm]
   forget_bias: float = 1.0
-  impl: str = "xla_cpu"  # as core.apply's; "plain" for GPU and TPU
+  impl: str = "auto"  # as core.apply's: by the backend
 
   @nn.compact
   def __call__(self, x, *, train: bool):

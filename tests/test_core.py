@@ -840,7 +840,7 @@ def test_jitted_apply_traces_once():
                           grad="vjp"), r"^grad='vjp'; choose one of"),
     (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
                           impl="gpu"),
-     r"^impl='gpu'; choose one of \('xla_cpu', 'plain'\)"),
+     r"^impl='gpu'; choose one of \('auto', 'xla_cpu', 'plain'\)"),
     (lambda: bn_jax.moments(jnp.ones((8, 4)), (0,), impl="cuda"),
      r"^impl='cuda'; choose one of"),
     (lambda: bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,

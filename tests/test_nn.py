@@ -201,7 +201,7 @@ def test_grad_and_impl_match_flax_to_second_order(grad, impl):
      r"\('paper_jvp', 'paper_vjp', 'autodiff'\)"),
     (dict(grad=True), ValueError, r"^grad=True; choose one of"),
     (dict(impl="gpu"), ValueError,
-     r"^impl='gpu'; choose one of \('xla_cpu', 'plain'\)"),
+     r"^impl='gpu'; choose one of \('auto', 'xla_cpu', 'plain'\)"),
     (dict(analytic_grad=True), TypeError, "analytic_grad"),
 ], ids=["grad-old-name", "grad-bool", "impl", "old-attribute"])
 def test_bad_grad_or_impl_is_a_clear_error(options, error, message):

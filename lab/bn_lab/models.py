@@ -333,7 +333,7 @@ def register_norm(name: str, module: ModuleDef, fields: Sequence[str], *,
 NORM_CHOICES = {
     "stats_method": core.STATS_METHODS,
     "grad": core.GRAD_MODES,
-    "impl": ("auto", *core.IMPLS),
+    "impl": core.IMPL_CHOICES,
     "stats_sampling": core.STATS_SAMPLINGS,
     "renorm_schedule_unit": ("fraction", "steps"),
 }
