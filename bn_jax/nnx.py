@@ -34,6 +34,7 @@ Differences from flax.nnx:
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
@@ -495,3 +496,14 @@ class InstanceNorm(_PerExampleNorm):
         x, _as_feature_shape(self, scale, x.shape, self.feature_axes),
         _as_feature_shape(self, bias, x.shape, self.feature_axes),
         feature_axes=self.feature_axes, mask=mask, **self._common_options())
+
+
+def _show_signature(cls) -> None:
+  """help() and inspect.signature show the constructor's arguments (an
+  nnx.Module's metaclass otherwise shows `(*args, **kwargs)`)."""
+  parameters = list(inspect.signature(cls.__init__).parameters.values())
+  cls.__signature__ = inspect.Signature(parameters[1:])  # without self
+
+
+for _layer in (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm):
+  _show_signature(_layer)

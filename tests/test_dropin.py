@@ -108,3 +108,14 @@ def test_impl_defaults_to_the_backend(monkeypatch):
   assert core.resolve_impl("auto") == "plain"
   with pytest.raises(ValueError, match="impl='fast'; choose one of"):
     core.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True, impl="fast")
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "LayerNorm", "RMSNorm",
+                                  "GroupNorm", "InstanceNorm"])
+def test_nnx_layers_show_their_arguments(name):
+  """help() shows the constructor's arguments, not `(*args, **kwargs)`."""
+  cls = getattr(bn_jax.nnx, name)
+  shown = inspect.signature(cls)
+  assert list(shown.parameters) == list(
+      inspect.signature(cls.__init__).parameters)[1:]
+  assert "num_features" in shown.parameters

@@ -12,6 +12,20 @@ from bn_lab import sweep
 from studies import registry
 
 README = (helpers.REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def _block(marker: str) -> str:
+  """The README's one Python block that contains `marker`."""
+  found = [b for b in BLOCKS if marker in b]
+  assert len(found) == 1, f"{len(found)} Python blocks contain {marker!r}"
+  return found[0]
+
+
+def _run(block: str, **names) -> dict:
+  namespace = dict(names)
+  exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace
 # Every `python -m experiments.main ...` command of the README (in a code
 # block or a table's cell), its flags.
 EXPERIMENT_COMMANDS = [
@@ -21,10 +35,7 @@ EXPERIMENT_COMMANDS = [
 
 @pytest.mark.slow  # the example's (128, 28, 28, 64) batch: seconds on a CPU
 def test_python_example_runs_and_sync_bn_matches_whole_batch():
-  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-  assert blocks, "README lost its Python example"
-  namespace = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  namespace = _run(_block("y_sync"))
   y, y_sync, x = namespace["y"], namespace["y_sync"], namespace["x"]
   # Synchronized statistics over 4 x 32 examples == statistics of all 128.
   assert jnp.allclose(y_sync.reshape(y.shape), y, atol=1e-5)
@@ -34,9 +45,7 @@ def test_python_example_runs_and_sync_bn_matches_whole_batch():
 def test_normalization_family_example_runs():
   """The family's example: every line runs, and what it computes is what
   the comments say (checked against NumPy formulas)."""
-  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-  namespace = {}
-  exec(compile(blocks[1], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  namespace = _run(_block("y_ghost"))
   x = np.asarray(namespace["x"], np.float64)
   standardize = lambda v: (v - v.mean(0)) / np.sqrt(v.var(0) + 1e-5)
   # The first renorm step (count 0 < hold) is plain BN.
@@ -52,6 +61,41 @@ def test_normalization_family_example_runs():
   stats = namespace["stats"]["hidden_0"]["BatchNorm_0"]
   np.testing.assert_allclose(stats["mean"], (inputs @ kernel).mean(0),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_the_linen_snippet_runs_as_flax_would(capsys):
+  """The user's linen model with bn_jax.nn.BatchNorm gives flax's logits
+  and running statistics: the same block run with flax.linen.BatchNorm."""
+  block = _block("class CNN(nn.Module)")
+  ours = _run(block)
+  assert capsys.readouterr().out.strip() == "(8, 10) (32,)"
+  flax_block = block.replace("bn_jax.nn.BatchNorm(", "nn.BatchNorm(")
+  assert flax_block != block
+  theirs = _run(flax_block)
+  np.testing.assert_allclose(ours["logits"], theirs["logits"], rtol=1e-5,
+                             atol=1e-5)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(
+        ours["variables"]["batch_stats"]["BatchNorm_0"][name],
+        theirs["variables"]["batch_stats"]["BatchNorm_0"][name],
+        rtol=1e-5, atol=1e-6)
+
+
+def test_the_nnx_snippet_runs_as_flax_would(capsys):
+  """The user's nnx model with bn_jax.nnx.BatchNorm: training and
+  evaluation outputs and the updated statistics are flax.nnx's."""
+  block = _block("class MLP(nnx.Module)")
+  ours = _run(block)
+  assert capsys.readouterr().out.strip() == "(32, 10) (64,)"
+  flax_block = block.replace("bn_jax.nnx.BatchNorm(", "nnx.BatchNorm(")
+  assert flax_block != block
+  theirs = _run(flax_block)
+  for name in ("y_train", "y_eval"):
+    np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5,
+                               atol=1e-5)
+  np.testing.assert_allclose(ours["model"].bn.var[...],
+                             theirs["model"].bn.var[...], rtol=1e-5)
+  assert not np.allclose(ours["y_train"], ours["y_eval"])  # modes differ
 
 
 @pytest.mark.parametrize("args", EXPERIMENT_COMMANDS,
