@@ -9,6 +9,7 @@ the same command resumes from the workdir's checkpoints. This file is
 kept short: the protocol lives in bn_lab.runner, each study in its folder.
 """
 
+from pathlib import Path
 import sys
 
 from absl import app
@@ -16,12 +17,12 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from bn_lab import train
 from bn_lab import cli
 from bn_lab import data
 from bn_lab import report
 from bn_lab import runner
 from bn_lab import sweep
+from bn_lab import train
 from bn_lab import workdir as workdir_lib
 from studies import registry
 
@@ -43,6 +44,17 @@ def load_config():
                          example="--config=studies/placements/main_job.py")
 
 
+def files_written(workdir: str) -> str:
+  """Where the run's files went: the report's, and the curves' command."""
+  workdir = Path(workdir)
+  names = sorted(p.name for p in workdir.iterdir()
+                 if p.suffix in (".md", ".png", ".json", ".jsonl"))
+  lines = [f"Wrote to {workdir}: {', '.join(names)}"]
+  if (workdir / "tensorboard").is_dir():
+    lines.append(f"Curves: tensorboard --logdir {workdir / 'tensorboard'}")
+  return "\n".join(lines)
+
+
 def main(argv):
   cli.start(argv, own_code=(registry.__file__,))
   config = load_config()
@@ -53,6 +65,7 @@ def main(argv):
                command=cli.command_line("experiments.main", sys.argv))
     if jax.process_index() == 0:  # the process that wrote the files
       print(study.report(_WORKDIR.value), flush=True)
+      print(files_written(_WORKDIR.value), flush=True)
   except (sweep.ConfigError, data.DataError, train.NonFiniteError,
           workdir_lib.WorkdirError, report.ReportError) as e:
     # Problems the user can fix: the message says how; no traceback needed.

@@ -36,8 +36,8 @@ import numpy as np
 
 from bn_lab import checkpoints
 from bn_lab import data as data_lib
+from bn_lab import page
 from bn_lab import parallel
-from bn_lab import report
 from bn_lab import runner
 from bn_lab import study as study_lib
 from bn_lab import sweep
@@ -262,7 +262,7 @@ def train_sweeps(context: study_lib.RunContext,
 
 
 def study(name: str, title: str, *, check=None, measure=None,
-          report_fn=None, **fields) -> study_lib.Study:
+          report_extras=(), **fields) -> study_lib.Study:
   """A study of classifier sweeps with the shared trainer.
 
   Args:
@@ -271,8 +271,9 @@ def study(name: str, title: str, *, check=None, measure=None,
       after the shared ones; raises sweep.ConfigError.
     measure: config -> tuple of `train.Measurement`: what the trainer
       measures during training for this study.
-    report_fn: workdir -> str, the run's report; default
-      `report.write_report` (summary.md and the curves).
+    report_extras: the study's additions to a run's summary.md
+      (`report.write_report`'s extras); its page section is appended too
+      (`page.write_run_report`).
     **fields: `Study`'s other fields (section, commands, ...).
   """
   return study_lib.Study(
@@ -281,8 +282,8 @@ def study(name: str, title: str, *, check=None, measure=None,
                                  measure=measure),
       load_data=functools.partial(_classifier_data, measure=measure),
       run=functools.partial(train_sweeps, measure=measure),
-      report=report_fn or (lambda workdir: report.write_report([workdir],
-                                                              workdir)),
+      report=functools.partial(page.write_run_report, extras=report_extras,
+                               section=fields.get("section")),
       **fields)
 
 

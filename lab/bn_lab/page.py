@@ -299,6 +299,25 @@ def generic_section(studies, out: Path) -> str:
   return "\n".join(text)
 
 
+def write_run_report(workdir: Path | str, *, extras=(),
+                     section: Callable[..., str] | None = None) -> str:
+  """One run's report: summary.md with the table and the study's `extras`
+  (`report.write_report`), then the study's page `section` of this run
+  alone, its figures beside it; returns the Markdown. A section that needs
+  more than this run (another workdir, more seeds) says why instead."""
+  workdir = Path(workdir)
+  text = report.write_report([workdir], workdir, extras=extras)
+  if section is None:
+    return text
+  try:
+    part = section([load_study(workdir)], workdir)
+  except report.ReportError as e:
+    part = f"(The study's section needs more than this run: {e})\n"
+  summary = workdir / "summary.md"
+  workdir_lib.write_atomic(summary, summary.read_text() + "\n" + part)
+  return text + "\n" + part
+
+
 def missing_workdirs(studies: Sequence[study_lib.Study]) -> list[str]:
   """Every study's default workdirs (`Study.commands`), or ReportError
   naming the missing ones with the commands that make them."""

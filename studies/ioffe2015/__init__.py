@@ -2,7 +2,6 @@
 See README.md."""
 
 from bn_lab import classifier
-from bn_lab import report
 from bn_lab import study
 from studies.ioffe2015 import figure
 from studies.ioffe2015 import page
@@ -11,8 +10,7 @@ from studies.ioffe2015 import probes
 STUDY = classifier.study(
     "ioffe2015", "Ioffe & Szegedy (2015), Figure 1",
     check=probes.check_config, measure=probes.measurements,
-    report_fn=lambda workdir: report.write_report(
-        [workdir], workdir, extras=(figure.probe_report,)),
+    report_extras=(figure.probe_report,),
     section=page.section,
     commands=study.main_commands({
         "workdirs/ioffe2015": "studies/ioffe2015/config.py",

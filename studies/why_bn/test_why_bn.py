@@ -609,3 +609,15 @@ def test_section_from_a_tiny_run(tiny_run, tmp_path):
            if r["norm"] == "noisy_batch" and r["epoch"] == last]
   assert (f"Final test accuracy noisy BN {np.mean(noisy):.2f} +- "
           f"{np.std(noisy, ddof=1):.2f} against BN") in text, text
+
+
+@pytest.mark.slow
+def test_the_run_report_has_the_study_section(tiny_run):
+  """The run's own summary.md holds its ICS table (the study's section of
+  this run), beside the accuracy table."""
+  _, workdir = tiny_run
+  text = STUDY.report(workdir)
+  summary = (workdir / "summary.md").read_text()
+  assert "| norm | runs |" in summary  # the run's table
+  assert "ICS: l2 norm of G - G'" in summary and "ICS: l2 norm" in text
+  assert (workdir / f"{workdir.name}_ics.png").stat().st_size > 0
