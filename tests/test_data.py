@@ -623,8 +623,10 @@ def test_bundled_files_and_their_readme():
 def test_bundled_files_are_package_data():
   """lab/pyproject.toml installs every bundled file with the lab."""
   config = tomllib.loads((REPO / "lab" / "pyproject.toml").read_text())
-  patterns = config["tool"]["setuptools"]["package-data"]["bn_lab"]
-  package = REPO / "lab" / "bn_lab"
+  assert "bn_lab.bundled.mnist" in config["tool"]["setuptools"]["packages"]
+  patterns = config["tool"]["setuptools"]["package-data"][
+      "bn_lab.bundled.mnist"]
+  package = BUNDLED_MNIST
   files = sorted(BUNDLED_MNIST.iterdir())
   assert len(files) == 5  # four .gz and the README
   for path in files:

@@ -336,3 +336,21 @@ def test_in_one_family_corrects_every_comparison_render_makes():
     studies_page.in_one_family(
         lambda family, n=iter([2, 1]): [family.compare(a, b)
                                         for _ in range(next(n))])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_run_report_holds_its_study_section(workdirs, name, tmp_path):
+  """Every tiny run's own report, as experiments.main writes it after the
+  run: its study's section of that run alone is in summary.md (or the
+  line saying what more it needs), never an error."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / name
+  shutil.copytree(workdirs / name, workdir)  # the page fixture stays as is
+  study = registry.get(json.loads((workdir / "results.json").read_text())[
+      "study_id"])
+  text = study.report(workdir)
+  summary = (workdir / "summary.md").read_text()
+  assert "| runs |" in summary and text.strip() in summary.strip()
+  assert ("## " in summary.split("| runs |")[1]
+          or "The study's section needs more than this run" in summary)
