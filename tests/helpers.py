@@ -58,6 +58,13 @@ def run_cli(args, *, module="experiments.main", env=None, check=True,
   return result
 
 
+def files_written(stdout: str, workdir) -> list[str]:
+  """The file names a run's closing "Wrote to WORKDIR: a, b" line lists."""
+  wrote, = [line for line in stdout.splitlines()
+            if line.startswith(f"Wrote to {workdir}: ")]
+  return wrote.split(": ", 1)[1].split(", ")
+
+
 def resolved_config(args):
   """The config experiments/main.py builds from ARGS by its own flags, from
   the repository root (config paths are relative to it)."""

@@ -391,10 +391,9 @@ def test_cli_momentum_none_runs_and_reports(idx_dir, tmp_path):
   assert row["bn_momentum"] is None and math.isfinite(row["test_loss"])
   assert "| before_activation |" in result.stdout  # the table, printed
   # Where the files went, and how to see the curves.
-  wrote, = [line for line in result.stdout.splitlines()
-            if line.startswith(f"Wrote to {workdir}: ")]
+  written = helpers.files_written(result.stdout, workdir)
   for name in ("summary.md", "learning_curves.png", "results.json"):
-    assert name in wrote.split(": ", 1)[1].split(", ")
+    assert name in written
   assert f"Curves: tensorboard --logdir {workdir / 'tensorboard'}" in (
       result.stdout)
   for name in ("summary.md", "learning_curves.png"):

@@ -537,7 +537,9 @@ def test_entry_point_end_to_end_rerun_and_resume(tmp_path):
       "--config.classifier.steps_per_epoch=5",
       "--config.classifier.batch_size=32"]
   first = helpers.run_cli(args)
-  assert first.stdout.strip().endswith("report.md")
+  # The study's report path, then where the files went.
+  assert f"{workdir / 'report.md'}\nWrote to {workdir}: " in first.stdout
+  assert "report.md" in helpers.files_written(first.stdout, workdir)
   assert "[G-batch_D-batch_separate] epoch 2/2" in first.stderr
   results = json.loads((workdir / "results.json").read_text())
   assert results["study_id"] == "gan" and results["schema"] == 2

@@ -417,7 +417,9 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_entry_point_end_to_end_and_rerun(tiny_run):
   workdir, args, first, _ = tiny_run
-  assert first.stdout.strip().endswith("report.md")
+  # The study's report path, then where the files went.
+  assert f"{workdir / 'report.md'}\nWrote to {workdir}: " in first.stdout
+  assert "report.md" in helpers.files_written(first.stdout, workdir)
   assert "[batch] pretraining epoch 1/1" in first.stderr
   assert "[batch] trained, budget 10 (3/3)" in first.stderr
   results = json.loads((workdir / "results.json").read_text())
