@@ -13,7 +13,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import helpers
 import jax
@@ -70,8 +69,8 @@ def study_run(idx_dir, tmp_path_factory):
   snapshots = []
   real_write = runner.workdir_lib.MetricsWriter.write
 
-  def write(self, rows):
-    real_write(self, rows)
+  def write(self, rows, step_rows=()):
+    real_write(self, rows, step_rows)
     snapshots.append(self.path.read_text())
 
   with pytest.MonkeyPatch.context() as patch:
@@ -81,9 +80,9 @@ def study_run(idx_dir, tmp_path_factory):
   return workdir, snapshots, table
 
 
-def read_rows(workdir):
+def read_rows(workdir, name="metrics.jsonl"):
   return [json.loads(line)
-          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+          for line in (workdir / name).read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -202,20 +201,38 @@ def test_tensorboard_event_files_hold_every_run_s_curves(study_run):
 
 def assert_tensorboard_matches_metrics(workdir):
   """Every run's TensorBoard scalars, as TensorBoard's reader sees them:
-  each metric once per epoch's step, the values of metrics.jsonl."""
+  each metric once per epoch's step, the values of metrics.jsonl; the step
+  windows' at theirs, the values of steps.jsonl; and the run's
+  hyperparameters for the HParams tab."""
   from tensorboard.backend.event_processing import event_accumulator
-  rows = read_rows(workdir)
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  rows, step_rows = read_rows(workdir), read_rows(workdir, "steps.jsonl")
   for run_dir in sorted((workdir / "tensorboard").glob("*/run*")):
     events = event_accumulator.EventAccumulator(str(run_dir))
     events.Reload()
-    mine = [r for r in rows if r["combo"] == run_dir.parent.name
-            and f"run{r['run']}" == run_dir.name]
-    assert sorted(events.Tags()["scalars"]) == sorted(classifier.METRICS)
-    for key in classifier.METRICS:
-      scalars = events.Scalars(key)
-      assert [s.step for s in scalars] == [r["step"] for r in mine]
+
+    def mine(of):
+      return [r for r in of if r["combo"] == run_dir.parent.name
+              and f"run{r['run']}" == run_dir.name]
+
+    step_tags = [f"steps/{k}" for k in ("train_loss", "train_accuracy")]
+    assert sorted(events.Tags()["scalars"]) == sorted(
+        [*classifier.METRICS, *step_tags])
+    for key, tag, of in [*((k, k, rows) for k in classifier.METRICS),
+                         *((t.split("/")[1], t, step_rows)
+                           for t in step_tags)]:
+      scalars = events.Scalars(tag)
+      assert [s.step for s in scalars] == [r["step"] for r in mine(of)]
       np.testing.assert_allclose([s.value for s in scalars],
-                                 [r[key] for r in mine], rtol=1e-6)
+                                 [r[key] for r in mine(of)], rtol=1e-6)
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")[
+            "_hparams_/session_start_info"]).session_start_info
+    row = mine(rows)[0]
+    assert start.hparams["seed"].number_value == row["seed"]
+    assert start.hparams["placement"].string_value == row["placement"]
+    assert start.hparams["bn_momentum"].number_value == pytest.approx(
+        row["bn_momentum"])
 
 
 @pytest.mark.slow
@@ -351,23 +368,6 @@ def test_placements_config_cnn_variant_is_valid():
   assert config.model == "cnn"
   assert [c.values["placement"] for c in sweep.combinations(config)] == [
       "none", "before_activation", "after_activation", "input"]
-
-
-def test_progress_line_while_a_long_epoch_runs(caplog):
-  with caplog.at_level("INFO"):
-    with classifier._progress(0.05, "mlp epoch 3/10", expected=None):
-      time.sleep(0.3)
-  assert "[mlp epoch 3/10] ... 0 s (compiling, training)" in caplog.text
-  caplog.clear()
-  with caplog.at_level("INFO"):
-    with classifier._progress(0.05, "e2", expected=0.2):
-      time.sleep(0.15)
-  assert "done by the last epoch's time" in caplog.text
-  caplog.clear()
-  with caplog.at_level("INFO"):
-    with classifier._progress(0.0, "off", expected=None):  # 0: off
-      time.sleep(0.1)
-  assert caplog.text == ""
 
 
 # ----------------------------------------------------------------------------

@@ -3,6 +3,9 @@ bn_jax alone, whose only dependencies are jax, flax and numpy, with no data
 set in it; the lab (lab/pyproject.toml) owns the rest."""
 
 import email
+import json
+import os
+from pathlib import Path
 import subprocess
 import sys
 import tomllib
@@ -82,3 +85,39 @@ def test_the_library_modules_are_attributes():
   for name in ("core", "norms", "precise", "recurrent", "nn", "nnx"):
     assert getattr(bn_jax, name).__name__ == f"bn_jax.{name}"
   assert bn_jax.nn.BatchNorm and bn_jax.nnx.BatchNorm
+
+
+@pytest.mark.slow
+def test_console_scripts_run_a_study_and_its_report_outside_the_repo(
+    tmp_path):
+  """bn-lab and bn-lab-report (lab/pyproject.toml's scripts, installed by
+  scripts/setup.sh) from a directory outside the repository: the
+  --config path is read from the repository, --workdir from here."""
+  scripts = Path(sys.executable).parent
+  idx = helpers.write_tiny_idx(tmp_path / "idx", 200, 100)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run(
+      [scripts / "bn-lab", "--config=studies/placements/main_job.py",
+       "--workdir=work", f"--config.data_dir={idx}", "--config.dataset=tiny",
+       "--config.num_epochs=1", "--config.seeds=(0,)",
+       "--config.widths=(8,)", "--config.batch_size=50",
+       "--config.placements=('none',)"],
+      cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=helpers.CLI_TIMEOUT_S)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert json.loads((tmp_path / "work" / "results.json").read_text())[
+      "study_id"] == "placements"
+  (tmp_path / "work" / "summary.md").unlink()
+  again = subprocess.run([scripts / "bn-lab-report", "--workdir=work"],
+                         cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=helpers.CLI_TIMEOUT_S)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "| none |" in (tmp_path / "work" / "summary.md").read_text()
+  # A config that is nowhere: one line naming it.
+  missing = subprocess.run(
+      [scripts / "bn-lab", "--config=studies/nowhere.py", "--workdir=w"],
+      cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=helpers.CLI_TIMEOUT_S)
+  assert missing.returncode != 0
+  assert "--config file could not be loaded" in missing.stderr
+  assert not (tmp_path / "w").exists()

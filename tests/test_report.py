@@ -218,6 +218,190 @@ def test_curves_filename_is_filesystem_safe():
 
 
 # ----------------------------------------------------------------------------
+# The plots: what each panel draws, read back from the Figure.
+
+
+def test_comparison_plots_percent_with_a_labelled_band(tmp_path):
+  rows = report.load_rows(write_workdir(tmp_path / "w", placements_rows()))
+  fig = report.plot_comparison(rows)
+  ax_loss, ax_train, ax_test = fig.axes[:3]
+  assert ax_test.get_ylabel() == "test accuracy (eval mode, %)"
+  assert ax_train.get_ylabel() == "train accuracy (training mode, %)"
+  assert ax_loss.get_yscale() == "log"
+  none, single = ax_test.get_lines()
+  assert none.get_label() == "placement=none"
+  acc = 100 * np.array(NONE_ACC)  # (runs, epochs)
+  # Three epochs: optimizer steps on the x axis (the rows' "step").
+  np.testing.assert_array_equal(none.get_xdata(), [100, 200, 300])
+  np.testing.assert_allclose(none.get_ydata(), acc.mean(0))
+  np.testing.assert_allclose(single.get_ydata(), [81, 82, 83])
+  # The band: +- one sample std over the 3 runs; none for the single run.
+  band, = ax_test.collections
+  ys = band.get_paths()[0].vertices[:, 1]
+  np.testing.assert_allclose(
+      [ys.min(), ys.max()], [(acc.mean(0) - acc.std(0, ddof=1)).min(),
+                             (acc.mean(0) + acc.std(0, ddof=1)).max()])
+  assert fig.get_suptitle() == (
+      "line: mean over 1 to 3 seeds; shaded band (error bar at a single "
+      "point): mean ± 1 sample std (ddof=1) over them")
+  for ax in (ax_loss, ax_train, ax_test):
+    assert ax.get_xlabel() == "optimizer steps" and ax.get_xlim()[0] == 0
+  assert ax_loss.get_title() == "Training loss (epoch means)"
+
+
+def test_band_note_names_what_the_runs_are():
+  assert report.band_note([make_row(0, 1, 0.9)]) == (
+      "one run per combination: the line is that run, no band")
+  swept = [make_row(run, 1, 0.9, learning_rate=lr)
+           for run, lr in enumerate((0.1, 0.2))]
+  assert report.band_note(swept).startswith(
+      "line: mean over 2 runs (seeds x swept values); shaded band")
+
+
+def test_one_epoch_run_has_a_real_axis():
+  """One epoch was a point over x ticks from 0.945 to 1.050: now optimizer
+  steps from 0, the point at the epoch's last step with an error bar."""
+  rows = [make_row(run, 1, acc) for run, acc in enumerate((0.9, 0.92))]
+  assert report.x_axis(rows) == ("step", "optimizer steps")
+  fig = report.plot_comparison(rows)
+  ax_test = fig.axes[2]
+  low, high = ax_test.get_xlim()
+  assert low == 0 and 100 <= high < 200
+  assert all(t == int(t) for t in ax_test.get_xticks())
+  line, = ax_test.get_lines()[:1]
+  np.testing.assert_array_equal(line.get_xdata(), [100])
+  np.testing.assert_allclose(line.get_ydata(), [91])
+  assert len(ax_test.containers) == 1  # the error bar: ± the std
+  fig = report.plot_runs(rows, "placement=none")
+  assert fig.axes[0].get_xlabel() == "optimizer steps"
+  assert fig.axes[0].get_lines()[0].get_marker() == "o"  # a visible point
+
+
+def test_many_epochs_or_no_steps_put_epochs_on_the_x_axis():
+  rows = [make_row(0, epoch, 0.9) for epoch in range(1, 7)]
+  assert report.x_axis(rows) == ("epoch", "epoch")
+  assert report.x_axis(rows[:5]) == ("step", "optimizer steps")
+  no_steps = [{k: v for k, v in r.items() if k != "step"} for r in rows[:2]]
+  assert report.x_axis(no_steps) == ("epoch", "epoch")
+  ax_test = report.plot_comparison(rows).axes[2]
+  assert ax_test.get_xlabel() == "epoch"
+  np.testing.assert_array_equal(ax_test.get_lines()[0].get_xdata(),
+                                range(1, 7))
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"placement": "none", "norm": "batch"}, False),
+    ({"placement": "before_activation", "norm": "none"}, False),
+    ({"placement": "before_activation", "norm": "layer"}, False),
+    ({"placement": "after_activation", "norm": "group"}, False),
+    ({"placement": "input", "norm": "instance"}, False),
+    ({"placement": "input", "norm": "rms"}, False),
+    ({"placement": "input", "norm": "batch"}, True),
+    ({"placement": "before_activation", "norm": "renorm"}, True),
+    ({"placement": "before_activation", "norm": "ghost"}, True),
+    ({"placement": "before_activation", "norm": "sampled"}, True),
+    ({"placement": "before_activation"}, True),  # the BN-only trainer's
+    ({"placement": "input", "norm": "a_study_s_own"}, True),
+])
+def test_has_running_statistics(fields, expected):
+  assert report.has_running_statistics(fields) is expected
+
+
+def test_runs_plot_has_batch_stats_only_with_running_statistics(tmp_path):
+  rows = report.load_rows(write_workdir(tmp_path / "w", placements_rows()))
+  ax = report.plot_runs(rows, "placement=none").axes[0]  # no BN
+  assert [l.get_linestyle() for l in ax.get_lines()] == ["-"] * 3
+  np.testing.assert_allclose([l.get_ydata()[-1] for l in ax.get_lines()],
+                             [100 * a[-1] for a in NONE_ACC])
+  assert "no running statistics" in ax.get_title()
+  assert ax.get_ylabel() == "test accuracy (%)"
+  assert "batch statistics" not in [
+      t.get_text() for t in ax.get_legend().get_texts()]
+
+  ax = report.plot_runs(rows, "placement=input").axes[0]  # BN at the input
+  eval_mode, batch_stats = ax.get_lines()
+  assert batch_stats.get_linestyle() == "--"
+  np.testing.assert_allclose(eval_mode.get_ydata(), [81, 82, 83])
+  np.testing.assert_allclose(batch_stats.get_ydata(), [70, 70, 70])
+  assert "batch statistics" in [
+      t.get_text() for t in ax.get_legend().get_texts()]
+
+  layer = [make_row(0, 1, 0.9, swept={"placement": "before_activation"},
+                    norm="layer")]
+  ax = report.plot_runs(layer, layer[0]["combo"]).axes[0]
+  assert len(ax.get_lines()) == 1
+
+
+def write_steps(workdir, rows, tail=""):
+  (workdir / "steps.jsonl").write_text(
+      "".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+              for r in rows) + tail)
+
+
+def step_row(run, step, loss, acc=0.5, combo="placement=none"):
+  return {"combo": combo, "run": run, "seed": run, "step": step,
+          "train_loss": loss, "train_accuracy": acc}
+
+
+def test_load_steps(tmp_path):
+  workdir = write_workdir(tmp_path / "w", [make_row(0, 1, 0.9)])
+  assert report.load_steps(workdir) == []  # an older workdir: no file
+  write_steps(workdir, [
+      step_row(0, 10, 9.0),
+      step_row(0, 10, 1.0),  # appended again after a resume: the last wins
+      step_row(1, 10, 2.0),
+      "[1, 2]",  # not a row
+      {"combo": "placement=none", "run": 0, "train_loss": 1.0},  # no step
+  ], tail='{"combo": "placement=none", "ru')  # being appended
+  rows = report.load_steps(workdir)
+  assert [(r["run"], r["step"], r["train_loss"]) for r in rows] == [
+      (0, 10, 1.0), (1, 10, 2.0)]
+  (workdir / "steps.jsonl").write_text("{not json\n")
+  with pytest.raises(report.ReportError,
+                     match=r"steps\.jsonl, line 1 is not a JSON row"):
+    report.load_steps(workdir)
+
+
+def test_training_curves_come_from_steps_jsonl(tmp_path):
+  """A combination with step rows draws its training curves from them (the
+  mean and std over runs at each logged step); one without, from its
+  epochs."""
+  workdir = write_workdir(tmp_path / "w", placements_rows())
+  losses = {run: [1.0 + run, 0.5 + run, 0.25 + run] for run in range(3)}
+  write_steps(workdir, [step_row(run, step, losses[run][i], 0.1 * i)
+                        for i, step in enumerate((10, 20, 30))
+                        for run in range(3)])
+  rows, steps = report.load_rows(workdir), report.load_steps(workdir)
+  fig = report.plot_comparison(rows, steps=steps)
+  ax_loss, ax_train = fig.axes[:2]
+  logged, epochs = ax_loss.get_lines()
+  np.testing.assert_array_equal(logged.get_xdata(), [10, 20, 30])
+  np.testing.assert_allclose(logged.get_ydata(), [2.0, 1.5, 1.25])
+  assert logged.get_marker() in (None, "None")  # a curve, not epoch dots
+  np.testing.assert_array_equal(epochs.get_xdata(), [100, 200, 300])
+  np.testing.assert_allclose(ax_train.get_lines()[0].get_ydata(),
+                             [0, 10, 20])
+  band = ax_loss.collections[0].get_paths()[0].vertices[:, 1]
+  np.testing.assert_allclose([band.min(), band.max()], [0.25, 3.0])
+  assert ax_loss.get_title() == (
+      "Training loss (10-step means, else epoch means)")
+  # The report reads steps.jsonl itself.
+  report.write_report([workdir], tmp_path / "out")
+  assert_png(tmp_path / "out" / "learning_curves.png")
+  assert len(report._load_study(workdir, None)["steps"]) == 9
+
+
+def test_steps_on_an_epoch_axis_are_fractions_of_epochs():
+  rows = [make_row(0, epoch, 0.9) for epoch in range(1, 7)]  # 100 / epoch
+  steps = [step_row(0, step, 1.0) for step in range(50, 601, 50)]
+  xs, mean, std, dense = report.training_curve(rows, steps, "train_loss",
+                                               "epoch")
+  assert dense and xs == [s / 100 for s in range(50, 601, 50)]
+  xs, _, _, dense = report.training_curve(rows, [], "train_loss", "epoch")
+  assert not dense and xs == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------
 # The command line.
 
 

@@ -10,7 +10,10 @@ swept values) train together, vmapped, epoch by epoch
   config.json          the resolved config
   metrics.jsonl        one line per combination, run and epoch, appended and
                        synced every epoch
-  tensorboard/<combo>/run<i>/  the same curves for `tensorboard --logdir`
+  steps.jsonl          the training loss and accuracy of every
+                       config.log_every_steps steps, per run
+  tensorboard/<combo>/run<i>/  the same curves and the run's hyperparameters
+                       for `tensorboard --logdir`
   checkpoints/<combo>/ orbax checkpoints of the runs' state; rerunning the
                        same command resumes from them (bn_lab.checkpoints)
   results.json         the study, the data's origin, each combination's times
@@ -25,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from bn_lab import checkpoints
 from bn_lab import data as data_lib
 from bn_lab import page
 from bn_lab import parallel
+from bn_lab import progress
 from bn_lab import runner
 from bn_lab import study as study_lib
 from bn_lab import sweep
@@ -56,29 +59,6 @@ def metric_names(config) -> tuple[str, ...]:
           + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
              if config.precise_bn.num_batches
              or config.precise_bn.num_examples else ()))
-
-
-@contextlib.contextmanager
-def _progress(seconds: float, label: str, expected: float | None):
-  """Logs a line every `seconds` while an epoch (or its compile) runs, with
-  the time so far and, once an epoch has been timed, the share done."""
-  if seconds <= 0:
-    yield
-    return
-  stop, start = threading.Event(), time.perf_counter()
-
-  def report():
-    while not stop.wait(seconds):
-      elapsed = time.perf_counter() - start
-      done = (f", about {min(elapsed / expected, 0.99):.0%} done by the "
-              "last epoch's time" if expected else " (compiling, training)")
-      logging.info("[%s] ... %.0f s%s", label, elapsed, done)
-
-  threading.Thread(target=report, daemon=True).start()
-  try:
-    yield
-  finally:
-    stop.set()
 
 
 def load_data(config) -> tuple[train.DeviceData, str]:
@@ -135,12 +115,16 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
   if start_epoch:
     logging.info("[%s] resumed from checkpoint at epoch %d", combo.name,
                  start_epoch)
+  for i, run in enumerate(runs):
+    if writer:
+      writer.start_run(combo.name, i, {**combo.values, "seed": run["seed"],
+                                       **run["hparams"]})
   compile_time = last_epoch = None
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.perf_counter()
-    with _progress(config.progress_seconds,
-                   f"{combo.name} epoch {epoch}/{config.num_epochs}",
-                   last_epoch):
+    with progress.Epoch(f"{combo.name} epoch {epoch}/{config.num_epochs}",
+                        spec.steps_per_epoch, config.progress_seconds,
+                        config.num_epochs - epoch, last_epoch):
       states, metrics = epoch_fn(states, data)
       metrics = jax.device_get(metrics)  # the one host sync per epoch
     if spec.nan_guard:  # checked before anything of the epoch is written
@@ -155,6 +139,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
                         str(error).split("\n(A non-finite")[0])
     diverged_at = metrics.pop("diverged_at", None)
     measured = {m.name: metrics.pop(m.name) for m in spec.measurements}
+    windows = {k: metrics.pop(k) for k in train.WINDOW_METRICS
+               if k in metrics}
     last_epoch = time.perf_counter() - started
     if compile_time is None and epoch == start_epoch + 1:
       compile_time = last_epoch  # compile + one epoch
@@ -168,7 +154,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
           **({} if diverged_at is None else {"diverged_at": (
               int(diverged_at[i]) if diverged_at[i] >= 0 else None)}),
           **_row_fields(spec, measured, i)}
-                    for i, run in enumerate(runs)])
+                    for i, run in enumerate(runs)],
+                   _step_rows(combo.name, runs, epoch, spec, windows))
     checkpoints.save(manager, epoch, states)
     accuracy = np.asarray(metrics["test_accuracy"])
     precise = (f", precise BN {np.mean(metrics[train.PRECISE_METRIC]):.4f}"
@@ -183,6 +170,22 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
   return {"combo": combo.name, **combo.values, "runs": len(runs),
           "epochs": config.num_epochs, "wall_time": wall,
           "compile_time": compile_time}
+
+
+def _step_rows(combo: str, runs: list[dict], epoch: int,
+               spec: train.TrainSpec, windows: dict[str, Any]) -> list[dict]:
+  """steps.jsonl's rows of one epoch: each run's training loss and accuracy
+  over each window of `spec.log_every_steps` steps, at the window's last
+  step."""
+  if not windows:
+    return []
+  first = (epoch - 1) * spec.steps_per_epoch
+  ends = train.window_ends(spec.steps_per_epoch, spec.log_every_steps)
+  return [{"combo": combo, "run": i, "seed": run["seed"],
+           "step": first + end,
+           **{name: float(windows[f"window_{name}"][i][w])
+              for name in workdir_lib.STEP_SCALARS}}
+          for i, run in enumerate(runs) for w, end in enumerate(ends)]
 
 
 def _row_fields(spec: train.TrainSpec, measured: dict[str, Any],
@@ -261,6 +264,30 @@ def train_sweeps(context: study_lib.RunContext,
       "combos": trained}
 
 
+def extension_refusal(saved: dict[str, Any], config: dict[str, Any],
+                      ) -> str | None:
+  """Why a finished classifier run (config.json `saved`) cannot be trained
+  on to `config`'s larger num_epochs, or None: a schedule laid out over
+  num_epochs would have been another one for the epochs already trained,
+  unless config.schedule_epochs fixed its length from the start."""
+  del saved  # the same but for num_epochs (workdir.check_resumable)
+  if config.get("schedule_epochs") is not None:
+    return None
+  laid_out = []
+  if config["schedule"] != "constant":
+    laid_out.append(f"the learning-rate schedule ({config['schedule']})")
+  if "renorm" in (config["norm"], *config.get("norms", ())) and (
+      config["bn"].get("renorm_schedule") is not None
+      and config["bn"].get("renorm_schedule_unit") == "fraction"):
+    laid_out.append("Batch Renorm's schedule (in fractions of the run)")
+  if not laid_out:
+    return None
+  return (f"{' and '.join(laid_out)} is laid out over num_epochs, so the "
+          "epochs already trained followed another one; to extend a run, "
+          "start it with --config.schedule_epochs=FINAL_EPOCHS, or use a "
+          "new --workdir")
+
+
 def study(name: str, title: str, *, check=None, measure=None,
           report_extras=(), **fields) -> study_lib.Study:
   """A study of classifier sweeps with the shared trainer.
@@ -284,7 +311,7 @@ def study(name: str, title: str, *, check=None, measure=None,
       run=functools.partial(train_sweeps, measure=measure),
       report=functools.partial(page.write_run_report, extras=report_extras,
                                section=fields.get("section")),
-      **fields)
+      **{"extension_refusal": extension_refusal, **fields})
 
 
 # Any config outside a study folder (lab/bn_lab/config.py itself, a

@@ -70,6 +70,20 @@ def start(argv: Sequence[str], own_code: Sequence[str] = ()) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_only_own_info)
+  if not flags.FLAGS["log_dir"].value:  # the terminal: lines to read
+    logging.get_absl_handler().setFormatter(_Plain())
+
+
+class _Plain(py_logging.Formatter):
+  """The message alone (INFO) or after its level (WARNING: ...), without
+  absl's prefix of date, thread and source line; the run's log.txt keeps
+  that prefix (bn_lab.workdir.log_file)."""
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    message = super().format(record)
+    if record.levelno >= py_logging.WARNING:
+      return f"{record.levelname}: {message}"
+    return message
 
 
 def _only_own_info(record: py_logging.LogRecord) -> bool:

@@ -110,6 +110,10 @@ def get_config():
   c.learning_rate = 1e-3
   c.schedule = "constant"  # constant | cosine | warmup_cosine
   c.warmup_steps = 0
+  # The epochs the schedule (and a Batch Renorm schedule in fractions) is
+  # laid out over; None: num_epochs. Set, a run trains num_epochs of them
+  # and can later be extended up to it (bn_lab.workdir.check_resumable).
+  c.schedule_epochs = config_dict.placeholder(int)
   c.weight_decay = 0.0  # adamw only
   # Clip each step's gradient to this global norm (optax.clip_by_global_norm,
   # before the optimizer); None: no clipping.
@@ -172,6 +176,10 @@ def get_config():
   # Reporting only: changing these resumes a run (bn_lab.workdir).
   c.target_accuracy = 0.97  # the report's "epochs to target" column
   c.progress_seconds = 30.0  # a progress line while an epoch runs; 0: off
+  # The training loss and accuracy over every this many steps, to
+  # steps.jsonl and TensorBoard (the epochs' rows have one point each); 0:
+  # off.
+  c.log_every_steps = 50
 
   # Data parallelism (bn_lab.parallel): each step's global batch of
   # batch_size examples is split over mesh_devices devices.

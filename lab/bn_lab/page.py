@@ -39,12 +39,13 @@ def load_study(path: Path) -> dict[str, Any]:
   config file's name and argument (from results.json's command)."""
   results = report.load_results(path)
   benchmark = (results or {}).get("benchmark")
-  rows, config = [], {}
+  rows, steps, config = [], [], {}
   if not benchmark:
     # A study without metrics.jsonl (transfer, domain shift) has only
     # results.json; with neither, load_rows says what is missing.
     if (path / report.METRICS_FILE).exists() or results is None:
       rows = report.load_rows(path)
+      steps = report.load_steps(path)
     config_path = path / "config.json"
     try:
       config = json.loads(config_path.read_text())
@@ -52,7 +53,7 @@ def load_study(path: Path) -> dict[str, Any]:
       raise report.ReportError(f"{config_path} is missing or not JSON ({e});"
                                " is this a study's workdir?") from e
   name, arg = config_file((results or {}).get("command"))
-  return {"path": path, "label": path.name, "rows": rows,
+  return {"path": path, "label": path.name, "rows": rows, "steps": steps,
           "results": results, "config": config, "benchmark": benchmark,
           "config_name": name, "config_arg": arg}
 
@@ -294,7 +295,8 @@ def generic_section(studies, out: Path) -> str:
     text += [f"## {title}\n", provenance_markdown([study]),
              report.summary_markdown(summaries),
              figure(out, f"{study['label']}.png",
-                    lambda p, s=study: report.plot_comparison(s["rows"], p),
+                    lambda p, s=study: report.plot_comparison(
+                        s["rows"], p, steps=s.get("steps", ())),
                     title)]
   return "\n".join(text)
 

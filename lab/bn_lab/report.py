@@ -1,16 +1,18 @@
 r"""Summary table and plots of a finished (or interrupted) training workdir.
 
 Reads the workdir's metrics.jsonl (and results.json, written when the run
-finished) and (re)writes summary.md, learning_curves.png (the combinations
-compared) and curves_<combo>.png (every run of one combination), and
-returns the table. Several workdirs put all their combinations into one
-table, with a workdir column. The command line is experiments/report.py.
+finished, and steps.jsonl, the training curves' step-level points, where
+the trainer wrote one) and (re)writes summary.md, learning_curves.png (the
+combinations compared) and curves_<combo>.png (every run of one
+combination), and returns the table. Several workdirs put all their
+combinations into one table, with a workdir column. The command line is
+experiments/report.py.
 
 The runner calls `write_report` at the end of a classifier run (a study
 adds its own parts through `extras`); the pure helpers (`load_rows`,
-`load_results`, `summarize`, `summary_markdown`, `plot_comparison`,
-`plot_runs`) are for tests, notebooks and the studies' page sections. The
-library never imports this module.
+`load_results`, `load_steps`, `summarize`, `summary_markdown`,
+`plot_comparison`, `plot_runs`) are for tests, notebooks and the studies'
+page sections. The library never imports this module.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bn_lab import models
 from bn_lab import sweep
 from bn_lab import train
 from bn_lab import workdir as workdir_lib
@@ -31,6 +34,12 @@ DEFAULT_AXES = tuple(sweep.AXES.values())
 DEFAULT_TARGET = 0.97
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+# Step-level training rows (train loss and accuracy every few optimizer
+# steps), where the trainer writes them: the training curves' points.
+STEPS_FILE = "steps.jsonl"
+# Curves of runs of at most this many epochs have optimizer steps on the x
+# axis (a point per epoch would be no curve).
+FEW_EPOCHS = 5
 # What the table and plots read from every row; the rest is optional.
 _NUMERIC_FIELDS = ("run", "epoch", "train_loss", "test_accuracy",
                    "test_accuracy_batch_stats")
@@ -353,55 +362,238 @@ def epoch_axis(ax) -> None:
   ax.grid(alpha=0.3)
 
 
-def _mean_std_by_epoch(rows: Sequence[Mapping[str, Any]], key: str):
-  """Epochs, then mean and std over runs (ddof=1; 0 for a single run)."""
-  epochs = sorted({r["epoch"] for r in rows})
-  values = [[r[key] for r in rows if r["epoch"] == e] for e in epochs]
+def x_axis(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+  """(row field, axis label) of the x axis of curves of `rows`: optimizer
+  steps ("step") where no run has more than FEW_EPOCHS epochs and every
+  row carries its step, so that a short run is a curve over its steps, not
+  a point or two over epochs; else "epoch"."""
+  if rows and max(r["epoch"] for r in rows) <= FEW_EPOCHS and all(
+      _is_number(r.get("step")) for r in rows):
+    return "step", "optimizer steps"
+  return "epoch", "epoch"
+
+
+def _finish_x_axis(ax, label: str) -> None:
+  """Integer ticks from 0 (a single point gets a real axis, not 0.945 to
+  1.050), the label and a grid; after the curves are drawn."""
+  epoch_axis(ax)
+  ax.set_xlim(left=0)
+  ax.set_xlabel(label)
+
+
+def mean_std_by(rows: Sequence[Mapping[str, Any]], key: str,
+                x: str = "epoch", scale: float = 1.0):
+  """The x values (sorted), then `scale` times the mean and the sample std
+  (ddof=1; 0 where one run has that x) over the rows at each x."""
+  xs = sorted({r[x] for r in rows})
+  values = [[scale * r[key] for r in rows if r[x] == v] for v in xs]
   mean = np.array([np.mean(v) for v in values])
   std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
-  return epochs, mean, std
+  return xs, mean, std
+
+
+def runs_per_combination(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+  """{combination name (`run_name`): how many runs its rows hold}."""
+  runs: dict[str, set] = {}
+  for row in rows:
+    runs.setdefault(run_name(row), set()).add(row["run"])
+  return {name: len(r) for name, r in runs.items()}
+
+
+def band_note(rows: Sequence[Mapping[str, Any]]) -> str:
+  """What the curves of `plot_comparison` are (its title): the mean over a
+  combination's runs, and the shaded band +- one sample std over them
+  ("seeds" where the runs differ only by seed, else "runs")."""
+  counts = sorted(set(runs_per_combination(rows).values()))
+  if counts == [1]:
+    return "one run per combination: the line is that run, no band"
+  swept = any(len({repr(r.get(h)) for r in rows
+                   if run_name(r) == name}) > 1
+              for name in runs_per_combination(rows) for h in _RUN_HPARAMS)
+  unit = "runs (seeds x swept values)" if swept else "seeds"
+  n = (str(counts[0]) if len(counts) == 1
+       else f"{counts[0]} to {counts[-1]}")
+  return (f"line: mean over {n} {unit}; shaded band (error bar at a single "
+          "point): mean ± 1 sample std (ddof=1) over them")
+
+
+def has_running_statistics(row: Mapping[str, Any]) -> bool:
+  """Whether a combination's model normalizes with running statistics, so
+  that its test accuracy with batch statistics differs in meaning from the
+  eval-mode one (for any other model the trainer measures the same network
+  twice). From the row's axes: placement "none" or norm "none" place no
+  normalization; a norm that reads no momentum (layer, group, instance,
+  RMS: `models.NORM_FIELDS`) keeps no running statistics. A row without
+  these fields is from the BN-only trainer; an unknown norm (a study's own,
+  not registered here) counts as having them."""
+  if row.get("placement") == "none":
+    return False
+  norm = row.get("norm") or "batch"
+  if norm == "none":
+    return False
+  fields = models.NORM_FIELDS.get(norm)
+  return fields is None or "momentum" in fields
+
+
+def load_steps(workdir: Path | str) -> list[dict[str, Any]]:
+  """The step-level training rows of a workdir's steps.jsonl ({"combo",
+  "run", "seed", "step", "train_loss", "train_accuracy"}: each run's
+  training-mode loss and accuracy over a window of `config.log_every_steps`
+  optimizer steps, at its last step); [] where the file does not exist
+  (older workdirs).
+
+  A row appended twice (a resumed run) counts once, the last one. Lines
+  that are not a JSON object with a combination, run and step are left
+  out, and so is a cut-off last line.
+
+  Raises:
+    ReportError: the file cannot be read, or a complete line is not JSON.
+  """
+  path = Path(workdir) / STEPS_FILE
+  try:
+    values = workdir_lib.read_jsonl(path)
+  except OSError as e:
+    raise ReportError(f"could not read {path} ({e.strerror or e}).") from e
+  except workdir_lib.CorruptMetrics as e:
+    raise ReportError(str(e)) from e
+  rows: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+  for row in values:
+    if (isinstance(row, dict) and isinstance(row.get("combo"), str)
+        and _is_number(row.get("run")) and _is_number(row.get("step"))):
+      rows[(row["combo"], row["run"], row["step"])] = row
+  return list(rows.values())
+
+
+def training_curve(rows: Sequence[Mapping[str, Any]],
+                   steps: Sequence[Mapping[str, Any]], key: str, x: str,
+                   scale: float = 1.0):
+  """One combination's training curve of `key` (train_loss or
+  train_accuracy): (xs, mean, std, from_steps) over its runs, from its
+  steps.jsonl rows `steps` where they have `key`, else from its per-epoch
+  `rows`. On an epoch axis (x="epoch") a step is the fraction
+  step / steps per epoch (from the rows' "step" and "epoch")."""
+  logged = [s for s in steps if _is_number(s.get(key))]
+  if logged and x == "epoch":
+    per_epoch = {r["step"] / r["epoch"] for r in rows
+                 if _is_number(r.get("step")) and r["epoch"]}
+    if len(per_epoch) != 1:  # no steps, or runs of different batch sizes
+      logged = []
+    else:
+      size = per_epoch.pop()
+      logged = [{**s, "epoch": s["step"] / size} for s in logged]
+  if logged:
+    return (*mean_std_by(logged, key, x, scale), True)
+  return (*mean_std_by(rows, key, x, scale), False)
+
+
+def _steps_interval(steps: Sequence[Mapping[str, Any]]) -> int | None:
+  """The most common gap between logged steps of one run, or None."""
+  gaps = []
+  by_run: dict[tuple, list] = {}
+  for s in steps:
+    by_run.setdefault((run_name(s), s["run"]), []).append(s["step"])
+  for xs in by_run.values():
+    xs = sorted(xs)
+    gaps += [b - a for a, b in zip(xs, xs[1:])]
+  if not gaps:
+    return None
+  values, counts = np.unique(gaps, return_counts=True)
+  return int(values[np.argmax(counts)])
 
 
 def plot_comparison(rows: Sequence[Mapping[str, Any]],
-                    path: Path | str | None = None):
-  """Train loss (log scale) and test accuracy (eval mode) against epoch,
-  one line per combination: the mean over runs, a band of +- one std.
+                    path: Path | str | None = None, *,
+                    steps: Sequence[Mapping[str, Any]] = ()):
+  """Train loss (log scale), train accuracy and test accuracy (eval mode),
+  accuracies in %, one line per combination: the mean over its runs, with
+  a shaded band of +- one sample std over them (`band_note`, the figure's
+  title). x: optimizer steps for runs of at most FEW_EPOCHS epochs, else
+  epochs (`x_axis`).
 
   Args:
     rows: metrics rows; those with a "workdir" field are kept apart by it.
     path: where to write the PNG (atomically), or None.
+    steps: steps.jsonl rows (`load_steps`, with the same "workdir" fields):
+      a combination that has some draws its training curves from them
+      (every logged step), else from the per-epoch rows.
 
   Returns:
-    The matplotlib Figure.
+    The matplotlib Figure (axes: loss, train accuracy, test accuracy).
   """
-  fig = new_figure((11, 4))
-  ax_loss, ax_acc = fig.subplots(1, 2)
+  fig = new_figure((14, 4.3))
+  ax_loss, ax_train, ax_test = fig.subplots(1, 3)
+  x, xlabel = x_axis(rows)
   series: dict[str, list[Mapping[str, Any]]] = {}
   for row in rows:
     series.setdefault(run_name(row), []).append(row)
+  logged: dict[str, list[Mapping[str, Any]]] = {}
+  for row in steps:
+    logged.setdefault(run_name(row), []).append(row)
+  from_steps = []
   for name, mine in series.items():
-    for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_accuracy")):
-      epochs, mean, std = _mean_std_by_epoch(mine, key)
-      line, = ax.plot(epochs, mean, marker="o", ms=3, label=name)
-      ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
-                      color=line.get_color())
-  ax_loss.set(xlabel="epoch", ylabel="train loss (training mode)",
-              yscale="log", title="Training loss")
-  ax_acc.set(xlabel="epoch", ylabel="test accuracy (eval mode)",
-             title="Test accuracy")
+    curves = [(ax_loss, training_curve(mine, logged.get(name, ()),
+                                       "train_loss", x)),
+              (ax_train, training_curve(mine, logged.get(name, ()),
+                                        "train_accuracy", x, 100.0)),
+              (ax_test, (*mean_std_by(mine, "test_accuracy", x, 100.0),
+                         False))]
+    color = None
+    for ax, (xs, mean, std, dense) in curves:
+      line, = ax.plot(xs, mean, marker=None if dense else _marker(xs),
+                      ms=3, label=name, color=color)
+      color = line.get_color()
+      _band(ax, xs, mean, std, color)
+    from_steps.append(curves[0][1][3])
+  source = _training_source(from_steps, steps)
+  ax_loss.set(ylabel="train loss (training mode)", yscale="log",
+              title=f"Training loss{source}")
+  ax_train.set(ylabel="train accuracy (training mode, %)",
+               title=f"Training accuracy{source}")
+  ax_test.set(ylabel="test accuracy (eval mode, %)", title="Test accuracy")
   # Outside the axes: a study of many combinations would hide the curves.
-  ax_acc.legend(title="combination", fontsize=8 if len(series) > 4 else 10,
-                loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  for ax in (ax_loss, ax_acc):
-    epoch_axis(ax)
+  ax_test.legend(title="combination", fontsize=8 if len(series) > 4 else 10,
+                 loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  for ax in (ax_loss, ax_train, ax_test):
+    _finish_x_axis(ax, xlabel)
+  fig.suptitle(band_note(rows), fontsize=10)
   save_figure(fig, path)
   return fig
 
 
+def _marker(xs: Sequence[Any]) -> str | None:
+  """A dot on each point of a short curve (a single point must show);
+  none where the points would crowd."""
+  return "o" if len(xs) <= 20 else None
+
+
+def _band(ax, xs, mean, std, color) -> None:
+  """The shaded band mean +- std (none where std is 0 everywhere: a single
+  run); an error bar where there is one x, as a band would have no width."""
+  if not np.any(std > 0):
+    return
+  if len(xs) == 1:
+    ax.errorbar(xs, mean, yerr=std, color=color, capsize=4, alpha=0.5)
+  else:
+    ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=color)
+
+
+def _training_source(from_steps: Sequence[bool],
+                     steps: Sequence[Mapping[str, Any]]) -> str:
+  """The training panels' title suffix: where their points come from."""
+  if not any(from_steps):
+    return " (epoch means)"
+  every = _steps_interval(steps)
+  logged = f"{every}-step means" if every else "logged steps"
+  return f" ({logged})" if all(from_steps) else (
+      f" ({logged}, else epoch means)")
+
+
 def plot_runs(rows: Sequence[Mapping[str, Any]], combo: str,
               path: Path | str | None = None, *, workdir: str | None = None):
-  """Every run of one combination: test accuracy in eval mode (solid) and
-  with batch statistics (dashed) against epoch.
+  """Every run of one combination: test accuracy (%) in eval mode (solid)
+  and, where the model keeps running statistics
+  (`has_running_statistics`), with batch statistics (dashed); x as
+  `plot_comparison`'s.
 
   Args:
     rows: metrics rows.
@@ -412,26 +604,41 @@ def plot_runs(rows: Sequence[Mapping[str, Any]], combo: str,
   Returns:
     The matplotlib Figure.
   """
+  from matplotlib import lines
   mine = [r for r in rows
           if r["combo"] == combo and r.get("workdir") == workdir]
   if not mine:
     raise ValueError(f"no rows for combination {combo!r}.")
   varying = [h for h in _RUN_HPARAMS
              if len({repr(r.get(h)) for r in mine}) > 1]
+  batch_stats = has_running_statistics(mine[0])
+  x, xlabel = x_axis(mine)
+  marker = _marker(sorted({r[x] for r in mine}))
   fig = new_figure((6, 4))
   ax = fig.subplots()
   for run in sorted({r["run"] for r in mine}):
     curve = sorted((r for r in mine if r["run"] == run),
                    key=lambda r: r["epoch"])
-    epochs = [r["epoch"] for r in curve]
-    line, = ax.plot(epochs, [r["test_accuracy"] for r in curve],
-                    label=_run_label(curve[0], varying))
-    ax.plot(epochs, [r["test_accuracy_batch_stats"] for r in curve],
-            ls="--", color=line.get_color())
-  ax.set(xlabel="epoch", ylabel="test accuracy",
-         title=f"{run_name(mine[0])}\neval mode (solid) vs batch stats (dashed)")
-  epoch_axis(ax)
-  ax.legend(fontsize=8)
+    xs = [r[x] for r in curve]
+    line, = ax.plot(xs, [100 * r["test_accuracy"] for r in curve],
+                    marker=marker, ms=3, label=_run_label(curve[0], varying))
+    if batch_stats:
+      ax.plot(xs, [100 * r["test_accuracy_batch_stats"] for r in curve],
+              ls="--", marker=marker, ms=3, mfc="none",
+              color=line.get_color())
+  handles, _ = ax.get_legend_handles_labels()
+  if batch_stats:
+    handles += [lines.Line2D([], [], color="k", marker=marker, ms=3,
+                             label="eval mode (running statistics)"),
+                lines.Line2D([], [], color="k", ls="--", marker=marker, ms=3,
+                             mfc="none", label="batch statistics")]
+    title = f"{run_name(mine[0])}\neval mode (solid) vs batch stats (dashed)"
+  else:
+    title = (f"{run_name(mine[0])}\neval mode (no running statistics: "
+             "nothing to compare)")
+  ax.set(ylabel="test accuracy (%)", title=title)
+  _finish_x_axis(ax, xlabel)
+  ax.legend(handles=handles, fontsize=8)
   save_figure(fig, path)
   return fig
 
@@ -481,7 +688,8 @@ def write_report(workdirs: Sequence[Path | str], out: Path | str,
   make_directory(out)
   table += "".join(extra(rows, out) for extra in extras)
   workdir_lib.write_atomic(out / "summary.md", _header(studies) + table)
-  plot_comparison(rows, out / "learning_curves.png")
+  steps = [r for study in studies for r in study["steps"]]
+  plot_comparison(rows, out / "learning_curves.png", steps=steps)
   for s in summaries:
     plot_runs(rows, s["combo"], out / curves_filename(s),
               workdir=s.get("workdir"))
@@ -497,12 +705,14 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 def _load_study(path: Path, label: str | None) -> dict[str, Any]:
   rows = load_rows(path)
   results = load_results(path)
+  steps = load_steps(path)
   summaries = summarize(rows, results=results)
   if label is not None:  # several workdirs: keep their combinations apart
     rows = [{**r, "workdir": label} for r in rows]
+    steps = [{**r, "workdir": label} for r in steps]
     summaries = [{"workdir": label, **s} for s in summaries]
   return {"path": path, "label": label, "rows": rows, "results": results,
-          "summaries": summaries}
+          "steps": steps, "summaries": summaries}
 
 
 def _header(studies: Sequence[Mapping[str, Any]]) -> str:

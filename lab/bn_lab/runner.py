@@ -109,11 +109,13 @@ def run(study: study_lib.Study, config, workdir: str | os.PathLike,
 
 def _run(study, config, workdir: Path, writes: bool, command: str | None):
   data, origin = study.load_data(config)
-  if writes:  # only now: a run stopped by its data or config writes nothing
-    workdir_lib.write_atomic(workdir / "config.json",
-                             workdir_lib.config_json(config.to_dict()))
-  results = study.run(study_lib.RunContext(config, workdir, data, origin,
-                                           writes, command))
+  with contextlib.ExitStack() as log:
+    if writes:  # only now: a run stopped by its data or config writes nothing
+      workdir_lib.write_atomic(workdir / "config.json",
+                               workdir_lib.config_json(config.to_dict()))
+      log.enter_context(workdir_lib.log_file(workdir / "log.txt"))
+    results = study.run(study_lib.RunContext(config, workdir, data, origin,
+                                             writes, command))
   results = {"study_id": study.name, "schema": study_lib.SCHEMA_VERSION,
              **results, **provenance(command)}
   if writes:
@@ -139,6 +141,7 @@ def _claim_workdir(workdir: Path, study, config_dict,
   _create(workdir)
   lock.enter_context(workdir_lib.Lock(workdir))
   workdir_lib.check_resumable(workdir, config_dict, study=study.name,
-                              result_dirs=study.result_dirs)
+                              result_dirs=study.result_dirs,
+                              extension_refusal=study.extension_refusal)
 
 

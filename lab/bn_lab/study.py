@@ -68,6 +68,9 @@ class Study:
       results.json named its study (schema 1), belong to this study.
     benchmark: a benchmark JSON (schema 1's "benchmark" key) whose numbers
       join this study's section.
+    extension_refusal: (saved config, config) -> why a finished run cannot
+      train on to config's larger num_epochs, or None; None as the field:
+      the study's runs are never extended (a rerun must match).
   """
   name: str
   title: str
@@ -80,6 +83,8 @@ class Study:
   result_dirs: tuple[str, ...] = ()
   legacy_configs: tuple[str, ...] = ()
   benchmark: str | None = None
+  extension_refusal: Callable[[Mapping[str, Any], Mapping[str, Any]],
+                              str | None] | None = None
 
   def __post_init__(self):
     if not self.name.isidentifier():

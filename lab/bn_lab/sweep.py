@@ -137,6 +137,11 @@ def precise_batches(config, num_train: int) -> int:
   return max(1, min(options.num_examples, num_train) // config.batch_size)
 
 
+def schedule_epochs(config) -> int:
+  """The epochs the schedules are laid out over (config.schedule_epochs)."""
+  return config.schedule_epochs or config.num_epochs
+
+
 def make_spec(config, num_train: int,
               measurements: tuple[train.Measurement, ...] = (),
               ) -> train.TrainSpec:
@@ -151,7 +156,7 @@ def make_spec(config, num_train: int,
   if "renorm_schedule" in bn:  # in steps of this combination's training
     bn["renorm_schedule"] = models.renorm_schedule_steps(
         bn["renorm_schedule"], config.bn.renorm_schedule_unit,
-        steps_per_epoch * config.num_epochs)
+        steps_per_epoch * schedule_epochs(config))
   return train.TrainSpec(
       model=config.model, placement=config.placement,
       activation=config.activation, widths=tuple(config.widths),
@@ -161,6 +166,7 @@ def make_spec(config, num_train: int,
       permutation_seed=config.lstm.permutation_seed,
       bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
+      schedule_epochs=config.schedule_epochs,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
       grad_clip_norm=config.grad_clip_norm,
       steps_per_epoch=steps_per_epoch,
@@ -171,7 +177,11 @@ def make_spec(config, num_train: int,
       precise_batches=precise_batches(config, num_train),
       precise_estimator=config.precise_bn.estimator,
       precise_layerwise=config.precise_bn.layerwise,
-      eval_train=config.eval_train, measurements=tuple(measurements))
+      eval_train=config.eval_train, measurements=tuple(measurements),
+      # About 50 progress reports an epoch: no cost worth measuring.
+      progress_every=(max(1, steps_per_epoch // 50)
+                      if config.progress_seconds else 0),
+      log_every_steps=min(config.log_every_steps, steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------
@@ -186,6 +196,7 @@ _CHOICES = {
     "data_source": data_lib.SOURCES, "input_scaling": data_lib.SCALINGS,
 }
 _POSITIVE_INTS = ("batch_size", "num_epochs", "keep_checkpoints")
+_NON_NEGATIVE_INTS = ("log_every_steps",)
 
 
 def is_int(value) -> bool:
@@ -221,6 +232,9 @@ def _check_field(field: str, value, where: str) -> None:
                       f"{_CHOICES[field]}.")
   if field in _POSITIVE_INTS and not (is_int(value) and value > 0):
     raise ConfigError(f"{where}={value!r} must be a positive integer.")
+  if field in _NON_NEGATIVE_INTS and not (is_int(value) and value >= 0):
+    raise ConfigError(f"{where}={value!r} must be an integer >= 0 (0: "
+                      "off).")
 
 
 def _check_axes(config) -> None:
@@ -252,6 +266,13 @@ def _check_numbers(config) -> None:
   if not (is_int(config.warmup_steps) and config.warmup_steps >= 0):
     raise ConfigError(f"config.warmup_steps={config.warmup_steps!r} must be "
                       "an integer >= 0.")
+  if config.schedule_epochs is not None and not (
+      is_int(config.schedule_epochs)
+      and config.schedule_epochs >= config.num_epochs):
+    raise ConfigError(
+        f"config.schedule_epochs={config.schedule_epochs!r} must be an "
+        f"integer >= config.num_epochs={config.num_epochs} (the schedule "
+        "covers the training), or None (num_epochs).")
   for field in ("widths", "channels"):
     if not all(is_int(n) and n > 0 for n in config[field]):
       raise ConfigError(f"config.{field}={tuple(config[field])!r} must hold "
@@ -458,7 +479,7 @@ def validate_config(config) -> None:
                 "target_accuracy"):
     if not is_number(config[field]):
       raise ConfigError(f"config.{field}={config[field]!r} must be a number.")
-  for field in (*_CHOICES, *_POSITIVE_INTS):
+  for field in (*_CHOICES, *_POSITIVE_INTS, *_NON_NEGATIVE_INTS):
     _check_field(field, config[field], f"config.{field}")
   _check_axes(config)
   _check_numbers(config)
@@ -505,7 +526,7 @@ def validate_data_size(config, num_train: int, num_test: int,
   compiled)."""
   for combo in combinations(config):
     batch_size, c = combo.config.batch_size, combo.config
-    total_steps = num_train // batch_size * c.num_epochs
+    total_steps = num_train // batch_size * schedule_epochs(c)
     if c.schedule == "warmup_cosine" and c.warmup_steps >= total_steps:
       raise ConfigError(
           f"config.warmup_steps={c.warmup_steps} is not shorter than "

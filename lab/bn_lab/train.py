@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from bn_lab import data as data_lib
 from bn_lab import models
+from bn_lab import progress
 from bn_jax import precise as precise_lib
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
@@ -135,6 +136,7 @@ class TrainSpec:
   optimizer: str = "adam"
   schedule: str = "constant"
   warmup_steps: int = 0
+  schedule_epochs: int | None = None  # the schedule's length; None: all
   weight_decay: float = 0.0
   grad_clip_norm: float | None = None  # clip the gradient's global norm
   batch_size: int = 128
@@ -162,13 +164,20 @@ class TrainSpec:
   precise_estimator: str = "mean"  # bn_jax.precise.ESTIMATORS
   precise_layerwise: bool = False
   eval_train: bool = False  # also the training set in eval mode, per epoch
+  # Every this many steps the epoch's scan tells the host how far it is
+  # (bn_lab.progress: a jax.debug.callback, no number changes); 0: never.
+  progress_every: int = 0
+  # The training loss and accuracy over each window of this many steps,
+  # returned with the epoch's metrics (`step_windows`); 0: none.
+  log_every_steps: int = 0
   # What the study measures during training (`Measurement`): the trainer
   # calls each inside the epoch's scan and knows none of them by name.
   measurements: tuple[Measurement, ...] = ()
 
   @property
   def total_steps(self) -> int:
-    return self.steps_per_epoch * self.num_epochs
+    """The steps the schedules are laid out over."""
+    return self.steps_per_epoch * (self.schedule_epochs or self.num_epochs)
 
   def make_model(self, bn_hparams: dict[str, Any]):
     """The model, its norm built from `self.bn` with the run's swept BN
@@ -561,8 +570,12 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   no_step = jnp.asarray(-1, jnp.int32)
   guard = (no_step, jnp.zeros((), jnp.int32)) if spec.nan_guard else ()
 
-  def body(carry, indices):
-    carry, guard = carry
+  def body(carry, xs):
+    (carry, guard), (indices, step) = carry, xs
+    if spec.progress_every:
+      jax.lax.cond((step + 1) % spec.progress_every == 0,
+                   lambda: jax.debug.callback(progress.step_done, step),
+                   lambda: None)
     before = carry
     carry, metrics = train_step(carry, data.train_images[indices],
                                 data.train_labels[indices], spec=spec)
@@ -576,8 +589,10 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                jnp.where(is_first, flags, first_flags))
     return (carry, guard), metrics
 
+  steps = jnp.arange(batches.shape[0])  # within the epoch
   if not spec.measurements:
-    (state, guard), metrics = jax.lax.scan(body, (state, guard), batches)
+    (state, guard), metrics = jax.lax.scan(body, (state, guard),
+                                           (batches, steps))
   else:  # scans of `chunk` steps, measured before and probed after
     chunk = math.gcd(*(m.every for m in spec.measurements))
     num_chunks = batches.shape[0] // chunk
@@ -585,8 +600,11 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
         functools.partial(_measured_steps, body, data, spec, chunk),
         (state, guard), (batches.reshape(num_chunks, chunk,
                                          batches.shape[-1]),
+                         steps.reshape(num_chunks, chunk),
                          jnp.arange(num_chunks)))
-  metrics = jax.tree.map(jnp.sum, metrics)
+  windows = (step_windows(metrics, spec.log_every_steps)
+             if spec.log_every_steps else {})
+  metrics = {**jax.tree.map(jnp.sum, metrics), **windows}
   for m in spec.measurements:  # only the chunks each one ran on
     per = m.every // chunk
     first = per - 1 if m.on == "test_images" else 0
@@ -609,7 +627,7 @@ def _measured_steps(body, data: DeviceData, spec: TrainSpec, chunk: int,
   that batch's update) and after it (at the state it leaves, on the test
   images). Each runs on every (interval / chunk)-th chunk: the others
   return zeros, which `train_epoch` drops."""
-  batches, index = xs
+  batches, steps, index = xs
   state = carry[0]
 
   def on_chunks(k, first, measure):
@@ -629,13 +647,38 @@ def _measured_steps(body, data: DeviceData, spec: TrainSpec, chunk: int,
       measured[m.name] = on_chunks(m.every, 0, measure(
           m, state, data.train_images[batches[0]],
           data.train_labels[batches[0]]))
-  carry, metrics = jax.lax.scan(body, carry, batches)
+  carry, metrics = jax.lax.scan(body, carry, (batches, steps))
   for m in spec.measurements:
     if m.on == "test_images":
       measured[m.name] = on_chunks(m.every, m.every // chunk - 1, measure(
           m, carry[0], data.test_images[:m.num_images],
           data.test_labels[:m.num_images]))
   return carry, (metrics, measured)
+
+
+# The training metrics over each window of `TrainSpec.log_every_steps` steps
+# (keys of `train_epoch`'s and `epoch_and_eval`'s metrics).
+WINDOW_METRICS = ("window_train_loss", "window_train_accuracy")
+
+
+def window_ends(steps_per_epoch: int, every: int) -> list[int]:
+  """The step (1-based, within the epoch) each window ends at: every
+  `every` steps, and the epoch's last step."""
+  return sorted({*range(every, steps_per_epoch + 1, every), steps_per_epoch})
+
+
+def step_windows(metrics: dict[str, jax.Array], every: int,
+                 ) -> dict[str, jax.Array]:
+  """The loss and accuracy of each window of `every` steps of an epoch's
+  per-step sums ("loss_sum", "correct", "count"; (steps,) or (chunks,
+  chunk) arrays), the last window shorter if `every` does not divide."""
+  sums = {k: metrics[k].reshape(-1) for k in ("loss_sum", "correct", "count")}
+  steps = sums["count"].shape[0]
+  window = jnp.arange(steps) // every
+  total = {k: jax.ops.segment_sum(v, window, -(-steps // every))
+           for k, v in sums.items()}
+  return {"window_train_loss": total["loss_sum"] / total["count"],
+          "window_train_accuracy": total["correct"] / total["count"]}
 
 
 def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
@@ -754,6 +797,8 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
     metrics.update(zip(STALENESS_METRICS, gaps))
   if spec.freeze_diverged:
     metrics["diverged_at"] = state.diverged_at
+  for name in (WINDOW_METRICS if spec.log_every_steps else ()):
+    metrics[name] = train[name]
   for m in spec.measurements:
     metrics[m.name] = train[m.name]
   if spec.nan_guard:

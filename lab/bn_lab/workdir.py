@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging as py_logging
 import os
 import socket
 from pathlib import Path
@@ -142,17 +143,21 @@ class MetricsWriter:
   """Each epoch's rows, to metrics.jsonl and to TensorBoard event files.
 
   metrics.jsonl is append-only, one line per combination, run and epoch,
-  synced every epoch. TensorBoard gets one event directory per run,
-  `tensorboard/<combo>/run<i>`, so that `tensorboard --logdir workdirs`
+  synced every epoch; steps.jsonl the same for the training metrics of every
+  `config.log_every_steps` steps. TensorBoard gets one event directory per
+  run, `tensorboard/<combo>/run<i>`, so that `tensorboard --logdir workdirs`
   shows every run's curves (tensorboardX: no TensorFlow needed), the x axis
-  in optimizer steps.
+  in optimizer steps: the epochs' scalars under their names, the windows'
+  under "steps/<name>", and the run's hyperparameters for the HParams tab.
   """
 
   def __init__(self, workdir: Path, scalars: tuple[str, ...]):
     self.path = Path(workdir) / "metrics.jsonl"
+    self.steps_path = Path(workdir) / "steps.jsonl"
     self._tensorboard = Path(workdir) / "tensorboard"
     self._scalars = scalars
     self._writers = {}
+    self._hparams = {}  # (combo, run) -> the run's hyperparameters
     self._purge_step = {}  # combo -> first step of this process's events
 
   def rows(self) -> list[dict[str, Any]]:
@@ -162,20 +167,32 @@ class MetricsWriter:
                    steps_per_epoch: int) -> list[dict[str, Any]]:
     """Drops the combination's rows past `epoch` (written just before a
     crash, their checkpoint never saved; they are trained again), and tells
-    TensorBoard to drop their events (`purge_step`); returns the rows it
-    keeps."""
-    self._purge_step[combo] = epoch * steps_per_epoch + 1
-    rows = self.rows()
-    kept = [r for r in rows if r["combo"] != combo or r["epoch"] <= epoch]
-    cut_off = self.path.exists() and not self.path.read_bytes().endswith(
-        b"\n") and self.path.stat().st_size > 0
-    if len(kept) < len(rows) or cut_off:
-      write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    TensorBoard to drop their events (`purge_step`); returns the rows of
+    metrics.jsonl it keeps."""
+    last_step = epoch * steps_per_epoch
+    self._purge_step[combo] = last_step + 1
+    _keep_rows(self.steps_path,
+               lambda r: r["combo"] != combo or r["step"] <= last_step)
+    kept = _keep_rows(self.path,
+                      lambda r: r["combo"] != combo or r["epoch"] <= epoch)
     return [r for r in kept if r["combo"] == combo]
 
-  def write(self, rows: list[dict[str, Any]]) -> None:
+  def start_run(self, combo: str, run: int, hparams: dict[str, Any]) -> None:
+    """The run's hyperparameters, for TensorBoard's HParams tab (written
+    with its first scalars)."""
+    self._hparams[(combo, run)] = hparams
+
+  def write(self, rows: list[dict[str, Any]],
+            step_rows: list[dict[str, Any]] = ()) -> None:
+    """An epoch's rows (one per run) and its step windows' rows."""
+    if step_rows:
+      append_lines(self.steps_path, [json.dumps(r) for r in step_rows])
     append_lines(self.path, [json.dumps(r) for r in rows])
     try:
+      for row in step_rows:
+        writer = self._writer(row["combo"], row["run"])
+        for name in STEP_SCALARS:
+          writer.add_scalar(f"steps/{name}", row[name], row["step"])
       for row in rows:
         writer = self._writer(row["combo"], row["run"])
         for name in self._scalars:
@@ -190,15 +207,61 @@ class MetricsWriter:
       # Written by tensorboardX's own thread, on disk within `flush_secs`
       # and completely at `close` (after each combination): a view of the
       # runs; metrics.jsonl is the record.
-      self._writers[key] = tensorboardX.SummaryWriter(
+      writer = tensorboardX.SummaryWriter(
           str(self._tensorboard / combo / f"run{run}"), flush_secs=2,
           purge_step=self._purge_step.get(combo))
+      if key in self._hparams:
+        for summary in tensorboardX.summary.hparams(
+            _hparam_values(self._hparams[key]), dict.fromkeys(self._scalars)):
+          writer.file_writer.add_summary(summary)
+      self._writers[key] = writer
     return self._writers[key]
 
   def close(self) -> None:
     for writer in self._writers.values():
       writer.close()
     self._writers.clear()
+
+
+# The training metrics of steps.jsonl's rows (train.WINDOW_METRICS).
+STEP_SCALARS = ("train_loss", "train_accuracy")
+
+
+def _keep_rows(path: Path, keep) -> list[dict[str, Any]]:
+  """Rewrites the JSON-lines file at `path` without the rows `keep` refuses
+  (and without a last line cut off by a crash); returns the rows kept."""
+  rows = read_jsonl(path)
+  kept = [r for r in rows if keep(r)]
+  cut_off = path.exists() and path.stat().st_size > 0 and not (
+      path.read_bytes().endswith(b"\n"))
+  if len(kept) < len(rows) or cut_off:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+  return kept
+
+
+def _hparam_values(hparams: dict[str, Any]) -> dict[str, Any]:
+  """TensorBoard's HParams take numbers, strings and bools: tuples become
+  their text, None is left out."""
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in hparams.items() if v is not None}
+
+
+@contextlib.contextmanager
+def log_file(path: Path):
+  """While the block runs, the log's lines (those the terminal shows, by the
+  same filters) are also appended to `path`, with absl's prefix of date,
+  time, thread and source line."""
+  handler = py_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  for line_filter in logging.get_absl_handler().filters:
+    handler.addFilter(line_filter)
+  logger = logging.get_absl_logger()
+  logger.addHandler(handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
 
 
 # ----------------------------------------------------------------------------
@@ -266,10 +329,10 @@ class Lock:
 # Config fields (dotted names) that cannot change a run's numbers: a rerun
 # that changes only these resumes. Where the IDX files are (they are
 # md5-checked; not `data_source`: TFDS's copy is ordered differently), how
-# progress is shown and reported, how many checkpoints are kept, and where
+# progress is shown, logged and reported, how many checkpoints are kept, and where
 # the coordinator of several hosts listens.
 NON_RESULT_FIELDS = ("study", "data_dir", "progress_seconds",
-                     "target_accuracy", "keep_checkpoints",
+                     "log_every_steps", "target_accuracy", "keep_checkpoints",
                      "distributed.coordinator_address")
 
 
@@ -298,7 +361,8 @@ ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "lr_scaling": "none", "lr_reference_batch_size": 128,
                 "sequence": "rows", "lstm.hidden_size": 100,
                 "lstm.permutation_seed": 0, "grad_clip_norm": None,
-                "ics.every_steps": 0, "landscape.every_steps": 0}
+                "ics.every_steps": 0, "landscape.every_steps": 0,
+                "schedule_epochs": None}
 # Fields that moved from the base config into one study's config, with the
 # value that left them off: a saved config.json of another study that has
 # them at that value resumes without them.
@@ -335,6 +399,18 @@ def result_fields_that_differ(saved: Mapping[str, Any],
                 if saved.get(k, "<absent>") != current.get(k, "<absent>"))
 
 
+def _extension_refusal(saved, config, study_refusal) -> str | None:
+  """Why a run of saved["num_epochs"] cannot be continued to
+  config["num_epochs"], or None."""
+  if config["num_epochs"] < saved["num_epochs"]:
+    return ("a run is not shortened (its later epochs are recorded); "
+            "`python -m experiments.report` reports it, or use a new "
+            "--workdir")
+  if study_refusal is None:
+    return "this study's runs are not extended; use a new --workdir"
+  return study_refusal(saved, config)
+
+
 class ConfigMismatch(WorkdirError):
   """The workdir holds a run of another experiment."""
 
@@ -361,10 +437,13 @@ def recorded_study(workdir: Path) -> str | None:
 
 def check_resumable(workdir: Path, config: Mapping[str, Any], *,
                     study: str | None = None,
-                    result_dirs: tuple[str, ...] = ()) -> None:
+                    result_dirs: tuple[str, ...] = (),
+                    extension_refusal=None) -> None:
   """Raises ConfigMismatch unless `workdir` holds no results yet or a run
   of the same `study` whose config differs from `config` only in
-  NON_RESULT_FIELDS."""
+  NON_RESULT_FIELDS, or also in a larger num_epochs where the study's
+  `extension_refusal(saved, config)` finds nothing against it (None: the
+  study's runs cannot be extended)."""
   recorded = recorded_study(workdir)
   if study is not None and recorded not in (None, study):
     raise ConfigMismatch(
@@ -379,6 +458,15 @@ def check_resumable(workdir: Path, config: Mapping[str, Any], *,
     raise ConfigMismatch(f"{saved_path} cannot be read ({e}); use a new "
                      "--workdir, or delete the workdir to start over.")
   differ = result_fields_that_differ(saved, config)
+  if differ == ["num_epochs"]:
+    refusal = _extension_refusal(saved, config, extension_refusal)
+    if refusal is None:
+      logging.info("extending the run in %s from %d to %d epochs", workdir,
+                   saved["num_epochs"], config["num_epochs"])
+      return
+    raise ConfigMismatch(
+        f"{workdir} holds a run of {saved['num_epochs']} epochs, and "
+        f"num_epochs={config['num_epochs']} cannot continue it: {refusal}.")
   if differ:
     raise ConfigMismatch(
         f"{workdir} holds a run with a different config: "

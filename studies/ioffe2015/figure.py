@@ -31,43 +31,51 @@ def probe_series(rows: Sequence[Mapping[str, Any]]):
   return series
 
 
+def accuracy_curve(rows: Sequence[Mapping[str, Any]]):
+  """(steps, test accuracy in %: the mean over runs at each step) of one
+  combination's rows."""
+  steps = sorted({r["step"] for r in rows})
+  return steps, np.array([100 * np.mean([r["test_accuracy"] for r in rows
+                                         if r["step"] == s]) for s in steps])
+
+
 def plot_probes(rows: Sequence[Mapping[str, Any]],
                 path: Path | str | None = None):
   """Figure 1 of Ioffe & Szegedy (2015) from probed runs: (a) test accuracy
-  (eval mode) against training steps, (b, c...) the 15th, 50th and 85th
-  percentiles of the input to one sigmoid of the last hidden layer
-  (`probes.FIGURE_UNIT`, first run) per combination, and the drift summary
-  over all units (`probes.drift_of_probes`, every run). None without
-  probes."""
+  (eval mode, %, the mean over runs) against optimizer steps, (b, c...) the
+  15th, 50th and 85th percentiles of the input to one sigmoid of the last
+  hidden layer (`probes.FIGURE_UNIT`, first run) per combination, and the
+  drift summary over all units (`probes.drift_of_probes`, the median over
+  runs). Constrained layout: each panel's y label keeps clear of its
+  neighbour. None without probes."""
   series = probe_series(rows)
   if not series:
     return None
-  fig = report.new_figure((4.2 * (len(series) + 2), 3.6))
+  fig = report.new_figure((4.2 * (len(series) + 2), 3.8))
+  fig.set_layout_engine("constrained", w_pad=0.1, wspace=0.05)
   axes = fig.subplots(1, len(series) + 2)
   for name in series:
-    mine = [r for r in rows if report.run_name(r) == name]
-    steps = sorted({r["step"] for r in mine})
-    mean = [np.mean([r["test_accuracy"] for r in mine if r["step"] == s])
-            for s in steps]
-    axes[0].plot(steps, mean, marker="o", ms=2, label=name)
-  axes[0].set(xlabel="training step", ylabel="test accuracy (eval mode)",
-              title="(a) test accuracy")
+    axes[0].plot(*accuracy_curve(
+        [r for r in rows if report.run_name(r) == name]),
+        marker="o", ms=2, label=name)
+  axes[0].set(ylabel="test accuracy (eval mode, %)",
+              title="(a) test accuracy, mean over runs")
   axes[0].legend(fontsize=8)
   figure_rows = [probes.QS.index(q) for q in probes.FIGURE_QS]
   for ax, (name, (steps, values)) in zip(axes[1:], series.items()):
     for row, q in zip(figure_rows, probes.FIGURE_QS):
       ax.plot(steps, values[0, :, row, probes.FIGURE_UNIT], label=f"p{q}")
-    ax.set(xlabel="training step", ylabel="sigmoid input",
-           title=f"{name}: unit {probes.FIGURE_UNIT}")
+    ax.set(ylabel="sigmoid input",
+           title=f"{name}\nunit {probes.FIGURE_UNIT}, first run")
     ax.legend(fontsize=8)
   for name, (steps, values) in series.items():
     drift = np.array([probes.drift_of_probes(v) for v in values])
     axes[-1].plot(steps, np.median(drift, 0), label=name)
-  axes[-1].set(xlabel="training step",
-               ylabel="median |p50(t) - p50(end)| / IQR(end)",
-               title="drift, all units")
+  axes[-1].set(ylabel="|p50(t) - p50(end)| / IQR(end)",
+               title="drift, median over units and runs")
   axes[-1].legend(fontsize=8)
   for ax in axes:
+    ax.set_xlabel("optimizer steps")
     ax.grid(alpha=0.3)
   report.save_figure(fig, path)
   return fig

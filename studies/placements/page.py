@@ -44,8 +44,8 @@ def section(studies, out: Path) -> str:
                      "epochs to 97%", "epochs to 98%"], lines))
   for study in studies:
     text.append(page.figure(out, f"{study['label']}.png",
-                       lambda p, s=study: report.plot_comparison(s["rows"],
-                                                                 p),
+                       lambda p, s=study: report.plot_comparison(
+                           s["rows"], p, steps=s.get("steps", ())),
                        f"placements, {study['config']['model']}"))
   family = _placement_family(groups)
   text.append(

@@ -143,6 +143,9 @@ def _plot_ics(numbers, path: Path):
                  yscale="log" if key == "l2" else "linear")
         axis.grid(alpha=0.3)
   axes[0, -1].legend(fontsize=8)
+  fig.suptitle("line: mean over seeds; shaded band: min to max over seeds "
+               "(each a moving average over about 1/25 of the measurements)",
+               fontsize=10)
   report.save_figure(fig, path)
   return fig
 
@@ -396,6 +399,9 @@ def _plot_landscape(numbers, path: Path):
     ax.set(xlabel="step", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  fig.suptitle("shaded bands: min to max over the step sizes (of the mean "
+               "over seeds); beta: mean over seeds; each a moving average",
+               fontsize=10)
   report.save_figure(fig, path)
   return fig
 
