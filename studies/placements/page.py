@@ -107,6 +107,8 @@ def _caffenet_comparison(family) -> str:
     sign = "the same sign" if diff > 0 else "the opposite sign"
     parts.append(f"{model} with {activation}: after - before "
                  f"{100 * diff:+.2f} points, {sign}, {stats.verdict(c)}")
+  if not parts:  # no model here has BN both before and after its activation
+    return ""
   return (f"* **Against CaffeNet-128 on ImageNet** (top-1 {after} with BN "
           f"after the ReLU against {before} before: after ahead): "
           + "; ".join(parts) + ". One small network on MNIST is no test of "
