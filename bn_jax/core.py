@@ -49,6 +49,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 Axes = int | Sequence[int]
 
@@ -184,6 +185,41 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     raise ValueError(f"{name}={value!r}; choose one of {choices}.")
 
 
+# The smallest epsilon a normalization takes: float32's smallest normal
+# number (1.1754944e-38). A subnormal one is flushed to 0 on CPUs and GPUs
+# (XLA sets flush-to-zero), so a constant feature (variance 0) would be
+# divided by sqrt(0): inf and NaN outputs, not an error.
+MIN_EPSILON = float(np.finfo(np.float32).tiny)
+# The largest: float32's largest finite number (a larger one rounds to inf).
+MAX_EPSILON = float(np.finfo(np.float32).max)
+
+
+def epsilon_problem(epsilon) -> str | None:
+  """Why a concrete `epsilon` cannot keep 1/sqrt(var + epsilon) finite (the
+  end of a sentence that starts with its name and value), or None if it
+  can, or if it is not a concrete number (a traced value, swept under a
+  vmap, is checked where its values are known: the experiment config)."""
+  if isinstance(epsilon, np.ndarray) and epsilon.ndim == 0:
+    epsilon = epsilon.item()
+  if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool):
+    return None
+  if MIN_EPSILON <= epsilon <= MAX_EPSILON:  # False for NaN
+    return None
+  return (f"must be > 0, finite and at least float32's smallest "
+          f"normal number {MIN_EPSILON:.8g} (a smaller one is flushed to 0 "
+          "and 1/sqrt(var + epsilon) turns inf where a feature is constant)"
+          "; the usual value is 1e-5")
+
+
+def check_epsilon(epsilon) -> None:
+  """ValueError unless a concrete `epsilon` is a usable normalization epsilon
+  (`epsilon_problem`); every layer and function of bn_jax that takes one
+  checks it here."""
+  problem = epsilon_problem(epsilon)
+  if problem is not None:
+    raise ValueError(f"epsilon={epsilon} {problem}.")
+
+
 def _check_hyperparameters(momentum, epsilon) -> None:
   # Traced values (a vmapped sweep over momentum or epsilon) are not checked
   # here; the experiment config is validated before anything is traced.
@@ -192,9 +228,7 @@ def _check_hyperparameters(momentum, epsilon) -> None:
         f"momentum={momentum} is outside [0, 1]. bn_jax uses flax's "
         "convention running = momentum * running + (1 - momentum) * batch; "
         "a PyTorch momentum p corresponds to 1 - p.")
-  if isinstance(epsilon, numbers.Real) and not epsilon > 0:
-    raise ValueError(f"epsilon={epsilon} must be > 0 (it keeps 1/sqrt(var + "
-                     "epsilon) finite); the usual value is 1e-5.")
+  check_epsilon(epsilon)
 
 
 def _check_shapes(params: BNParams, state: BNState, feature_shape) -> None:

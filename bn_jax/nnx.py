@@ -162,6 +162,7 @@ class BatchNorm(nnx.Module):
       stats_examples: int | None = None,
       stats_sampling: str = "stride",
   ):
+    core.check_epsilon(epsilon)  # at construction, as well as at the call
     feature_shape = ((num_features,) if isinstance(num_features, int)
                      else tuple(num_features))
     # Running statistics are float32 whatever param_dtype is (as in flax).
@@ -267,6 +268,7 @@ class _PerExampleNorm(nnx.Module):
                    use_bias, use_scale, bias_init, scale_init, axis_name,
                    axis_index_groups, use_fast_variance, promote_dtype, rngs,
                    bias_metadata, scale_metadata):
+    core.check_epsilon(epsilon)  # at construction, as well as at the call
     self.scale, self.bias = _affine_params(
         feature_shape, use_scale=use_scale, use_bias=use_bias,
         scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
@@ -368,6 +370,7 @@ class RMSNorm(nnx.Module):
       rngs: nnx.Rngs,
       scale_metadata: Mapping[str, Any] = _NO_METADATA,
   ):
+    core.check_epsilon(epsilon)  # at construction, as well as at the call
     self.scale, _ = _affine_params(
         (num_features,), use_scale=use_scale, use_bias=False,
         scale_init=scale_init, bias_init=None, param_dtype=param_dtype,

@@ -70,6 +70,10 @@ def main(argv):
           workdir_lib.WorkdirError, report.ReportError) as e:
     # Problems the user can fix: the message says how; no traceback needed.
     sys.exit(f"{type(e).__name__}: {e}")
+  except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's 130
+    print(f"Interrupted: every finished epoch in {_WORKDIR.value} is kept; "
+          "rerun the same command to resume.", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,10 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(f"ReportError: {e}")
   except workdir_lib.WriteError as e:
     sys.exit(f"WriteError: {e}")
+  except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes)
+    print("Interrupted: the files written so far are whole; rerun to write "
+          "the rest.", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _write_page(workdirs: Sequence[str], page: str,

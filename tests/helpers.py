@@ -3,12 +3,14 @@
 Imported as `helpers` (pytest puts tests/ on sys.path).
 """
 
+import functools
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,15 +44,21 @@ def write_tiny_idx(directory: Path, num_train: int, num_test: int) -> Path:
   return directory
 
 
+def cli_env(env=None) -> dict[str, str]:
+  """The environment of every command a test runs: on the CPU, with
+  unoptimized XLA (compiles several times faster; one setting for all, as
+  optimization levels round differently)."""
+  return dict(env or os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_backend_optimization_level=0")
+
+
 def run_cli(args, *, module="experiments.main", env=None, check=True,
             ) -> subprocess.CompletedProcess:
   """`python -m MODULE ARGS` from the repository root, on the CPU, with
   unoptimized XLA (compiles several times faster; every run in a test
   uses the same setting)."""
-  env = dict(env or os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
   result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                          env=env, capture_output=True, text=True,
+                          env=cli_env(env), capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S)
   if check:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[
@@ -121,3 +129,12 @@ def assert_close_to_flax(ours, reference, tol, grad_tol):
   chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(grads, grads_ref, rtol=grad_tol,
                               atol=grad_tol)
+
+
+def one_epoch_each(specs, data, learning_rate=0.5):
+  """(state, metrics) of one jitted `train.train_epoch` from seed 0 under
+  each spec: a study's measured epoch beside the plain one."""
+  from bn_lab import train  # pylint: disable=g-import-not-at-top
+  return [jax.jit(functools.partial(train.train_epoch, spec=spec))(
+      train.create_train_state(spec, 0, {"learning_rate": learning_rate}),
+      data) for spec in specs]

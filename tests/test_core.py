@@ -856,6 +856,91 @@ def test_errors_are_helpful(call, message):
   assert "\n" not in str(error.value)  # one line
 
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # its smallest normal
+
+
+def _epsilon_users():
+  """(name, f(epsilon)) for every layer and function of bn_jax that takes
+  an epsilon: each builds (and, for linen modules, initializes or calls)
+  it on a small batch."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  x, x4 = jnp.ones((8, 4)).at[0].set(2.0), jnp.ones((2, 3, 3, 4))
+  sequences = jnp.ones((2, 2, 4))  # (batch, time, features)
+  key, rngs = jax.random.key(0), lambda: nnx.Rngs(0)
+  linen = lambda module, x=x: lambda e: module(epsilon=e).init(key, x)
+  function = lambda f, **kw: lambda e: f(x4, *bn_jax.norms.init(4),
+                                         epsilon=e, **kw)
+  return [
+      ("core.apply", lambda e: bn_jax.apply(*bn_jax.init(4), x,
+                                            training=True, epsilon=e)),
+      ("core.apply-eval", lambda e: bn_jax.apply(*bn_jax.init(4), x,
+                                                 training=False, epsilon=e)),
+      ("fold_into_preceding", lambda e: bn_jax.fold_into_preceding(
+          jnp.ones((3, 4)), None, *bn_jax.init(4), epsilon=e)),
+      ("nn.BatchNorm", lambda e: bn_jax.nn.BatchNorm(
+          epsilon=e, use_running_average=False).init(key, x)),
+      ("nn.BatchNorm-renorm", lambda e: bn_jax.nn.BatchNorm(
+          epsilon=e, renorm=True).init(key, x, use_running_average=False)),
+      ("nn.LayerNorm", linen(bn_jax.nn.LayerNorm)),
+      ("nn.RMSNorm", linen(bn_jax.nn.RMSNorm)),
+      ("nn.GroupNorm", linen(functools.partial(bn_jax.nn.GroupNorm,
+                                               num_groups=2))),
+      ("nn.InstanceNorm", linen(bn_jax.nn.InstanceNorm, x4)),
+      ("norms.layer_norm", function(bn_jax.norms.layer_norm)),
+      ("norms.rms_norm", lambda e: bn_jax.norms.rms_norm(
+          x4, bn_jax.norms.init(4)[0], epsilon=e)),
+      ("norms.group_norm", function(bn_jax.norms.group_norm, num_groups=2)),
+      ("norms.instance_norm", function(bn_jax.norms.instance_norm)),
+      ("nnx.BatchNorm", lambda e: bn_jax.nnx.BatchNorm(4, epsilon=e,
+                                                       rngs=rngs())),
+      ("nnx.LayerNorm", lambda e: bn_jax.nnx.LayerNorm(4, epsilon=e,
+                                                       rngs=rngs())),
+      ("nnx.RMSNorm", lambda e: bn_jax.nnx.RMSNorm(4, epsilon=e,
+                                                   rngs=rngs())),
+      ("nnx.GroupNorm", lambda e: bn_jax.nnx.GroupNorm(4, num_groups=2,
+                                                       epsilon=e,
+                                                       rngs=rngs())),
+      ("nnx.InstanceNorm", lambda e: bn_jax.nnx.InstanceNorm(
+          4, epsilon=e, rngs=rngs())),
+      ("recurrent.LSTM-batch", lambda e: bn_jax.recurrent.LSTM(
+          3, norm="batch", t_max=2, epsilon=e).init(key, sequences,
+                                                    train=True)),
+      ("recurrent.LSTM-layer", lambda e: bn_jax.recurrent.LSTM(
+          3, norm="layer", epsilon=e).init(key, sequences, train=True)),
+  ]
+
+
+@pytest.mark.parametrize("epsilon", [
+    1e-45, FLOAT32_TINY / 2, np.float32(1e-40), np.asarray(1e-39),
+    float("inf"), float("nan"), 1e39, 0.0, -1e-5],
+    ids=["denormal", "below-tiny", "np-float32", "np-0d", "inf", "nan",
+         "above-float32", "zero", "negative"])
+def test_an_unusable_epsilon_is_rejected_by_every_user(epsilon):
+  """A subnormal epsilon is flushed to 0 on XLA:CPU and GPUs, so a constant
+  feature would be divided by sqrt(0); every layer and function rejects it
+  (and NaN, inf, <= 0) in one line, naming float32's smallest normal."""
+  for name, use in _epsilon_users():
+    with pytest.raises(ValueError, match="must be > 0, finite") as error:
+      use(epsilon)
+    message = str(error.value)
+    assert "\n" not in message and "1.1754944e-38" in message, (name,
+                                                                message)
+
+
+def test_the_smallest_normal_epsilon_is_accepted_traced_ones_unchecked():
+  """float32's smallest normal number is accepted (and keeps a constant
+  feature finite); a traced epsilon (a vmapped sweep) is not checked."""
+  for name, use in _epsilon_users():
+    use(FLOAT32_TINY)
+  y, _ = bn_jax.apply(*bn_jax.init(4), jnp.ones((8, 4)), training=True,
+                      epsilon=FLOAT32_TINY)
+  assert np.isfinite(np.asarray(y)).all()
+  swept = jax.vmap(lambda e: bn_jax.apply(
+      *bn_jax.init(4), jnp.ones((8, 4)).at[0].set(2.0), training=True,
+      epsilon=e)[0])(jnp.asarray([1e-3, 1e-5]))
+  assert swept.shape == (2, 8, 4) and np.isfinite(np.asarray(swept)).all()
+
+
 def test_mode_names_are_exported():
   assert bn_jax.GRAD_MODES == tuple(GRAD_MODES)
   assert bn_jax.IMPLS == tuple(IMPLS)

@@ -161,8 +161,10 @@ def test_the_cli_records_its_command_as_typed():
 
 
 @pytest.mark.slow
-def test_report_has_one_row_per_combination(study_run):
-  """The table's accuracy against numpy over the final rows."""
+def test_report_has_one_row_per_combination_and_momentum(study_run):
+  """The table's accuracy against numpy over the final rows: a line per
+  combination and swept momentum, +- over its seeds (never over the
+  momenta); one curves figure per combination."""
   workdir, _, table = study_run
   assert (workdir / "summary.md").read_text().count(table.strip()) == 1
   rows = read_rows(workdir)
@@ -170,17 +172,27 @@ def test_report_has_one_row_per_combination(study_run):
   header = [c.strip() for c in lines[0].strip("|").split("|")]
   assert header[:2] == ["placement", "batch_size"] or header[:2] == [
       "batch_size", "placement"]
+  assert header[2:4] == ["bn_momentum", "seeds"]
   cells = [[c.strip() for c in line.strip("|").split("|")]
            for line in lines[1:]]
-  by_combo = {(c[header.index("placement")],
-               int(c[header.index("batch_size")])): c for c in cells}
-  assert set(by_combo) == {(p, b) for p in PLACEMENTS for b in BATCH_SIZES}
+  by_line = {(c[header.index("placement")],
+              int(c[header.index("batch_size")]),
+              float(c[header.index("bn_momentum")])): c for c in cells}
+  assert len(by_line) == len(cells) == len(PLACEMENTS) * len(
+      BATCH_SIZES) * len(MOMENTA)
+  assert set(by_line) == {(p, b, m) for p in PLACEMENTS for b in BATCH_SIZES
+                          for m in MOMENTA}
   column = next(i for i, h in enumerate(header) if "eval mode" in h)
-  for (p, b), cell in by_combo.items():
+  for (p, b, m), cell in by_line.items():
     final = [r["test_accuracy"] for r in rows if r["placement"] == p
-             and r["batch_size"] == b and r["epoch"] == NUM_EPOCHS]
+             and r["batch_size"] == b and r["bn_momentum"] == m
+             and r["epoch"] == NUM_EPOCHS]
+    assert len(final) == len(SEEDS)
     mean, std = 100 * np.mean(final), 100 * np.std(final, ddof=1)
-    assert cell[column] == f"{mean:.2f} +- {std:.2f}", (p, b, cell)
+    assert cell[column] == f"{mean:.2f} +- {std:.2f}", (p, b, m, cell)
+    assert cell[header.index("seeds")] == str(len(SEEDS))
+  assert (f"at one value of bn_momentum (swept within it, never pooled); "
+          f"means over {len(SEEDS)} seeds") in table
   for p in PLACEMENTS:
     for b in BATCH_SIZES:
       png = workdir / f"curves_{combo_name(p, b)}.png"
@@ -299,8 +311,9 @@ def test_a_resumed_study_repeats_the_uninterrupted_one(study_run, idx_dir,
 
 
 def docstring_command(path):
-  """The command in the docstring: the first indented block after the
-  one-line summary, with backslash continuations joined."""
+  """The command in the docstring: the first command of the indented
+  block after the one-line summary, with backslash continuations joined
+  (the block may go on with the commands of other variants)."""
   doc = ast.get_docstring(ast.parse(path.read_text()), clean=True)
   lines = doc.splitlines()
   assert lines[0] and not lines[0].startswith(" ") and lines[1] == "", (
@@ -311,6 +324,8 @@ def docstring_command(path):
     if not line.startswith("    "):
       break
     command.append(line.strip().rstrip("\\").strip())
+    if not line.rstrip().endswith("\\"):
+      break
   assert command, f"{path}: no indented command after the summary line"
   return shlex.split(" ".join(command))
 
@@ -336,7 +351,7 @@ def test_every_study_has_a_config():
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_config_docstring_starts_with_the_command_that_runs_it(path):
   argv = docstring_command(helpers.REPO / path)
-  assert argv[:3] == ["python", "-m", "experiments.main"]
+  assert argv[:3] == [".venv/bin/python", "-m", "experiments.main"]
   args = argv[3:]
   assert args[0].split(":")[0] == f"--config={path}"  # names the file
   assert any(a.startswith("--workdir=") for a in args)

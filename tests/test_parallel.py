@@ -446,7 +446,6 @@ def test_default_is_the_single_device_path():
 @pytest.mark.parametrize("field, value, message", [
     ("mesh_devices", 0, "must be a positive integer or 'auto'"),
     ("mesh_devices", "all", "must be a positive integer or 'auto'"),
-    ("mesh_devices", 3, r"config\.batch_size=128 .*3 devices"),
     ("bn_stats", "ghost", "config.bn_stats='ghost' is not valid"),
 ])
 def test_bad_parallel_config_rejected(field, value, message):
@@ -454,6 +453,21 @@ def test_bad_parallel_config_rejected(field, value, message):
   config[field] = value
   with pytest.raises(sweep.ConfigError, match=message):
     sweep.validate_config(config)
+
+
+def test_more_devices_than_there_are_is_said_before_the_batch_split():
+  """Two devices more than there are, with a batch that does not split
+  over them: the config checks leave the split alone, and the device count
+  is what the user hears."""
+  n = jax.device_count()
+  config = base.get_config()
+  config.mesh_devices, config.batch_size = n + 2, 10 * (n + 2) + 1
+  sweep.validate_config(config)  # the config's own checks pass
+  with pytest.raises(ValueError, match=rf"mesh_devices={n + 2} but only "
+                     rf"{n} device"):
+    parallel.check_devices(config)
+  config.mesh_devices = n
+  parallel.check_devices(config)
 
 
 if __name__ == "__main__":

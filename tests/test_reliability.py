@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bn_lab import models
 from bn_lab import runner
 from bn_lab import sweep
 from bn_lab import train
@@ -162,6 +163,26 @@ def reference(idx_dir, tmp_path_factory) -> Path:
     ("learning_rate", 0.0, ["config.learning_rate", "> 0"]),
     ("data_seed", -1, ["config.data_seed=-1", "[0, 2**31)"]),
     ("data_seed", 2**31, ["config.data_seed=2147483648"]),
+    # Issue 24: what fails only once compiled, or trains something else.
+    ("widths", (), ["config.placement='after_activation'",
+                    "puts no normalization layer", "widths=()",
+                    "config.widths", "'input' or 'none'"]),
+    ("learning_rate", float("inf"), ["config.learning_rate=inf", "finite"]),
+    ("learning_rate", float("nan"), ["config.learning_rate=nan", "> 0"]),
+    ("learning_rate", 1e39, ["config.learning_rate=1e+39", "float32"]),
+    ("sweep.learning_rate", (1e-3, float("inf")),
+     ["config.sweep.learning_rate=(0.001, inf) has inf", "finite"]),
+    ("bn.epsilon", 1e-45, ["config.bn.epsilon=1e-45", "smallest normal",
+                           "1.1754944e-38"]),
+    ("bn.epsilon", float("inf"), ["config.bn.epsilon=inf", "finite"]),
+    ("sweep.bn_epsilon", (1e-3, 1e-40),
+     ["config.bn.epsilon=1e-40", "smallest normal",
+      "config.sweep.bn_epsilon"]),
+    ("divergence_factor", 1.0, ["config.divergence_factor=1.0", "> 1",
+                                "None or 0 (off)"]),
+    ("divergence_factor", float("inf"), ["config.divergence_factor=inf"]),
+    ("divergence_factor", "big", ["config.divergence_factor='big'"]),
+    ("divergence_factor", False, ["config.divergence_factor=False"]),
 ])
 def test_validate_config_names_the_field(field, value, fragments):
   config = base.get_config()
@@ -177,6 +198,62 @@ def test_validate_config_names_the_field(field, value, fragments):
 
 def test_base_config_is_valid():
   sweep.validate_config(base.get_config())
+
+
+@pytest.mark.parametrize("changes", [
+    {"widths": (), "placement": "input"},
+    {"widths": (), "placement": "none"},
+    {"widths": (), "norm": "none"},  # no norm: the row says so
+    {"model": "cnn", "widths": ()},  # the conv blocks are normalized
+    {"model": "cnn", "widths": (), "channels": (), "placement": "input"},
+    {"model": "lstm", "placement": "before_activation", "norm": "layer"},
+    {"bn.epsilon": float(np.finfo(np.float32).tiny)},  # the smallest normal
+    {"learning_rate": float(np.finfo(np.float32).max)},
+    {"divergence_factor": None}, {"divergence_factor": 0},
+    {"divergence_factor": 1e6},
+])
+def test_valid_edges_of_the_model_and_number_checks(changes):
+  config = base.get_config()
+  with config.unlocked():
+    for field, value in changes.items():
+      set_field(config, field, value)
+  sweep.validate_config(config)
+
+
+def test_a_placement_without_a_normalization_layer_is_found_in_the_model(
+    monkeypatch):
+  """The check reads the model the trainer builds (its variables, traced:
+  nothing compiled), per combination of the axes, and names the one."""
+  config = base.get_config()
+  config.model, config.widths, config.channels = "cnn", (), ()
+  config.placements = ("none", "input", "before_activation")
+  with pytest.raises(sweep.ConfigError) as info:
+    sweep.validate_config(config)
+  message = str(info.value)
+  assert "\n" not in message
+  for fragment in ["config.placement='before_activation'",
+                   "model='cnn', channels=(), widths=()",
+                   "(combination placement=before_activation)",
+                   "config.channels or config.widths"]:
+    assert fragment in message, message
+  # Derived from the model code, not a copy of the placement rules: a model
+  # that places its norm even without hidden layers passes.
+  real_make_model = models.make_model
+
+  def always_normalized(*args, placement, **kwargs):
+    model = real_make_model(*args, placement=placement, **kwargs)
+    return model.clone(placement="input") if placement != "none" else model
+  monkeypatch.setattr(models, "make_model", always_normalized)
+  sweep.validate_config(config)
+
+
+def test_divergence_factor_defaults_on_and_zero_turns_it_off():
+  config = base.get_config()
+  assert config.divergence_factor == 1e3
+  assert sweep.make_spec(config, 60000).divergence_factor == 1e3
+  config.divergence_factor = 0
+  assert sweep.make_spec(config, 60000).divergence_factor is None
+  assert train.divergence_threshold(1e3) == pytest.approx(1e3 * np.log(10))
 
 
 def test_momentum_none_is_valid_and_a_sweep_replaces_it():
@@ -248,6 +325,11 @@ def test_cli_rejects_unknown_config_field(tmp_path):
     ("--config.bn.momentum=fast", "config.bn.momentum='fast'"),
     ("--config.placements=(none,input)", "quote each string"),
     ("--config.num_epochs=1.5", "--config.num_epochs=1.5"),
+    ("--config.widths=()", "config.placement='before_activation' puts no "
+     "normalization layer in the model (model='mlp', widths=())"),
+    ("--config.learning_rate=inf", "config.learning_rate=inf must be > 0"),
+    ("--config.bn.epsilon=1e-45", "config.bn.epsilon=1e-45 must be > 0, "
+     "finite and at least float32's smallest normal number"),
 ])
 def test_cli_reports_a_bad_value_in_one_line(tmp_path, flag, fragment):
   result = run_cli([sys.executable, "-m", "experiments.main",
@@ -291,6 +373,20 @@ def test_nonfinite_flags_name_each_quantity():
   # Quantities left out (None) are not checked.
   assert int(train.nonfinite_flags(jnp.float32(jnp.nan))) == 1
   assert int(train.nonfinite_flags(params={"w": jnp.array([jnp.inf])})) == 2
+
+
+def test_diverged_flag_is_a_finite_loss_above_the_threshold():
+  threshold = train.divergence_threshold(10.0)  # 23.03
+  flag = lambda loss, factor=10.0: int(train.diverged_flag(
+      jnp.float32(loss), factor, 10))
+  assert flag(threshold * 0.99) == 0
+  assert flag(threshold * 1.01) == train.DIVERGED_FLAG
+  assert flag(1e30) == train.DIVERGED_FLAG
+  # A non-finite loss is nonfinite_flags' (bit 0), not a divergence.
+  assert flag(jnp.inf) == 0 and flag(jnp.nan) == 0
+  assert flag(1e30, None) == 0  # off
+  assert train.DIVERGED_FLAG >> len(train.NONFINITE_QUANTITIES) == 1
+  assert train.describe_nonfinite(train.DIVERGED_FLAG) == ""
 
 
 def _one_epoch_guard(spec, data, poison_step=None):
@@ -404,6 +500,87 @@ def test_nan_guard_names_the_diverging_run_of_a_sweep(idx_dir, tmp_path):
   assert "run 0" not in message
   assert "in epoch 1)" in message
   assert not list((tmp_path / "checkpoints" / COMBO).iterdir())
+
+
+def _exploding_sweep(idx_dir, **changes):
+  """Plain SGD at learning rates 1e-3 (trains) and 1e4, whose loss grows
+  to ~1e6 within two steps, finite (issue 24: it ended an epoch at 1e18 and
+  10% accuracy, unnoticed)."""
+  config = tiny_config(idx_dir, seeds=(0,), optimizer="sgd", **changes)
+  config.sweep.learning_rate = (1e-3, 1e4)
+  return config
+
+
+def test_a_finite_divergence_stops_the_run_naming_loss_and_threshold(
+    idx_dir, tmp_path):
+  with pytest.raises(train.NonFiniteError) as info:
+    train_placements(_exploding_sweep(idx_dir), tmp_path)
+  message = str(info.value)
+  run_line, = [l for l in message.splitlines() if l.startswith("  run ")]
+  for fragment in ["run 1 (seed 0, learning_rate=10000.0", "training loss ",
+                   "above the divergence threshold 2303 (config."
+                   "divergence_factor=1000 x ln(10), an untrained "
+                   "classifier's loss) at global step 2 (step 2 of 4 in "
+                   "epoch 1)"]:
+    assert fragment in run_line, message
+  loss = float(run_line.split("training loss ")[1].split()[0])
+  assert 2303 < loss < np.inf
+  assert "raise --config.divergence_factor or set it to None" in (
+      message.splitlines()[-1])
+  assert not list((tmp_path / "checkpoints" / COMBO).iterdir())
+
+
+def test_a_finite_divergence_is_recorded_and_changes_no_other_run(
+    idx_dir, tmp_path):
+  """nan_guard="record": the run at 1e4 is frozen at the step its loss
+  passed the threshold and marked, the run at 1e-3 trains on; and it
+  trains bit for bit as with the check off."""
+  config = _exploding_sweep(idx_dir, nan_guard="record")
+  train_placements(config, tmp_path / "on")
+  rows = training_metrics(tmp_path / "on")
+  assert [r["diverged_at"] for r in rows if r["run"] == 1] == [2, 2, 2]
+  good = [r for r in rows if r["run"] == 0]
+  assert [r["diverged_at"] for r in good] == [None, None, None]
+  assert all(np.isfinite(r["train_loss"]) for r in good)
+  config.divergence_factor = None  # the NaN guard alone
+  train_placements(config, tmp_path / "off")
+  assert good == [r for r in training_metrics(tmp_path / "off")
+                  if r["run"] == 0]
+
+
+@pytest.mark.slow
+def test_a_finite_divergence_through_the_cli(idx_dir, tmp_path):
+  """SGD at learning rate 30 passes the threshold at step 1 of epoch 2:
+  the CLI exits non-zero with the guard's message, whose last line says how
+  to fix it, and keeps epoch 1; rerunning resumes from it, diverges at
+  the same step, and changes nothing already written."""
+  workdir = tmp_path / "run"
+  command = [a for a in cli_command(idx_dir, workdir, "--config.optimizer=sgd",
+                                    "--config.learning_rate=30.0")
+             if not a.startswith("--config.seeds=")] + ["--config.seeds=(0,)"]
+  written = None
+  for _ in range(2):
+    result = run_cli(command)
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "raise --config.divergence_factor or set it to None" in (
+        lines[-1]), result.stderr[-3000:]
+    assert any(l.startswith("  run 0 (seed 0, learning_rate=30.0")
+               and "above the divergence threshold 2303" in l
+               and "at global step 5 (step 1 of 4 in epoch 2)" in l
+               for l in lines), result.stderr[-3000:]
+    files = {p.relative_to(workdir): p.read_bytes()
+             for p in sorted(workdir.rglob("*")) if p.is_file()
+             and "tensorboard" not in p.parts}
+    log = files.pop(Path("log.txt"))  # appended to by every run
+    assert [r["epoch"] for r in training_metrics(workdir)] == [1]
+    assert sorted(p.name for p in (workdir / "checkpoints" / COMBO).iterdir()
+                  if p.name.isdigit()) == ["1"]
+    assert not (workdir / "results.json").exists()
+    if written is not None:
+      assert files == written[0] and log.startswith(written[1])
+    written = files, log
 
 
 # ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"placement": "none", "batch_size": 128, "model": "mlp",
             "activation": "relu", "norm": "batch",
             "bn.virtual_batch_size": 32}
-TABLE_HEADER = ("| runs | test acc (eval mode) | test acc (batch stats) | "
+TABLE_HEADER = ("| seeds | test acc (eval mode) | test acc (batch stats) | "
                 "train loss | epochs to 97% | wall time (s) |")
 
 
@@ -121,9 +121,11 @@ def test_table_numbers(tmp_path):
   mean, std = 100 * final.mean(), 100 * final.std(ddof=1)  # 96.20 +- 1.91
   assert table_rows(table) == [
       f"| none | 3 | {mean:.2f} +- {std:.2f} | 94.67 | 0.2000 | "
-      "2.5 (2/3 runs) | 6.5 |",
+      "2.5 (2/3 seeds) | 6.5 |",
       "| input | 1 | 83.00 +- - | 70.00 | 0.4000 | not reached | 6.5 |"]
-  assert "+- is the sample standard deviation over runs" in table
+  assert ("Each line: one combination; means over 1 to 3 seeds, +- the "
+          "sample standard deviation (ddof=1) over those seeds; - for a "
+          "single seed.") in table
   assert "No results.json" in table  # an interrupted run says so
 
 
@@ -148,7 +150,7 @@ def test_results_json_gives_title_target_and_wall_time(tmp_path):
   assert "epochs to 97.5% |" in table
   assert "No results.json" not in table
   # Only run 0 (0.975 at epoch 3) reaches 97.5%.
-  assert table_rows(table)[0].endswith("| 3.0 (1/3 runs) | 12.3 |")
+  assert table_rows(table)[0].endswith("| 3.0 (1/3 seeds) | 12.3 |")
 
 
 # ----------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def test_one_combination_shows_placement(tmp_path):
   table = report.summary_markdown(report.summarize(rows))
   assert table.startswith("| placement " + TABLE_HEADER)
   assert table_rows(table) == [
-      "| none | 2 | 98.00 +- 0.00 | 95.00 | 0.1000 | 1.0 (2/2 runs) | 2.5 |"]
+      "| none | 2 | 98.00 +- 0.00 | 95.00 | 0.1000 | 1.0 (2/2 seeds) | 2.5 |"]
 
 
 def test_columns_only_for_the_axes_that_vary(tmp_path):
@@ -218,6 +220,177 @@ def test_curves_filename_is_filesystem_safe():
 
 
 # ----------------------------------------------------------------------------
+# What differs is never pooled: a line per swept value, +- over seeds only,
+# a diverged run in no mean.
+
+EPSILONS = (1e-3, 1e-1)
+# Final (epoch 2) test accuracy of seed s at epsilon i: pooled, the six
+# made one "94.6 +- 0.6" of two different networks.
+EPS_ACC = [[0.938, 0.950], [0.944, 0.949], [0.941, 0.955]]
+
+
+def epsilon_sweep_rows():
+  """`--config.norm=layer --config.sweep.bn_epsilon='(1e-3,1e-1)'` over 3
+  seeds: one combination, its runs seeds x epsilons in sweep.run_grid's
+  order (run 2 * seed + i)."""
+  return [make_row(2 * seed + i, epoch, EPS_ACC[seed][i] - 0.1 * (2 - epoch),
+                   swept={"placement": "before_activation"}, norm="layer",
+                   seed=seed, bn_epsilon=eps, acc_bs=EPS_ACC[seed][i],
+                   loss=0.1 * (i + 1))
+          for epoch in (1, 2) for seed in range(3)
+          for i, eps in enumerate(EPSILONS)]
+
+
+def test_a_bn_option_sweep_is_a_line_per_value():
+  summaries = report.summarize(epsilon_sweep_rows())
+  assert [(s["combo"], s["bn_epsilon"], s["runs"], s["seeds"], s["swept"])
+          for s in summaries] == [
+              ("placement=before_activation", eps, 3, [0, 1, 2],
+               ("bn_epsilon",)) for eps in EPSILONS]
+  acc = np.array(EPS_ACC)  # (seeds, epsilons)
+  for s, values in zip(summaries, acc.T):
+    np.testing.assert_allclose(s["test_accuracy_mean"], values.mean())
+    np.testing.assert_allclose(s["test_accuracy_std"], values.std(ddof=1))
+    assert s["diverged"] == [] and s["finite_runs"] == 3
+  table = report.summary_markdown(summaries)
+  assert table.startswith("| placement | bn_epsilon " + TABLE_HEADER)
+  cells = [f"{100 * v.mean():.2f} +- {100 * v.std(ddof=1):.2f}"
+           for v in acc.T]  # 94.10 +- 0.30, 95.13 +- 0.32
+  assert table_rows(table) == [
+      f"| before_activation | 0.001 | 3 | {cells[0]} | 94.10 | 0.1000 | "
+      "not reached | 4.5 |",
+      f"| before_activation | 0.1 | 3 | {cells[1]} | 95.13 | 0.2000 | "
+      "not reached | 4.5 |"]
+  assert ("Each line: one combination at one value of bn_epsilon (swept "
+          "within it, never pooled); means over 3 seeds, +- the sample "
+          "standard deviation (ddof=1) over those seeds.") in table
+  assert "Wall time is the combination's" in table
+
+
+# Learning rates 0.01, 0.1, 1.0 over 3 seeds; seed 1 at 1.0 diverges in
+# epoch 2 (nan_guard="record" froze it at step 150: its frozen weights score
+# 9.8%). Pooled, the nine made "61.5 +- 41.6".
+RATES = (0.01, 0.1, 1.0)
+LR_ACC = [[0.90, 0.95, 0.97], [0.91, 0.96, 0.098], [0.92, 0.94, 0.96]]
+
+
+def lr_sweep_rows(diverged_at=150, **diverged_metrics):
+  """The sweep's rows; the diverged run's epoch-2 row has `diverged_at` (or
+  none: `diverged_at=None`) and `diverged_metrics`."""
+  rows = []
+  for epoch in (1, 2):
+    for seed in range(3):
+      for i, lr in enumerate(RATES):
+        broken = (seed, i, epoch) == (1, 2, 2)
+        extra = ({"diverged_at": diverged_at if broken else None,
+                  **(diverged_metrics if broken else {})})
+        rows.append(make_row(3 * seed + i, epoch,
+                             LR_ACC[seed][i] - 0.05 * (2 - epoch),
+                             seed=seed, learning_rate=lr,
+                             loss=2.3 if broken else 0.1 * (i + 1), **extra))
+  return rows
+
+
+def test_a_learning_rate_sweep_with_a_diverged_run():
+  summaries = report.summarize(lr_sweep_rows())
+  assert [(s["learning_rate"], s["runs"], s["finite_runs"])
+          for s in summaries] == [(0.01, 3, 3), (0.1, 3, 3), (1.0, 3, 2)]
+  assert summaries[2]["diverged"] == [
+      {"run": 5, "seed": 1, "step": 150, "epoch": None}]
+  acc = np.array(LR_ACC)
+  finite = acc[[0, 2], 2]  # the diverged seed is in no mean
+  np.testing.assert_allclose(summaries[2]["test_accuracy_mean"],
+                             finite.mean())
+  np.testing.assert_allclose(summaries[2]["test_accuracy_std"],
+                             finite.std(ddof=1))
+  np.testing.assert_allclose(summaries[2]["train_loss_mean"], 0.3)
+  np.testing.assert_allclose(summaries[0]["test_accuracy_std"],
+                             acc[:, 0].std(ddof=1))
+  table = report.summary_markdown(summaries)
+  assert table.startswith(
+      "| placement | learning_rate | seeds | test acc (eval mode) | test acc "
+      "(batch stats) | train loss | epochs to 97% | diverged | wall time (s) "
+      "|")
+  mean = lambda v: f"{100 * v.mean():.2f} +- {100 * v.std(ddof=1):.2f}"
+  assert table_rows(table) == [
+      f"| none | 0.01 | 3 | {mean(acc[:, 0])} | 95.00 | 0.1000 | "
+      "not reached | - | 4.5 |",
+      f"| none | 0.1 | 3 | {mean(acc[:, 1])} | 95.00 | 0.2000 | "
+      "not reached | - | 4.5 |",
+      f"| none | 1 | 3 | {mean(finite)} (2 of 3 seeds) | 95.00 | 0.3000 | "
+      "2.0 (1/2 seeds) | 1 of 3 seeds (seed 1 at step 150) | 4.5 |"]
+  assert "A diverged seed (frozen at its first non-finite step" in table
+
+
+def test_a_nan_without_the_guard_is_a_diverged_run():
+  """nan_guard=False: no diverged_at, but a non-finite loss (JSON NaN)."""
+  rows = lr_sweep_rows(diverged_at=None, test_loss=float("nan"),
+                       train_loss=float("nan"))
+  line = table_rows(report.summary_markdown(report.summarize(rows)))[2]
+  assert line.endswith("| 1 of 3 seeds (seed 1 at epoch 2) | 4.5 |")
+  assert "(2 of 3 seeds)" in line and "nan" not in line
+
+
+def test_a_line_whose_seeds_all_diverged_says_so():
+  rows = [make_row(run, 1, 0.1, seed=run, learning_rate=10.0,
+                   diverged_at=40 + run, loss=2.3) for run in range(2)]
+  rows += [make_row(run, 1, 0.9, seed=run - 2, learning_rate=0.1)
+           for run in (2, 3)]
+  summaries = report.summarize(rows)
+  assert summaries[0]["finite_runs"] == 0
+  assert summaries[0]["test_accuracy_mean"] is None
+  assert table_rows(report.summary_markdown(summaries))[0] == (
+      "| none | 10 | 2 | all 2 seeds diverged | - | - | - | 2 of 2 seeds "
+      "(seed 0 at step 40; seed 1 at step 41) | 2.5 |")
+  fig = report.plot_comparison(rows)
+  assert [l.get_label() for l in fig.axes[2].get_lines()] == [
+      "placement=none__learning_rate=10 (all 2 seeds diverged)",
+      "placement=none__learning_rate=0.1"]
+  assert fig.axes[2].get_lines()[0].get_xdata().size == 0  # no curve
+  assert fig.get_suptitle().startswith(
+      "line: mean over 2 seeds (diverged seeds left out); shaded band")
+
+
+def test_the_curves_are_per_value_without_diverged_runs():
+  rows = lr_sweep_rows()
+  fig = report.plot_comparison(rows)
+  ax_test = fig.axes[2]
+  lines = ax_test.get_lines()
+  assert [l.get_label() for l in lines] == [
+      "placement=none__learning_rate=0.01", "placement=none__learning_rate=0.1",
+      "placement=none__learning_rate=1 (1 of 3 seeds diverged, left out)"]
+  acc = 100 * np.array(LR_ACC)
+  for line, i in zip(lines, range(3)):
+    seeds = [0, 2] if i == 2 else [0, 1, 2]
+    np.testing.assert_allclose(line.get_ydata(),
+                               [acc[seeds, i].mean() - 5, acc[seeds, i].mean()])
+  assert ax_test.get_legend().get_title().get_text() == "setting"
+  assert fig.get_suptitle() == (
+      "line: mean over 2 to 3 seeds (diverged seeds left out); shaded band "
+      "(error bar at a single point): mean ± 1 sample std (ddof=1) over "
+      "them")
+  # The runs' figure: every run, named by its seed and swept value.
+  labels = [l.get_label() for l in
+            report.plot_runs(rows, "placement=none").axes[0].get_lines()]
+  assert labels[:3] == ["run 0 (seed 0, learning_rate=0.01)",
+                        "run 1 (seed 0, learning_rate=0.1)",
+                        "run 2 (seed 0, learning_rate=1)"]
+  assert labels[5] == ("run 5 (seed 1, learning_rate=1, diverged at step "
+                       "150)")
+
+
+def test_a_swept_workdir_reports_a_line_per_value(tmp_path):
+  workdir = write_workdir(tmp_path / "w", lr_sweep_rows(
+      diverged_at=None, test_loss=float("nan")))
+  table = report.write_report([workdir], workdir)
+  assert [l.split(" | ")[1] for l in table_rows(table)] == ["0.01", "0.1",
+                                                             "1"]
+  assert "seed 1 at epoch 2" in (workdir / "summary.md").read_text()
+  assert sorted(p.name for p in workdir.glob("*.png")) == [
+      "curves_placement=none.png", "learning_curves.png"]
+
+
+# ----------------------------------------------------------------------------
 # The plots: what each panel draws, read back from the Figure.
 
 
@@ -249,13 +422,20 @@ def test_comparison_plots_percent_with_a_labelled_band(tmp_path):
   assert ax_loss.get_title() == "Training loss (epoch means)"
 
 
-def test_band_note_names_what_the_runs_are():
+def test_band_note_says_seeds():
   assert report.band_note([make_row(0, 1, 0.9)]) == (
-      "one run per combination: the line is that run, no band")
+      "one seed per line: the line is that run, no band")
+  # Two learning rates of one seed each: a line each, not one of 2 runs.
   swept = [make_row(run, 1, 0.9, learning_rate=lr)
            for run, lr in enumerate((0.1, 0.2))]
-  assert report.band_note(swept).startswith(
-      "line: mean over 2 runs (seeds x swept values); shaded band")
+  assert report.band_note(swept) == (
+      "one seed per line: the line is that run, no band")
+  swept = [make_row(run, 1, 0.9, learning_rate=lr, seed=seed)
+           for run, (seed, lr) in enumerate(
+               (s, lr) for s in range(2) for lr in (0.1, 0.2))]
+  assert report.band_note(swept) == (
+      "line: mean over 2 seeds; shaded band (error bar at a single point): "
+      "mean ± 1 sample std (ddof=1) over them")
 
 
 def test_one_epoch_run_has_a_real_axis():

@@ -258,6 +258,22 @@ def test_config_file_is_read_from_the_command():
   assert studies_page.config_file(None) == (None, None)
 
 
+def test_by_combo_keeps_swept_values_apart():
+  """A group per combination and swept value: the sections never pool
+  the runs of a sweep (lr_range groups by rate within these)."""
+  row = lambda combo, run, seed, lr: {"combo": combo, "run": run,
+                                      "seed": seed, "learning_rate": lr,
+                                      "bn_momentum": 0.99, "epoch": 1}
+  rows = [row("placement=none", 2 * s + i, s, lr)
+          for s in range(2) for i, lr in enumerate((0.1, 1.0))]
+  rows += [row("placement=input", s, s, 0.1) for s in range(2)]
+  groups = studies_page.by_combo(rows)
+  assert {k: [r["run"] for r in v] for k, v in groups.items()} == {
+      "placement=none__learning_rate=0.1": [0, 2],
+      "placement=none__learning_rate=1": [1, 3],
+      "placement=input": [0, 1]}
+
+
 def test_default_workdirs_name_the_missing_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(SystemExit, match=re.escape(
@@ -351,6 +367,6 @@ def test_each_run_report_holds_its_study_section(workdirs, name, tmp_path):
       "study_id"])
   text = study.report(workdir)
   summary = (workdir / "summary.md").read_text()
-  assert "| runs |" in summary and text.strip() in summary.strip()
-  assert ("## " in summary.split("| runs |")[1]
+  assert "| seeds |" in summary and text.strip() in summary.strip()
+  assert ("## " in summary.split("| seeds |")[1]
           or "The study's section needs more than this run" in summary)

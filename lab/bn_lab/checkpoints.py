@@ -55,14 +55,17 @@ def _move_aside(path: Path) -> Path:
   return dest
 
 
-def restore_newest(checkpoints, abstract_states):
-  """(epoch, states) of the newest checkpoint that loads, or None.
+def restore_newest(checkpoints, abstract_states, at_most: int | None = None):
+  """(epoch, states) of the newest checkpoint that loads, of an epoch up to
+  `at_most` (None: any), or None.
 
   A checkpoint that does not load (a truncated or garbled file; orbax and
   TensorStore raise many kinds of errors) is reported, moved aside
   (`_move_aside`), and the next older one is tried.
   """
   for epoch in sorted(checkpoints.all_steps(), reverse=True):
+    if at_most is not None and epoch > at_most:
+      continue
     path = Path(checkpoints.directory) / str(epoch)
     try:
       states = _restore_any_layout(checkpoints, epoch, abstract_states)
@@ -112,15 +115,30 @@ def _restore_any_layout(checkpoints, epoch, abstract_states):
   raise first_error
 
 
-def restore_or_create(checkpoints, create):
+def restore_or_create(checkpoints, create, recorded: int | None = None):
   """(epoch, states) of the newest checkpoint that loads, else (0,
   create()). Both are committed to one device, so that a resumed run
   executes the very program an uninterrupted one does; a resumed run does
-  not compile `create` (its shapes only)."""
+  not compile `create` (its shapes only).
+
+  `recorded`: the epochs whose metrics rows are all in the workdir
+  (`workdir.recorded_epochs`). A checkpoint past them is not resumed from,
+  as the report would then show an earlier epoch's numbers as final: the
+  newest checkpoint up to them is, and the later ones are deleted (their
+  epochs are trained again, to the same numbers)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restored = restore_newest(checkpoints, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(create)))
+      jax.eval_shape(create)), at_most=recorded)
+  epoch = 0 if restored is None else restored[0]
+  later = [step for step in checkpoints.all_steps() if step > epoch]
+  if later:
+    logging.warning(
+        "%s: the checkpoints of epoch(s) %s are past the metrics rows "
+        "recorded (all runs' rows up to epoch %d); training again from "
+        "epoch %d.", checkpoints.directory, sorted(later), recorded, epoch)
+    for step in later:
+      checkpoints.delete(step)
   if restored is None:
     return 0, jax.device_put(create(), device)
   return restored

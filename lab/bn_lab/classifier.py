@@ -19,8 +19,9 @@ swept values) train together, vmapped, epoch by epoch
   results.json         the study, the data's origin, each combination's times
 
 With `config.nan_guard` (the default), a NaN or inf loss, parameter or BN
-statistic stops the run with `NonFiniteError` before anything of that
-epoch is written.
+statistic, or a training loss above `config.divergence_factor` x ln(10),
+stops the run with `NonFiniteError` before anything of that epoch is
+written.
 """
 
 from __future__ import annotations
@@ -73,14 +74,15 @@ def load_data(config) -> tuple[train.DeviceData, str]:
   return device_data, dataset.origin
 
 
-def _initial_states(spec, runs, manager):
+def _initial_states(spec, runs, manager, recorded: int):
   """The runs' stacked states, (epoch, states): from the newest checkpoint
-  that loads, else fresh (`checkpoints.restore_or_create`)."""
+  that loads, up to the `recorded` epochs of metrics rows, else fresh
+  (`checkpoints.restore_or_create`)."""
   seeds = [r["seed"] for r in runs]
   hparams = {n: [r["hparams"][n] for r in runs] for n in train.SWEEPABLE
              if runs[0]["hparams"][n] is not None}
   return checkpoints.restore_or_create(manager, functools.partial(
-      train.create_sweep_states, spec, seeds, hparams))
+      train.create_sweep_states, spec, seeds, hparams), recorded)
 
 
 def train_combination(combo: sweep.Combination, data: train.DeviceData,
@@ -102,13 +104,20 @@ def train_combination(combo: sweep.Combination, data: train.DeviceData,
   with contextlib.closing(checkpoints.manager(
       workdir / "checkpoints" / combo.name,
       config.keep_checkpoints)) as manager:
-    return _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer)
+    # Every process reads the rows (the workdir is shared): all restore
+    # the same epoch.
+    recorded = workdir_lib.recorded_epochs(
+        workdir_lib.read_jsonl(workdir / "metrics.jsonl"), combo.name,
+        len(runs))
+    return _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer,
+                         recorded)
 
 
-def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
+def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer,
+                  recorded):
   """train_combination's loop: resume, then train, write, save each epoch."""
   config = combo.config
-  start_epoch, states = _initial_states(spec, runs, manager)
+  start_epoch, states = _initial_states(spec, runs, manager, recorded)
   kept = (writer.forget_after(combo.name, start_epoch, spec.steps_per_epoch)
           if writer else [])
   wall = kept[-1]["wall_time"] if kept else 0.0
@@ -130,7 +139,8 @@ def _train_epochs(combo, runs, spec, epoch_fn, data, manager, writer):
     if spec.nan_guard:  # checked before anything of the epoch is written
       error = train.nonfinite_error(combo.name, runs, epoch, spec,
                                metrics.pop("first_nonfinite_step"),
-                               metrics.pop("nonfinite"), manager.directory)
+                               metrics.pop("nonfinite"), manager.directory,
+                               metrics.pop("guard_loss", None))
       if error is not None and not spec.freeze_diverged:
         raise error
       if error is not None:  # nan_guard="record": those runs are frozen
@@ -214,6 +224,10 @@ def _setup_classifier(config, check=None, measure=None) -> None:
     check(config)
   if measure is not None:
     sweep.check_measurements(config, measure(config))
+  try:
+    parallel.check_devices(config)  # the machine's fault, after the config's
+  except ValueError as e:
+    raise sweep.ConfigError(str(e)) from e
 
 
 def _classifier_data(config, measure=None):
@@ -246,13 +260,10 @@ def train_sweeps(context: study_lib.RunContext,
                jax.devices()[0].platform)
   writer = workdir_lib.MetricsWriter(workdir, metric_names(config)) if (
       context.writes) else None
-  try:
+  with workdir_lib.closing_after_error(writer):
     trained = [train_combination(
         combo, data, workdir, writer, mesh,
         measure(combo.config) if measure else ()) for combo in combos]
-  finally:
-    if writer:
-      writer.close()
   # In the order trained (not sorted): the report's columns follow it.
   return {
       "study": config.study, "dataset": config.dataset,

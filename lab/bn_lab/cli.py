@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 import bn_jax
 
@@ -30,12 +31,32 @@ def parse_flags(argv: Sequence[str], fields_file: str):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    # ml_collections' bare error for an unknown --config.FIELD.
-    field = str(e.args[0] if e.args else e).strip("'\"")
+    # ml_collections' bare error for an unknown --config.FIELD: a KeyError
+    # inside an AttributeError, "'field'\nDid you mean ...?".
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    field, _, hint = str(e).partition("\n")
+    hint = f" ({hint.strip()})" if hint.strip() else ""
     sys.exit(f"FATAL Flags parsing error: the config has no field "
-             f"'{field}'; see {fields_file} for the valid fields.")
+             f"'{field.strip(chr(39) + chr(34))}'{hint}; see {fields_file} "
+             "for the valid fields.")
   except flags.Error as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
+    # A config file's own error comes with config_flags' traceback: its
+    # last line says what is wrong.
+    sys.exit(f"FATAL Flags parsing error: {_last_line(e)}")
+  except SyntaxError as e:
+    sys.exit(f"FATAL the --config file {e.filename}, line {e.lineno}, is "
+             f"not valid Python: {e.msg}.")
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file's code failed while loading (a NameError, an
+    # ImportError...): its own message, in one line.
+    sys.exit(f"FATAL the --config file could not be loaded: "
+             f"{type(e).__name__}: {_last_line(e)}")
+
+
+def _last_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def load_config(config_value: Callable[[], object], example: str):
@@ -44,12 +65,17 @@ def load_config(config_value: Callable[[], object], example: str):
   try:
     config = config_value()
     config.keys()  # a config that failed to load raises only when used
-    return config
   except (OSError, ValueError) as e:
     reason = [line.strip() for line in str(e).splitlines() if line.strip()]
     sys.exit(f"FATAL Flags parsing error: the --config file could not be "
              f"loaded ({reason[-1] if reason else type(e).__name__}); give "
              f"the path of a config file, e.g. {example}.")
+  if not isinstance(config, ml_collections.ConfigDict):
+    sys.exit(f"FATAL the --config file's get_config() returned a "
+             f"{type(config).__name__}, not an ml_collections.ConfigDict; "
+             "return one (a study's config starts from "
+             "bn_lab.config.get_config()).")
+  return config
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:

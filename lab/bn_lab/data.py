@@ -275,8 +275,17 @@ def _check_md5(name: str, stem: str, path: Path, data: bytes,
                compressed: bytes | None) -> bool:
   """True if verified, False if no reference is known. Raises on mismatch."""
   expected = RAW_MD5.get(name, {}).get(stem)
+  actual = hashlib.md5(data).hexdigest()
+  other = [known for known, md5s in RAW_MD5.items()
+           if name in DATASETS and known != name
+           and md5s.get(stem) == actual]
+  if other:  # e.g. dataset=kmnist pointed at MNIST's files
+    raise DataError(
+        f"{path} is {other[0]}'s {stem}, not {name}'s: config.dataset="
+        f"{name!r} with config.data_dir holding {other[0]}. Set "
+        f"--config.dataset={other[0]}, or point --config.data_dir at "
+        f"{name}'s files.")
   if expected is not None:
-    actual = hashlib.md5(data).hexdigest()
     if actual != expected:
       raise DataError(
           f"{path}: md5 checksum mismatch for {name} {stem}: expected "

@@ -32,6 +32,8 @@ import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
+import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,9 @@ from bn_jax import nn as bn_nn
 from bn_jax import recurrent
 
 PLACEMENTS = ("none", "before_activation", "after_activation", "input")
+# The classes of the MNIST family: every model's readout (and what the NaN
+# guard's divergence threshold scales, train.divergence_threshold).
+NUM_CLASSES = 10
 ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
     "relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
 MODELS = ("mlp", "cnn")  # feed-forward classifiers (`make_model`)
@@ -84,7 +89,7 @@ class _Classifier(nn.Module):
   """
   placement: str = "after_activation"
   activation: str = "relu"
-  num_classes: int = 10
+  num_classes: int = NUM_CLASSES
   norm: ModuleDef = bn_nn.BatchNorm
   norm_has_bias: bool = True  # False: the layers before it keep their bias
   # The Dense layers' kernel initializer (`kernel_initializer`).
@@ -359,8 +364,11 @@ def check_norm_options(options: Mapping[str, Any]) -> None:
           + (" or None (exact cumulative average)." if name == "momentum"
              else "."))
   epsilon = options.get("epsilon", 1.0)
-  if not (_is_number(epsilon) and epsilon > 0):
+  if not _is_number(epsilon):
     raise ValueError(f"config.bn.epsilon={epsilon!r} must be a number > 0.")
+  problem = core.epsilon_problem(epsilon)  # the layers' own rule
+  if problem is not None:
+    raise ValueError(f"config.bn.epsilon={epsilon!r} {problem}.")
   if not isinstance(options.get("unbiased_running_var", False), bool):
     raise ValueError("config.bn.unbiased_running_var="
                      f"{options['unbiased_running_var']!r} must be True or "
@@ -475,6 +483,18 @@ def normalized_layers(model: str, placement: str, widths: Sequence[int],
           + [(f"hidden_{i}", w, False) for i, w in enumerate(widths)])
 
 
+def variable_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple]:
+  """{(collection, *path): shape} of every variable `model` creates,
+  initialized on one MNIST image in eval mode as the trainer does
+  (train.create_train_state), traced by `jax.eval_shape`: nothing is
+  computed or compiled. Two models with the same shapes hold the same
+  layers (sweep's check that a placement puts a normalization layer)."""
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 784), jnp.float32), train=False))
+  return {path: tuple(leaf.shape) for path, leaf in
+          traverse_util.flatten_dict(flax.core.unfreeze(variables)).items()}
+
+
 # Initializations of the Dense kernels (config.init): flax's default,
 # LeCun normal (variance 1 / fan_in, truncated), or Ioffe & Szegedy's
 # (2015) "small random Gaussian values", N(0, init_std^2) whatever the fan-in.
@@ -493,7 +513,7 @@ def kernel_initializer(init: str = "default", std: float = 0.01):
 def make_model(model: str, *, placement: str, activation: str,
                widths: Sequence[int], channels: Sequence[int] = (32, 64),
                norm: ModuleDef = bn_nn.BatchNorm, norm_has_bias: bool = True,
-               conv: str = "auto", num_classes: int = 10,
+               conv: str = "auto", num_classes: int = NUM_CLASSES,
                dense_init: Callable[..., Any] = nn.linear.default_kernel_init,
                ) -> nn.Module:
   """Builds the named model with `norm` (see `make_norm`; `norm_has_bias`
@@ -566,7 +586,7 @@ class SequenceClassifier(nn.Module):
   cell: ModuleDef
   sequence: str = "rows"
   permutation_seed: int = 0
-  num_classes: int = 10
+  num_classes: int = NUM_CLASSES
   dense_init: Callable[..., Any] = nn.linear.default_kernel_init
 
   @nn.compact
@@ -579,7 +599,8 @@ class SequenceClassifier(nn.Module):
 
 def make_sequence_model(model: str, options: Mapping[str, Any], *,
                         norm: str, sequence: str, hidden_size: int,
-                        permutation_seed: int = 0, num_classes: int = 10,
+                        permutation_seed: int = 0,
+                        num_classes: int = NUM_CLASSES,
                         dense_init: Callable[..., Any] = (
                             nn.linear.default_kernel_init),
                         backend: str | None = None) -> nn.Module:

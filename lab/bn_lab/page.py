@@ -77,9 +77,17 @@ def config_file(command: str | None) -> tuple[str | None, str | None]:
 
 
 def by_combo(rows: Rows) -> dict[str, list[Mapping[str, Any]]]:
+  """The rows by setting, in the order trained: a combination at one value
+  of each hyperparameter swept within it (`report.swept_fields`), so that
+  a group's runs differ only by their seed and swept values are never
+  pooled. The key is the combination's name where nothing is swept within
+  it, else `report.setting_name` ("placement=none__learning_rate=0.1")."""
+  swept = report.swept_fields(rows)
   out: dict[str, list[Mapping[str, Any]]] = {}
   for row in rows:
-    out.setdefault(row["combo"], []).append(row)
+    name = report.setting_name({**row, "workdir": None},
+                               swept[report.run_name(row)])
+    out.setdefault(name, []).append(row)
   return out
 
 
@@ -90,6 +98,20 @@ def final_rows(rows: Rows) -> list[Mapping[str, Any]]:
     if row["run"] not in last or row["epoch"] > last[row["run"]]["epoch"]:
       last[row["run"]] = row
   return [last[run] for run in sorted(last)]
+
+
+def split_diverged(rows: Rows) -> tuple[list[Mapping[str, Any]],
+                                        list[Mapping[str, Any]]]:
+  """Each run's last recorded epoch (`final_rows`), split into the runs
+  that did not diverge and those that did (`report.divergence`:
+  nan_guard="record"'s diverged_at, or a non-finite loss or accuracy). A
+  diverged run is shown as diverged, never averaged in."""
+  runs: dict[Any, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    runs.setdefault(row["run"], []).append(row)
+  finals = final_rows(rows)
+  diverged = [f for f in finals if report.divergence(runs[f["run"]])]
+  return [f for f in finals if f not in diverged], diverged
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

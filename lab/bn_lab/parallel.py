@@ -63,8 +63,11 @@ order, so within float rounding under SGD).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
+import time
 
 from absl import logging
 import jax
@@ -94,9 +97,28 @@ def check_config(config) -> None:
                             or not isinstance(devices, int) or devices < 1):
     raise ValueError(f"config.mesh_devices={devices!r} must be a positive "
                      "integer or 'auto' (all devices).")
-  if isinstance(devices, int):
+  if isinstance(devices, int) and not (_devices_known(config.distributed)
+                                      and devices > jax.device_count()):
+    # Too many devices is said last, by check_devices: the config's own
+    # faults first, then the machine's.
     check_batch_split(config.batch_size, devices)
   check_distributed(config.distributed, devices)
+
+
+def _devices_known(distributed) -> bool:
+  """Whether asking JAX for the devices is safe now: one process, or
+  `jax.distributed.initialize` done (asking first would start a backend
+  that initialize can no longer join)."""
+  return (not distributed.coordinator_address
+          or jax.distributed.is_initialized())
+
+
+def check_devices(config) -> None:
+  """After the config's own checks: config.mesh_devices against the
+  devices there are (before the batch split, which would otherwise be the
+  complaint), where they are known yet."""
+  if _devices_known(config.distributed):
+    resolve_num_devices(config.mesh_devices)
 
 
 def check_distributed(distributed, mesh_devices="auto") -> None:
@@ -165,11 +187,18 @@ def initialize_distributed(distributed, mesh_devices="auto") -> bool:
   check_distributed(distributed, mesh_devices)
   if not distributed.coordinator_address or jax.distributed.is_initialized():
     return False
+  waiting = (f"the coordinator at {distributed.coordinator_address} (this "
+             f"process: id {_or_detected(distributed.process_id)} of "
+             f"{_or_detected(distributed.num_processes)})")
+  logging.info("waiting for %s, for up to %d s (JAX's time-out)", waiting,
+               INIT_TIMEOUT_S)
   try:
-    jax.distributed.initialize(
-        coordinator_address=distributed.coordinator_address,
-        num_processes=distributed.num_processes,
-        process_id=distributed.process_id)
+    with _repeating(f"still waiting for {waiting}", INIT_TIMEOUT_S):
+      jax.distributed.initialize(
+          coordinator_address=distributed.coordinator_address,
+          num_processes=distributed.num_processes,
+          process_id=distributed.process_id,
+          initialization_timeout=INIT_TIMEOUT_S)
   except ValueError as e:  # e.g. "Number of processes must be defined."
     raise ValueError(
         f"jax.distributed.initialize: {e} No cluster (Slurm, Open MPI, TPU) "
@@ -183,6 +212,35 @@ def initialize_distributed(distributed, mesh_devices="auto") -> bool:
         f"{jax.process_count()} processes joined (the count process 0 was "
         "given): give every process the same num_processes.")
   return True
+
+
+# How long a process waits for the coordinator and the others to join.
+INIT_TIMEOUT_S = 300
+WAIT_REPORT_S = 10.0  # a "still waiting" line this often
+
+
+def _or_detected(value) -> str:
+  return "detected from the cluster" if value is None else str(value)
+
+
+@contextlib.contextmanager
+def _repeating(line: str, timeout_s: float):
+  """While the block runs (a wait on other processes), logs `line` with
+  the time waited every WAIT_REPORT_S seconds."""
+  stop, start = threading.Event(), time.monotonic()
+
+  def report():
+    while not stop.wait(WAIT_REPORT_S):
+      logging.info("%s: %.0f s of %d s", line, time.monotonic() - start,
+                   timeout_s)
+
+  thread = threading.Thread(target=report, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
 
 
 _MESSAGE_BYTES = 4096  # longer messages are cut

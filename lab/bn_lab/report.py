@@ -3,9 +3,12 @@ r"""Summary table and plots of a finished (or interrupted) training workdir.
 Reads the workdir's metrics.jsonl (and results.json, written when the run
 finished, and steps.jsonl, the training curves' step-level points, where
 the trainer wrote one) and (re)writes summary.md, learning_curves.png (the
-combinations compared) and curves_<combo>.png (every run of one
-combination), and returns the table. Several workdirs put all their
-combinations into one table, with a workdir column. The command line is
+settings compared) and curves_<combo>.png (every run of one combination),
+and returns the table. A setting, a line of the table and of the curves,
+is a combination at one value of each hyperparameter swept within it: the
+"+-" and the bands are over seeds only, swept values are never pooled, and
+a diverged run is in no mean. Several workdirs put all their settings into
+one table, with a workdir column. The command line is
 experiments/report.py.
 
 The runner calls `write_report` at the end of a classifier run (a study
@@ -43,8 +46,13 @@ FEW_EPOCHS = 5
 # What the table and plots read from every row; the rest is optional.
 _NUMERIC_FIELDS = ("run", "epoch", "train_loss", "test_accuracy",
                    "test_accuracy_batch_stats")
-# Per-run hyperparameters a sweep may vary within one combination.
+# Per-run hyperparameters a sweep may vary within one combination
+# (`sweep.run_grid`: seeds x swept values). Everything else that differs
+# between the runs of a combination is the seed (and the run's index).
 _RUN_HPARAMS = train.SWEEPABLE
+# A run with one of these non-finite in a row diverged, as did one that
+# nan_guard="record" froze (its rows carry "diverged_at").
+_FINITE_FIELDS = ("train_loss", "test_loss", "test_accuracy")
 _DPI = 110
 
 
@@ -75,20 +83,26 @@ def load_rows(workdir: Path | str) -> list[dict[str, Any]]:
       numeric run, epoch and metrics (the message names the file and line).
   """
   path = _metrics_path(Path(workdir))
-  try:
-    # A cut-off last line is a row being appended as we read: left out.
-    lines = workdir_lib.numbered_jsonl(path)
-  except OSError as e:
-    raise ReportError(f"could not read {path} ({e.strerror or e}).") from e
-  except workdir_lib.CorruptMetrics as e:
-    raise ReportError(str(e)) from e
   rows: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
-  for number, value in lines:
+  for number, value in _jsonl_lines(path):
     row = _check_row(value, path, number)
     rows[(row["combo"], row["run"], row["epoch"])] = row
   if not rows:
     raise ReportError(f"{path} is empty: no epoch has finished yet.")
   return list(rows.values())
+
+
+def _jsonl_lines(path: Path) -> list[tuple[int, Any]]:
+  """(line number, value) of a JSON-lines file (workdir.numbered_jsonl: a
+  cut-off last line is a row being appended as we read, left out); a file
+  that cannot be read or a complete line that is not JSON is a
+  ReportError."""
+  try:
+    return workdir_lib.numbered_jsonl(path)
+  except OSError as e:
+    raise ReportError(f"could not read {path} ({e.strerror or e}).") from e
+  except workdir_lib.CorruptMetrics as e:
+    raise ReportError(str(e)) from e
 
 
 def _metrics_path(workdir: Path) -> Path:
@@ -169,7 +183,11 @@ def summarize(rows: Sequence[Mapping[str, Any]], *,
               results: Mapping[str, Any] | None = None,
               axes: Sequence[str] | None = None,
               target: float | None = None) -> list[dict[str, Any]]:
-  """One summary per combination of one workdir, in the order trained.
+  """One summary per setting of one workdir, in the order trained: a
+  setting is a combination at one value of each hyperparameter swept
+  within it (`swept_fields`), so that its runs differ only by their seed.
+  Swept values are never pooled, and a diverged run (`divergence`) is in
+  no mean.
 
   Args:
     rows: the workdir's metrics rows (`load_rows`), possibly of a run that
@@ -182,48 +200,131 @@ def summarize(rows: Sequence[Mapping[str, Any]], *,
 
   Returns:
     Dicts with "combo", one field per axis (None where a row lacks it),
-    "axes" (the axis names), "runs", "epochs" (the last one recorded),
+    "axes" (the axis names), one field per sweepable hyperparameter
+    (`train.SWEEPABLE`: the setting's value, None where the rows lack it),
+    "swept" (those swept within the combination: what tells its settings
+    apart), "runs" (the setting's runs: one per seed), "seeds" (their
+    seeds), "diverged" (one dict per diverged run: "run", "seed", "step"
+    (its diverged_at, or None) and "epoch" (its first epoch with a
+    non-finite loss or accuracy, or None)), "finite_runs" (the others,
+    which every mean below is over), "epochs" (the last one recorded),
     "test_accuracy_mean", "test_accuracy_std" (sample standard deviation
-    over runs, ddof=1; None for a single run), "test_accuracy_batch_stats_mean",
-    "train_loss_mean", "epochs_to_target_mean" (over the runs that reach the
-    target; None if none does), "runs_reaching_target", "target",
-    "wall_time", "compile_time" (None where unknown) and "complete" (whether
-    results.json exists).
+    over the finite runs' seeds, ddof=1; None for fewer than two),
+    "test_accuracy_batch_stats_mean", "test_accuracy_precise_mean" (None
+    also where a row lacks it), "train_loss_mean" (the means None where
+    every run diverged),
+    "epochs_to_target_mean" (over the finite runs that reach the target;
+    None if none does), "runs_reaching_target", "target", "wall_time",
+    "compile_time" (the combination's, None where unknown) and "complete"
+    (whether results.json exists).
   """
   axes = tuple(axes) if axes is not None else study_axes(results)
   target = float(target) if target is not None else study_target(results)
   info = _combos_info(results)
-  by_combo: dict[str, list[Mapping[str, Any]]] = {}
+  swept = swept_fields(rows)
+  by_setting: dict[tuple, list[Mapping[str, Any]]] = {}
   for row in rows:
-    by_combo.setdefault(row["combo"], []).append(row)
-  return [{**_summarize_combo(mine, axes, target, info.get(combo, {})),
-           "combo": combo, "complete": results is not None}
-          for combo, mine in by_combo.items()]
+    by_setting.setdefault(_setting_key(row, swept), []).append(row)
+  return [{**_summarize_setting(mine, axes, target,
+                                info.get(mine[0]["combo"], {}),
+                                swept[run_name(mine[0])]),
+           "combo": mine[0]["combo"], "complete": results is not None}
+          for mine in by_setting.values()]
 
 
-def _summarize_combo(rows: list[Mapping[str, Any]], axes: tuple[str, ...],
-                     target: float, info: Mapping[str, Any]) -> dict:
+def swept_fields(rows: Sequence[Mapping[str, Any]]
+                 ) -> dict[str, tuple[str, ...]]:
+  """{combination name (`run_name`): the hyperparameters of
+  `train.SWEEPABLE` whose value differs between its runs}: what,
+  besides the seed, tells the runs of one combination apart."""
+  values: dict[str, dict[str, set]] = {}
+  for row in rows:
+    mine = values.setdefault(run_name(row), {h: set() for h in _RUN_HPARAMS})
+    for h in _RUN_HPARAMS:
+      mine[h].add(repr(row.get(h)))
+  return {name: tuple(h for h in _RUN_HPARAMS if len(v[h]) > 1)
+          for name, v in values.items()}
+
+
+def _setting_key(row: Mapping[str, Any],
+                 swept: Mapping[str, tuple[str, ...]]) -> tuple:
+  name = run_name(row)
+  return (name, *(repr(row.get(h)) for h in swept[name]))
+
+
+def setting_name(item: Mapping[str, Any],
+                 swept: Sequence[str] | None = None) -> str:
+  """A setting (a row or a summary): its combination (`run_name`), then
+  "__<field>=<value>" for each hyperparameter swept within it (`swept`,
+  default the summary's "swept"), e.g.
+  "norm=layer__bn_epsilon=0.001"; the combination alone where nothing is
+  swept."""
+  swept = item.get("swept", ()) if swept is None else swept
+  return "__".join([run_name(item)] + [f"{h}={value_text(item.get(h))}"
+                                       for h in swept])
+
+
+def value_text(value) -> str:
+  """A cell's text: "-" for None, a float in at most 6 significant digits
+  (0.001, 1e-05, 0.00282843), anything else as str."""
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.6g}"
+  return str(value)
+
+
+def divergence(run: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+  """How one run's rows (any order) diverged, or None where it did not:
+  {"step": its first diverged_at (nan_guard="record" froze it there), or
+  None; "epoch": the first epoch with a non-finite train loss, test loss
+  or test accuracy, or None}. A diverged run is never averaged in."""
+  rows = sorted(run, key=lambda r: r["epoch"])
+  step = next((r["diverged_at"] for r in rows
+               if r.get("diverged_at") is not None), None)
+  epoch = next((r["epoch"] for r in rows if any(
+      _is_number(r.get(k)) and not np.isfinite(r[k])
+      for k in _FINITE_FIELDS)), None)
+  if step is None and epoch is None:
+    return None
+  return {"step": step, "epoch": epoch}
+
+
+def _summarize_setting(rows: list[Mapping[str, Any]], axes: tuple[str, ...],
+                       target: float, info: Mapping[str, Any],
+                       swept: tuple[str, ...]) -> dict:
   by_run: dict[Any, list[Mapping[str, Any]]] = {}
   for row in rows:
     by_run.setdefault(row["run"], []).append(row)
-  final = [max(mine, key=lambda r: r["epoch"]) for mine in by_run.values()]
-  accuracy = np.array([r["test_accuracy"] for r in final], dtype=float)
-  reached = [_first_epoch_at(mine, target) for mine in by_run.values()]
+  final = {run: max(mine, key=lambda r: r["epoch"])
+           for run, mine in by_run.items()}
+  diverged = []
+  for run, mine in by_run.items():
+    how = divergence(mine)
+    if how is not None:
+      diverged.append({"run": run, "seed": final[run].get("seed"), **how})
+  out = {d["run"] for d in diverged}
+  kept = [final[run] for run in by_run if run not in out]
+  mean = lambda key: (float(np.mean([r[key] for r in kept]))
+                      if kept and all(key in r for r in kept) else None)
+  accuracy = np.array([r["test_accuracy"] for r in kept], dtype=float)
+  reached = [_first_epoch_at(by_run[r["run"]], target) for r in kept]
   hit = [e for e in reached if e is not None]
   wall_time = info.get("wall_time", rows[-1].get("wall_time"))
   return {
       **{axis: rows[0].get(axis, info.get(axis)) for axis in axes},
-      "axes": axes, "runs": len(by_run),
-      "epochs": max(r["epoch"] for r in final),
-      "test_accuracy_mean": float(accuracy.mean()),
+      "axes": axes,
+      **{h: rows[0].get(h) for h in _RUN_HPARAMS}, "swept": swept,
+      "runs": len(by_run),
+      "seeds": [final[run].get("seed") for run in by_run],
+      "diverged": diverged, "finite_runs": len(kept),
+      "epochs": max(r["epoch"] for r in final.values()),
+      "test_accuracy_mean": mean("test_accuracy"),
       "test_accuracy_std": (float(accuracy.std(ddof=1))
                             if len(accuracy) > 1 else None),
-      "test_accuracy_batch_stats_mean": float(np.mean(
-          [r["test_accuracy_batch_stats"] for r in final])),
-      "test_accuracy_precise_mean": (
-          float(np.mean([r[train.PRECISE_METRIC] for r in final]))
-          if all(train.PRECISE_METRIC in r for r in final) else None),
-      "train_loss_mean": float(np.mean([r["train_loss"] for r in final])),
+      "test_accuracy_batch_stats_mean": mean("test_accuracy_batch_stats"),
+      "test_accuracy_precise_mean": mean(train.PRECISE_METRIC),
+      "train_loss_mean": mean("train_loss"),
       "epochs_to_target_mean": float(np.mean(hit)) if hit else None,
       "runs_reaching_target": len(hit), "target": target,
       "wall_time": wall_time if _is_number(wall_time) else None,
@@ -241,29 +342,38 @@ def summary_markdown(summaries: Sequence[Mapping[str, Any]]) -> str:
   """The markdown table of `summarize`'s dicts (of one or several workdirs),
   with the notes that explain it underneath.
 
-  Columns: "workdir" when the summaries carry one (`write_report` adds it
-  for several workdirs), then the axes whose value differs between the rows
-  ("placement" if none does), runs, test accuracy in eval mode (mean +- sample
-  std over runs, %), with batch statistics (mean, %), final train loss,
-  epochs to the target accuracy, wall time.
+  One line per summary: a setting (a combination at one value of what is
+  swept within it). Columns: "workdir" when the summaries carry one
+  (`write_report` adds it for several workdirs), then the axes whose value
+  differs between the lines ("placement" if none does), then the
+  hyperparameters (`train.SWEEPABLE`) whose value differs between them,
+  seeds, test accuracy in eval mode (mean +- sample std over the seeds, %),
+  with batch statistics (mean, %), final train loss, epochs to the target
+  accuracy, "diverged" (where a run diverged: how many seeds, and when;
+  those are in no mean), wall time.
   """
   axes = _shown_axes(summaries)
+  hparams = _shown_hparams(summaries)
   workdir_column = any("workdir" in s for s in summaries)
   targets = {s["target"] for s in summaries}
   target_header = (f"epochs to {_percent(next(iter(targets)))}"
                    if len(targets) == 1 else "epochs to target")
   precise = any(s.get("test_accuracy_precise_mean") is not None
                 for s in summaries)
-  header = ((["workdir"] if workdir_column else []) + list(axes) +
-            ["runs", "test acc (eval mode)", "test acc (batch stats)"]
+  diverged = any(s.get("diverged") for s in summaries)
+  header = ((["workdir"] if workdir_column else []) + list(axes) + hparams
+            + ["seeds", "test acc (eval mode)", "test acc (batch stats)"]
             + (["test acc (precise BN)"] if precise else [])
-            + ["train loss", target_header, "wall time (s)"])
+            + ["train loss", target_header]
+            + (["diverged"] if diverged else []) + ["wall time (s)"])
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
   for s in summaries:
     cells = (([str(s.get("workdir", "-"))] if workdir_column else []) +
              [_cell(s.get(a)) for a in axes] +
-             _metric_cells(s, show_target=len(targets) > 1, precise=precise))
+             [value_text(s.get(h)) for h in hparams] +
+             _metric_cells(s, show_target=len(targets) > 1, precise=precise,
+                           diverged=diverged))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n\n" + _notes(summaries)
 
@@ -277,38 +387,96 @@ def _shown_axes(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
   return varying or (["placement"] if "placement" in names else names[:1])
 
 
+def _shown_hparams(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The hyperparameters swept within a combination, and those that differ
+  between the rows otherwise (a learning rate scaled with the batch size,
+  workdirs trained at different rates)."""
+  return [h for h in _RUN_HPARAMS
+          if any(h in s.get("swept", ()) for s in summaries)
+          or len({repr(s.get(h)) for s in summaries}) > 1]
+
+
 def _metric_cells(s: Mapping[str, Any], show_target: bool,
-                  precise: bool = False) -> list[str]:
-  """The cells after the axes; `show_target` where the rows' targets differ
-  (so the header cannot name one); `precise` adds the precise-BN column."""
+                  precise: bool = False, diverged: bool = False) -> list[str]:
+  """The cells after the axes and swept values; `show_target` where the
+  rows' targets differ (so the header cannot name one); `precise` adds the
+  precise-BN column, `diverged` the diverged one. A diverged run is in no
+  mean: the accuracy cell says over how many of the seeds it is, and a
+  line whose seeds all diverged says so instead of a number."""
   std, wall = s["test_accuracy_std"], s["wall_time"]
+  runs = s["runs"]
+  finite = s.get("finite_runs", runs)
   target = f"{_percent(s['target'])}" if show_target else ""
-  if s["epochs_to_target_mean"] is None:
+  number = lambda v, f: "-" if v is None else f(v)
+  if not finite:
+    to_target = "-"
+  elif s["epochs_to_target_mean"] is None:
     to_target = "not reached" + (f" ({target})" if target else "")
   else:
     to_target = (f"{s['epochs_to_target_mean']:.1f} "
-                 f"({s['runs_reaching_target']}/{s['runs']} runs"
+                 f"({s['runs_reaching_target']}/{finite} seeds"
                  + (f", {target})" if target else ")"))
+  if not finite:
+    accuracy = f"all {runs} seeds diverged" if runs > 1 else "diverged"
+  else:
+    accuracy = (f"{100 * s['test_accuracy_mean']:.2f} +- "
+                + ("-" if std is None else f"{100 * std:.2f}")
+                + (f" ({finite} of {runs} seeds)" if finite < runs else ""))
   cells = [
-      str(s["runs"]),
-      f"{100 * s['test_accuracy_mean']:.2f} +- "
-      + ("-" if std is None else f"{100 * std:.2f}"),
-      f"{100 * s['test_accuracy_batch_stats_mean']:.2f}"]
+      str(runs), accuracy,
+      number(s["test_accuracy_batch_stats_mean"],
+             lambda v: f"{100 * v:.2f}")]
   if precise:
-    value = s.get("test_accuracy_precise_mean")
-    cells.append("-" if value is None else f"{100 * value:.2f}")
-  return cells + [
-      f"{s['train_loss_mean']:.4f}", to_target,
-      "-" if wall is None else f"{wall:.1f}"]
+    cells.append(number(s.get("test_accuracy_precise_mean"),
+                        lambda v: f"{100 * v:.2f}"))
+  cells += [number(s["train_loss_mean"], lambda v: f"{v:.4f}"), to_target]
+  if diverged:
+    cells.append(diverged_text(s))
+  return cells + ["-" if wall is None else f"{wall:.1f}"]
+
+
+def diverged_text(s: Mapping[str, Any]) -> str:
+  """A summary's diverged runs: "-" for none, else "1 of 3 seeds (seed 2
+  at step 1,200)"; a run with a non-finite loss but no diverged_at (no
+  NaN guard) "at epoch 3"."""
+  diverged = s.get("diverged") or []
+  if not diverged:
+    return "-"
+  when = [f"seed {d['seed']} at " + (f"step {d['step']:,}"
+                                     if d["step"] is not None
+                                     else f"epoch {d['epoch']}")
+          for d in diverged]
+  return f"{len(diverged)} of {s['runs']} seeds ({'; '.join(when)})"
 
 
 def _notes(summaries: Sequence[Mapping[str, Any]]) -> str:
-  notes = ["+- is the sample standard deviation over runs (ddof=1)"
-           + ("; - for a single run." if any(
-               s["test_accuracy_std"] is None for s in summaries) else ".")]
+  counts = sorted({s["runs"] for s in summaries})
+  n = (f"{counts[0]} seed" + ("s" if counts[0] > 1 else "")
+       if len(counts) == 1 else f"{counts[0]} to {counts[-1]} seeds")
+  swept = [h for h in _RUN_HPARAMS
+           if any(h in s.get("swept", ()) for s in summaries)]
+  notes = ["Each line: one combination"
+           + (f" at one value of {', '.join(swept)} (swept within it, "
+              "never pooled)" if swept else "")
+           + f"; means over {n}, +- the sample standard deviation "
+           "(ddof=1) over those seeds"
+           + ("; - for a single seed." if any(
+               s["test_accuracy_std"] is None and s.get("finite_runs", 1)
+               for s in summaries) else ".")]
+  if any(s.get("diverged") for s in summaries):
+    notes.append(
+        "A diverged seed (frozen at its first non-finite step by "
+        "nan_guard=\"record\", or with a non-finite loss or accuracy) is in "
+        "no mean, +- or count of its line: the diverged column says which "
+        "and when, the accuracy cell over how many seeds it is.")
+  combos = [run_name(s) for s in summaries]
+  if len(set(combos)) < len(combos):
+    notes.append("Wall time is the combination's: its swept values train "
+                 "together, so its lines share it.")
   partial = [s for s in summaries if not s.get("complete", True)]
   if partial:
-    epochs = ", ".join(f"{run_name(s)}: {s['epochs']}" for s in partial)
+    epochs = ", ".join(dict.fromkeys(f"{run_name(s)}: {s['epochs']}"
+                                     for s in partial))
     notes.append("No results.json (interrupted or still running): those "
                  f"rows are at their last recorded epoch ({epochs}).")
   return "\n".join(notes) + "\n"
@@ -392,29 +560,47 @@ def mean_std_by(rows: Sequence[Mapping[str, Any]], key: str,
   return xs, mean, std
 
 
-def runs_per_combination(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-  """{combination name (`run_name`): how many runs its rows hold}."""
-  runs: dict[str, set] = {}
+def settings(rows: Sequence[Mapping[str, Any]]
+             ) -> dict[str, dict[str, Any]]:
+  """The rows by setting (a combination at one value of each
+  hyperparameter swept within it, `swept_fields`), in the order trained:
+  {setting name (`setting_name`): {"rows": its rows of runs that did not
+  diverge, "runs": how many runs (one per seed) it has, "diverged": how
+  many of them diverged (`divergence`), "run_ids": the (workdir, combo,
+  run) of its finite runs}}. What the curves average: a diverged run is
+  left out whole."""
+  swept = swept_fields(rows)
+  runs: dict[str, dict[Any, list[Mapping[str, Any]]]] = {}
   for row in rows:
-    runs.setdefault(run_name(row), set()).add(row["run"])
-  return {name: len(r) for name, r in runs.items()}
+    name = setting_name(row, swept[run_name(row)])
+    runs.setdefault(name, {}).setdefault(row["run"], []).append(row)
+  out = {}
+  for name, by_run in runs.items():
+    kept = {run: mine for run, mine in by_run.items()
+            if divergence(mine) is None}
+    out[name] = {
+        "rows": [r for mine in kept.values() for r in mine],
+        "runs": len(by_run), "diverged": len(by_run) - len(kept),
+        "run_ids": {(r.get("workdir"), r["combo"], r["run"])
+                    for mine in kept.values() for r in mine[:1]}}
+  return out
 
 
 def band_note(rows: Sequence[Mapping[str, Any]]) -> str:
-  """What the curves of `plot_comparison` are (its title): the mean over a
-  combination's runs, and the shaded band +- one sample std over them
-  ("seeds" where the runs differ only by seed, else "runs")."""
-  counts = sorted(set(runs_per_combination(rows).values()))
-  if counts == [1]:
-    return "one run per combination: the line is that run, no band"
-  swept = any(len({repr(r.get(h)) for r in rows
-                   if run_name(r) == name}) > 1
-              for name in runs_per_combination(rows) for h in _RUN_HPARAMS)
-  unit = "runs (seeds x swept values)" if swept else "seeds"
+  """What the curves of `plot_comparison` are (its title): one line per
+  setting (a combination at one value of what is swept within it), the
+  mean over its seeds, and the shaded band +- one sample std over them; a
+  diverged seed is in no line (the legend says how many)."""
+  found = settings(rows).values()
+  counts = sorted({s["runs"] - s["diverged"] for s in found} - {0})
+  diverged = (" (diverged seeds left out)"
+              if any(s["diverged"] for s in found) else "")
+  if counts in ([], [1]):
+    return f"one seed per line{diverged}: the line is that run, no band"
   n = (str(counts[0]) if len(counts) == 1
        else f"{counts[0]} to {counts[-1]}")
-  return (f"line: mean over {n} {unit}; shaded band (error bar at a single "
-          "point): mean ± 1 sample std (ddof=1) over them")
+  return (f"line: mean over {n} seeds{diverged}; shaded band (error bar at "
+          "a single point): mean ± 1 sample std (ddof=1) over them")
 
 
 def has_running_statistics(row: Mapping[str, Any]) -> bool:
@@ -450,14 +636,10 @@ def load_steps(workdir: Path | str) -> list[dict[str, Any]]:
     ReportError: the file cannot be read, or a complete line is not JSON.
   """
   path = Path(workdir) / STEPS_FILE
-  try:
-    values = workdir_lib.read_jsonl(path)
-  except OSError as e:
-    raise ReportError(f"could not read {path} ({e.strerror or e}).") from e
-  except workdir_lib.CorruptMetrics as e:
-    raise ReportError(str(e)) from e
+  if not path.exists():
+    return []
   rows: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
-  for row in values:
+  for _, row in _jsonl_lines(path):
     if (isinstance(row, dict) and isinstance(row.get("combo"), str)
         and _is_number(row.get("run")) and _is_number(row.get("step"))):
       rows[(row["combo"], row["run"], row["step"])] = row
@@ -505,17 +687,20 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]],
                     path: Path | str | None = None, *,
                     steps: Sequence[Mapping[str, Any]] = ()):
   """Train loss (log scale), train accuracy and test accuracy (eval mode),
-  accuracies in %, one line per combination: the mean over its runs, with
-  a shaded band of +- one sample std over them (`band_note`, the figure's
-  title). x: optimizer steps for runs of at most FEW_EPOCHS epochs, else
-  epochs (`x_axis`).
+  accuracies in %, one line per setting (`settings`: a combination at one
+  value of what is swept within it, never pooled): the mean over its
+  seeds, with a shaded band of +- one sample std over them (`band_note`,
+  the figure's title). A diverged run is in no line: the legend says how
+  many of a setting's seeds diverged, and a setting whose seeds all
+  diverged has a legend entry and no line. x: optimizer steps for runs of
+  at most FEW_EPOCHS epochs, else epochs (`x_axis`).
 
   Args:
     rows: metrics rows; those with a "workdir" field are kept apart by it.
     path: where to write the PNG (atomically), or None.
     steps: steps.jsonl rows (`load_steps`, with the same "workdir" fields):
-      a combination that has some draws its training curves from them
-      (every logged step), else from the per-epoch rows.
+      a setting that has some draws its training curves from them (every
+      logged step), else from the per-epoch rows.
 
   Returns:
     The matplotlib Figure (axes: loss, train accuracy, test accuracy).
@@ -523,24 +708,31 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]],
   fig = new_figure((14, 4.3))
   ax_loss, ax_train, ax_test = fig.subplots(1, 3)
   x, xlabel = x_axis(rows)
-  series: dict[str, list[Mapping[str, Any]]] = {}
-  for row in rows:
-    series.setdefault(run_name(row), []).append(row)
-  logged: dict[str, list[Mapping[str, Any]]] = {}
+  series = settings(rows)
+  logged: dict[tuple, list[Mapping[str, Any]]] = {}
   for row in steps:
-    logged.setdefault(run_name(row), []).append(row)
+    logged.setdefault((row.get("workdir"), row["combo"], row["run"]),
+                      []).append(row)
   from_steps = []
-  for name, mine in series.items():
-    curves = [(ax_loss, training_curve(mine, logged.get(name, ()),
-                                       "train_loss", x)),
-              (ax_train, training_curve(mine, logged.get(name, ()),
-                                        "train_accuracy", x, 100.0)),
+  for name, setting in series.items():
+    mine = setting["rows"]
+    label = name + (f" ({setting['diverged']} of {setting['runs']} seeds "
+                    "diverged, left out)" if setting["diverged"] else "")
+    if not mine:
+      ax_test.plot([], [], ls="none", marker="x",
+                   label=f"{name} (all {setting['runs']} seeds diverged)")
+      continue
+    mine_steps = [r for run in sorted(setting["run_ids"], key=repr)
+                  for r in logged.get(run, ())]
+    curves = [(ax_loss, training_curve(mine, mine_steps, "train_loss", x)),
+              (ax_train, training_curve(mine, mine_steps, "train_accuracy",
+                                        x, 100.0)),
               (ax_test, (*mean_std_by(mine, "test_accuracy", x, 100.0),
                          False))]
     color = None
     for ax, (xs, mean, std, dense) in curves:
       line, = ax.plot(xs, mean, marker=None if dense else _marker(xs),
-                      ms=3, label=name, color=color)
+                      ms=3, label=label, color=color)
       color = line.get_color()
       _band(ax, xs, mean, std, color)
     from_steps.append(curves[0][1][3])
@@ -550,8 +742,10 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]],
   ax_train.set(ylabel="train accuracy (training mode, %)",
                title=f"Training accuracy{source}")
   ax_test.set(ylabel="test accuracy (eval mode, %)", title="Test accuracy")
-  # Outside the axes: a study of many combinations would hide the curves.
-  ax_test.legend(title="combination", fontsize=8 if len(series) > 4 else 10,
+  # Outside the axes: a study of many settings would hide the curves.
+  ax_test.legend(title="setting" if any(
+      swept_fields(rows).values()) else "combination",
+                 fontsize=8 if len(series) > 4 else 10,
                  loc="upper left", bbox_to_anchor=(1.02, 1.0))
   for ax in (ax_loss, ax_train, ax_test):
     _finish_x_axis(ax, xlabel)
@@ -621,7 +815,8 @@ def plot_runs(rows: Sequence[Mapping[str, Any]], combo: str,
                    key=lambda r: r["epoch"])
     xs = [r[x] for r in curve]
     line, = ax.plot(xs, [100 * r["test_accuracy"] for r in curve],
-                    marker=marker, ms=3, label=_run_label(curve[0], varying))
+                    marker=marker, ms=3,
+                    label=_run_label(curve[0], varying, divergence(curve)))
     if batch_stats:
       ax.plot(xs, [100 * r["test_accuracy_batch_stats"] for r in curve],
               ls="--", marker=marker, ms=3, mfc="none",
@@ -643,9 +838,15 @@ def plot_runs(rows: Sequence[Mapping[str, Any]], combo: str,
   return fig
 
 
-def _run_label(row: Mapping[str, Any], hparams: Sequence[str]) -> str:
-  """"run 2 (seed 1)", plus the swept values that tell the runs apart."""
-  extra = "".join(f", {h}={row.get(h)}" for h in hparams)
+def _run_label(row: Mapping[str, Any], hparams: Sequence[str],
+               diverged: Mapping[str, Any] | None = None) -> str:
+  """"run 2 (seed 1)", plus the swept values that tell the runs apart,
+  and where the run diverged ("diverged at step 1,200")."""
+  extra = "".join(f", {h}={value_text(row.get(h))}" for h in hparams)
+  if diverged is not None:
+    extra += ", diverged at " + (f"step {diverged['step']:,}"
+                                 if diverged["step"] is not None
+                                 else f"epoch {diverged['epoch']}")
   return f"run {row['run']} (seed {row.get('seed', '?')}{extra})"
 
 
@@ -690,7 +891,9 @@ def write_report(workdirs: Sequence[Path | str], out: Path | str,
   workdir_lib.write_atomic(out / "summary.md", _header(studies) + table)
   steps = [r for study in studies for r in study["steps"]]
   plot_comparison(rows, out / "learning_curves.png", steps=steps)
-  for s in summaries:
+  # One figure per combination: its runs, each labelled with its swept
+  # values (a combination has a line per setting in the table).
+  for s in {(s.get("workdir"), s["combo"]): s for s in summaries}.values():
     plot_runs(rows, s["combo"], out / curves_filename(s),
               workdir=s.get("workdir"))
   return table

@@ -139,6 +139,7 @@ def _claim_workdir(workdir: Path, study, config_dict,
   """Creates the workdir, takes its lock (held until `lock` closes) and
   checks that it holds no other study's or config's run."""
   _create(workdir)
+  workdir_lib.check_files_are_files(workdir)
   lock.enter_context(workdir_lib.Lock(workdir))
   workdir_lib.check_resumable(workdir, config_dict, study=study.name,
                               result_dirs=study.result_dirs,

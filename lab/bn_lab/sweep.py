@@ -9,11 +9,14 @@ sets. Every metrics row carries the value of every axis.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import numbers
 from typing import Any, NamedTuple
 
 import ml_collections
+import numpy as np
 
 from bn_lab import data as data_lib
 from bn_lab import models
@@ -173,6 +176,7 @@ def make_spec(config, num_train: int,
       num_epochs=config.num_epochs,
       nan_guard=config.nan_guard is not False,
       freeze_diverged=config.nan_guard == "record",
+      divergence_factor=config.divergence_factor or None,  # 0: off
       data_seed=config.data_seed, input_scaling=config.input_scaling,
       precise_batches=precise_batches(config, num_train),
       precise_estimator=config.precise_bn.estimator,
@@ -206,6 +210,16 @@ def is_int(value) -> bool:
 
 def is_number(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_float32_finite(value) -> bool:
+  """A number that stays finite as a float32 (the runs' per-run values are
+  float32 on the device): not NaN, not inf, not beyond float32's range."""
+  return is_number(value) and math.isfinite(value) and (
+      abs(value) <= FLOAT32_MAX)
 
 
 def check(condition: bool, field: str, value, requirement: str) -> None:
@@ -319,6 +333,14 @@ def _check_numbers(config) -> None:
   if not (isinstance(config.nan_guard, bool) or config.nan_guard == "record"):
     raise ConfigError(f"config.nan_guard={config.nan_guard!r} must be True, "
                       "False or 'record'.")
+  factor = config.divergence_factor
+  if factor is not None and not (is_number(factor) and (
+      factor == 0 or (is_float32_finite(factor) and factor > 1))):
+    raise ConfigError(
+        f"config.divergence_factor={factor!r} must be a finite number > 1 "
+        "(the NaN guard calls a run diverged when its training loss "
+        "exceeds this many times ln(number of classes), an untrained "
+        "classifier's loss), or None or 0 (off).")
 
 
 def _check_runs(config) -> None:
@@ -341,10 +363,17 @@ def _check_runs(config) -> None:
         is_number(v) for v in values):
       raise ConfigError(f"config.sweep.{name}={values!r} must be a tuple of "
                         f"numbers, e.g. --config.sweep.{name}='(0.1,0.2)'.")
-  for lr in (config.learning_rate, *config.sweep.learning_rate):
-    if not lr > 0:
-      raise ConfigError(f"learning rate {lr} (config.learning_rate or "
-                        "config.sweep.learning_rate) must be > 0.")
+  rule = (f"must be > 0 and finite as a float32 (at most {FLOAT32_MAX:.8g})"
+          "; another fails only once compiled, or trains nothing")
+  if not (config.learning_rate > 0
+          and is_float32_finite(config.learning_rate)):
+    raise ConfigError(
+        f"config.learning_rate={config.learning_rate!r} {rule}.")
+  for lr in config.sweep.learning_rate:
+    if not (lr > 0 and is_float32_finite(lr)):
+      raise ConfigError(
+          f"config.sweep.learning_rate={tuple(config.sweep.learning_rate)!r}"
+          f" has {lr!r}: each learning rate {rule}.")
   # The one check of BN options is the norm factory's, for config.bn and
   # for every swept value in its place.
   _check_norm(dict(config.bn), "")
@@ -491,11 +520,67 @@ def validate_config(config) -> None:
       parallel.check_config(combo.config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  for combo in combinations(config):
+  combos = combinations(config)
+  shapes = {}  # model spec -> its variables' shapes, across combinations
+  for combo in combos:
+    where = f" (combination {combo.name})" if len(combos) > 1 else ""
     _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
     _check_sequence_model(combo.config)
     _check_norm_fits(combo.config)
     _check_noise_fits(combo.config)
+    _check_scaled_learning_rates(combo.config, where)
+    _check_placement_normalizes(combo.config, where, shapes)
+
+
+def _check_scaled_learning_rates(config, where: str) -> None:
+  """The learning rates config.lr_scaling gives this combination's batch
+  size: still finite as float32s."""
+  for run in run_grid(config):
+    lr = run["hparams"]["learning_rate"]
+    if not is_float32_finite(lr):
+      raise ConfigError(
+          f"config.lr_scaling={config.lr_scaling!r} turns a learning rate "
+          f"into {lr!r} at batch size {config.batch_size}{where}, which is "
+          "not finite as a float32; lower the learning rate or use "
+          "lr_scaling='none'.")
+
+
+# The TrainSpec fields the model is built from (TrainSpec.make_model).
+_MODEL_FIELDS = ("model", "placement", "activation", "widths", "channels",
+                 "conv", "init", "init_std", "norm", "sequence",
+                 "hidden_size", "permutation_seed", "bn")
+
+
+def _check_placement_normalizes(config, where: str,
+                                shapes: dict[train.TrainSpec, Any]) -> None:
+  """A placement other than "none", with a norm, puts at least one
+  normalization layer in this combination's model: read from the model
+  itself (the variables of the model built as the trainer builds it,
+  against those of the same model with placement "none"; traced, not
+  compiled), not from a copy of the placement rules. With norm="none" the
+  model has none by its norm, which the rows name. `shapes` memoizes the
+  models' shapes (batch sizes share a model, placements its bare twin)."""
+  if config.placement == "none" or config.norm == "none":
+    return
+  spec = make_spec(config, config.batch_size)
+  spec = train.TrainSpec(**{f: getattr(spec, f) for f in _MODEL_FIELDS})
+  bare = dataclasses.replace(spec, placement="none")
+  for model in (spec, bare):
+    if model not in shapes:
+      shapes[model] = models.variable_shapes(model.make_model({}))
+  if shapes[spec] != shapes[bare]:
+    return
+  layers = ((f"channels={tuple(config.channels)!r}, "
+             if config.model == "cnn" else "")
+            + f"widths={tuple(config.widths)!r}")
+  fields = ("config.channels or config.widths" if config.model == "cnn"
+            else "config.widths")
+  raise ConfigError(
+      f"config.placement={config.placement!r} puts no normalization layer "
+      f"in the model (model={config.model!r}, {layers}){where}: it has no "
+      "layer there to normalize, so the run would be placement 'none' "
+      f"reported as {config.placement!r}; give it hidden layers ({fields})"
+      ", or use placement 'input' or 'none'.")
 
 
 def _check_noise_fits(config) -> None:

@@ -45,6 +45,9 @@ STALENESS_METRICS = ("running_mean_gap", "running_var_gap")
 TRAIN_EVAL_METRICS = ("train_loss_eval", "train_accuracy_eval")
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
+# The guard's next bit: the training loss was finite but above the
+# divergence threshold (`TrainSpec.divergence_factor`).
+DIVERGED_FLAG = 1 << len(NONFINITE_QUANTITIES)
 
 
 def significant(values, digits: int = 7):
@@ -144,6 +147,10 @@ class TrainSpec:
   num_epochs: int = 10
   eval_chunk: int = 1000
   nan_guard: bool = True  # flag the first non-finite step (see train_epoch)
+  # With nan_guard: also flag the first step whose training loss is finite
+  # but above divergence_factor x ln(number of classes), the loss of an
+  # untrained classifier (`divergence_threshold`); None: off.
+  divergence_factor: float | None = None
   # With nan_guard: a run's first non-finite step is dropped and the run
   # frozen from then on (TrainState.diverged_at), the others train on.
   freeze_diverged: bool = False
@@ -378,26 +385,68 @@ def describe_nonfinite(flags: int) -> str:
                    if int(flags) >> i & 1)
 
 
+def divergence_threshold(factor: float,
+                         num_classes: int = models.NUM_CLASSES) -> float:
+  """The training loss above which the NaN guard calls a run diverged:
+  `factor` x ln(num_classes). ln(C) is the cross-entropy of an untrained
+  classifier (uniform predictions over C classes): a reference every run
+  shares, known before it starts, so that nothing is added to the
+  training state or its checkpoints (a run's own first loss would be)."""
+  return factor * math.log(num_classes)
+
+
+def diverged_flag(loss, factor: float | None, num_classes: int):
+  """DIVERGED_FLAG where the loss is finite and above the divergence
+  threshold (`divergence_threshold`), else 0 (int32; a NaN or inf loss is
+  `nonfinite_flags`' business)."""
+  if not factor:
+    return jnp.zeros((), jnp.int32)
+  above = jnp.isfinite(loss) & (loss > divergence_threshold(factor,
+                                                            num_classes))
+  return jnp.where(above, DIVERGED_FLAG, 0).astype(jnp.int32)
+
+
 class NonFiniteError(FloatingPointError):
-  """A run's loss, parameters or BN statistics became NaN or inf (the NaN
-  guard, `config.nan_guard`); nothing of that epoch was written."""
+  """A run's loss, parameters or BN statistics became NaN or inf, or its
+  loss passed the divergence threshold (the NaN guard, `config.nan_guard`
+  and `config.divergence_factor`); nothing of that epoch was written."""
+
+
+def describe_divergence(loss, factor: float) -> str:
+  """The guard's one-line explanation of a finite divergence (DIVERGED_FLAG)
+  at training loss `loss`."""
+  return (f"training loss {float(loss):.4g} above the divergence threshold "
+          f"{divergence_threshold(factor):.4g} (config.divergence_factor="
+          f"{factor:g} x ln({models.NUM_CLASSES}), an untrained classifier's "
+          "loss)")
 
 
 def nonfinite_error(combo: str, runs: list[dict], epoch: int,
                      spec: TrainSpec, first_step, flags,
-                     checkpoint_dir) -> NonFiniteError | None:
+                     checkpoint_dir, losses=None) -> NonFiniteError | None:
   """The NaN guard's error for an epoch's per-run flags, or None if all runs
-  stayed finite. `first_step[i]` is run i's first bad global step or -1."""
+  stayed finite (and below the divergence threshold). `first_step[i]` is
+  run i's first bad global step or -1; `losses[i]` its training loss there
+  (the metric "guard_loss", with `spec.divergence_factor`)."""
   bad = [i for i, step in enumerate(first_step) if step >= 0]
   if not bad:
     return None
   lines = []
+  diverged = False
   for i in bad:
     step = int(first_step[i])
     hparams = ", ".join(f"{k}={v}" for k, v in runs[i]["hparams"].items())
+    what = []
+    if int(flags[i]) & (DIVERGED_FLAG - 1):
+      what.append(f"non-finite {describe_nonfinite(flags[i])}")
+    if int(flags[i]) & DIVERGED_FLAG:
+      diverged = True
+      what.append(describe_divergence(
+          float("nan") if losses is None else losses[i],
+          spec.divergence_factor))
     lines.append(
-        f"  run {i} (seed {runs[i]['seed']}, {hparams}): non-finite "
-        f"{describe_nonfinite(flags[i])} at global step {step} (step "
+        f"  run {i} (seed {runs[i]['seed']}, {hparams}): {'; '.join(what)} "
+        f"at global step {step} (step "
         f"{step - (epoch - 1) * spec.steps_per_epoch} of "
         f"{spec.steps_per_epoch} in epoch {epoch})")
   kept = (f"the last good checkpoint (epoch {epoch - 1}) is in "
@@ -412,7 +461,10 @@ def nonfinite_error(combo: str, runs: list[dict], epoch: int,
       f"Nothing of epoch {epoch} was saved; {kept}. To fix: lower the "
       "learning rate (config.learning_rate / config.sweep.learning_rate), "
       "raise BN epsilon (config.bn.epsilon), or check the input data for "
-      "NaN/inf, and rerun in a new --workdir. To freeze the diverging runs "
+      "NaN/inf, and rerun in a new --workdir"
+      + ("; a loss above the divergence threshold is divergence too: to "
+         "allow it, raise --config.divergence_factor or set it to None"
+         if diverged else "") + ". To freeze the diverging runs "
       "and train the others on (a learning-rate range), set "
       "--config.nan_guard=record; to train on regardless (no checks, a "
       "little faster), --config.nan_guard=False.")
@@ -472,6 +524,11 @@ def train_step(state: TrainState, images, labels, *, spec: TrainSpec,
     # non-finite (train_epoch checks the parameters after the last step).
     metrics["nonfinite"] = nonfinite_flags(loss, batch_stats=batch_stats,
                                            axis_name=spec.axis_name)
+    if spec.divergence_factor:
+      # The global batch's loss (pmean above): the same on every device.
+      metrics["nonfinite"] |= diverged_flag(loss, spec.divergence_factor,
+                                            logits.shape[-1])
+      metrics["guard_loss"] = loss  # for the guard's message
   return new_state, metrics
 
 
@@ -543,8 +600,10 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   "first_nonfinite_step" (-1: none) and "nonfinite". A step that makes the
   parameters non-finite (a NaN or inf gradient or update) is caught by the
   next step's loss, computed with them; after the epoch's last step the
-  parameters themselves are checked. The host reads these once, with the
-  epoch's other metrics.
+  parameters themselves are checked. With `spec.divergence_factor`, a step
+  whose loss is finite but above `divergence_threshold` is flagged too
+  (DIVERGED_FLAG), and "guard_loss" is the first flagged step's loss. The
+  host reads these once, with the epoch's other metrics.
 
   With `spec.measurements`, the epoch is a scan over chunks of steps (the
   greatest common divisor of their intervals): before a chunk, the
@@ -568,7 +627,9 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   if spec.axis_name is not None:  # data parallel: this device's examples
     batches = device_share(batches, spec.axis_name, axis=1)
   no_step = jnp.asarray(-1, jnp.int32)
-  guard = (no_step, jnp.zeros((), jnp.int32)) if spec.nan_guard else ()
+  # (first bad step, its flags, its training loss)
+  guard = ((no_step, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+           if spec.nan_guard else ())
 
   def body(carry, xs):
     (carry, guard), (indices, step) = carry, xs
@@ -582,11 +643,13 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
     if spec.freeze_diverged:
       carry, metrics = _freeze_if_diverged(before, carry, metrics, spec)
     if spec.nan_guard:
-      first_step, first_flags = guard
+      first_step, first_flags, first_loss = guard
       flags = metrics.pop("nonfinite")
+      loss = metrics.pop("guard_loss", first_loss)
       is_first = (first_step < 0) & (flags != 0)
       guard = (jnp.where(is_first, carry.step, first_step),
-               jnp.where(is_first, flags, first_flags))
+               jnp.where(is_first, flags, first_flags),
+               jnp.where(is_first, loss, first_loss))
     return (carry, guard), metrics
 
   steps = jnp.arange(batches.shape[0])  # within the epoch
@@ -610,13 +673,15 @@ def train_epoch(state: TrainState, data: DeviceData, *, spec: TrainSpec,
     first = per - 1 if m.on == "test_images" else 0
     metrics[m.name] = jax.tree.map(lambda x: x[first::per], measured[m.name])
   if spec.nan_guard:
-    first_step, first_flags = guard
+    first_step, first_flags, first_loss = guard
     # The last step's update has no next loss to show it.
     last = nonfinite_flags(params=state.params)
     is_first = (first_step < 0) & (last != 0)
     metrics["first_nonfinite_step"] = jnp.where(is_first, state.step,
                                                 first_step)
     metrics["nonfinite"] = jnp.where(is_first, last, first_flags)
+    if spec.divergence_factor:
+      metrics["guard_loss"] = first_loss
   return state, metrics
 
 
@@ -690,7 +755,9 @@ def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
   recorded in `diverged_at` and reported in the guard's flags; a frozen
   run's later steps are not news. The frozen state is finite, but its loss
   need not be: a loss turns non-finite one step after the update that
-  caused it, which may have left huge finite weights."""
+  caused it, which may have left huge finite weights. (A loss above the
+  divergence threshold, `diverged_flag`, is likewise seen at the step
+  after the update that raised it, so the frozen state has that loss.)"""
   flags = metrics["nonfinite"] | nonfinite_flags(params=after.params,
                                                  axis_name=spec.axis_name)
   frozen = before.diverged_at >= 0
@@ -699,7 +766,8 @@ def _freeze_if_diverged(before: TrainState, after: TrainState, metrics,
                       before, after)
   kept = kept._replace(step=after.step, diverged_at=jnp.where(
       ~frozen & (flags != 0), after.step, before.diverged_at))
-  metrics = {k: jnp.where(rejected, jnp.zeros_like(v), v)
+  metrics = {k: v if k == "guard_loss" else jnp.where(rejected,
+                                                      jnp.zeros_like(v), v)
              for k, v in metrics.items() if k != "nonfinite"}
   metrics["nonfinite"] = jnp.where(frozen, 0, flags)
   return kept, metrics
@@ -804,6 +872,8 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
   if spec.nan_guard:
     metrics["first_nonfinite_step"] = train["first_nonfinite_step"]
     metrics["nonfinite"] = train["nonfinite"]
+    if spec.divergence_factor:
+      metrics["guard_loss"] = train["guard_loss"]
   return state, metrics
 
 

@@ -131,6 +131,20 @@ def numbered_jsonl(path: Path) -> list[tuple[int, Any]]:
   return values
 
 
+def recorded_epochs(rows: list[dict[str, Any]], combo: str,
+                    num_runs: int) -> int:
+  """The last epoch up to which `combo` has the rows of all `num_runs` runs
+  for every epoch (0: none), in metrics rows."""
+  runs: dict[int, set] = {}
+  for row in rows:
+    if row.get("combo") == combo:
+      runs.setdefault(row.get("epoch"), set()).add(row.get("run"))
+  epoch = 0
+  while len(runs.get(epoch + 1, ())) >= num_runs:
+    epoch += 1
+  return epoch
+
+
 def read_jsonl(path: Path) -> list[Any]:
   """The rows of a JSON-lines file (`numbered_jsonl`); [] if it does not
   exist."""
@@ -223,6 +237,22 @@ class MetricsWriter:
     self._writers.clear()
 
 
+@contextlib.contextmanager
+def closing_after_error(writer: MetricsWriter | None):
+  """Closes `writer` (None: nothing) after the block. Where the block
+  failed, a failure to close (the TensorBoard writer on the same full disk)
+  is suppressed: the block's error is the one the user must see."""
+  try:
+    yield
+  except BaseException:
+    if writer is not None:
+      with contextlib.suppress(Exception):
+        writer.close()
+    raise
+  if writer is not None:
+    writer.close()
+
+
 # The training metrics of steps.jsonl's rows (train.WINDOW_METRICS).
 STEP_SCALARS = ("train_loss", "train_accuracy")
 
@@ -268,6 +298,22 @@ def log_file(path: Path):
 # One run per workdir.
 
 
+# The files a run writes in its workdir (besides its folders).
+RUN_FILES = (".lock", "config.json", "metrics.jsonl", "steps.jsonl",
+             "results.json", "log.txt")
+
+
+def check_files_are_files(workdir: Path) -> None:
+  """Raises WorkdirError if one of RUN_FILES is a directory (or another
+  non-file) in `workdir`: the run could not write it."""
+  for name in RUN_FILES:
+    path = Path(workdir) / name
+    if path.exists() and not path.is_file():
+      raise WorkdirError(
+          f"{path} is a directory (or another non-file) where the run "
+          "writes a file; move it out of the way, or use a new --workdir.")
+
+
 class WorkdirInUse(WorkdirError):
   """Another process holds the workdir's lock."""
 
@@ -287,7 +333,13 @@ class Lock:
 
   def __enter__(self) -> "Lock":
     while True:
-      self._file = open(self.path, "a+")
+      try:
+        self._file = open(self.path, "a+")
+      except OSError as e:  # a read-only file system, no permission
+        raise WorkdirError(
+            f"cannot write in {self.path.parent} "
+            f"({os.strerror(e.errno) if e.errno else e}); give a --workdir "
+            "this user can write.") from None
       try:
         fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -362,7 +414,7 @@ ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "sequence": "rows", "lstm.hidden_size": 100,
                 "lstm.permutation_seed": 0, "grad_clip_norm": None,
                 "ics.every_steps": 0, "landscape.every_steps": 0,
-                "schedule_epochs": None}
+                "schedule_epochs": None, "divergence_factor": 1000.0}
 # Fields that moved from the base config into one study's config, with the
 # value that left them off: a saved config.json of another study that has
 # them at that value resumes without them.
@@ -420,7 +472,7 @@ def has_results(workdir: Path, result_dirs: tuple[str, ...] = ()) -> bool:
   or one of a study's `result_dirs` (a run stopped before, by a bad value
   or Ctrl-C, leaves nothing to keep)."""
   metrics = Path(workdir) / "metrics.jsonl"
-  return ((metrics.exists() and metrics.stat().st_size > 0)
+  return ((metrics.is_file() and metrics.stat().st_size > 0)
           or any(Path(workdir).glob("checkpoints/*/[0-9]*"))
           or any((Path(workdir) / d).exists() for d in result_dirs))
 
@@ -450,8 +502,16 @@ def check_resumable(workdir: Path, config: Mapping[str, Any], *,
         f"{workdir} holds results of the study {recorded!r}, not {study!r}; "
         "use a new --workdir.")
   saved_path = Path(workdir) / "config.json"
-  if not saved_path.exists() or not has_results(workdir, result_dirs):
+  if not has_results(workdir, result_dirs):
     return
+  if not saved_path.exists():
+    present = [name for name in ("metrics.jsonl", "checkpoints", *result_dirs)
+               if (Path(workdir) / name).exists()]
+    raise ConfigMismatch(
+        f"{workdir} holds {', '.join(present)} but no config.json, so the "
+        "config they were made with is unknown and a resume could mix two; "
+        "put config.json back, or remove those to start afresh there, or "
+        "use a new --workdir.")
   try:
     saved = json.loads(saved_path.read_text())
   except (OSError, ValueError) as e:

@@ -36,12 +36,12 @@ def section(studies, out: Path) -> str:
       study["rows"], "batch_size" if study["config"]["batch_sizes"]
       else "bn.virtual_batch_size") for study in studies]
   per_study = [_batch_size_comparisons(points, bool(study["config"][
-      "batch_sizes"])) for study, (_, points) in zip(studies, tables)]
+      "batch_sizes"])) for study, (_, points, _) in zip(studies, tables)]
   corrected = iter(stats.holm_family(c for mine in per_study
                                      for c in mine.values()))
   per_study = [{key: next(corrected) for key in mine} for mine in per_study]
-  for study, (lines, points), comparisons in zip(studies, tables,
-                                                 per_study):
+  for study, (lines, points, diverged), comparisons in zip(
+      studies, tables, per_study):
     sgd = bool(study["config"]["batch_sizes"])
     text.append(
         ("### (b) The SGD batch\n\nBatch sizes with "
@@ -57,6 +57,7 @@ def section(studies, out: Path) -> str:
                        "stats", "test, moving avg", "test, exact",
                        "train/test gap", "stale", "inconsistency",
                        "dominates"], lines))
+    text.append(_diverged_note(diverged))
     text.append(page.figure(out, f"{study['label']}.png",
                        lambda p, pts=points, s=sgd: _plot_batch_size(
                            pts, p, s),
@@ -69,11 +70,15 @@ REFERENCE_NORMS = ("layer", "group", "none", "rms", "instance")  # no stats
 
 
 def _batch_size_table(rows, field):
-  """The table's lines, grouped by norm, by size within; and per norm its
-  (size, means, final rows) points."""
-  points = {}
+  """The table's lines, grouped by norm, by size within; per norm its
+  (size, means, final rows) points; and the diverged runs, (norm, size,
+  final row), which are in no mean, point or test."""
+  points, diverged = {}, []
   for mine in page.by_combo(rows).values():
-    finals = page.final_rows(mine)
+    finals, lost = page.split_diverged(mine)
+    diverged += [(mine[0].get("norm"), mine[0].get(field), r) for r in lost]
+    if not finals:  # every seed diverged: no point, only the note
+      continue
     m = {k: float(np.mean([r[k] for r in finals])) for k in (
         "train_accuracy_eval", "test_accuracy_batch_stats", "test_accuracy",
         train.PRECISE_METRIC)}
@@ -96,7 +101,19 @@ def _batch_size_table(rows, field):
           + ([f"{100 * stale:+.2f}", f"{100 * inconsistency:+.2f}",
               "stale average" if abs(stale) > abs(inconsistency)
               else "inconsistency"] if has_stats else ["", "", ""]))
-  return lines, points
+  return lines, points, diverged
+
+
+def _diverged_note(diverged) -> str:
+  """One line naming each diverged run (or nothing)."""
+  if not diverged:
+    return ""
+  runs = "; ".join(
+      f"{norm} size {size} seed {row['seed']}"
+      + (f" (step {row['diverged_at']})" if row.get("diverged_at")
+         is not None else " (non-finite)") for norm, size, row in diverged)
+  return (f"Diverged, so left out of every mean, figure and test above: "
+          f"{runs}.\n")
 
 
 def _plot_batch_size(points, path, sgd: bool):

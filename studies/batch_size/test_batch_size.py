@@ -201,3 +201,29 @@ def test_ghost_sizes_against_the_reference_are_one_family():
       points, False, dict(zip(comparisons, corrected)))
   assert ("ghost (moving average) is below it beyond noise at ghost sizes "
           "8 (-4.10 [") in text, text
+
+
+def test_a_diverged_run_is_named_and_in_no_mean_or_test():
+  """nan_guard="record" froze seed 2 at ghost size 8: the table's means
+  and the paired test are over seeds 0 and 1, and a note names seed 2."""
+  rows = []
+  for seed, (moving, exact, diverged_at) in enumerate(
+      [(0.90, 0.91, None), (0.92, 0.93, None), (0.10, 0.10, 37)]):
+    rows.append({"combo": "norm=ghost__bn.virtual_batch_size=8",
+                 "norm": "ghost", "bn.virtual_batch_size": 8, "run": seed,
+                 "seed": seed, "epoch": 1, "test_accuracy": moving,
+                 train.PRECISE_METRIC: exact, "train_loss": 0.1,
+                 "test_loss": 0.1, "test_accuracy_batch_stats": 0.5,
+                 "train_accuracy_eval": 1.0, "diverged_at": diverged_at})
+  lines, points, diverged = batch_size_page._batch_size_table(
+      rows, "bn.virtual_batch_size")
+  (size, means, finals), = points["ghost"]
+  assert [r["seed"] for r in finals] == [0, 1]
+  assert means["test_accuracy"] == pytest.approx(0.91)
+  assert lines[0][4] == "91.00"  # test, moving average: seeds 0 and 1
+  assert batch_size_page._diverged_note(diverged) == (
+      "Diverged, so left out of every mean, figure and test above: ghost "
+      "size 8 seed 2 (step 37).\n")
+  (key, c), = batch_size_page._batch_size_comparisons(points,
+                                                      sgd=True).items()
+  assert c.n_a == 2

@@ -121,18 +121,19 @@ def test_config_command_and_short_variant():
   variant's overrides give a valid config."""
   doc = domain_shift_config.__doc__
   command = shlex.split(doc.strip().splitlines()[2])
-  assert command == ["python", "-m", "experiments.main",
+  assert command == [".venv/bin/python", "-m", "experiments.main",
                      "--config=studies/domain_shift/config.py",
                      "--workdir=workdirs/domain_shift"]
+  # The study's own record of the command names no interpreter path.
   assert domain_shift_study.STUDY.commands == {
-      "workdirs/domain_shift": " ".join(command)}
+      "workdirs/domain_shift": " ".join(["python", *command[1:]])}
   assert registry.get("domain_shift") is domain_shift_study.STUDY
   assert registry.for_config_file(command[3].removeprefix("--config=")) is (
       domain_shift_study.STUDY)
   config = domain_shift_config.get_config()
   domain_shift.validate_config(config)
-  source_line, short_line = re.findall(r"^\s+(python -m .*)$", doc,
-                                       re.MULTILINE)[-2:]
+  source_line, short_line = re.findall(r"^\s+(\.venv/bin/python -m .*)$",
+                                       doc, re.MULTILINE)[-2:]
   source = shlex.split(source_line)
   assert source[2] == "experiments.main"
   sweep.validate_config(helpers.resolved_config(source[3:]))

@@ -1,6 +1,6 @@
 r"""BN in a small DCGAN-style GAN on MNIST: does it reduce mode collapse?
 
-    python -m experiments.main --config=studies/gan/config.py --workdir=workdirs/gan
+    .venv/bin/python -m experiments.main --config=studies/gan/config.py --workdir=workdirs/gan
 
 Every combination of the generator's normalization (batch | layer | none)
 and the discriminator's (none | batch_separate: real and fake batches
@@ -15,7 +15,13 @@ in its penultimate features. The nets are studies.gan.gan's; see docs/gan.md
 for the measured time (14 minutes alone on a 2-core CPU).
 
 `:short` is a smoke run (2 x 20 steps, 2 seeds, 2000 samples, the
-classifier trained for 100 steps).
+classifier trained for 100 steps), of every pair of norms by default.
+
+Short run (about 29 s on 2 CPU cores, measured 2026-12-07; `:short` for one
+pair, DCGAN's: BN in the generator, separate real and fake batches in the
+discriminator; one epoch of 20 steps, 500 samples per run):
+
+    .venv/bin/python -m experiments.main --config=studies/gan/config.py:short --workdir=workdirs/gan_short --config.generator_norms="('batch',)" --config.discriminator_norms="('batch_separate',)" --config.num_epochs=1 --config.eval.num_samples=500 --config.eval.curve_samples=0
 """
 
 import ml_collections

@@ -789,11 +789,12 @@ def _evaluate(states, spec, config, classifier, classifier_variables,
           for f, l in zip(features, labels)]
 
 
-def _initial_states(spec: GANSpec, seeds, manager):
-  """(epoch, states) from the newest checkpoint that loads, else (0, fresh
-  states), as bn_lab.runner does (`checkpoints.restore_or_create`)."""
+def _initial_states(spec: GANSpec, seeds, manager, recorded: int):
+  """(epoch, states) from the newest checkpoint that loads, up to the
+  `recorded` epochs of metrics rows, else (0, fresh states), as the
+  classifier studies do (`checkpoints.restore_or_create`)."""
   return checkpoints.restore_or_create(manager, functools.partial(
-      create_states, jnp.asarray(seeds, jnp.int32), spec=spec))
+      create_states, jnp.asarray(seeds, jnp.int32), spec=spec), recorded)
 
 
 def train_variant(config, generator_norm: str, discriminator_norm: str,
@@ -810,7 +811,8 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   samples_dir = workdir / "samples" / name
   with contextlib.closing(checkpoints.manager(
       workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
-    start_epoch, states = _initial_states(spec, seeds, manager)
+    recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
+    start_epoch, states = _initial_states(spec, seeds, manager, recorded)
     kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
     wall = kept[-1]["wall_time"] if kept else 0.0
     if start_epoch:

@@ -198,12 +198,8 @@ def test_probe_every_k_steps_records_and_changes_nothing():
                          num_epochs=1, optimizer="sgd")
   probed_spec = dataclasses.replace(spec, measurements=(train.Measurement(
       "probe", 3, probes.measure_probe, on="test_images", num_images=30),))
-  runs = []
-  for s in (spec, probed_spec):
-    state = train.create_train_state(s, 0, {"learning_rate": 0.5})
-    runs.append(jax.jit(functools.partial(train.train_epoch, spec=s))(
-        state, data))
-  (plain, plain_metrics), (state, metrics) = runs
+  (plain, plain_metrics), (state, metrics) = helpers.one_epoch_each(
+      (spec, probed_spec), data)
   chex.assert_trees_all_equal(state, plain)
   probed = metrics.pop("probe")
   np.testing.assert_array_equal(probed["step"], [3, 6])
@@ -248,7 +244,10 @@ def test_probe_rows_and_checks(idx_dir, tmp_path):
   with pytest.raises(sweep.ConfigError,
                      match="every 3 steps does not divide the 4"):
     sweep.validate_data_size(config, 200, 100, probes.measurements(config))
+  # No hidden layer and no BN: nothing for the probe to look at (with BN
+  # placed, the placement check says first that it has no layer).
   config.probe.every_steps, config.widths = 2, ()
+  config.placements = ("none",)
   with pytest.raises(sweep.ConfigError, match="config.widths is empty"):
     ioffe2015.STUDY.validate(config)
 

@@ -1,6 +1,6 @@
 r"""The learning-rate range with and without BN (Bjorck et al. 2018).
 
-    python -m experiments.main --config=studies/lr_range/config.py --workdir=workdirs/lr_range
+    .venv/bin/python -m experiments.main --config=studies/lr_range/config.py --workdir=workdirs/lr_range
 
 Plain SGD (no momentum) at 13 learning rates on a log grid from 1e-3 to 10
 (3 per decade), with BN before each ReLU (as Ioffe & Szegedy and Bjorck et
@@ -29,9 +29,10 @@ test accuracy reaches `lr_range.trains_at` (90%); the page
 (experiments/lr_range_page.py) reports the largest rate at which every
 seed trains, with and without BN.
 
-A short run (under a minute):
+Short run (about 16 s on 2 CPU cores, measured 2026-12-07; one epoch, one
+seed, four of the rates):
 
-    python -m experiments.main --config=studies/lr_range/config.py --workdir=/tmp/lr_range_short --config.num_epochs=1 --config.seeds='(0,)' --config.sweep.learning_rate='(0.01,0.1,1.0,10.0)'
+    .venv/bin/python -m experiments.main --config=studies/lr_range/config.py --workdir=workdirs/lr_range_short --config.num_epochs=1 --config.seeds='(0,)' --config.sweep.learning_rate='(0.01,0.1,1.0,10.0)'
 """
 
 import ml_collections

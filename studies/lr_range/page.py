@@ -100,9 +100,12 @@ def section(studies, out: Path) -> str:
       f"order; {len(rates)} learning rates from {rates[0]:g} to "
       f"{rates[-1]:g}, each network's runs one vmapped sweep. BN before "
       f"each {config['activation']} (epsilon {config['bn']['epsilon']:g}). "
-      "A run whose loss or weights turn NaN/inf is frozen at its last "
-      "finite state (nan_guard=\"record\"); \"diverged at\" is the global "
-      "step of its first non-finite update. A run *trains* when it did not "
+      "A run whose loss or weights turn NaN/inf"
+      + (f", or whose loss passes {config['divergence_factor']:g} x ln(10) "
+         "(config.divergence_factor)," if config.get("divergence_factor")
+         else "") + " is frozen at its last finite state "
+      "(nan_guard=\"record\"); \"diverged at\" is the global step of its "
+      "first such update. A run *trains* when it did not "
       f"diverge and ends at >= {100 * threshold:g}% test accuracy. Final "
       "test accuracy in eval mode, mean +- sample std over seeds.\n"]
   family = comparisons(finals, rates)

@@ -40,9 +40,10 @@ def test_config_validates_and_sweeps_a_log_grid():
 
 
 def test_short_variant_in_the_docstring_parses_and_validates():
-  short = re.search(r"A short run.*?:\s+(python -m .*)", lr_range.__doc__)
+  short = re.search(r"Short run.*?:\s+(\.venv/bin/python -m [^\n]*)",
+                    lr_range.__doc__, re.DOTALL)
   argv = shlex.split(short.group(1))
-  assert argv[:4] == ["python", "-m", "experiments.main",
+  assert argv[:4] == [".venv/bin/python", "-m", "experiments.main",
                       "--config=studies/lr_range/config.py"]
   config = helpers.resolved_config(argv[3:])
   sweep.validate_config(config)

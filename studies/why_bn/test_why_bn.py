@@ -131,12 +131,8 @@ def test_measurements_equal_direct_ones_and_change_no_training():
   data = _data()
   spec = _spec()
   measured = dataclasses.replace(spec, measurements=_measured(2, 4))
-  runs = []
-  for s in (spec, measured):
-    state = train.create_train_state(s, 0, {"learning_rate": 0.5})
-    runs.append(jax.jit(functools.partial(train.train_epoch, spec=s))(
-        state, data))
-  (plain, plain_metrics), (state, metrics) = runs
+  (plain, plain_metrics), (state, metrics) = helpers.one_epoch_each(
+      (spec, measured), data)
   ics, land = metrics.pop("ics"), metrics.pop("landscape")
   chex.assert_trees_all_equal(state, plain)
   chex.assert_trees_all_equal(metrics, plain_metrics)
@@ -618,6 +614,6 @@ def test_the_run_report_has_the_study_section(tiny_run):
   _, workdir = tiny_run
   text = STUDY.report(workdir)
   summary = (workdir / "summary.md").read_text()
-  assert "| norm | runs |" in summary  # the run's table
+  assert "| norm | seeds |" in summary  # the run's table
   assert "ICS: l2 norm of G - G'" in summary and "ICS: l2 norm" in text
   assert (workdir / f"{workdir.name}_ics.png").stat().st_size > 0
