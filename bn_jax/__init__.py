@@ -8,7 +8,9 @@ here (data, models, train, ...) is the lab, `bn_lab` (lab/ in the
 repository); `MOVED` maps each old module to its new place.
 """
 
+from bn_jax import convert
 from bn_jax import core
+from bn_jax import doctor
 from bn_jax import nn
 from bn_jax import nnx
 from bn_jax import norms

@@ -37,6 +37,10 @@ others (see `apply` for the few combinations that are rejected):
   * sampled statistics (after Chen et al., 2019), `stats_fraction` or
     `stats_examples`: statistics from a subset of the examples, applied to
     all of them.
+And one option that guards the state rather than changing the
+normalization: `skip_nonfinite_updates`, which keeps the state of a batch
+whose statistics are not finite and counts it in `state.nonfinite_skips`
+(create it with `init(..., skip_nonfinite_updates=True)`).
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ MODULE_OPTIONS = ("axis", "momentum", "epsilon", "unbiased_running_var",
                   "axis_index_groups", "stats_method", "grad", "impl",
                   "renorm", "renorm_clipping", "renorm_momentum",
                   "renorm_schedule", "virtual_batch_size", "stats_fraction",
-                  "stats_examples", "stats_sampling")
+                  "stats_examples", "stats_sampling",
+                  "skip_nonfinite_updates")
 
 
 class BNParams(NamedTuple):
@@ -88,21 +93,27 @@ class BNParams(NamedTuple):
 class BNState(NamedTuple):
   """Running (population) statistics, threaded explicitly through training.
 
-  `mean` and `var` are what evaluation normalizes with. The last two fields
-  exist only for batch renormalization (`init(..., renorm=True)`; None
-  otherwise, so `BNState(mean, var, count)` is a complete plain state):
-  Keras's `renorm_mean` and `renorm_stddev`, the moving averages (with
-  `renorm_momentum`) that the corrections r and d compare the batch with.
+  `mean` and `var` are what evaluation normalizes with. The last three
+  fields exist only for the options that need them (None otherwise, so
+  `BNState(mean, var, count)` is a complete plain state): for batch
+  renormalization (`init(..., renorm=True)`), Keras's `renorm_mean` and
+  `renorm_stddev`, the moving averages (with `renorm_momentum`) that the
+  corrections r and d compare the batch with; for
+  `skip_nonfinite_updates` (`init(..., skip_nonfinite_updates=True)`),
+  `nonfinite_skips`, how many updates were skipped because the batch's
+  statistics were not finite.
   """
   mean: jax.Array
   var: jax.Array
   count: jax.Array  # number of updates so far (int32 scalar)
   renorm_mean: jax.Array | None = None
   renorm_stddev: jax.Array | None = None
+  nonfinite_skips: jax.Array | None = None  # int32 scalar
 
 
 def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
          use_scale: bool = True, use_bias: bool = True, renorm: bool = False,
+         skip_nonfinite_updates: bool = False,
          ) -> tuple[BNParams, BNState]:
   """Returns fresh params (gamma = 1, beta = 0) and state (mean 0, var 1).
 
@@ -114,6 +125,9 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
     renorm: also create the batch-renorm statistics, renorm_mean 0 and
       renorm_stddev 1 (Keras's initial values: the square root of the
       initial variance).
+    skip_nonfinite_updates: also create the counter of skipped updates,
+      `nonfinite_skips` = 0, that `apply(..., skip_nonfinite_updates=True)`
+      needs.
   """
   shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(
       feature_shape)
@@ -126,6 +140,8 @@ def init(feature_shape: int | Sequence[int], dtype: Any = jnp.float32, *,
   if renorm:
     state = state._replace(renorm_mean=jnp.zeros(shape, jnp.float32),
                            renorm_stddev=jnp.ones(shape, jnp.float32))
+  if skip_nonfinite_updates:
+    state = state._replace(nonfinite_skips=jnp.zeros((), jnp.int32))
   return params, state
 
 
@@ -807,6 +823,7 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
           virtual_batch_size: int | None = None,
           stats_fraction: float | None = None,
           stats_examples: int | None = None, stats_sampling: str = "stride",
+          skip_nonfinite_updates: bool = False,
           ) -> tuple[jax.Array, BNState]:
   """Batch-normalizes x; returns (y, new_state).
 
@@ -921,6 +938,21 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
       reproducible: a given count gives the same positions, in every layer,
       every ghost batch and every member of a named axis (each sampling its
       own examples at those positions).
+    skip_nonfinite_updates: where the batch's mean or variance is not
+      finite in any feature (an Inf or NaN in x, or a variance that
+      overflows float32), return the state as it was (running and renorm
+      statistics, `count`) with `nonfinite_skips` + 1, as a mixed-precision
+      loss scaler skips the step (and as `optax.apply_if_finite`): the
+      whole layer skips, so that its statistics stay those of one set of
+      steps. y is not changed. The state needs `nonfinite_skips`
+      (`init(..., skip_nonfinite_updates=True)`). With virtual_batch_size,
+      one non-finite ghost batch skips the update of all of them (one
+      skip, not one per chunk); with axis_name, the statistics are pooled
+      before the test, so every member of a group decides alike. A skipped
+      update does not advance `count`, so the renorm schedule and the
+      random subset's key stay where they were. Off (the default), a
+      non-finite batch makes the running statistics non-finite, as in
+      flax, Keras and PyTorch (pytorch/pytorch#88474).
 
   Returns:
     (y, new_state).
@@ -953,13 +985,14 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
   sampled = stats_fraction is not None or stats_examples is not None
   _check_training_variants(
       state, x.shape, axis, reduction_axes, renorm, virtual_batch_size,
-      sampled)
+      sampled, skip_nonfinite_updates)
   limits = (renorm_limits(state.count, clipping, renorm_schedule)
             if renorm else None)
   full_shape = x.shape
 
   def normalize_batch(x, mask):
-    """(y, new_state) of one batch (one ghost batch, under the vmap)."""
+    """(y, new_state, finite) of one batch (one ghost batch, under the
+    vmap); `finite`: whether its statistics are finite."""
     stats_x, stats_mask = x, mask
     notes = ""
     if virtual_batch_size is not None:
@@ -1026,22 +1059,26 @@ def apply(params: BNParams, state: BNState, x: jax.Array, *,
         jnp.broadcast_to(count, mean.shape).reshape(feature_shape),
         momentum=momentum, unbiased=unbiased_running_var,
         renorm_momentum=renorm_momentum if renorm else None, epsilon=epsilon)
-    return y, new_state
+    return y, new_state, _all_finite(mean, var)
 
   if virtual_batch_size is None:
-    return normalize_batch(x, mask)
-  chunks = x.shape[0] // virtual_batch_size
-  split = lambda v: v.reshape((chunks, virtual_batch_size) + v.shape[1:])
-  masks = None if mask is None else split(jnp.broadcast_to(mask, x.shape))
-  ys, states = jax.vmap(normalize_batch)(split(x), masks)
-  # Each chunk updated the same state once; keep the mean of those states
-  # (fields an update leaves alone are kept as they are, not averaged).
-  new_state = jax.tree.map(lambda v: jnp.mean(v, axis=0), states)._replace(
-      count=state.count + 1)
-  if not renorm:
-    new_state = new_state._replace(renorm_mean=state.renorm_mean,
-                                   renorm_stddev=state.renorm_stddev)
-  return ys.reshape(x.shape), new_state
+    y, new_state, finite = normalize_batch(x, mask)
+  else:
+    chunks = x.shape[0] // virtual_batch_size
+    split = lambda v: v.reshape((chunks, virtual_batch_size) + v.shape[1:])
+    masks = None if mask is None else split(jnp.broadcast_to(mask, x.shape))
+    ys, states, finites = jax.vmap(normalize_batch)(split(x), masks)
+    y, finite = ys.reshape(x.shape), jnp.all(finites)
+    # Each chunk updated the same state once; keep the mean of those states
+    # (fields an update leaves alone are kept as they are, not averaged).
+    new_state = jax.tree.map(lambda v: jnp.mean(v, axis=0), states)._replace(
+        count=state.count + 1, nonfinite_skips=state.nonfinite_skips)
+    if not renorm:
+      new_state = new_state._replace(renorm_mean=state.renorm_mean,
+                                     renorm_stddev=state.renorm_stddev)
+  if skip_nonfinite_updates:
+    new_state = _keep_if_nonfinite(state, new_state, finite)
+  return y, new_state
 
 
 def _check_variants(renorm, renorm_clipping, renorm_momentum,
@@ -1094,13 +1131,19 @@ def _check_variants(renorm, renorm_clipping, renorm_momentum,
 
 
 def _check_training_variants(state, shape, axis, reduction_axes, renorm,
-                             virtual_batch_size, sampled) -> None:
+                             virtual_batch_size, sampled,
+                             skip_nonfinite_updates=False) -> None:
   """Checks what the variants need of the state and of x's shape."""
   if renorm and (state.renorm_mean is None or state.renorm_stddev is None):
     raise ValueError(
         "renorm=True needs state.renorm_mean and state.renorm_stddev; "
         "create the state with init(feature_shape, renorm=True) (or give "
         "BNState renorm_mean=zeros, renorm_stddev=ones).")
+  if skip_nonfinite_updates and state.nonfinite_skips is None:
+    raise ValueError(
+        "skip_nonfinite_updates=True needs state.nonfinite_skips; create the "
+        "state with init(feature_shape, skip_nonfinite_updates=True) (or "
+        "give BNState nonfinite_skips=jnp.zeros((), jnp.int32)).")
   for name, used in (("virtual_batch_size", virtual_batch_size is not None),
                      ("stats_fraction/stats_examples", sampled)):
     if used and 0 not in reduction_axes:
@@ -1116,10 +1159,25 @@ def _check_training_variants(state, shape, axis, reduction_axes, renorm,
         f"divides {shape[0]}.")
 
 
+def _all_finite(*values) -> jax.Array:
+  """Whether every element of every value is finite (a bool scalar)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+
+
+def _keep_if_nonfinite(state: BNState, new_state: BNState,
+                       finite) -> BNState:
+  """`new_state` where `finite`, else `state` with one more skip counted."""
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                      new_state, state)
+  return kept._replace(nonfinite_skips=state.nonfinite_skips + jnp.where(
+      finite, 0, 1).astype(state.nonfinite_skips.dtype))
+
+
 def update_running_stats(state: BNState, batch_mean, batch_var, count, *,
                          momentum, unbiased: bool,
                          renorm_momentum: float | None = None,
-                         epsilon: float | None = None) -> BNState:
+                         epsilon: float | None = None,
+                         skip_nonfinite: bool = False) -> BNState:
   """Exponential (or, with momentum=None, cumulative) running statistics.
 
   With `renorm_momentum` (batch renorm; needs `epsilon` and the state's
@@ -1127,7 +1185,21 @@ def update_running_stats(state: BNState, batch_mean, batch_var, count, *,
   towards the batch mean and sqrt(batch_var + epsilon) with
   renorm_momentum, and the variance is averaged as a standard deviation
   (see `apply`). Fields that an update does not concern are kept.
+
+  With `skip_nonfinite` (needs the state's `nonfinite_skips`), a batch
+  whose mean or variance is not finite in any feature leaves the state as
+  it was, except `nonfinite_skips` + 1 (`apply`'s skip_nonfinite_updates).
   """
+  if skip_nonfinite:
+    if state.nonfinite_skips is None:
+      raise ValueError(
+          "skip_nonfinite=True needs state.nonfinite_skips; create the "
+          "state with init(feature_shape, skip_nonfinite_updates=True).")
+    new_state = update_running_stats(
+        state, batch_mean, batch_var, count, momentum=momentum,
+        unbiased=unbiased, renorm_momentum=renorm_momentum, epsilon=epsilon)
+    return _keep_if_nonfinite(state, new_state,
+                              _all_finite(batch_mean, batch_var))
   stored_var = batch_var
   if unbiased:
     stored_var = batch_var * count / jnp.maximum(count - 1.0, 1.0)
@@ -1150,8 +1222,8 @@ def update_running_stats(state: BNState, batch_mean, batch_var, count, *,
       batch_mean - state.renorm_mean)
   renorm_stddev = state.renorm_stddev + renorm_weight * (
       jnp.sqrt(batch_var + epsilon) - state.renorm_stddev)
-  return BNState(mean=mean, var=var, count=new_count,
-                 renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
+  return state._replace(mean=mean, var=var, count=new_count,
+                        renorm_mean=renorm_mean, renorm_stddev=renorm_stddev)
 
 
 # ----------------------------------------------------------------------------

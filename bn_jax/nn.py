@@ -11,14 +11,15 @@ put any of them where it puts a BatchNorm.
 same variable names (params `scale`, `bias`; batch_stats `mean`, `var`), so
 model code and checkpoints written for flax carry over. Extra variables
 exist only for the options that need them: batch_stats `count`
-(momentum=None, a renorm schedule, randomly sampled statistics) and
-`renorm_mean`, `renorm_stddev`
-(renorm=True). `init` behaves as flax's: with use_running_average=False it
-normalizes with the local batch's plain statistics (no axis_name, so it
-runs outside the named axis; no ghost batches, subset or renorm correction;
-a batch of one example gives y = bias) and leaves the variables at their
-initial values, so `init_with_output`'s y is flax's. Complex x, which flax
-normalizes, is rejected.
+(momentum=None, a renorm schedule, randomly sampled statistics),
+`renorm_mean`, `renorm_stddev` (renorm=True) and `nonfinite_skips`
+(skip_nonfinite_updates=True). `init` behaves as flax's: with
+use_running_average=False it normalizes with the local batch's plain
+statistics (no axis_name, so it runs outside the named axis; no ghost
+batches, subset or renorm correction; a batch of one example gives
+y = bias) and leaves the variables at their initial values, so
+`init_with_output`'s y is flax's. Complex x, which flax normalizes, is
+rejected.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class BatchNorm(nn.Module):
   renormalization (`renorm`, `renorm_clipping`, `renorm_momentum`,
   `renorm_schedule` in steps), ghost batches (`virtual_batch_size`) and
   sampled statistics (`stats_fraction` or `stats_examples`,
-  `stats_sampling`). `renorm_clipping` may be a Mapping or (key, value)
+  `stats_sampling`); and `skip_nonfinite_updates`, which keeps the
+  batch_stats of a batch whose statistics are not finite (an overflow in
+  float16) and counts it. `renorm_clipping` may be a Mapping or (key, value)
   pairs; either is stored as sorted pairs, so that the module stays
   hashable (a static argument of jit) and equal modules compare equal.
 
@@ -70,7 +73,8 @@ class BatchNorm(nn.Module):
   `count` (int32, updates so far) where the layer reads it: momentum=None,
   a renorm_schedule (the step of the schedule), or sampled statistics with
   stats_sampling="random" (the subset's key); and `renorm_mean`,
-  `renorm_stddev` (Keras's names) with renorm=True.
+  `renorm_stddev` (Keras's names) with renorm=True; `nonfinite_skips`
+  (int32, updates skipped) with skip_nonfinite_updates=True.
 
   Training (use_running_average=False) outside `init`:
     * batch_stats are updated only where that collection is mutable: with
@@ -111,6 +115,7 @@ class BatchNorm(nn.Module):
   stats_fraction: float | None = None
   stats_examples: int | None = None
   stats_sampling: str = "stride"  # "stride" or "random"
+  skip_nonfinite_updates: bool = False
 
   def __post_init__(self):
     # One hashable spelling for every way of writing the same limits.
@@ -144,6 +149,9 @@ class BatchNorm(nn.Module):
       stats["renorm_stddev"] = self.variable(
           "batch_stats", "renorm_stddev", jnp.ones, feature_shape,
           jnp.float32)
+    if self.skip_nonfinite_updates:
+      stats["nonfinite_skips"] = self.variable(
+          "batch_stats", "nonfinite_skips", jnp.zeros, (), jnp.int32)
     scale = (self.param("scale", self.scale_init, feature_shape,
                         self.param_dtype) if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, feature_shape,

@@ -20,7 +20,8 @@ Differences from flax.nnx:
     accurate at one read of x). Options that keep more state add
     BatchStats, named as bn_jax.nn.BatchNorm's batch_stats: `count`
     (`momentum=None`, an exact cumulative average; a renorm schedule;
-    randomly sampled statistics), `renorm_mean` and `renorm_stddev`.
+    randomly sampled statistics), `renorm_mean` and `renorm_stddev`,
+    `nonfinite_skips` (`skip_nonfinite_updates=True`).
     `num_features` may be a tuple for several feature axes.
   * BatchNorm normalizes with float32 running statistics even with
     `dtype=bfloat16` (flax.nnx rounds them to `dtype` first); x, scale and
@@ -120,12 +121,17 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: ghost batches, see `bn_jax.core.apply`.
     stats_fraction, stats_examples, stats_sampling: sampled statistics, see
       `bn_jax.core.apply`.
+    skip_nonfinite_updates: keep the BatchStats of a batch whose statistics
+      are not finite and count it in the BatchStat `nonfinite_skips`, see
+      `bn_jax.core.apply`.
 
   BatchStats: `mean`, `var` (as flax.nnx), then `count` (int32, updates so
   far) where the layer reads it: momentum=None, a renorm_schedule, or
   stats_sampling="random" with sampled statistics; and `renorm_mean`,
-  `renorm_stddev` with renorm=True. The same names as bn_jax.nn.BatchNorm's
-  batch_stats, so `nnx.to_pure_dict` of the state is its variables.
+  `renorm_stddev` with renorm=True; `nonfinite_skips` (int32, updates
+  skipped) with skip_nonfinite_updates=True. The same names as
+  bn_jax.nn.BatchNorm's batch_stats, so `nnx.to_pure_dict` of the state is
+  its variables.
   """
 
   def __init__(
@@ -161,6 +167,7 @@ class BatchNorm(nnx.Module):
       stats_fraction: float | None = None,
       stats_examples: int | None = None,
       stats_sampling: str = "stride",
+      skip_nonfinite_updates: bool = False,
   ):
     core.check_epsilon(epsilon)  # at construction, as well as at the call
     feature_shape = ((num_features,) if isinstance(num_features, int)
@@ -175,6 +182,8 @@ class BatchNorm(nnx.Module):
       self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
       self.renorm_stddev = nnx.BatchStat(
           jnp.ones(feature_shape, jnp.float32))
+    if skip_nonfinite_updates:
+      self.nonfinite_skips = nnx.BatchStat(jnp.zeros((), jnp.int32))
     self.scale, self.bias = _affine_params(
         feature_shape, use_scale=use_scale, use_bias=use_bias,
         scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
@@ -206,6 +215,7 @@ class BatchNorm(nnx.Module):
     self.stats_fraction = stats_fraction
     self.stats_examples = stats_examples
     self.stats_sampling = stats_sampling
+    self.skip_nonfinite_updates = skip_nonfinite_updates
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None):

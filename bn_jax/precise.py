@@ -3,7 +3,7 @@
     stats = recompute_statistics(model, variables, batches)  # (N, B, 784)
     variables = {**variables, "batch_stats": stats}
 
-Two uses of the same computation:
+Three uses of the same computation:
   * PreciseBN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): on
     training data after training. The running averages mix statistics of
     weights from many past steps (EMA with momentum 0.99 spans ~100 of
@@ -14,6 +14,11 @@ Two uses of the same computation:
     test set, `bn_lab.data.shift_images`), so that every BN layer normalizes
     with the target's statistics. An affine shift a * x + b (a > 0) of what
     a BN layer sees is then undone exactly (up to epsilon).
+  * After averaging weights (SWA, Izmailov et al. 2018; an EMA of the
+    weights): the running statistics belong to none of the averaged
+    weights, so `average_and_recompute` averages parameter snapshots and
+    recomputes the statistics with the average, as PyTorch's
+    `AveragedModel` followed by `torch.optim.swa_utils.update_bn`.
 
 Estimators (per feature, over N batches; m_i values per feature in batch i,
 mu_i and s2_i its mean and biased variance):
@@ -37,6 +42,20 @@ does.
 bn_jax's BatchNorm stores the biased variance (`unbiased_running_var=False`,
 as flax), the convention of "pooled"; "mean" stores a mean of unbiased
 variances, as fvcore and PyTorch.
+
+PyTorch's `update_bn(loader, model)` resets every BN's running statistics,
+sets its momentum to None (a cumulative average, every batch weighing the
+same) and runs the loader through the model in train mode: each BN's
+running_mean is the mean of the batch means, its running_var the mean of
+the Bessel-corrected batch variances, with every layer normalizing with
+its batch's statistics. That is the estimator "mean" with
+`layerwise=False`, the defaults here, whatever `unbiased_running_var`
+the layers use for their own running average (the recomputed variance is
+the estimator's, unbiased for "mean"; "pooled" gives the biased variance
+of all the values, bn_jax's convention). What differs: `update_bn` leaves
+`num_batches_tracked` at the number of batches and a BN layer that no
+batch reaches at mean 0, var 1, where `recompute_statistics` keeps `count`
+(and `nonfinite_skips`) and the statistics of layers that do not run.
 
 The BN layers report their batch's statistics through the `batch_moments`
 collection of `bn_jax.nn.BatchNorm` (only in training mode, only when the
@@ -253,3 +272,97 @@ def recompute_statistics(model, variables, batches, *,
       stats.update(estimate(current, paths=[path],
                             eval_paths=frozenset(order[:i])))
   return _with_statistics(batch_stats, stats)
+
+
+def average_params(snapshots, *, decay: float | None = None, average=None,
+                   num_averaged: int = 0):
+  """Equal-weight (SWA) or exponential (EMA) average of parameter snapshots.
+
+  `torch.optim.swa_utils.AveragedModel.update_parameters` once per snapshot,
+  in order: into a fresh average (num_averaged 0) the first snapshot is
+  copied; every later one is merged, with n the snapshots averaged so far,
+    SWA (decay None, the default `get_swa_multi_avg_fn`):
+      average += (snapshot - average) / (n + 1), so the mean of all of them;
+    EMA (`get_ema_multi_avg_fn(decay)`):
+      average = decay * average + (1 - decay) * snapshot.
+
+  Args:
+    snapshots: a sequence of parameter trees (`variables["params"]` at
+      different steps) of one structure.
+    decay: None for SWA, else the EMA's decay in [0, 1].
+    average, num_averaged: a running average to continue and how many
+      snapshots it holds (AveragedModel's parameters and `n_averaged`), or
+      None and 0 to start one.
+
+  Returns:
+    (average, num_averaged + len(snapshots)).
+  """
+  snapshots = list(snapshots)
+  if decay is not None and not 0.0 <= decay <= 1.0:
+    raise ValueError(f"decay={decay} must be in [0, 1] (average = decay * "
+                     "average + (1 - decay) * snapshot), or None for SWA.")
+  if not (isinstance(num_averaged, int) and num_averaged >= 0
+          and (average is None) == (num_averaged == 0)):
+    raise ValueError(
+        f"num_averaged={num_averaged!r} with average "
+        f"{'None' if average is None else 'given'}: pass both (the running "
+        "average and how many snapshots it holds, >= 1) or neither.")
+  if average is None and not snapshots:
+    raise ValueError("average_params got no snapshots and no average; pass "
+                     "at least one parameter tree.")
+  for snapshot in snapshots:
+    if num_averaged == 0:
+      average = snapshot
+    else:
+      weight = 1.0 / (num_averaged + 1) if decay is None else 1.0 - decay
+      average = jax.tree.map(functools.partial(_lerp, weight=weight),
+                             average, snapshot)
+    num_averaged += 1
+  return average, num_averaged
+
+
+def _lerp(start, end, weight: float):
+  """torch.lerp: start + weight * (end - start), in its two forms (the
+  second for weight >= 0.5), so that the rounding is PyTorch's."""
+  if weight < 0.5:
+    return start + weight * (end - start)
+  return end - (end - start) * (1.0 - weight)
+
+
+def average_and_recompute(model, snapshots, variables, batches, *,
+                          decay: float | None = None, average=None,
+                          num_averaged: int = 0, estimator: str = "mean",
+                          layerwise: bool = False):
+  """Averaged weights with statistics recomputed for them, in one call.
+
+  PyTorch's `AveragedModel` (SWA, or an EMA with
+  `get_ema_multi_avg_fn(decay)`) updated with each snapshot, then
+  `torch.optim.swa_utils.update_bn(batches, averaged_model)`:
+  `average_params`, then `recompute_statistics` with the averaged params.
+  With the defaults (estimator "mean", layerwise False) the statistics are
+  update_bn's: the mean over batches of each BN's batch means and of its
+  Bessel-corrected batch variances, every layer in training mode (see the
+  module docstring for what differs).
+
+  Args:
+    model: as for `recompute_statistics`: a flax Module taking `train=`,
+      or apply_fn(variables, x, mutable=...).
+    snapshots, decay, average, num_averaged: as for `average_params`.
+    variables: the model's variables; their batch_stats give the tree that
+      comes back, other collections are passed on as they are, and
+      `params` is replaced by the average.
+    batches: (N, B, ...) array, N batches of the model's inputs (update_bn's
+      loader).
+    estimator, layerwise: as for `recompute_statistics`.
+
+  Returns:
+    `variables` with the averaged params and, where they have batch_stats,
+    the recomputed batch_stats.
+  """
+  params, _ = average_params(snapshots, decay=decay, average=average,
+                             num_averaged=num_averaged)
+  averaged = flax.core.copy(variables, {"params": params})
+  if "batch_stats" not in averaged:
+    return averaged
+  return flax.core.copy(averaged, {"batch_stats": recompute_statistics(
+      model, averaged, batches, estimator=estimator, layerwise=layerwise)})

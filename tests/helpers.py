@@ -138,3 +138,37 @@ def one_epoch_each(specs, data, learning_rate=0.5):
   return [jax.jit(functools.partial(train.train_epoch, spec=spec))(
       train.create_train_state(spec, 0, {"learning_rate": learning_rate}),
       data) for spec in specs]
+
+
+def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
+              ) -> dict[str, np.ndarray]:
+  """Runs `code` under the Python that $BN_JAX_TORCH_PYTHON names (one with
+  torch and numpy: PyTorch is no dependency of the project, so it runs in a
+  process of its own); skips the test where the variable is unset.
+
+  The code sees `torch`, `np`, and `inputs` (a dict of the given arrays),
+  and fills the dict `outputs` with arrays, which come back.
+  """
+  python = os.environ.get("BN_JAX_TORCH_PYTHON")
+  if not python:
+    pytest.skip("PyTorch reference: set BN_JAX_TORCH_PYTHON to a Python with "
+                "torch (e.g. python3 -m venv build/torch-venv && "
+                "build/torch-venv/bin/pip install torch numpy)")
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as directory:
+    given, returned = Path(directory, "in.npz"), Path(directory, "out.npz")
+    np.savez(given, **(arrays or {}))
+    prologue = (
+        "import numpy as np, torch, sys\n"
+        "torch.manual_seed(0)\n"
+        f"inputs = dict(np.load({str(given)!r}))\n"
+        "outputs = {}\n")
+    epilogue = (
+        "\nnp.savez(" + repr(str(returned)) + ", **{k: np.asarray(v) "
+        "for k, v in outputs.items()})\n")
+    result = subprocess.run(
+        [str(REPO / python), "-c", prologue + code + epilogue],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    if result.returncode:
+      raise AssertionError(f"the PyTorch reference failed:\n{result.stderr}")
+    return dict(np.load(returned))

@@ -1,5 +1,6 @@
-"""The lab's console scripts: `bn-lab` (experiments.main: run a study) and
-`bn-lab-report` (experiments.report), from any directory.
+"""The lab's console scripts: `bn-lab` (experiments.main: run a study),
+`bn-lab-report` (experiments.report) and `bn-lab-doctor`
+(experiments.doctor: the BN doctor on a trained run), from any directory.
 
 The studies and the entry points live in the repository beside the lab
 (studies/, experiments/), not in the installed package; scripts/setup.sh
@@ -57,3 +58,7 @@ def run() -> None:
 
 def report() -> None:
   _run_module("experiments.report")
+
+
+def doctor() -> None:
+  _run_module("experiments.doctor")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bn_lab import doctor
 from bn_lab import models
 from bn_lab import sweep
 from bn_lab import train
@@ -856,7 +857,9 @@ def _run_label(row: Mapping[str, Any], hparams: Sequence[str],
 
 def write_report(workdirs: Sequence[Path | str], out: Path | str,
                  extras: Sequence[Callable[[list, Path], str]] = ()) -> str:
-  """(Re)writes summary.md, learning_curves.png and curves_<combo>.png.
+  """(Re)writes summary.md, learning_curves.png and curves_<combo>.png,
+  and for one trained workdir (a checkpoints directory) doctor.md, the BN
+  doctor's report of its runs, linked from summary.md.
 
   Every workdir is read before anything is written, so a bad one leaves
   `out` as it was. Each file is written atomically.
@@ -888,6 +891,12 @@ def write_report(workdirs: Sequence[Path | str], out: Path | str,
   out = Path(out)
   make_directory(out)
   table += "".join(extra(rows, out) for extra in extras)
+  # A trained run's BN doctor (bn_lab.doctor), written last: its failures
+  # are its own file's text, never the rest of the report's.
+  diagnosis = None
+  if len(paths) == 1 and (paths[0] / "checkpoints").is_dir():
+    diagnosis, line = doctor.report_files(paths[0])
+    table += f"\n{line}\n"
   workdir_lib.write_atomic(out / "summary.md", _header(studies) + table)
   steps = [r for study in studies for r in study["steps"]]
   plot_comparison(rows, out / "learning_curves.png", steps=steps)
@@ -896,6 +905,8 @@ def write_report(workdirs: Sequence[Path | str], out: Path | str,
   for s in {(s.get("workdir"), s["combo"]): s for s in summaries}.values():
     plot_runs(rows, s["combo"], out / curves_filename(s),
               workdir=s.get("workdir"))
+  if diagnosis is not None:
+    workdir_lib.write_atomic(out / doctor.DOCTOR_FILE, diagnosis)
   return table
 
 
