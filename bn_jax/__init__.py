@@ -1,13 +1,17 @@
 """bn_jax: batch normalization as pure JAX functions with explicit state.
 
 The library: `core` (BN: init, apply, its backward pass, folding), `norms`
-(layer, group, instance and RMS norm), `precise` (PreciseBN, AdaBN),
-`recurrent` (BN-LSTM), and the flax drop-ins `nn` (linen) and `nnx`. It
-needs jax, flax and numpy only. The training harness that used to live
+(layer, group, instance and RMS norm), `precise` (PreciseBN, AdaBN,
+SWA/EMA with recomputed statistics), `recurrent` (BN-LSTM), the flax
+drop-ins `nn` (linen) and `nnx`, and tools: `doctor` (what is wrong with a
+model's BN layers), `accumulate` (the whole batch's BN over micro-batches)
+and `convert` (PyTorch and Keras BN weights). It needs jax, flax and numpy
+only. The training harness that used to live
 here (data, models, train, ...) is the lab, `bn_lab` (lab/ in the
 repository); `MOVED` maps each old module to its new place.
 """
 
+from bn_jax import accumulate
 from bn_jax import convert
 from bn_jax import core
 from bn_jax import doctor

@@ -50,7 +50,9 @@ initialization), hence the extra pass, whose shifts are the exact means.
 
 The BN layers are `bn_jax.nn.BatchNorm` and `flax.linen.BatchNorm`, found
 by `flax.linen.intercept_methods`; layers in evaluation mode are left
-alone. Refused, with a one-line error: ghost batches, sampled statistics,
+alone. Their momentum (or None), unbiased_running_var and
+skip_nonfinite_updates (a whole batch with non-finite statistics keeps the
+state and counts once) apply to the one update of the step. Refused, with a one-line error: ghost batches, sampled statistics,
 batch renormalization, a mask, `axis_name`, and a layer called twice in one
 forward pass. flax.nnx models are not supported.
 """
@@ -164,12 +166,11 @@ def _interceptor(stats, shifts, sums, counts, micro_batches: int):
     bias = module.get_variable("params", "bias") if module.use_bias else None
     out_dtype = module.dtype or jnp.result_type(
         x, *(p for p in (scale, bias) if p is not None))
-    running = core.BNState(
-        mean=module.get_variable("batch_stats", "mean"),
-        var=module.get_variable("batch_stats", "var"),
-        count=(module.get_variable("batch_stats", "count")
-               if module.has_variable("batch_stats", "count")
-               else jnp.zeros((), jnp.int32)))
+    # The layer's state: mean and var, and the counters it has.
+    kept = [field for field in ("mean", "var", "count", "nonfinite_skips")
+            if module.has_variable("batch_stats", field)]
+    running = core.BNState(**{"count": jnp.zeros((), jnp.int32), **{
+        field: module.get_variable("batch_stats", field) for field in kept}})
     y, _ = core.apply(core.BNParams(scale, bias),
                       core.BNState(mean, var, running.count), x,
                       training=False, axis=module.axis,
@@ -178,11 +179,10 @@ def _interceptor(stats, shifts, sums, counts, micro_batches: int):
       new = core.update_running_stats(
           running, lax.stop_gradient(mean), lax.stop_gradient(var),
           jnp.asarray(counts[name], jnp.float32), momentum=module.momentum,
-          unbiased=getattr(module, "unbiased_running_var", False))
-      module.put_variable("batch_stats", "mean", new.mean)
-      module.put_variable("batch_stats", "var", new.var)
-      if module.has_variable("batch_stats", "count"):
-        module.put_variable("batch_stats", "count", new.count)
+          unbiased=getattr(module, "unbiased_running_var", False),
+          skip_nonfinite=getattr(module, "skip_nonfinite_updates", False))
+      for field in kept:
+        module.put_variable("batch_stats", field, getattr(new, field))
     return y.astype(out_dtype)
   return interceptor
 

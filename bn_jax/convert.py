@@ -271,12 +271,19 @@ def _split_flax(variables: Mapping[str, Any], where: str
 
 
 def _unmapped_stats(stats: Mapping[str, np.ndarray], where: str,
-                    target: str) -> list[str]:
+                    target: str, renorm: bool) -> list[str]:
   """A line for each batch stat that no conversion knows (a newer bn_jax
-  option's), as it is left out."""
-  return [_line(where, f"batch_stats {name!r}",
-                f"no {target} counterpart; left out")
-          for name in sorted(set(stats) - set(STAT_NAMES))]
+  option's), and for renorm statistics of a layer whose options say
+  renorm=False, as they are left out."""
+  lines = [_line(where, f"batch_stats {name!r}",
+                 f"no {target} counterpart; left out")
+           for name in sorted(set(stats) - set(STAT_NAMES))]
+  if not renorm:
+    lines += [_line(where, f"batch_stats {name!r}", (
+        "the options say renorm=False, so it is left out; pass the "
+        "layer's options with renorm=True if it renormalizes"))
+              for name in ("renorm_mean", "renorm_stddev") if name in stats]
+  return lines
 
 
 def _unmapped_options(opts: Mapping[str, Any], where: str, target: str,
@@ -455,7 +462,8 @@ def _layer_to_torch(params: dict, stats: dict, opts: dict, prefix: str
             for k, v in {**params, **stats}.items()
             if k in PARAM_NAMES or (k in STAT_NAMES and k != "count")}
   features = _feature_count(arrays, where)
-  report = _unmapped_stats(stats, where, "PyTorch")
+  report = _unmapped_stats(stats, where, "PyTorch",
+                           bool(opts["renorm"]))
   state_dict = {}
   if params:
     # PyTorch's affine has both or neither; the missing one is written
@@ -710,7 +718,8 @@ def _layer_to_keras(params: dict, stats: dict, opts: dict, where: str
     raise ValueError(f"{where}: axis={opts['axis']} names several feature "
                      "axes; Keras's BatchNormalization takes one: reshape "
                      "the features to one axis first.")
-  report = _unmapped_stats(stats, where, "Keras")
+  report = _unmapped_stats(stats, where, "Keras",
+                           bool(opts["renorm"]))
   f32 = lambda a: np.asarray(a, np.float32)
   weights = {"moving_mean": f32(stats["mean"]),
              "moving_variance": f32(stats["var"])}

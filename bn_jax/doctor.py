@@ -529,13 +529,19 @@ def _linen_eval(variables, x, *, model, kwargs, pairs):
 
 
 # How each front end gets its statistics recomputed, and keeps updates.
+# "linen_flax": a flax.linen.BatchNorm layer, which does not report its
+# batch statistics, so recompute needs the drop-in first.
 _RECOMPUTE = {"linen": "doctor.recompute",
+              "linen_flax": "doctor.recompute, after replacing "
+                            "flax.linen.BatchNorm by bn_jax.nn.BatchNorm, "
+                            "which takes the same variables",
               "nnx": "PreciseBN; doctor.recompute takes linen models"}
 _KEEP_UPDATES = {
     "linen": "make batch_stats mutable in the training step and keep the "
              "updates (apply(..., mutable=['batch_stats']))",
     "nnx": "train the module itself in training mode (model.train(), "
            "nnx.jit) or nnx.update it with the step's new state"}
+_KEEP_UPDATES["linen_flax"] = _KEEP_UPDATES["linen"]
 
 
 def _never_updated(name: str, mean, var, count, frontend: str,
@@ -658,7 +664,9 @@ def _momentum(name: str, momentum: float | None, steps_trained,
 
 
 def _bias_before_bn(layer: _LinenBN) -> Finding | None:
-  if not (layer.linear_has_bias and layer.trains and layer.last_axis_only):
+  # A bias whose output also feeds another layer is not redundant there.
+  if not (layer.linear_has_bias and layer.trains and layer.last_axis_only
+          and not layer.linear_shared_with):
     return None
   return Finding(
       "bias_before_bn", "warning", layer.name,
@@ -898,9 +906,10 @@ def _diagnose_linen(model, variables, batches, *, train_kwargs, eval_kwargs,
         data_mean=data_mean, data_var=data_var)
     rows.append(row)
     error, scale = fold_errors.get(layer.name, (None, None))
+    fix = "linen" if layer.reports_moments else "linen_flax"
     never = _never_updated(layer.name, run["mean"], run["var"],
-                           run.get("count"), "linen")
-    gap = _gap(row, "linen")
+                           run.get("count"), fix)
+    gap = _gap(row, fix)
     findings += [
         never, gap,
         *(_few_values(layer.name, per_example, norm_batch,
@@ -908,8 +917,7 @@ def _diagnose_linen(model, variables, batches, *, train_kwargs, eval_kwargs,
                       None if layer.virtual_batch_size else train_examples,
                       drop_last) if layer.trains else ()),
         *_momentum(layer.name, layer.momentum, steps_trained,
-                   steps_since_average, "linen",
-                   stale=bool(never or gap)),
+                   steps_since_average, fix, stale=bool(never or gap)),
         _bias_before_bn(layer),
         _frozen_bn(layer, _frozen_matches(layer.name, frozen)),
         _fold(layer, error, scale)]

@@ -9,6 +9,8 @@ the same command resumes from the workdir's checkpoints. This file is
 kept short: the protocol lives in bn_lab.runner, each study in its folder.
 """
 
+import logging
+import os
 from pathlib import Path
 import sys
 
@@ -73,7 +75,12 @@ def main(argv):
   except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's 130
     print(f"Interrupted: every finished epoch in {_WORKDIR.value} is kept; "
           "rerun the same command to resume.", file=sys.stderr, flush=True)
-    sys.exit(130)
+    # The workdir is closed (lock, files) by now. Leave at once: threads of
+    # the libraries (orbax's event loop) still winding down would print
+    # tracebacks at interpreter exit, after the one line.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Imported as `helpers` (pytest puts tests/ on sys.path).
 
 import functools
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -166,8 +167,11 @@ def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
     epilogue = (
         "\nnp.savez(" + repr(str(returned)) + ", **{k: np.asarray(v) "
         "for k, v in outputs.items()})\n")
+    # A path (relative to the repository, or absolute), or a command name.
+    executable = (str(REPO / python) if os.sep in python
+                  else shutil.which(python) or python)
     result = subprocess.run(
-        [str(REPO / python), "-c", prologue + code + epilogue],
+        [executable, "-c", prologue + code + epilogue],
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
     if result.returncode:
       raise AssertionError(f"the PyTorch reference failed:\n{result.stderr}")

@@ -528,6 +528,8 @@ UNMAPPABLE = {
     "to-torch-renorm": (lambda: convert.to_torch(
         bn_jax_variables(renorm=True), dict(EXACT_BN, renorm=True)),
                         "renorm=True"),
+    "to-keras-renorm-stats-without-renorm": (lambda: convert.to_keras(
+        bn_jax_variables(renorm=True), {}), "batch_stats 'renorm_mean'"),
     "to-torch-ghost": (lambda: convert.to_torch(
         bn_jax_variables(), dict(EXACT_BN, virtual_batch_size=4)),
                        "virtual_batch_size"),

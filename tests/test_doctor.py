@@ -399,10 +399,11 @@ def test_frozen_bn_misuse_both_ways(healthy, data):
 
 class SharedDense(nn.Module):
   """A Dense whose output feeds BN and, beside it, a second Dense."""
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    h = nn.Dense(8, use_bias=False)(x)
+    h = nn.Dense(8, use_bias=self.use_bias)(x)
     y = bn_nn.BatchNorm(momentum=0.9)(h, use_running_average=not train)
     return nn.Dense(CLASSES)(y) + nn.Dense(CLASSES, name="skip")(h)
 
@@ -429,6 +430,16 @@ def test_fold_matches_the_eval_model_and_a_shared_output_is_flagged(
   assert checks(report) == {"fold": {"warning"}}
   assert "also feeds skip" in report.flagged("fold")[0].message
   assert doctor.fold(shared, shared_vars, data[0][0]) == {}
+  # Its bias is not BN's twin: the skip path reads it, so it stays.
+  biased = SharedDense(use_bias=True)
+  biased_vars = init(biased, data[0][0])
+  biased_vars = {**biased_vars, "params": jax.tree.map(
+      lambda v: v + 0.5, biased_vars["params"])}
+  biased_vars = doctor.recompute(biased, biased_vars, data[0])
+  assert checks(doctor.diagnose(biased, biased_vars, data[0])) == {
+      "fold": {"warning"}}
+  kept = doctor.drop_bias(biased, biased_vars, data[0][0])
+  jax.tree.map(np.testing.assert_array_equal, kept, biased_vars)
 
 
 def test_recompute_clears_the_gap_finding(healthy, data):

@@ -18,15 +18,18 @@ import jax
 from bn_lab import workdir
 
 
-def manager(directory: Path, keep: int):
+def manager(directory: Path, keep: int, read_only: bool = False):
+  """A run's checkpoint manager; `read_only` for readers (reports), which
+  must not clean up or move what a run that may still be going wrote."""
   import orbax.checkpoint as ocp  # slow import; only runs need it
   return ocp.CheckpointManager(
       Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, create=True, enable_async_checkpointing=False,
+          max_to_keep=keep, create=not read_only, read_only=read_only,
+          enable_async_checkpointing=False,
           # Removes what a killed save left behind (orbax writes each step
           # to a temporary directory and renames it when complete).
-          cleanup_tmp_directories=True))
+          cleanup_tmp_directories=not read_only))
 
 
 def save(checkpoints, epoch: int, states) -> None:
@@ -55,13 +58,15 @@ def _move_aside(path: Path) -> Path:
   return dest
 
 
-def restore_newest(checkpoints, abstract_states, at_most: int | None = None):
+def restore_newest(checkpoints, abstract_states, at_most: int | None = None,
+                   move_aside: bool = True):
   """(epoch, states) of the newest checkpoint that loads, of an epoch up to
   `at_most` (None: any), or None.
 
   A checkpoint that does not load (a truncated or garbled file; orbax and
   TensorStore raise many kinds of errors) is reported, moved aside
-  (`_move_aside`), and the next older one is tried.
+  (`_move_aside`; not with move_aside=False, for readers), and the next
+  older one is tried.
   """
   for epoch in sorted(checkpoints.all_steps(), reverse=True):
     if at_most is not None and epoch > at_most:
@@ -71,6 +76,10 @@ def restore_newest(checkpoints, abstract_states, at_most: int | None = None):
       states = _restore_any_layout(checkpoints, epoch, abstract_states)
     except Exception as e:  # pylint: disable=broad-except
       reason = (str(e).strip().splitlines() or [""])[0][:300]
+      if not move_aside:
+        logging.warning("checkpoint %s does not load (%s: %s); trying the "
+                        "previous one.", path, type(e).__name__, reason)
+        continue
       aside = _move_aside(path)
       logging.warning(
           "checkpoint %s is corrupt or incomplete and was not used (%s: %s). "

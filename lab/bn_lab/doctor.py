@@ -104,10 +104,12 @@ def restore_run(workdir: Path, combo: sweep.Combination, num_train: int,
              if runs[0]["hparams"][n] is not None}
   abstract = jax.eval_shape(functools.partial(
       train.create_sweep_states, spec, seeds, hparams))
+  # Read only: a report may run while the run is still saving.
   with contextlib.closing(checkpoints.manager(
       Path(workdir) / "checkpoints" / combo.name,
-      config.keep_checkpoints)) as manager:
-    restored = checkpoints.restore_newest(manager, abstract)
+      config.keep_checkpoints, read_only=True)) as manager:
+    restored = checkpoints.restore_newest(manager, abstract,
+                                          move_aside=False)
   if restored is None:
     raise DoctorError(f"no checkpoint of {combo.name} in {workdir} loads; "
                       "train (or resume) the run first.")
@@ -139,11 +141,14 @@ def diagnose_run(workdir: Path, combo: sweep.Combination, index: int = 0,
   batches, num_train = data
   spec, state, epoch = restore_run(workdir, combo, num_train, index)
   model = spec.make_model(state.bn_hparams)
-  report = bn_doctor.diagnose(
-      model, {"params": state.params, "batch_stats": state.batch_stats},
-      batches, train_batch_size=config.batch_size, train_examples=num_train,
-      drop_last=True, steps_trained=int(state.step),
-      rngs=train.noise_rngs(state, spec))
+  try:
+    report = bn_doctor.diagnose(
+        model, {"params": state.params, "batch_stats": state.batch_stats},
+        batches, train_batch_size=config.batch_size,
+        train_examples=num_train, drop_last=True,
+        steps_trained=int(state.step), rngs=train.noise_rngs(state, spec))
+  except ValueError as e:  # a model the doctor cannot read (a BN-LSTM)
+    raise DoctorError(f"{combo.name}: not diagnosed: {e}") from e
   seed = sweep.run_grid(config)[index]["seed"]
   header = (f"{combo.name}: run {index} (seed {seed}), epoch {epoch}, "
             f"step {int(state.step)}; statistics of the first "
