@@ -442,6 +442,25 @@ def test_fold_matches_the_eval_model_and_a_shared_output_is_flagged(
   jax.tree.map(np.testing.assert_array_equal, kept, biased_vars)
 
 
+class HalfDense(nn.Module):
+  """A bfloat16 Dense before BN: its eval output is rounded to bfloat16,
+  the folded float32 layer's is not."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.Dense(8, use_bias=False, dtype=jnp.bfloat16)(x)
+    h = bn_nn.BatchNorm(momentum=0.9)(h, use_running_average=not train)
+    return nn.Dense(CLASSES)(nn.relu(h))
+
+
+def test_a_fold_that_is_not_exact_is_flagged(data):
+  model = HalfDense()
+  variables = doctor.recompute(model, init(model, data[0][0]), data[0])
+  report = doctor.diagnose(model, variables, data[0])
+  assert checks(report) == {"fold": {"warning"}}
+  assert "not exact" in report.flagged("fold")[0].message
+
+
 def test_recompute_clears_the_gap_finding(healthy, data):
   model, variables = healthy
   stale = with_stats(variables, "BatchNorm_0",
