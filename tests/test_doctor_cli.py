@@ -2,8 +2,8 @@
 and the command line (experiments.doctor, bn-lab-doctor).
 
 One tiny study (an 8-unit MLP, BN before the activation and none, one
-epoch of 400 generated examples in batches of 50: 8 steps) trains in this
-process; the `slow` tests run the entry points in subprocesses.
+epoch of 400 generated examples in batches of 50: 8 steps) trains through
+the entry point; the `slow` tests run the doctor's entry points too.
 """
 
 import os
@@ -14,7 +14,6 @@ import sys
 import helpers
 import pytest
 
-from bn_lab import classifier
 from bn_lab import doctor
 from bn_lab import report
 from studies.placements import main_job as placements
@@ -26,14 +25,15 @@ BN_COMBO, PLAIN_COMBO = "placement=before_activation", "placement=none"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   idx = helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), NUM_TRAIN, 100)
-  config = placements.get_config()
-  for field, value in {"dataset": "tiny", "data_dir": str(idx),
-                       "num_epochs": 1, "seeds": (0, 1), "widths": (8,),
-                       "batch_size": BATCH, "progress_seconds": 0.0,
-                       "placements": ("before_activation", "none")}.items():
-    config[field] = value
   path = tmp_path_factory.mktemp("study")
-  classifier.train_and_evaluate(config, path)
+  # In a process of its own: a worker that has compiled the suite's other
+  # programs once crashed (a segfault) compiling this one in process.
+  helpers.run_cli([f"--config={placements.__file__}", f"--workdir={path}",
+                   "--config.dataset=tiny", f"--config.data_dir={idx}",
+                   "--config.num_epochs=1", "--config.seeds=(0,1)",
+                   "--config.widths=(8,)", f"--config.batch_size={BATCH}",
+                   "--config.progress_seconds=0",
+                   "--config.placements=('before_activation','none')"])
   return path
 
 
