@@ -202,6 +202,8 @@ def _finalize(sums, shifts, counts: dict[str, int]):
 
 
 def _split(batch, micro_batches: int):
+  """`batch` reshaped to (micro_batches, size / micro_batches, ...) per
+  array, or a one-line ValueError."""
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("batch has no arrays; pass the inputs (and labels) of "
@@ -219,7 +221,7 @@ def _split(batch, micro_batches: int):
         f"divides the batch of {size} examples (equal micro-batches keep "
         "the mean loss the whole batch's).")
   return jax.tree.map(lambda v: v.reshape(
-      (micro_batches, size // micro_batches) + v.shape[1:]), batch), size
+      (micro_batches, size // micro_batches) + v.shape[1:]), batch)
 
 
 def value_and_grad(loss_fn: LossFn, params, batch_stats, batch, *,
@@ -248,7 +250,7 @@ def value_and_grad(loss_fn: LossFn, params, batch_stats, batch, *,
       docstring); a BN layer called twice; no BN layer in training mode
       (use plain accumulation then, it is exact).
   """
-  micro, size = _split(batch, micro_batches)
+  micro = _split(batch, micro_batches)
   first = jax.tree.map(lambda v: v[0], micro)
 
   counts = {}
@@ -310,15 +312,11 @@ def value_and_grad(loss_fn: LossFn, params, batch_stats, batch, *,
 
   # lambda = sum_k ((dS/ds)^T)^k dL/ds, and its (dS/dparams)^T; L terms.
   def through_statistics(cotangent, grads):
-    def statistics(p, s):
-      def one_pass(one):
-        return run(p, s, shifts, one)[1]
-      return one_pass
     # The cotangent of the summed sums, from that of the finalized stats.
     (sums_cotangent,) = finalize_vjp(cotangent)
 
     def part(one):
-      _, vjp = jax.vjp(lambda p, s: statistics(p, s)(one), params, stats)
+      _, vjp = jax.vjp(lambda p, s: run(p, s, shifts, one)[1], params, stats)
       return vjp(sums_cotangent)
     # Summed onto `grads` itself: one parameter-sized buffer fewer.
     return summed(part, (grads, zeros_like(stats)))
@@ -334,7 +332,7 @@ def naive_value_and_grad(loss_fn: LossFn, params, batch_stats, batch, *,
   normalizes each micro-batch with its own statistics and its running
   statistics take one update per micro-batch, in sequence. For comparison
   with `value_and_grad`; the same signature and returns."""
-  micro, _ = _split(batch, micro_batches)
+  micro = _split(batch, micro_batches)
 
   def step(carry, one):
     loss_sum, grad_sum, stats = carry
