@@ -1,11 +1,13 @@
 """bn_jax: batch normalization as pure JAX functions with explicit state.
 
 The library: `core` (BN: init, apply, its backward pass, folding), `norms`
-(layer, group, instance and RMS norm), `precise` (PreciseBN, AdaBN,
-SWA/EMA with recomputed statistics), `recurrent` (BN-LSTM), the flax
-drop-ins `nn` (linen) and `nnx`, and tools: `doctor` (what is wrong with a
-model's BN layers), `accumulate` (the whole batch's BN over micro-batches)
-and `convert` (PyTorch and Keras BN weights). It needs jax, flax and numpy
+(layer, group, instance and RMS norm), `power` (PowerNorm, Shen et al.,
+2020: running quadratic mean, approximate backward pass), `precise`
+(PreciseBN, AdaBN, SWA/EMA with recomputed statistics), `recurrent`
+(BN-LSTM), the flax drop-ins `nn` (linen) and `nnx`, and tools:
+`doctor` (what is wrong with a model's BN layers), `accumulate` (the whole
+batch's BN over micro-batches) and `convert` (PyTorch and Keras BN
+weights). It needs jax, flax and numpy
 only. The training harness that used to live
 here (data, models, train, ...) is the lab, `bn_lab` (lab/ in the
 repository); `MOVED` maps each old module to its new place.
@@ -18,6 +20,7 @@ from bn_jax import doctor
 from bn_jax import nn
 from bn_jax import nnx
 from bn_jax import norms
+from bn_jax import power
 from bn_jax import precise
 from bn_jax import recurrent
 

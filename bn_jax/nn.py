@@ -1,11 +1,14 @@
-"""Flax linen wrappers around the pure functions of `bn_jax.core` and
-`bn_jax.norms` (`bn_jax.nnx` wraps the same functions for flax.nnx).
+"""Flax linen wrappers around the pure functions of `bn_jax.core`,
+`bn_jax.power` and `bn_jax.norms` (`bn_jax.nnx` wraps the same functions
+for flax.nnx).
 
 `BatchNorm` and its variants (batch renormalization, ghost batches,
-sampled statistics), and `LayerNorm`, `GroupNorm`, `InstanceNorm` and
-`RMSNorm` with flax.linen's arguments, defaults and variable names; these
-four also accept (and ignore) `use_running_average`, so that a model can
-put any of them where it puts a BatchNorm.
+sampled statistics), `PowerNorm` (Shen et al., 2020; its probe and
+batch_stats are described in `bn_jax.power`), and `LayerNorm`,
+`GroupNorm`, `InstanceNorm` and `RMSNorm` with flax.linen's arguments,
+defaults and variable names; these four also accept (and ignore)
+`use_running_average`, so that a model can put any of them where it puts a
+BatchNorm.
 
 `BatchNorm` is a drop-in for `flax.linen.BatchNorm`: same core arguments,
 same variable names (params `scale`, `bias`; batch_stats `mean`, `var`), so
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 
 from bn_jax import core
 from bn_jax import norms
+from bn_jax import power
 
 
 def check_float32_reductions(force_float32_reductions: bool) -> None:
@@ -200,6 +204,90 @@ class BatchNorm(nn.Module):
                           ("var", batch_var.reshape(feature_shape)),
                           ("count", jnp.mean(count))):
         self.put_variable("batch_moments", name, value.astype(jnp.float32))
+    return y.astype(out_dtype)
+
+
+class PowerNorm(nn.Module):
+  """Power normalization (Shen et al., 2020) computed by
+  `bn_jax.power.apply`; see that module for the algorithm and the reference
+  code's names.
+
+  Attributes: `use_running_average` as BatchNorm's (True: inference, x /
+  sqrt(psi2 + epsilon); False: training), `axis`, `momentum` (the paper's
+  alpha, 0.9), `backward_momentum` (nu's alpha; None: momentum),
+  `epsilon`, `warmup_steps` (0: the paper's algorithm), and BatchNorm's
+  `dtype`, `param_dtype`, `use_bias`, `use_scale`, `bias_init`,
+  `scale_init`.
+
+  Variables: params `scale`, `bias`; batch_stats `psi2` (1), `nu` (0),
+  `count` (int32); and the probe, "nu" in the collection "power_probe"
+  (zeros, never changed): the train step passes it with the other
+  variables, differentiates the loss with respect to it as well as the
+  params, and folds its gradient into batch_stats with
+  `bn_jax.power.fold_probe_grads` (module notes of `bn_jax.power`). A
+  training pass with batch_stats mutable and no "power_probe" collection
+  is an error, since its nu could never be updated. `init` leaves the
+  variables at their initial values (its y divides by sqrt(1 + epsilon)).
+  """
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.9
+  backward_momentum: float | None = None
+  epsilon: float = 1e-5
+  warmup_steps: int = 0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  scale_init: Callable[..., Any] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask=None):
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    power.check_options(self.momentum, self.backward_momentum, self.epsilon,
+                        self.warmup_steps)
+    axes = core.feature_axes(x.ndim, self.axis)
+    feature_shape = tuple(x.shape[a] for a in axes)
+    stats = {
+        "psi2": self.variable("batch_stats", "psi2", jnp.ones,
+                              feature_shape, jnp.float32),
+        "nu": self.variable("batch_stats", "nu", jnp.zeros, feature_shape,
+                            jnp.float32),
+        "count": self.variable("batch_stats", "count", jnp.zeros, (),
+                               jnp.int32)}
+    probe = None
+    if (self.is_initializing()
+        or self.has_variable(power.PROBE_COLLECTION, "nu")):
+      probe = self.variable(power.PROBE_COLLECTION, "nu", jnp.zeros,
+                            feature_shape, jnp.float32).value
+    scale = (self.param("scale", self.scale_init, feature_shape,
+                        self.param_dtype) if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feature_shape,
+                       self.param_dtype) if self.use_bias else None)
+    out_dtype = self.dtype or jnp.result_type(
+        x, *(p for p in (scale, bias) if p is not None))
+    x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+    training = not use_running_average
+    updating = (training and not self.is_initializing()
+                and self.is_mutable_collection("batch_stats"))
+    if updating and probe is None:
+      raise ValueError(
+          "PowerNorm is training with batch_stats mutable but got no "
+          f"'{power.PROBE_COLLECTION}' collection, so its nu could never be "
+          f"updated; pass variables['{power.PROBE_COLLECTION}'] to apply, "
+          "differentiate the loss with respect to it and fold the gradient "
+          "with bn_jax.power.fold_probe_grads.")
+    state = power.PNState(**{name: v.value for name, v in stats.items()})
+    options = {name: getattr(self, name) for name in power.MODULE_OPTIONS}
+    y, new_state = power.apply(
+        core.BNParams(scale=scale, bias=bias), state, x, training=training,
+        probe=probe if training else None, mask=mask, **options)
+    if updating:
+      stats["psi2"].value = new_state.psi2
+      stats["count"].value = new_state.count
     return y.astype(out_dtype)
 
 

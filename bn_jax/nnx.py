@@ -11,6 +11,11 @@ over, and the same switching between training and evaluation
 The arithmetic is bn_jax's, shared with `bn_jax.nn`: BatchNorm calls
 `bn_jax.core.apply`, the others the functions in `bn_jax.norms`.
 
+`PowerNorm` (Shen et al., 2020) calls `bn_jax.power.apply`; it has no flax
+counterpart. Its nu is updated from the gradient of a `PowerProbe`
+variable: differentiate `PARAMS_AND_PROBES` and pass the gradients through
+`fold_power_probe_grads` (see `bn_jax.power`).
+
 Differences from flax.nnx:
   * BatchNorm takes bn_jax's options (`unbiased_running_var`,
     `stats_method`, `grad`, `impl`; batch renorm, ghost batches, sampled
@@ -47,6 +52,7 @@ import jax.numpy as jnp
 
 from bn_jax import core
 from bn_jax import norms
+from bn_jax import power
 
 Axes = int | Sequence[int]
 Initializer = Callable[..., jax.Array]
@@ -268,6 +274,150 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class PowerProbe(nnx.Variable):
+  """PowerNorm's probe: zeros that the forward pass does not read, whose
+  gradient is nu's increment (see `bn_jax.power`). Differentiate it with the
+  params (`PARAMS_AND_PROBES`) and fold it (`fold_power_probe_grads`)."""
+
+
+# What a training step differentiates in a model with PowerNorm layers:
+# `nnx.grad(loss_fn, argnums=nnx.DiffState(0, PARAMS_AND_PROBES))`.
+PARAMS_AND_PROBES = nnx.Any(nnx.Param, PowerProbe)
+
+
+class PowerNorm(nnx.Module):
+  """Power normalization (Shen et al., 2020) computed by
+  `bn_jax.power.apply`; see that module for the algorithm, the probe and the
+  reference code's names.
+
+  Args:
+    num_features: the number of features (an int), or the feature shape (a
+      tuple) when `axis` names several axes.
+    use_running_average: True: inference, x / sqrt(psi2 + epsilon); False:
+      training; None requires it at call time. `model.train()` /
+      `model.eval()` and `nnx.view` set it, as for BatchNorm.
+    axis: the feature axis or axes; all others are reduced.
+    momentum: the paper's alpha for psi2 (the reference's alpha_fwd, 0.9).
+    backward_momentum: nu's alpha (alpha_bkw); None: `momentum`.
+    epsilon: added to psi2 before the square root.
+    warmup_steps: the reference's warmup (see `bn_jax.power`); 0: none.
+    dtype, param_dtype, use_bias, use_scale, bias_init, scale_init,
+    promote_dtype, rngs, bias_metadata, scale_metadata: as BatchNorm's.
+
+  Variables: `scale`, `bias` (nnx.Param); `psi2` (1), `nu` (0) and `count`
+  (int32), nnx.BatchStat, named as bn_jax.nn.PowerNorm's batch_stats; and
+  `probe`, a `PowerProbe` of zeros. A training step that differentiates
+  only nnx.Param leaves nu at its value: differentiate
+  `PARAMS_AND_PROBES` and call `fold_power_probe_grads`:
+
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, PARAMS_AND_PROBES))(
+        model, x)
+    optimizer.update(model, fold_power_probe_grads(model, grads))
+  """
+
+  def __init__(
+      self,
+      num_features: int | Sequence[int],
+      *,
+      use_running_average: bool | None = False,
+      axis: Axes = -1,
+      momentum: float = 0.9,
+      backward_momentum: float | None = None,
+      epsilon: float = 1e-5,
+      warmup_steps: int = 0,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _NO_METADATA,
+      scale_metadata: Mapping[str, Any] = _NO_METADATA,
+  ):
+    power.check_options(momentum, backward_momentum, epsilon, warmup_steps)
+    feature_shape = ((num_features,) if isinstance(num_features, int)
+                     else tuple(num_features))
+    self.psi2 = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    self.nu = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.probe = PowerProbe(jnp.zeros(feature_shape, jnp.float32))
+    self.scale, self.bias = _affine_params(
+        feature_shape, use_scale=use_scale, use_bias=use_bias,
+        scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype,
+        rngs=rngs, scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.backward_momentum = backward_momentum
+    self.epsilon = epsilon
+    self.warmup_steps = warmup_steps
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None):
+    """Power-normalizes x; in training also updates psi2 and count (nu is
+    updated from the probe's gradient by `fold_power_probe_grads`)."""
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+          "PowerNorm needs use_running_average (True: inference, False: "
+          "training); pass it to the constructor or the call, or use "
+          "model.train() / model.eval().")
+    training = not use_running_average
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.psi2[...], self.nu[...], _value(self.scale),
+         _value(self.bias)), dtype=self.dtype)
+    state = power.PNState(psi2=self.psi2[...], nu=self.nu[...],
+                          count=self.count[...])
+    options = {name: getattr(self, name) for name in power.MODULE_OPTIONS}
+    y, new_state = power.apply(
+        core.BNParams(scale=scale, bias=bias), state, x, training=training,
+        probe=self.probe[...] if training else None, mask=mask, **options)
+    if training:
+      self.psi2[...] = new_state.psi2
+      self.count[...] = new_state.count
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view`, as BatchNorm's."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+def fold_power_probe_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
+  """Adds each PowerNorm's probe gradient in `grads` to its `nu` (in place)
+  and returns `grads` without the probes, for the optimizer.
+
+  `grads`: the gradient of the loss with respect to `PARAMS_AND_PROBES` of
+  `model`, `nnx.grad(loss_fn, argnums=nnx.DiffState(0,
+  PARAMS_AND_PROBES))(model, ...)`, taken after the training pass (whose
+  psi2 and count updates nnx.grad has written back to the model).
+  """
+  probe_grads, rest = nnx.split_state(grads, PowerProbe, ...)
+  flat = {tuple(path): variable for path, variable in
+          nnx.to_flat_state(probe_grads)}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, PowerNorm):
+      grad = flat.pop((*path, "probe"), None)
+      if grad is not None:
+        module.nu[...] = module.nu[...] + jnp.asarray(grad[...]).astype(
+            module.nu[...].dtype)
+  if flat:
+    raise ValueError(
+        f"grads has probe gradients at {sorted(flat)} that match no "
+        "PowerNorm of the model; pass the gradients of this model.")
+  return rest
 
 
 class _PerExampleNorm(nnx.Module):
@@ -518,5 +668,6 @@ def _show_signature(cls) -> None:
   cls.__signature__ = inspect.Signature(parameters[1:])  # without self
 
 
-for _layer in (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm):
+for _layer in (BatchNorm, PowerNorm, LayerNorm, RMSNorm, GroupNorm,
+               InstanceNorm):
   _show_signature(_layer)

@@ -211,6 +211,32 @@ def in_one_family(render: Callable[[Family], Any]) -> Any:
   return out
 
 
+# A paper's claim judged by one comparison (a - b, the claim's direction
+# `expected`: -1 claims a < b, +1 a > b), after the section's Holm family.
+CLAIM_VERDICTS = ("supported", "contradicted", "not resolved at this power")
+
+
+def claim_verdict(c: stats.Comparison, expected: int) -> str:
+  """"supported" where c is beyond noise in the claimed direction,
+  "contradicted" where beyond noise against it, else "not resolved at this
+  power" (within noise or undetermined: more seeds or a longer budget could
+  still decide it)."""
+  if expected not in (-1, 1):
+    raise ValueError(f"expected={expected!r}: -1 (a < b) or +1 (a > b).")
+  if not c.significant:
+    return CLAIM_VERDICTS[2]
+  return CLAIM_VERDICTS[0] if np.sign(c.diff) == expected else (
+      CLAIM_VERDICTS[1])
+
+
+def claims_table(rows: Sequence[Sequence[str]]) -> str:
+  """The claim rows every NLP-era section prints: the paper's claim, our
+  setting (where it differs), the effect with its 95% CI and test, the
+  verdict."""
+  return table(("paper's claim", "our setting", "effect [95% CI], test",
+                "verdict"), rows)
+
+
 def mean_curve(rows: Rows, key: str, x: str = "epoch"):
   """The x values and the mean of `key` over runs at each."""
   xs = sorted({r[x] for r in rows})
@@ -340,6 +366,19 @@ def write_run_report(workdir: Path | str, *, extras=(),
   summary = workdir / "summary.md"
   workdir_lib.write_atomic(summary, summary.read_text() + "\n" + part)
   return text + "\n" + part
+
+
+def section_report(section: Callable[[Sequence[Mapping[str, Any]], Path],
+                                    str]) -> Callable[[Path | str], str]:
+  """A study's `report` from its page `section`: report.md in the workdir,
+  the section of that run alone (figures beside it); returns its path."""
+  def write_report(workdir: Path | str) -> str:
+    workdir = Path(workdir)
+    text = section([load_study(workdir)], workdir)
+    path = workdir / "report.md"
+    workdir_lib.write_atomic(path, text)
+    return str(path)
+  return write_report
 
 
 def missing_workdirs(studies: Sequence[study_lib.Study]) -> list[str]:

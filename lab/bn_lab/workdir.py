@@ -237,6 +237,48 @@ class MetricsWriter:
     self._writers.clear()
 
 
+class CurveWriter:
+  """For studies with trainers of their own (char_lm, transformer,
+  sentiment): curves.jsonl, one row per variant, seed and evaluation, and
+  TensorBoard events in tensorboard/<variant>/seed<s>. A rerun drops a
+  variant's rows before training it again (`start`). metrics.jsonl stays
+  the classifier trainer's (`MetricsWriter`), whose rows the reports read."""
+
+  def __init__(self, workdir: Path, seeds):
+    self.path = Path(workdir) / "curves.jsonl"
+    self._tensorboard = Path(workdir) / "tensorboard"
+    self._seeds = tuple(seeds)
+    self._writers = {}
+
+  def start(self, norm: str) -> None:
+    rows = [r for r in read_jsonl(self.path)
+            if r["norm"] != norm] if self.path.exists() else []
+    write_atomic(self.path, "".join(
+        json.dumps(r) + "\n" for r in rows))
+
+  def write(self, norm: str, step: int, scalars, seeds=None) -> None:
+    """scalars: name -> one value per seed of `seeds` (default: all)."""
+    rows = [{"norm": norm, "seed": seed, "step": step,
+             **{k: float(v[i]) for k, v in scalars.items()}}
+            for i, seed in enumerate(self._seeds if seeds is None
+                                     else seeds)]
+    append_lines(self.path, [json.dumps(r) for r in rows])
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    for row in rows:
+      key = (norm, row["seed"])
+      if key not in self._writers:
+        self._writers[key] = tensorboardX.SummaryWriter(
+            str(self._tensorboard / norm / f"seed{row['seed']}"),
+            flush_secs=10, purge_step=0)
+      for name in scalars:
+        self._writers[key].add_scalar(name, row[name], step)
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers.clear()
+
+
 @contextlib.contextmanager
 def closing_after_error(writer: MetricsWriter | None):
   """Closes `writer` (None: nothing) after the block. Where the block

@@ -1,5 +1,5 @@
 """The transfer-learning study's section of docs/studies.md (and the report
-studies.transfer.report writes): the table of target test accuracies and the
+the study's report writes, bn_lab.page.section_report): the table of target test accuracies and the
 verdicts, and a figure of the same accuracies, computed from results.json
 (studies.transfer.transfer)."""
 

@@ -4,7 +4,7 @@ then learn others from a few labeled examples with a new readout.
     python -m experiments.main --config=studies/transfer/config.py --workdir=workdirs/transfer
 
 (`studies.transfer.STUDY`, run by bn_lab.runner: `validate_config`,
-`load_data`, `run`; the report is studies.transfer.report's.)
+`load_data`, `run`; the report is its page section, studies.transfer.page.)
 
 The study (the source article's outlook): a network is
 pretrained on MNIST digits 0-4 (`config.source_classes`), its readout is
