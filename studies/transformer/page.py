@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import matplotlib.ticker
 import numpy as np
 
 from bn_lab import page
@@ -126,7 +127,10 @@ def plot(results, path: Path | None = None):
   curves.set(xlabel="epoch", ylabel="validation accuracy (%)",
              title="validation accuracy (band: seeds' range)")
   finals.set_xticks(range(len(results["variants"])),
-                    [NAMES[v["norm"]] for v in results["variants"]])
+                    [NAMES[v["norm"]].replace(" (masked)", "\n(masked)")
+                     for v in results["variants"]], fontsize=8)
+  for ax in (curves, deviations):
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   finals.set(ylabel="test accuracy (%)",
              title="test accuracy: seeds, mean +- sd")
   for ax in (curves, finals, deviations):
