@@ -28,6 +28,9 @@ STUDIES = {
     "transfer": "studies.transfer",
     "seq_mnist": "studies.seq_mnist",
     "norms": "studies.norms",
+    "sentiment": "studies.sentiment",
+    "char_lm": "studies.char_lm",
+    "transformer": "studies.transformer",
 }
 
 
