@@ -279,6 +279,32 @@ class CurveWriter:
     self._writers.clear()
 
 
+def run_variants(workdir: Path, names, train, seeds) -> list[dict[str, Any]]:
+  """Each variant's result, in order: read from variants/<name>.json where
+  an earlier run finished it, else `train(name, writer)` (a CurveWriter of
+  `seeds`) and saved there atomically, so that a rerun of the same command
+  skips it. For studies with trainers of their own (char_lm, transformer).
+  """
+  names, results = list(names), []
+  writer = CurveWriter(workdir, seeds)
+  try:
+    for i, name in enumerate(names, 1):
+      done = Path(workdir) / "variants" / f"{name}.json"
+      if done.exists():
+        logging.info("[%s] finished before; skipped (%d/%d)", name, i,
+                     len(names))
+        results.append(json.loads(done.read_text()))
+        continue
+      logging.info("[%s] variant %d/%d", name, i, len(names))
+      result = train(name, writer)
+      done.parent.mkdir(exist_ok=True)
+      write_atomic(done, json.dumps(result) + "\n")
+      results.append(result)
+  finally:
+    writer.close()
+  return results
+
+
 @contextlib.contextmanager
 def closing_after_error(writer: MetricsWriter | None):
   """Closes `writer` (None: nothing) after the block. Where the block

@@ -17,10 +17,8 @@ paper's).
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -316,24 +314,12 @@ def run(context: study_lib.RunContext) -> dict[str, Any]:
   assert context.writes, "the char-LM study runs in one process"
   config, workdir, data = context.config, context.workdir, context.data
   started = time.perf_counter()
-  writer = workdir_lib.CurveWriter(workdir, config.seeds)
-  results = []
-  try:
-    for i, norm in enumerate(config.norms, 1):
-      done = workdir / "variants" / f"{norm}.json"
-      if done.exists():
-        logging.info("[%s] finished before; skipped (%d/%d)", norm, i,
-                     len(config.norms))
-        results.append(json.loads(done.read_text()))
-        continue
-      logging.info("[%s] norm %d/%d: %d seeds x %d steps", norm, i,
-                   len(config.norms), len(config.seeds), config.steps)
-      result = train_norm(config, norm, data, writer)
-      done.parent.mkdir(exist_ok=True)
-      workdir_lib.write_atomic(done, json.dumps(result) + "\n")
-      results.append(result)
-  finally:
-    writer.close()
+  logging.info("%d norm(s) x %d seed(s) x %d steps", len(config.norms),
+               len(config.seeds), config.steps)
+  results = workdir_lib.run_variants(
+      workdir, config.norms,
+      lambda norm, writer: train_norm(config, norm, data, writer),
+      config.seeds)
   return {"study": config.study, "corpus": "Debian fortunes (English)",
           "corpus_counts": data["counts"],
           "data_origin": context.origin, "vocab_size": data["vocab"].size,
