@@ -1,0 +1,233 @@
+"""bn_lab.resnet: the residual CNN against a PyTorch twin (torch.nn modules
+of the same architecture, written here from He et al.'s description), in
+parameter count, outputs in training and eval mode, and gradients; and its
+structure (depth, SkipInit) checked without torch."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from bn_jax import nn as bn_nn
+from bn_lab import resnet
+
+EPSILON = 1e-5
+
+# The twin: torch.nn layers, "SAME" padding as lax computes it (the total
+# padding split with the smaller half first: (0, 1) for a 3x3 convolution
+# at stride 2 on an even size, where padding=1 would shift the windows).
+TWIN = r"""
+from torch import nn
+import torch.nn.functional as F
+
+def same_padding(size, kernel, stride):
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+class Conv(nn.Conv2d):
+  def forward(self, x):
+    k, s = self.kernel_size[0], self.stride[0]
+    top, bottom = same_padding(x.shape[2], k, s)
+    left, right = same_padding(x.shape[3], k, s)
+    return super().forward(F.pad(x, (left, right, top, bottom)))
+
+def conv_norm(cin, cout, kernel, stride, norm):
+  layers = [Conv(cin, cout, kernel, stride, bias=not norm)]
+  if norm:
+    layers.append(nn.BatchNorm2d(cout, eps=EPSILON))
+  return nn.Sequential(*layers)
+
+class Block(nn.Module):
+  def __init__(self, cin, cout, stride, norm, skip_init):
+    super().__init__()
+    self.first = conv_norm(cin, cout, 3, stride, norm)
+    self.second = conv_norm(cout, cout, 3, 1, norm)
+    self.gain = nn.Parameter(torch.zeros(())) if skip_init else None
+    self.shortcut = (conv_norm(cin, cout, 1, stride, norm)
+                     if stride != 1 or cin != cout else nn.Identity())
+  def forward(self, x):
+    y = self.second(F.relu(self.first(x)))
+    if self.gain is not None:
+      y = y * self.gain
+    return F.relu(y + self.shortcut(x))
+
+class ResNet(nn.Module):
+  def __init__(self, widths, blocks, norm, skip_init):
+    super().__init__()
+    self.stem = conv_norm(1, widths[0], 3, 1, norm)
+    stages, cin = [], widths[0]
+    for stage, width in enumerate(widths):
+      for block in range(blocks):
+        stages.append(Block(cin, width, 2 if stage and not block else 1,
+                            norm, skip_init))
+        cin = width
+    self.blocks = nn.Sequential(*stages)
+    self.readout = nn.Linear(cin, 10)
+  def forward(self, x):
+    x = self.blocks(F.relu(self.stem(x)))
+    return self.readout(x.mean(dim=(2, 3)))
+"""
+
+
+def _torch_names(flax_path):
+  """The twin's state_dict name of a flax variable (collection, *path)."""
+  collection, *path = flax_path
+  leaf = path[-1]
+  if path[0] == "readout":
+    return {"kernel": "readout.weight", "bias": "readout.bias"}[leaf]
+  if path[0].startswith("stage"):
+    block = _BLOCK_INDEX[path[0]]
+    if path[1] == "skip_init":
+      return f"blocks.{block}.gain"
+    layer, which = path[1].split("_", 1)
+    part = {"1": "first", "2": "second", "shortcut": "shortcut"}[which]
+    index = 0 if layer == "conv" else 1
+    prefix = f"blocks.{block}.{part}.{index}"
+  else:  # conv_stem, norm_stem
+    prefix = f"stem.{0 if path[0] == 'conv_stem' else 1}"
+  return prefix + "." + {"kernel": "weight", "bias": "bias",
+                         "scale": "weight", "mean": "running_mean",
+                         "var": "running_var"}[leaf]
+
+
+_BLOCK_INDEX = {}
+
+
+def _flat(variables):
+  return {path: np.asarray(v) for path, v in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(variables)).items()}
+
+
+def _to_torch(path, value):
+  if path[-1] == "kernel":
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return value
+
+
+@pytest.mark.parametrize("blocks,use_norm,skip_init", [
+    (1, True, False), (2, True, True), (1, False, True)])
+def test_matches_a_pytorch_twin(blocks, use_norm, skip_init):
+  widths = (8, 16, 32)
+  norm = (functools.partial(bn_nn.BatchNorm, epsilon=EPSILON, momentum=0.9)
+          if use_norm else None)
+  model = resnet.ResNet(norm=norm, widths=widths, blocks_per_stage=blocks,
+                        skip_init=skip_init)
+  images = jax.random.uniform(jax.random.key(1), (8, 784))
+  variables = model.init(jax.random.key(0), images, train=False)
+  # Random values everywhere (skip gains, BN's scale, bias and statistics
+  # included), so that no part hides behind its initial 0 or 1.
+  flat = _flat(variables)
+  rng = np.random.default_rng(0)
+  for path, value in flat.items():
+    if path[-1] == "var":
+      flat[path] = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
+    elif path[-1] != "kernel":
+      flat[path] = rng.normal(0.0, 0.5, value.shape).astype(np.float32)
+  variables = flax.traverse_util.unflatten_dict(flat)
+  _BLOCK_INDEX.clear()
+  _BLOCK_INDEX.update({f"stage{s}_block{b}": s * blocks + b
+                       for s in range(3) for b in range(blocks)})
+
+  def loss(params, train):
+    out = model.apply({**variables, "params": params}, images, train=train,
+                      mutable=["batch_stats"] if train and use_norm else [])
+    logits = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(jnp.sin(logits)), logits
+
+  grads = {}
+  logits = {}
+  for train in (True, False):
+    (_, logits[train]), g = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"], train)
+    grads[train] = _flat({"params": g})
+
+  arrays = {"images": np.asarray(images).reshape(8, 1, 28, 28)}
+  names = {}
+  for i, (path, value) in enumerate(flat.items()):
+    names[f"v{i}"] = _torch_names(path)
+    arrays[f"v{i}"] = _to_torch(path, value)
+  code = TWIN.replace("EPSILON", repr(EPSILON)) + f"""
+names = {names!r}
+model = ResNet({widths!r}, {blocks}, {use_norm}, {skip_init})
+outputs["count"] = np.array(sum(p.numel() for p in model.parameters()))
+state = model.state_dict()
+assert set(names.values()) <= set(state), set(names.values()) - set(state)
+with torch.no_grad():
+  for key, name in names.items():
+    state[name].copy_(torch.from_numpy(inputs[key]).reshape(state[name].shape))
+images = torch.from_numpy(inputs["images"])
+for train in (False, True):  # eval first: training updates the statistics
+  model.train(train)
+  model.zero_grad()
+  logits = model(images)
+  torch.sin(logits).sum().backward()
+  outputs[f"logits_{{train}}"] = logits.detach().numpy()
+  for key, name in names.items():
+    parameter = dict(model.named_parameters()).get(name)
+    if parameter is not None:
+      outputs[f"grad_{{train}}_{{key}}"] = parameter.grad.numpy()
+"""
+  torch = helpers.run_torch(code, arrays)
+  count = sum(v.size for p, v in flat.items() if p[0] == "params")
+  assert int(torch["count"]) == count
+  for train in (True, False):
+    np.testing.assert_allclose(logits[train], torch[f"logits_{train}"],
+                               rtol=1e-4, atol=1e-4)
+    for i, path in enumerate(flat):
+      if path[0] == "params":
+        np.testing.assert_allclose(
+            _to_torch(path, grads[train][path]),
+            torch[f"grad_{train}_v{i}"], rtol=2e-3, atol=2e-4,
+            err_msg=f"{path} train={train}")
+
+
+@pytest.mark.parametrize("blocks,depth", [(1, 8), (2, 14), (3, 20)])
+def test_depth_is_six_blocks_plus_two(blocks, depth):
+  """Convolutions on the main path plus the readout: 6n + 2 layers (the
+  1x1 shortcut projections are not counted, as in He et al.)."""
+  model = resnet.ResNet(norm=bn_nn.BatchNorm, blocks_per_stage=blocks)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 784)), train=False))
+  kernels = [p for p in flax.traverse_util.flatten_dict(shapes["params"])
+             if p[-1] == "kernel" and "conv_shortcut" not in p]
+  assert len(kernels) == depth
+  assert sorted(shapes["batch_stats"]) == sorted(
+      k for k in shapes["params"] if k != "readout" and k != "conv_stem")
+
+
+def test_skip_init_starts_every_block_as_its_shortcut():
+  """With SkipInit's gains at 0, the residual branches add nothing: the
+  net equals the same net with the branches cut (second conv's kernels
+  zeroed and no norm), whatever the branches' weights."""
+  model = resnet.ResNet(norm=None, widths=(4, 8, 8), skip_init=True)
+  images = jax.random.uniform(jax.random.key(1), (4, 784))
+  variables = model.init(jax.random.key(0), images, train=False)
+  flat = _flat(variables)
+  assert all(v == 0 for p, v in flat.items() if p[-2] == "skip_init")
+  cut = {p: (np.zeros_like(v) if p[-2] == "conv_2" else v)
+         for p, v in flat.items()}
+  np.testing.assert_array_equal(
+      model.apply(variables, images, train=True),
+      model.apply(flax.traverse_util.unflatten_dict(cut), images,
+                  train=True))
+  gains = {p: (np.full_like(v, 0.5) if p[-2] == "skip_init" else v)
+           for p, v in flat.items()}
+  assert not np.allclose(
+      model.apply(flax.traverse_util.unflatten_dict(gains), images,
+                  train=True),
+      model.apply(variables, images, train=True))
+
+
+def test_bad_sizes_are_one_line_errors():
+  images = jnp.zeros((1, 784))
+  with pytest.raises(ValueError, match=r"blocks_per_stage=0: at least 1"):
+    resnet.ResNet(norm=None, blocks_per_stage=0).init(
+        jax.random.key(0), images, train=False)
+  with pytest.raises(ValueError, match=r"widths=\(\): one positive width"):
+    resnet.ResNet(norm=None, widths=()).init(jax.random.key(0), images,
+                                            train=False)
