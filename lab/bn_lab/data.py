@@ -13,8 +13,14 @@ Where `source="auto"` looks, in order:
   4. for fashion_mnist, the Debian package `dataset-fashion-mnist`
      (/usr/share/datasets/fashion-mnist);
   5. a download from the standard mirrors into the cache (pooch, checked
-     against the md5 the mirrors publish).
+     against the md5 the mirrors publish). For fashion_mnist, a failed
+     download ends in one line: apt-get install dataset-fashion-mnist.
 `Dataset.origin` says which of these was used.
+
+`printed_digits` is not read from files: it is generated and cached by
+bn_lab.synthetic (`load_printed_digits`, default sizes and seed), which
+also has the loaders of MNIST-1D and Stacked-MNIST (other shapes, so not
+values of DATASETS).
 
 Every file is checked: IDX magic number, header counts against the payload,
 28x28 images, as many labels as images, labels in 0..9, and the md5 of the
@@ -43,7 +49,9 @@ import pooch
 
 DATA_DIR_ENV = "BN_JAX_DATA_DIR"
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist")
+DATASETS = ("mnist", "fashion_mnist", "kmnist", "printed_digits")
+# Generated, not read from IDX files (bn_lab.synthetic).
+GENERATED_DATASETS = ("printed_digits",)
 SOURCES = ("auto", "idx", "download", "tfds")
 SCALINGS = ("unit", "standardize", "raw")
 
@@ -137,6 +145,11 @@ BUNDLED_DATA_DIRS = {
 # Read-only copies installed by system packages, tried by source="auto".
 SYSTEM_DATA_DIRS = {
     "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
+}
+# The Debian package of each SYSTEM_DATA_DIRS entry, named in the error
+# when it is missing and the download fails.
+SYSTEM_PACKAGES = {
+    "fashion_mnist": "dataset-fashion-mnist",
 }
 
 DEFAULT_CACHE_ROOT = Path("~/.cache/bn_jax")
@@ -515,7 +528,9 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
   """Loads a data set; see the module docstring for where "auto" looks.
 
   Args:
-    name: "mnist", "fashion_mnist" or "kmnist" (any name for local IDX files).
+    name: "mnist", "fashion_mnist", "kmnist" (any name for local IDX
+      files), or "printed_digits" (generated: only source="auto", no
+      data_dir; bn_lab.synthetic).
     data_dir: a directory of IDX files; None or "" falls back to the
       BN_JAX_DATA_DIR environment variable.
     source: "auto"; "idx" (data_dir / BN_JAX_DATA_DIR only); "download" (the
@@ -536,6 +551,8 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
   """
   if source not in SOURCES:
     raise ValueError(f"source={source!r}; choose one of {SOURCES}.")
+  if name in GENERATED_DATASETS:
+    return _load_generated(name, data_dir, source, cache_dir)
   if source == "tfds":
     return _load_tfds(name)
   if source == "download" and data_dir:
@@ -557,11 +574,35 @@ def load_dataset(name: str = "mnist", data_dir=None, source: str = "auto",
     for label, directory in _local_sources(name, cache):
       if not _find_idx_files(directory)[1]:
         return _labelled(load_idx_dir(directory, name), label)
-  used = _download(name, cache)
+  try:
+    used = _download(name, cache)
+  except DataError as e:
+    if source != "auto" or name not in SYSTEM_PACKAGES:
+      raise
+    # One line; the mirrors' failures stay in __cause__.
+    raise DataError(
+        f"{name} is neither in {SYSTEM_DATA_DIRS[name]} nor in the download "
+        f"cache {cache}, and the download failed; install it as root: "
+        f"apt-get install {SYSTEM_PACKAGES[name]} (or point "
+        "--config.data_dir at its IDX files).") from e
   dataset = load_idx_dir(cache, name)
   if not used:
     return _labelled(dataset, "download cache")
   return _labelled(dataset, f"downloaded from {os.path.dirname(used[0])}/")
+
+
+def _load_generated(name: str, data_dir, source: str, cache_dir) -> Dataset:
+  """A GENERATED_DATASETS value, from bn_lab.synthetic (default sizes and
+  seed). $BN_JAX_DATA_DIR, which points at IDX files, is ignored."""
+  if data_dir or source != "auto":
+    given = (f"data_dir={str(data_dir)!r}" if data_dir
+             else f"source={source!r}")
+    raise DataError(
+        f"{name} is generated (bn_lab.synthetic), not read from IDX files, "
+        f"so {given} does not apply: leave data_dir empty and use "
+        "source='auto'.")
+  from bn_lab import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.load_printed_digits(cache_dir=cache_dir)
 
 
 # ----------------------------------------------------------------------------
