@@ -1,10 +1,12 @@
 """bn_jax: batch normalization as pure JAX functions with explicit state.
 
 The library: `core` (BN: init, apply, its backward pass, folding), `norms`
-(layer, group, instance and RMS norm), `power` (PowerNorm, Shen et al.,
-2020: running quadratic mean, approximate backward pass), `precise`
-(PreciseBN, AdaBN, SWA/EMA with recomputed statistics), `recurrent`
-(BN-LSTM), the flax drop-ins `nn` (linen) and `nnx`, and tools:
+(layer, group, instance and RMS norm), `free` (the BN-free and
+batch-independent family: weight standardization and its scaled version,
+FRN + TLU, EvoNorm-B0 and -S0; SkipInit as a module), `power` (PowerNorm,
+Shen et al., 2020: running quadratic mean, approximate backward pass),
+`precise` (PreciseBN, AdaBN, SWA/EMA with recomputed statistics),
+`recurrent` (BN-LSTM), the flax drop-ins `nn` (linen) and `nnx`, and tools:
 `doctor` (what is wrong with a model's BN layers), `accumulate` (the whole
 batch's BN over micro-batches) and `convert` (PyTorch and Keras BN
 weights). It needs jax, flax and numpy
@@ -17,6 +19,7 @@ from bn_jax import accumulate
 from bn_jax import convert
 from bn_jax import core
 from bn_jax import doctor
+from bn_jax import free
 from bn_jax import nn
 from bn_jax import nnx
 from bn_jax import norms

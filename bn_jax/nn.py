@@ -8,7 +8,9 @@ batch_stats are described in `bn_jax.power`), and `LayerNorm`,
 `GroupNorm`, `InstanceNorm` and `RMSNorm` with flax.linen's arguments,
 defaults and variable names; these four also accept (and ignore)
 `use_running_average`, so that a model can put any of them where it puts a
-BatchNorm.
+BatchNorm. The BN-free family of `bn_jax.free`: `WSConv` (a
+flax.linen.Conv with a weight-standardized kernel), `FRN`, `EvoNormB0`
+(running variance in batch_stats), `EvoNormS0` and `SkipInit`.
 
 `BatchNorm` is a drop-in for `flax.linen.BatchNorm`: same core arguments,
 same variable names (params `scale`, `bias`; batch_stats `mean`, `var`), so
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax import core
+from bn_jax import free
 from bn_jax import norms
 from bn_jax import power
 
@@ -424,3 +427,170 @@ class InstanceNorm(nn.Module):
         axis_index_groups=self.axis_index_groups,
         use_fast_variance=self.use_fast_variance,
         force_float32_reductions=self.force_float32_reductions, mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# The BN-free and batch-independent family (`bn_jax.free`): weight-
+# standardized convolutions, FRN + TLU, EvoNorm-B0 and -S0, and SkipInit.
+# The norms accept `use_running_average` as the per-example norms do;
+# EvoNormB0 reads it, as BatchNorm does.
+
+
+class WSConv(nn.Conv):
+  """flax.linen.Conv whose kernel is weight-standardized
+  (`bn_jax.free.weight_standardize`) over its fan-in (all axes but the
+  last) at every call; scaled=True is Scaled Weight Standardization with a
+  learned per-output-channel `gain`.
+
+  Attributes: every one of flax.linen.Conv's (same params "kernel" and
+  "bias", the raw kernel stored, standardized when used; a `mask` applies
+  to the standardized kernel), then `scaled`, `gamma` (the activation's
+  constant, scaled=True only), `epsilon` (timm's 1e-6) and `gain_init`.
+  Variables: params `kernel`, `bias` as flax's, and `gain` (out,) with
+  scaled=True. timm: `StdConv2d` / `ScaledStdConv2d` (NCHW, OIHW kernels);
+  flax's use_bias=True is kept as the default (StdConv2d's is False).
+  """
+  scaled: bool = False
+  gamma: float = 1.0
+  epsilon: float = 1e-6
+  gain_init: Callable[..., Any] = nn.initializers.ones
+
+  @nn.nowrap
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    """flax's `param`; the kernel comes back standardized. (flax.linen.Conv
+    reads its kernel through `self.param("kernel", ...)`, and the gain is
+    created beside it.)"""
+    value = super().param(name, init_fn, *init_args, unbox=unbox,
+                          **init_kwargs)
+    if name != "kernel" or not unbox:
+      return value
+    gain = (super().param("gain", self.gain_init, (value.shape[-1],),
+                          self.param_dtype) if self.scaled else None)
+    return free.weight_standardize(value, eps=self.epsilon,
+                                   scaled=self.scaled, gain=gain,
+                                   gamma=self.gamma)
+
+
+def _channel_param(module: nn.Module, name: str, init, x):
+  """A (C,) param of x's last axis, in param_dtype."""
+  return module.param(name, init, (x.shape[-1],), module.param_dtype)
+
+
+class FRN(nn.Module):
+  """Filter Response Normalization with TLU, `bn_jax.free.frn_tlu`.
+
+  Attributes: `epsilon` (timm's 1e-5), `use_tau` (False: plain FRN, no
+  TLU), `dtype`, `param_dtype`, `scale_init`, `bias_init`, `tau_init`.
+  Variables: params `scale` (1), `bias` (0), `tau` (0) of shape (C,).
+  """
+  epsilon: float = 1e-5
+  use_tau: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  tau_init: Callable[..., Any] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x, *, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale = _channel_param(self, "scale", self.scale_init, x)
+    bias = _channel_param(self, "bias", self.bias_init, x)
+    tau = (_channel_param(self, "tau", self.tau_init, x) if self.use_tau
+           else None)
+    return free.frn_tlu(x, scale, bias, tau, epsilon=self.epsilon,
+                        dtype=self.dtype)
+
+
+class EvoNormB0(nn.Module):
+  """EvoNorm-B0, `bn_jax.free.evonorm_b0`, with its running variance in
+  the `batch_stats` collection.
+
+  Attributes: `use_running_average` as BatchNorm's (True: the running
+  variance; False: the batch's, updated where batch_stats is mutable),
+  `momentum` (flax's convention: timm's momentum 0.1 is 0.9, the default),
+  `epsilon` (timm's 1e-3), `dtype`, `param_dtype`, `scale_init`,
+  `bias_init`, `v_init`, `axis_name` and `axis_index_groups` (the batch
+  variance synchronized over a named axis). Variables: params `scale` (1),
+  `bias` (0), `v` (1); batch_stats `var` (1, float32). `init` leaves `var`
+  at 1 and, in training mode, uses the local batch's variance (as flax's
+  BatchNorm, without axis_name).
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-3
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  v_init: Callable[..., Any] = nn.initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    running_var = self.variable("batch_stats", "var", jnp.ones,
+                                (x.shape[-1],), jnp.float32)
+    scale = _channel_param(self, "scale", self.scale_init, x)
+    bias = _channel_param(self, "bias", self.bias_init, x)
+    v = _channel_param(self, "v", self.v_init, x)
+    training = not use_running_average
+    initializing = self.is_initializing()
+    y, new_var = free.evonorm_b0(
+        x, scale, bias, v, running_var.value, training=training,
+        momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups)
+    if (training and not initializing
+        and self.is_mutable_collection("batch_stats")):
+      running_var.value = new_var
+    return y
+
+
+class EvoNormS0(nn.Module):
+  """EvoNorm-S0, `bn_jax.free.evonorm_s0` (no batch statistics).
+
+  Attributes: `num_groups` (timm's 32) or `group_size` (then
+  num_groups=None), `epsilon` (timm's 1e-5), `dtype`, `param_dtype`,
+  `scale_init`, `bias_init`, `v_init`. Variables: params `scale` (1),
+  `bias` (0), `v` (1) of shape (C,).
+  """
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  scale_init: Callable[..., Any] = nn.initializers.ones
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  v_init: Callable[..., Any] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x, *, use_running_average=None):
+    del use_running_average  # no running statistics to choose
+    scale = _channel_param(self, "scale", self.scale_init, x)
+    bias = _channel_param(self, "bias", self.bias_init, x)
+    v = _channel_param(self, "v", self.v_init, x)
+    return free.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
+                           group_size=self.group_size, epsilon=self.epsilon,
+                           dtype=self.dtype)
+
+
+class SkipInit(nn.Module):
+  """SkipInit (De & Smith, 2020): y = gain * x, a learned scalar `gain`
+  initialized at 0, for the end of a residual branch (so that each
+  residual block starts as the identity).
+
+  Attributes: `gain_init` (zeros), `param_dtype`, `dtype` (y's dtype;
+  default x's promoted with the gain's). Variables: params `gain` ().
+  """
+  gain_init: Callable[..., Any] = nn.initializers.zeros
+  param_dtype: Any = jnp.float32
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    gain = self.param("gain", self.gain_init, (), self.param_dtype)
+    out_dtype = self.dtype or jnp.result_type(x, gain)
+    return (x * gain).astype(out_dtype)

@@ -11,6 +11,11 @@ over, and the same switching between training and evaluation
 The arithmetic is bn_jax's, shared with `bn_jax.nn`: BatchNorm calls
 `bn_jax.core.apply`, the others the functions in `bn_jax.norms`.
 
+The BN-free family of `bn_jax.free`, with bn_jax.nn's names, arguments
+and variables: `WSConv` (flax.nnx.Conv with a weight-standardized kernel),
+`FRN`, `EvoNormB0` (running variance an nnx.BatchStat, switched by
+`use_running_average` as BatchNorm), `EvoNormS0` and `SkipInit`.
+
 `PowerNorm` (Shen et al., 2020) calls `bn_jax.power.apply`; it has no flax
 counterpart. Its nu is updated from the gradient of a `PowerProbe`
 variable: differentiate `PARAMS_AND_PROBES` and pass the gradients through
@@ -51,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax import core
+from bn_jax import free
 from bn_jax import norms
 from bn_jax import power
 
@@ -668,6 +674,263 @@ def _show_signature(cls) -> None:
   cls.__signature__ = inspect.Signature(parameters[1:])  # without self
 
 
+# ----------------------------------------------------------------------------
+# The BN-free and batch-independent family (`bn_jax.free`), with the same
+# names, arguments and variables as bn_jax.nn's: WSConv, FRN, EvoNormB0,
+# EvoNormS0 and SkipInit.
+
+
+def _channel_param(init, rngs, num_features, param_dtype, metadata):
+  """A (num_features,) nnx.Param drawn from its own `params` key."""
+  return nnx.Param(init(rngs.params(), (num_features,), param_dtype),
+                   **metadata)
+
+
+class WSConv(nnx.Conv):
+  """flax.nnx.Conv whose kernel is weight-standardized
+  (`bn_jax.free.weight_standardize`) over its fan-in (all axes but the
+  last) at every call; scaled=True is Scaled Weight Standardization with a
+  learned per-output-channel `gain`.
+
+  Args: every one of flax.nnx.Conv's (passed on; the raw kernel is its
+  `kernel` Param, standardized when used, and a `mask` applies to the
+  standardized kernel), then `scaled`, `gamma` (the activation's constant,
+  scaled=True only), `epsilon` (timm's 1e-6), `gain_init` (ones) and
+  `gain_metadata`. Variables: `kernel`, `bias` as flax.nnx.Conv's, and
+  `gain` (out_features,) with scaled=True, as bn_jax.nn.WSConv's.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | Sequence[int], strides: Any = 1, *,
+               scaled: bool = False, gamma: float = 1.0,
+               epsilon: float = 1e-6,
+               gain_init: Initializer = nnx.initializers.ones_init(),
+               gain_metadata: Mapping[str, Any] = _NO_METADATA,
+               rngs: nnx.Rngs, **conv_kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     rngs=rngs, **conv_kwargs)
+    # The arguments' errors at construction, as well as at the call.
+    free.weight_standardize(jnp.zeros((2, 1)), eps=epsilon, scaled=scaled,
+                            gamma=gamma)
+    self.gain = (_channel_param(gain_init, rngs, out_features,
+                                self.param_dtype, gain_metadata)
+                 if scaled else nnx.data(None))
+    self.scaled = scaled
+    self.gamma = gamma
+    self.epsilon = epsilon
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    """flax.nnx.Conv's call with the standardized kernel: run on a copy of
+    this layer whose `kernel` is replaced (the layer is not changed)."""
+    kernel = free.weight_standardize(
+        self.kernel[...], eps=self.epsilon, scaled=self.scaled,
+        gain=_value(self.gain), gamma=self.gamma)
+    view = nnx.merge(*nnx.split(self))
+    view.kernel = nnx.Param(kernel)
+    return nnx.Conv.__call__(view, inputs, out_sharding=out_sharding)
+
+
+class FRN(nnx.Module):
+  """Filter Response Normalization with TLU, `bn_jax.free.frn_tlu`.
+
+  Args: `num_features` (C), `epsilon` (timm's 1e-5), `use_tau` (False:
+  plain FRN, no TLU), `dtype`, `param_dtype`, `scale_init`, `bias_init`,
+  `tau_init`, `promote_dtype` (flax.nnx's hook, called with (x, scale,
+  bias, tau)), `rngs`. Variables: nnx.Param `scale` (1), `bias` (0), `tau`
+  (0; None without TLU), as bn_jax.nn.FRN's.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-5,
+      use_tau: bool = True,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      tau_init: Initializer = nnx.initializers.zeros_init(),
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+  ):
+    core.check_epsilon(epsilon)  # at construction, as well as at the call
+    self.scale = _channel_param(scale_init, rngs, num_features, param_dtype,
+                                _NO_METADATA)
+    self.bias = _channel_param(bias_init, rngs, num_features, param_dtype,
+                               _NO_METADATA)
+    self.tau = (_channel_param(tau_init, rngs, num_features, param_dtype,
+                               _NO_METADATA) if use_tau else nnx.data(None))
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.use_tau = use_tau
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.promote_dtype = promote_dtype
+
+  def __call__(self, x, *, use_running_average: bool | None = None):
+    """FRN + TLU of x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale, bias, tau = self.promote_dtype(
+        (x, self.scale[...], self.bias[...], _value(self.tau)),
+        dtype=self.dtype)
+    return free.frn_tlu(x, scale, bias, tau, epsilon=self.epsilon,
+                        dtype=self.dtype)
+
+
+class _EvoNorm(nnx.Module):
+  """scale, bias and v, the parameters EvoNorm-B0 and -S0 share."""
+
+  def _init_params(self, num_features, *, epsilon, dtype, param_dtype,
+                   scale_init, bias_init, v_init, promote_dtype, rngs):
+    core.check_epsilon(epsilon)  # at construction, as well as at the call
+    self.scale, self.bias, self.v = (
+        _channel_param(init, rngs, num_features, param_dtype, _NO_METADATA)
+        for init in (scale_init, bias_init, v_init))
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.promote_dtype = promote_dtype
+
+  def _promoted(self, x):
+    """(x, scale, bias, v) promoted as flax.nnx does."""
+    return self.promote_dtype(
+        (x, self.scale[...], self.bias[...], self.v[...]), dtype=self.dtype)
+
+
+class EvoNormB0(_EvoNorm):
+  """EvoNorm-B0, `bn_jax.free.evonorm_b0`, its running variance an
+  nnx.BatchStat.
+
+  Args: `num_features` (C), `use_running_average` as BatchNorm's (True:
+  the running variance; False: the batch's, updating it; `model.train()`
+  / `model.eval()` and `nnx.view` set it), `momentum` (flax's convention:
+  timm's momentum 0.1 is 0.9, the default), `epsilon` (timm's 1e-3),
+  `dtype`, `param_dtype`, `scale_init`, `bias_init`, `v_init`,
+  `axis_name`, `axis_index_groups` (the batch variance synchronized over
+  a named axis), `promote_dtype` (called with (x, scale, bias, v)),
+  `rngs`. Variables: nnx.Param `scale` (1), `bias` (0), `v` (1);
+  nnx.BatchStat `var` (1, float32), as bn_jax.nn.EvoNormB0's.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      use_running_average: bool | None = False,
+      momentum: float = 0.9,
+      epsilon: float = 1e-3,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      v_init: Initializer = nnx.initializers.ones_init(),
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.var = nnx.BatchStat(free.init_running_var(num_features))
+    self._init_params(num_features, epsilon=epsilon, dtype=dtype,
+                      param_dtype=param_dtype, scale_init=scale_init,
+                      bias_init=bias_init, v_init=v_init,
+                      promote_dtype=promote_dtype, rngs=rngs)
+    self.use_running_average = use_running_average
+    self.momentum = momentum
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+
+  def __call__(self, x, use_running_average: bool | None = None):
+    """EvoNorm-B0 of x; in training also updates `var`."""
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(
+          "EvoNormB0 needs use_running_average (True: running variance, "
+          "False: the batch's); pass it to the constructor or the call, or "
+          "use model.train() / model.eval().")
+    training = not use_running_average
+    x, scale, bias, v = self._promoted(x)
+    y, new_var = free.evonorm_b0(
+        x, scale, bias, v, self.var[...], training=training,
+        momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+    if training:
+      self.var[...] = new_var
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view`, as BatchNorm's."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class EvoNormS0(_EvoNorm):
+  """EvoNorm-S0, `bn_jax.free.evonorm_s0` (no batch statistics).
+
+  Args: `num_features` (C), `num_groups` (timm's 32) or `group_size` (then
+  num_groups=None), checked against num_features here and stored
+  resolved, `epsilon` (timm's 1e-5), `dtype`, `param_dtype`, `scale_init`,
+  `bias_init`, `v_init`, `promote_dtype`, `rngs`. Variables: nnx.Param
+  `scale` (1), `bias` (0), `v` (1), as bn_jax.nn.EvoNormS0's.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: int | None = 32,
+      group_size: int | None = None,
+      *,
+      epsilon: float = 1e-5,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      v_init: Initializer = nnx.initializers.ones_init(),
+      promote_dtype: Callable[..., Any] = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.num_groups = norms.num_groups_of(num_features, num_groups,
+                                          group_size)
+    self.group_size = num_features // self.num_groups
+    self._init_params(num_features, epsilon=epsilon, dtype=dtype,
+                      param_dtype=param_dtype, scale_init=scale_init,
+                      bias_init=bias_init, v_init=v_init,
+                      promote_dtype=promote_dtype, rngs=rngs)
+
+  def __call__(self, x, *, use_running_average: bool | None = None):
+    """EvoNorm-S0 of x (`use_running_average` is ignored)."""
+    del use_running_average  # no running statistics to choose
+    x, scale, bias, v = self._promoted(x)
+    return free.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups,
+                           epsilon=self.epsilon, dtype=self.dtype)
+
+
+class SkipInit(nnx.Module):
+  """SkipInit (De & Smith, 2020): y = gain * x, a learned scalar nnx.Param
+  `gain` initialized at 0, for the end of a residual branch.
+
+  Args: `gain_init` (zeros), `param_dtype`, `dtype` (y's dtype; default
+  x's promoted with the gain's), `rngs` (optional: only an initializer
+  that draws needs it). Variables: `gain` (), as bn_jax.nn.SkipInit's.
+  """
+
+  def __init__(self, *,
+               gain_init: Initializer = nnx.initializers.zeros_init(),
+               param_dtype: Any = jnp.float32, dtype: Any = None,
+               rngs: nnx.Rngs | None = None):
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    self.gain = nnx.Param(gain_init(key, (), param_dtype))
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+
+  def __call__(self, x):
+    gain = self.gain[...]
+    out_dtype = self.dtype or jnp.result_type(x, gain)
+    return (x * gain).astype(out_dtype)
+
+
 for _layer in (BatchNorm, PowerNorm, LayerNorm, RMSNorm, GroupNorm,
-               InstanceNorm):
+               InstanceNorm, WSConv, FRN, EvoNormB0, EvoNormS0, SkipInit):
   _show_signature(_layer)

@@ -69,8 +69,10 @@ def get_config():
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of
   # bn.virtual_batch_size) | sampled (statistics from bn.stats_fraction of
   # the batch) | layer | group (bn.num_groups) | instance (cnn only) | rms |
-  # noisy_batch (BN followed by random noise, config.noisy_bn) | none (no
-  # normalization anywhere: placement none).
+  # noisy_batch (BN followed by random noise, config.noisy_bn) | frn (FRN +
+  # TLU) | evonorm_b0 (bn.momentum) | evonorm_s0 (bn.num_groups) (the last
+  # three on conv layers only) | none (no normalization anywhere: placement
+  # none).
   c.norm = "batch"
 
   # Normalization options: each field is an argument of the same name of the

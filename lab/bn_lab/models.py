@@ -271,6 +271,11 @@ NORM_MODULES: dict[str, ModuleDef] = {
     "group": bn_nn.GroupNorm,
     "instance": bn_nn.InstanceNorm,
     "rms": bn_nn.RMSNorm,
+    # The BN-free family (bn_jax.free): per-example, except EvoNorm-B0's
+    # batch variance; FRN and EvoNorm-B0 need spatial axes (the CNN's).
+    "frn": bn_nn.FRN,
+    "evonorm_b0": bn_nn.EvoNormB0,
+    "evonorm_s0": bn_nn.EvoNormS0,
 }
 NORM_FIELDS: dict[str, tuple[str, ...]] = {
     "batch": _BN_FIELDS,
@@ -283,6 +288,9 @@ NORM_FIELDS: dict[str, tuple[str, ...]] = {
     "group": ("epsilon", "num_groups"),
     "instance": ("epsilon",),
     "rms": ("epsilon",),
+    "frn": ("epsilon",),
+    "evonorm_b0": ("momentum", "epsilon"),
+    "evonorm_s0": ("epsilon", "num_groups"),
 }
 # "none": no normalization layer anywhere (the model's placement "none").
 # A list, so that `register_norm` adds to what every check reads.
@@ -291,7 +299,7 @@ NORMS = [*NORM_MODULES, "none"]
 # Ghost batches are chunks of each device's own examples, so that N devices
 # compute what one does; the trainer averages their running statistics
 # over the devices (train.train_step), as the chunks' are averaged.
-SYNCED_NORMS = {"batch", "renorm", "sampled"}
+SYNCED_NORMS = {"batch", "renorm", "sampled", "evonorm_b0"}
 # Variants that draw from the "noise" rng stream in training mode: the
 # trainer passes it (train.noise_rngs).
 NOISY_NORMS: set[str] = set()

@@ -44,32 +44,25 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bn_jax import nn as bn_nn
+
 ModuleDef = Any
 
 
-class SkipGain(nn.Module):
-  """SkipInit's residual gain: y * alpha, alpha a scalar initialized at 0."""
-
-  @nn.compact
-  def __call__(self, y):
-    gain = self.param("gain", nn.initializers.zeros_init(), ())
-    return y * gain.astype(y.dtype)
-
-
 def conv_norm(x, features: int, kernel: int, strides: int, name: str, *,
-              conv: ModuleDef, norm: ModuleDef | None, norm_has_bias: bool,
+              conv: ModuleDef, norm: ModuleDef | None,
+              plain_norm: ModuleDef | None, norm_has_bias: bool,
               norm_is_activation: bool, train: bool, activate: bool):
-  """conv -> norm -> activation (ReLU, or the norm's own), called inside a
-  compact method: its layers are that module's conv_<name>, norm_<name>."""
+  """conv -> norm -> ReLU (activate) or conv -> plain_norm, called inside a
+  compact method: its layers are that module's conv_<name>, norm_<name>.
+  A norm_is_activation norm is the nonlinearity itself: no ReLU follows."""
   y = conv(features, (kernel, kernel), strides=(strides, strides),
            use_bias=norm is None or not norm_has_bias, name=f"conv_{name}")(x)
   if norm is None:
     return nn.relu(y) if activate else y
-  if norm_is_activation:  # the norm's own nonlinearity, where one belongs
-    return norm(name=f"norm_{name}", apply_activation=activate)(
-        y, use_running_average=not train)
-  y = norm(name=f"norm_{name}")(y, use_running_average=not train)
-  return nn.relu(y) if activate else y
+  layer = norm if activate else (plain_norm or norm)
+  y = layer(name=f"norm_{name}")(y, use_running_average=not train)
+  return nn.relu(y) if activate and not norm_is_activation else y
 
 
 class BasicBlock(nn.Module):
@@ -78,20 +71,21 @@ class BasicBlock(nn.Module):
   strides: int
   conv: ModuleDef
   norm: ModuleDef | None
+  plain_norm: ModuleDef | None
   norm_has_bias: bool
   norm_is_activation: bool
   skip_init: bool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    common = dict(conv=self.conv, norm=self.norm,
+    common = dict(conv=self.conv, norm=self.norm, plain_norm=self.plain_norm,
                   norm_has_bias=self.norm_has_bias,
                   norm_is_activation=self.norm_is_activation, train=train)
     y = conv_norm(x, self.features, 3, self.strides, "1", activate=True,
                   **common)
     y = conv_norm(y, self.features, 3, 1, "2", activate=False, **common)
     if self.skip_init:
-      y = SkipGain(name="skip_init")(y)
+      y = bn_nn.SkipInit(name="skip_init")(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = conv_norm(x, self.features, 1, self.strides, "shortcut",
@@ -102,6 +96,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """The residual CNN: stem, stages of basic blocks, pooling, readout."""
   norm: ModuleDef | None
+  plain_norm: ModuleDef | None = None  # None: `norm`
   conv: ModuleDef = None  # None: the lab's im2col models.Conv
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 1
@@ -129,7 +124,8 @@ class ResNet(nn.Module):
     x = images
     if x.ndim == 2:  # rows of pixels, as the lab's loaders give them
       x = x.reshape(x.shape[0], *self.image_shape)
-    common = dict(conv=conv, norm=self.norm, norm_has_bias=self.norm_has_bias,
+    common = dict(conv=conv, norm=self.norm, plain_norm=self.plain_norm,
+                  norm_has_bias=self.norm_has_bias,
                   norm_is_activation=self.norm_is_activation)
     x = conv_norm(x, self.widths[0], 3, 1, "stem", train=train,
                   activate=True, **common)

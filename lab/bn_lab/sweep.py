@@ -460,6 +460,13 @@ def _check_norm_fits(config) -> None:
             f"config.norm={norm!r} normalizes each example over a layer's "
             f"features, and layer {name} has 1 (it would output a "
             "constant); use another norm or placement.")
+  if norm in ("frn", "evonorm_b0"):
+    for name, _, spatial in layers:
+      if not spatial:
+        raise ConfigError(
+            f"config.norm={norm!r} takes its statistics over a layer's "
+            f"spatial positions, and layer {name} has none; use it on the "
+            "CNN's conv layers only (config.widths=()) or another norm.")
   for sweep, field in (("bn_momentum", "momentum"),
                        ("bn_epsilon", "epsilon")):
     if len(config.sweep[sweep]) > 1 and field not in models.NORM_FIELDS.get(

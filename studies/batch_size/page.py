@@ -66,7 +66,8 @@ def section(studies, out: Path) -> str:
   return "\n".join(text)
 
 
-REFERENCE_NORMS = ("layer", "group", "none", "rms", "instance")  # no stats
+REFERENCE_NORMS = ("layer", "group", "none", "rms", "instance", "frn",
+                   "evonorm_s0")  # no batch statistics
 
 
 def _batch_size_table(rows, field):
