@@ -262,3 +262,21 @@ def host_permutation(seed: int, num_examples: int, steps: int,
                      batch: int) -> np.ndarray:
   return np.random.default_rng(seed).permutation(num_examples)[
       :steps * batch].reshape(steps, batch)
+
+
+def check_torch_python(python: str) -> str:
+  """The torch version under `python`, or SystemExit saying how to get one."""
+  try:
+    result = subprocess.run([python, "-c", "import torch; "
+                             "print(torch.__version__)"],
+                            capture_output=True, text=True, timeout=120)
+  except OSError as e:
+    raise SystemExit(f"--torch_python={python}: cannot run it ({e}); name a "
+                     "Python that has torch (benchmarks/README.md says "
+                     "how to make one).") from e
+  if result.returncode:
+    raise SystemExit(f"--torch_python={python}: `import torch` failed "
+                     f"({result.stderr.strip().splitlines()[-1]}); install "
+                     "torch there (benchmarks/README.md says how).")
+  return result.stdout.strip()
+

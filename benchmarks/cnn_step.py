@@ -33,11 +33,9 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import _worker  # noqa: E402
 
 from bn_lab import data as data_lib  # noqa: E402
 from bn_lab import models  # noqa: E402
@@ -98,62 +97,23 @@ class JaxStep:
     return self.state
 
 
-class TorchStep:
+class TorchStep(_worker.JsonLineWorker):
   """A PyTorch worker process (benchmarks/_torch_cnn.py); each call runs
   `steps` steps there and returns once they are done."""
 
   def __init__(self, python: str, data_file: str, layout: str, threads: int,
                steps: int):
     self.steps = steps
-    self.process = subprocess.Popen(
-        [python, str(TORCH_WORKER), f"--data={data_file}",
-         f"--layout={layout}", f"--threads={threads}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.info = self._answer()
-
-  def _answer(self) -> dict:
-    line = self.process.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the PyTorch worker ({TORCH_WORKER.name}) exited "
-                         f"with code {self.process.wait()}; its error is "
-                         "above.")
-    answer = json.loads(line)
-    if "error" in answer:
-      raise RuntimeError(f"the PyTorch worker: {answer['error']}")
-    return answer
+    super().__init__([python, str(TORCH_WORKER), f"--data={data_file}",
+                      f"--layout={layout}", f"--threads={threads}"])
 
   def __call__(self):
-    self.process.stdin.write(f"steps {self.steps}\n")
-    self.process.stdin.flush()
-    return self._answer()
-
-  def close(self):
-    with contextlib.suppress(OSError):
-      self.process.stdin.write("quit\n")
-      self.process.stdin.close()
-    self.process.wait(timeout=60)
+    return self.ask(f"steps {self.steps}")
 
 
 def max_param_difference(a: JaxStep, b: JaxStep) -> float:
   return max(float(np.max(np.abs(x - y))) for x, y in zip(
       jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)))
-
-
-def check_torch_python(python: str) -> str:
-  """The torch version under `python`, or SystemExit saying how to get one."""
-  try:
-    result = subprocess.run([python, "-c", "import torch; "
-                             "print(torch.__version__)"],
-                            capture_output=True, text=True, timeout=120)
-  except OSError as e:
-    raise SystemExit(f"--torch_python={python}: cannot run it ({e}); name a "
-                     "Python that has torch (benchmarks/README.md, "
-                     "'CNN step').") from e
-  if result.returncode:
-    raise SystemExit(f"--torch_python={python}: `import torch` failed "
-                     f"({result.stderr.strip().splitlines()[-1]}); install "
-                     "torch there (benchmarks/README.md, 'CNN step').")
-  return result.stdout.strip()
 
 
 # Where the time of a step goes: each XLA kernel's category from the op
@@ -262,7 +222,7 @@ def main():
   args = parser.parse_args()
   rounds = args.rounds or (2 if args.quick else 7)
   steps = args.steps or (4 if args.quick else 20)
-  torch_version = (check_torch_python(args.torch_python)
+  torch_version = (_common.check_torch_python(args.torch_python)
                    if args.torch_python else None)
 
   print(_common.header("CNN training step: bn_jax vs PyTorch eager"),

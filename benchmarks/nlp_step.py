@@ -50,18 +50,18 @@ step goes (its XLA kernels by part of the model).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+import _worker  # benchmarks/, the script's folder
 
 # This file is also the PyTorch worker (`--worker`), run by a Python that
 # has torch and no jax: the bn_jax side is imported only where it runs.
@@ -562,60 +562,21 @@ def worker_main(argv) -> None:
 # The parent's end of the worker.
 
 
-class TorchWorker:
+class TorchWorker(_worker.JsonLineWorker):
   """The worker process; `candidate(name, steps)` is one candidate's
   callable (each call runs `steps` steps there)."""
 
   def __init__(self, python: str, data_file: str, threads: int):
-    self.process = subprocess.Popen(
-        [python, str(Path(__file__).resolve()), "--worker",
-         f"--data={data_file}", f"--threads={threads}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.info = self._answer()
+    super().__init__([python, str(Path(__file__).resolve()), "--worker",
+                      f"--data={data_file}", f"--threads={threads}"])
     self.last = {}
 
-  def _answer(self) -> dict:
-    line = self.process.stdout.readline()
-    if not line:
-      raise RuntimeError("the PyTorch worker (nlp_step.py --worker) exited "
-                         f"with code {self.process.wait()}; its error is "
-                         "above.")
-    answer = json.loads(line)
-    if "error" in answer:
-      raise RuntimeError(f"the PyTorch worker: {answer['error']}")
-    return answer
-
   def run(self, name: str, steps: int) -> dict:
-    self.process.stdin.write(f"run\t{name}\t{steps}\n")
-    self.process.stdin.flush()
-    self.last[name] = self._answer()
+    self.last[name] = self.ask(f"run\t{name}\t{steps}")
     return self.last[name]
 
   def candidate(self, name: str, steps: int):
     return lambda: self.run(name, steps)
-
-  def close(self):
-    with contextlib.suppress(OSError):
-      self.process.stdin.write("quit\n")
-      self.process.stdin.close()
-    self.process.wait(timeout=60)
-
-
-def check_torch_python(python: str) -> str:
-  """The torch version under `python`, or SystemExit saying how to get one."""
-  try:
-    result = subprocess.run([python, "-c", "import torch; "
-                             "print(torch.__version__)"],
-                            capture_output=True, text=True, timeout=120)
-  except OSError as e:
-    raise SystemExit(f"--torch_python={python}: cannot run it ({e}); name a "
-                     "Python that has torch (benchmarks/README.md, "
-                     "'CNN step').") from e
-  if result.returncode:
-    raise SystemExit(f"--torch_python={python}: `import torch` failed "
-                     f"({result.stderr.strip().splitlines()[-1]}); install "
-                     "torch there (benchmarks/README.md, 'CNN step').")
-  return result.stdout.strip()
 
 
 def resolve_python(python: str) -> str:
@@ -833,7 +794,7 @@ def main():
   rounds = args.rounds or (1 if args.quick else 7)
   steps = args.steps or (2 if args.quick else 10)
   python = resolve_python(args.torch_python) if args.torch_python else ""
-  torch_version = check_torch_python(python) if python else None
+  torch_version = _common.check_torch_python(python) if python else None
 
   print(_common.header("NLP training steps: bn_jax vs PyTorch eager"),
         flush=True)

@@ -27,9 +27,9 @@ from bn_lab import train  # noqa: E402
 def test_a_python_without_torch_is_named_in_one_line():
   with pytest.raises(SystemExit, match=r"--torch_python=.*import torch` "
                      r"failed .*install torch there"):
-    cnn_step.check_torch_python(sys.executable)  # the venv has no torch
+    _common.check_torch_python(sys.executable)  # the venv has no torch
   with pytest.raises(SystemExit, match="cannot run it"):
-    cnn_step.check_torch_python("/nonexistent/python")
+    _common.check_torch_python("/nonexistent/python")
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path):

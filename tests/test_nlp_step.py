@@ -87,19 +87,6 @@ def test_kernel_parts_follow_the_op_names():
       "loss, clipping, Adam, batches")
 
 
-def test_a_python_without_torch_is_named_in_one_line():
-  with pytest.raises(SystemExit, match=r"--torch_python=.*import torch` "
-                     r"failed .*install torch there"):
-    nlp_step.check_torch_python(sys.executable)  # the venv has no torch
-  with pytest.raises(SystemExit, match="cannot run it"):
-    nlp_step.check_torch_python("/nonexistent/python")
-
-
-def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path):
-  with pytest.raises(RuntimeError, match="PyTorch worker .* exited"):
-    nlp_step.TorchWorker(sys.executable, str(tmp_path / "none.npz"), 1)
-
-
 HLO = """\
 %inner_body.2 (p.1: (s32[], f32[4])) -> (s32[], f32[4]) {
   %dot.3 = f32[4]{0} dot(f32[4]{0} %a, f32[4]{0} %b)
