@@ -381,15 +381,3 @@ def test_stacked_mnist_modes_and_determinism(bundled_mnist):
   np.testing.assert_array_equal(again.train_labels, same.train_labels)
   assert other.train_images.tobytes() != same.train_images.tobytes()
   assert other.test_images.tobytes() != same.test_images.tobytes()
-
-
-def test_stacked_mnist_loads_mnist_by_default(monkeypatch, bundled_mnist):
-  names = []
-  def load(name):
-    names.append(name)
-    return bundled_mnist
-  monkeypatch.setattr(data, "load_dataset", load)
-  ds = synthetic.load_stacked_mnist(5, 5)
-  assert names == ["mnist"]
-  assert ds.name == "stacked_mnist"
-  assert ds.origin.startswith("Stacked-MNIST (seed 0) from mnist: ")

@@ -13,6 +13,7 @@ import pytest
 
 import helpers
 from bn_jax import nn as bn_nn
+from bn_lab import models
 from bn_lab import resnet
 
 EPSILON = 1e-5
@@ -115,8 +116,8 @@ def test_matches_a_pytorch_twin(blocks, use_norm, skip_init):
   widths = (8, 16, 32)
   norm = (functools.partial(bn_nn.BatchNorm, epsilon=EPSILON, momentum=0.9)
           if use_norm else None)
-  model = resnet.ResNet(norm=norm, widths=widths, blocks_per_stage=blocks,
-                        skip_init=skip_init)
+  model = resnet.ResNet(norm=norm, conv=models.Conv, widths=widths,
+                        blocks_per_stage=blocks, skip_init=skip_init)
   images = jax.random.uniform(jax.random.key(1), (8, 784))
   variables = model.init(jax.random.key(0), images, train=False)
   # Random values everywhere (skip gains, BN's scale, bias and statistics
@@ -190,7 +191,8 @@ for train in (False, True):  # eval first: training updates the statistics
 def test_depth_is_six_blocks_plus_two(blocks, depth):
   """Convolutions on the main path plus the readout: 6n + 2 layers (the
   1x1 shortcut projections are not counted, as in He et al.)."""
-  model = resnet.ResNet(norm=bn_nn.BatchNorm, blocks_per_stage=blocks)
+  model = resnet.ResNet(norm=bn_nn.BatchNorm, conv=models.Conv,
+                        blocks_per_stage=blocks)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 784)), train=False))
   kernels = [p for p in flax.traverse_util.flatten_dict(shapes["params"])
@@ -204,7 +206,8 @@ def test_skip_init_starts_every_block_as_its_shortcut():
   """With SkipInit's gains at 0, the residual branches add nothing: the
   net equals the same net with the branches cut (second conv's kernels
   zeroed and no norm), whatever the branches' weights."""
-  model = resnet.ResNet(norm=None, widths=(4, 8, 8), skip_init=True)
+  model = resnet.ResNet(norm=None, conv=models.Conv, widths=(4, 8, 8),
+                        skip_init=True)
   images = jax.random.uniform(jax.random.key(1), (4, 784))
   variables = model.init(jax.random.key(0), images, train=False)
   flat = _flat(variables)
@@ -226,8 +229,106 @@ def test_skip_init_starts_every_block_as_its_shortcut():
 def test_bad_sizes_are_one_line_errors():
   images = jnp.zeros((1, 784))
   with pytest.raises(ValueError, match=r"blocks_per_stage=0: at least 1"):
-    resnet.ResNet(norm=None, blocks_per_stage=0).init(
+    resnet.ResNet(norm=None, conv=models.Conv, blocks_per_stage=0).init(
         jax.random.key(0), images, train=False)
   with pytest.raises(ValueError, match=r"widths=\(\): one positive width"):
-    resnet.ResNet(norm=None, widths=()).init(jax.random.key(0), images,
-                                            train=False)
+    resnet.ResNet(norm=None, conv=models.Conv, widths=()).init(
+        jax.random.key(0), images, train=False)
+
+
+# ----------------------------------------------------------------------------
+# In the lab: config.model="resnet".
+
+
+def _resnet_config(**changes):
+  from bn_lab import config as base  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  config.model, config.placement = "resnet", "before_activation"
+  config.channels, config.widths = (4, 8, 8), ()
+  for dotted, value in changes.items():
+    section, _, name = dotted.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"placement": "after_activation"},
+     "config.placement='after_activation' does not fit model='resnet'"),
+    ({"resnet.blocks_per_stage": 0},
+     "config.resnet.blocks_per_stage=0 must be a positive integer"),
+    ({"resnet.standardize": "weight"},
+     "config.resnet.standardize='weight' is not valid"),
+    ({"resnet.skip_init": None},
+     "config.resnet.skip_init=None must be True or False"),
+    ({"channels": ()}, "config.channels=() gives model='resnet' no stage"),
+    ({"norm": "group", "bn.num_groups": 3},
+     "config.bn.num_groups=3 does not divide the 4 features of layer "
+     "norm_stem"),
+])
+def test_bad_resnet_settings_are_one_line_errors(changes, fragment):
+  import re  # pylint: disable=g-import-not-at-top
+  from bn_lab import sweep  # pylint: disable=g-import-not-at-top
+  with pytest.raises(sweep.ConfigError, match=re.escape(fragment)):
+    sweep.validate_config(_resnet_config(**changes))
+
+
+@pytest.mark.parametrize("norm,skip_init,standardize", [
+    ("batch", False, "none"), ("frn", False, "none"),
+    ("evonorm_b0", False, "none"), ("evonorm_s0", False, "ws"),
+    ("none", True, "scaled")])
+def test_the_lab_builds_each_norm_into_the_residual_cnn(norm, skip_init,
+                                                        standardize):
+  """The trainer's model (TrainSpec.make_model from the config) puts the
+  chosen norm after every convolution, with no ReLU after a norm that is
+  its own nonlinearity: its training-mode logits equal those of
+  bn_lab.resnet.ResNet built here by hand, from the same variables."""
+  from bn_lab import sweep  # pylint: disable=g-import-not-at-top
+  config = _resnet_config(norm=norm, **{"resnet.skip_init": skip_init,
+                                        "resnet.standardize": standardize})
+  if norm == "none":
+    config.placement = "none"
+  config.bn.num_groups = 4
+  sweep.validate_config(config)
+  spec = sweep.make_spec(config, config.batch_size)
+  model = spec.make_model({})
+  images = jax.random.uniform(jax.random.key(1), (6, 784))
+  variables = model.init(jax.random.key(0), images, train=False)
+  by_hand = {
+      "batch": (functools.partial(bn_nn.BatchNorm, momentum=0.99,
+                                  epsilon=1e-3), None, False),
+      "frn": (functools.partial(bn_nn.FRN, epsilon=1e-3),
+              functools.partial(bn_nn.FRN, epsilon=1e-3, use_tau=False),
+              True),
+      "evonorm_b0": (functools.partial(bn_nn.EvoNormB0, momentum=0.99,
+                                       epsilon=1e-3), None, True),
+      "evonorm_s0": (functools.partial(bn_nn.EvoNormS0, num_groups=4,
+                                       epsilon=1e-3), None, True),
+      "none": (None, None, False)}[norm]
+  reference = resnet.ResNet(
+      norm=by_hand[0], plain_norm=by_hand[1], norm_is_activation=by_hand[2],
+      widths=(4, 8, 8), skip_init=skip_init,
+      conv=functools.partial(models.Conv, standardize=standardize))
+  mutable = ["batch_stats"] if "batch_stats" in variables else False
+  ours = model.apply(variables, images, train=True, mutable=mutable)
+  theirs = reference.apply(variables, images, train=True, mutable=mutable)
+  np.testing.assert_array_equal(*(o[0] if mutable else o
+                                  for o in (ours, theirs)))
+  assert ("gain" in variables["params"]["conv_stem"]) == (
+      standardize == "scaled")
+
+
+@pytest.mark.slow
+def test_a_resnet_norms_study_runs_from_the_command_line(tmp_path):
+  """--config.model=resnet with a norms axis, end to end on tiny data."""
+  idx = helpers.write_tiny_idx(tmp_path / "idx", 200, 100)
+  workdir = tmp_path / "run"
+  helpers.run_cli([
+      "--config=lab/bn_lab/config.py", f"--workdir={workdir}",
+      f"--config.data_dir={idx}", "--config.dataset=tiny",
+      "--config.num_epochs=1", "--config.seeds=(0,)", "--config.model=resnet",
+      "--config.placement=before_activation", "--config.channels=(4,8,8)",
+      "--config.widths=()", "--config.norms=('batch','frn','evonorm_s0')",
+      "--config.bn.num_groups=4", "--config.batch_size=20"])
+  summary = (workdir / "summary.md").read_text()
+  for norm in ("batch", "frn", "evonorm_s0"):
+    assert f"| {norm} |" in summary, summary

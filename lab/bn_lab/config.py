@@ -36,7 +36,8 @@ def get_config():
   c.input_scaling = "unit"  # unit ([0, 1]) | standardize (MNIST mean/std)
   # | raw (0..255 as they are)
 
-  c.model = "mlp"  # mlp | cnn | lstm (the image as a sequence, below)
+  c.model = "mlp"  # mlp | cnn | resnet (below) | lstm (the image as a
+  # sequence, below)
   c.placement = "after_activation"  # none | before_activation |
   # after_activation | input
   c.activation = "relu"  # relu | sigmoid | tanh
@@ -64,6 +65,17 @@ def get_config():
   c.lstm = ml_collections.ConfigDict()
   c.lstm.hidden_size = 100
   c.lstm.permutation_seed = 0
+  # model=resnet (bn_lab.resnet: He et al.'s 6n + 2-layer residual CNN):
+  # `channels` are its stage widths (e.g. (16, 32, 64)), n is
+  # resnet.blocks_per_stage; its norm follows every convolution (placement
+  # before_activation) or there is none (placement none); skip_init adds
+  # SkipInit's zero-initialized gain on each residual branch; standardize:
+  # none | ws (Weight Standardization) | scaled (Scaled WS, the NF-ResNets').
+  # activation and widths are not read.
+  c.resnet = ml_collections.ConfigDict()
+  c.resnet.blocks_per_stage = 1
+  c.resnet.skip_init = False
+  c.resnet.standardize = "none"
 
   # The normalization layer wherever `placement` puts one (bn_lab.models.
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of

@@ -47,6 +47,13 @@ from pathlib import Path
 import numpy as np
 import pooch
 
+# The shared types and constants (bn_lab.synthetic reads them too).
+from bn_lab.data_types import DEFAULT_CACHE_ROOT
+from bn_lab.data_types import DataError
+from bn_lab.data_types import Dataset
+from bn_lab.data_types import IMAGE_SHAPE
+from bn_lab.data_types import NUM_CLASSES
+
 DATA_DIR_ENV = "BN_JAX_DATA_DIR"
 
 DATASETS = ("mnist", "fashion_mnist", "kmnist", "printed_digits")
@@ -60,8 +67,6 @@ SCALINGS = ("unit", "standardize", "raw")
 MNIST_PIXEL_MEAN = 0.1307
 MNIST_PIXEL_STD = 0.3081
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -152,31 +157,10 @@ SYSTEM_PACKAGES = {
     "fashion_mnist": "dataset-fashion-mnist",
 }
 
-DEFAULT_CACHE_ROOT = Path("~/.cache/bn_jax")
 
 # Seconds a single network operation (connect, one read) may block, so an
 # offline machine fails fast instead of hanging.
 DOWNLOAD_TIMEOUT_S = 10.0
-
-
-class DataError(Exception):
-  """A data set could not be found, read or verified; the message says how
-  to fix it."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-  """One data set in memory. Arrays are host NumPy arrays.
-
-  `eq=False`: comparing datasets field by field would compare arrays
-  element-wise, which has no single truth value.
-  """
-  name: str  # "mnist", "fashion_mnist", "kmnist"
-  train_images: np.ndarray = dataclasses.field(repr=False)  # (N, 28, 28) u8
-  train_labels: np.ndarray = dataclasses.field(repr=False)  # (N,) int32
-  test_images: np.ndarray = dataclasses.field(repr=False)  # (M, 28, 28) u8
-  test_labels: np.ndarray = dataclasses.field(repr=False)  # (M,) int32
-  origin: str  # where the data came from; whether checksums were verified
 
 
 def _idx_file_list(name: str = "") -> str:

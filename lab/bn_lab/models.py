@@ -40,8 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn_jax import core
+from bn_jax import free
 from bn_jax import nn as bn_nn
 from bn_jax import recurrent
+
+from bn_lab import resnet
 
 PLACEMENTS = ("none", "before_activation", "after_activation", "input")
 # The classes of the MNIST family: every model's readout (and what the NaN
@@ -50,6 +53,14 @@ NUM_CLASSES = 10
 ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
     "relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
 MODELS = ("mlp", "cnn")  # feed-forward classifiers (`make_model`)
+# Residual classifiers (`make_model`, bn_lab.resnet): a norm after every
+# convolution (placement "before_activation") or none; their layers are
+# not MODELS' hidden blocks.
+RESIDUAL_MODELS = ("resnet",)
+# Norms that are their own nonlinearity: no ReLU after them in a residual
+# block; where BN has no ReLU after it, FRN stands without its TLU and the
+# EvoNorms as they are (bn_lab.resnet's plain_norm).
+NORMS_WITH_ACTIVATION = {"frn", "evonorm_b0", "evonorm_s0"}
 # Classifiers of the image read as a sequence (`make_sequence_model`); kept
 # apart from MODELS, whose models have hidden blocks (hidden_<i>) that
 # probes, PreciseBN and the GAN's feature extractor read.
@@ -134,6 +145,10 @@ class Conv(nn.Module):
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
   use_bias: bool = True
+  # The kernel as used: "none" (as stored), "ws" (Weight Standardization)
+  # or "scaled" (Scaled WS with a learned gain and ReLU's gamma, the
+  # NF-ResNets'): bn_jax.free.weight_standardize, timm's epsilon 1e-6.
+  standardize: str = "none"
 
   @nn.compact
   def __call__(self, x):
@@ -141,9 +156,19 @@ class Conv(nn.Module):
     if (sh, sw) == (1, 1) and (kh % 2 == 0 or kw % 2 == 0):
       raise ValueError(f"kernel_size={tuple(self.kernel_size)}: odd sizes "
                        "only at stride 1 (SAME padding, centred).")
+    if self.standardize not in STANDARDIZATIONS:
+      raise ValueError(f"standardize={self.standardize!r}; choose one of "
+                       f"{STANDARDIZATIONS}.")
     _, height, width, channels = x.shape
     kernel = self.param("kernel", nn.linear.default_kernel_init,
                         (kh, kw, channels, self.features))
+    if self.standardize != "none":
+      scaled = self.standardize == "scaled"
+      gain = (self.param("gain", nn.initializers.ones_init(),
+                         (self.features,)) if scaled else None)
+      kernel = free.weight_standardize(kernel, eps=1e-6, scaled=scaled,
+                                       gain=gain,
+                                       gamma=RELU_GAMMA if scaled else 1.0)
     out_h, out_w = -(-height // sh), -(-width // sw)
     # lax's "SAME": the total padding split with the smaller half first
     # (at stride 1 and an odd kernel, k // 2 on each side).
@@ -164,6 +189,14 @@ class Conv(nn.Module):
                         (self.features,))
       y = y + bias.reshape(1, 1, 1, self.features)
     return y
+
+
+# Weight standardizations of the conv kernels (Conv.standardize).
+STANDARDIZATIONS = ("none", "ws", "scaled")
+# Scaled WS's gamma for ReLU (Brock et al., 2021): ReLU(x) of x ~ N(0, 1)
+# has standard deviation sqrt((1 - 1/pi) / 2), which gamma undoes (timm's
+# value, measured by sampling, is 1.7140).
+RELU_GAMMA = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
 
 
 def patches_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -478,17 +511,37 @@ def make_norm(options: Mapping[str, Any], *, norm: str = "batch",
 
 def normalized_layers(model: str, placement: str, widths: Sequence[int],
                       channels: Sequence[int] = (32, 64),
+                      blocks_per_stage: int = 1,
                       ) -> list[tuple[str, int, bool]]:
   """(layer, features, has spatial axes) for each normalization layer the
   model places: what a layer-wise check (groups, instance norm) needs
   before anything is traced."""
   if placement == "none":
     return []
+  if model in RESIDUAL_MODELS:
+    return resnet_norm_layers(channels, blocks_per_stage)
   if placement == "input":
     return [("input_bn", 784 if model == "mlp" else 1, model == "cnn")]
   convs = [(f"conv_{i}", c, True) for i, c in enumerate(channels)]
   return ((convs if model == "cnn" else [])
           + [(f"hidden_{i}", w, False) for i, w in enumerate(widths)])
+
+
+def resnet_norm_layers(widths: Sequence[int], blocks_per_stage: int
+                       ) -> list[tuple[str, int, bool]]:
+  """(layer, features, True) of each norm of bn_lab.resnet.ResNet."""
+  layers = [("norm_stem", widths[0], True)]
+  previous = widths[0]
+  for stage, features in enumerate(widths):
+    for block in range(blocks_per_stage):
+      name = f"stage{stage}_block{block}"
+      strides = 2 if stage > 0 and block == 0 else 1
+      layers += [(f"{name}/norm_1", features, True),
+                 (f"{name}/norm_2", features, True)]
+      if strides != 1 or previous != features:
+        layers.append((f"{name}/norm_shortcut", features, True))
+      previous = features
+  return layers
 
 
 def variable_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple]:
@@ -523,10 +576,15 @@ def make_model(model: str, *, placement: str, activation: str,
                norm: ModuleDef = bn_nn.BatchNorm, norm_has_bias: bool = True,
                conv: str = "auto", num_classes: int = NUM_CLASSES,
                dense_init: Callable[..., Any] = nn.linear.default_kernel_init,
+               norm_name: str = "batch", blocks_per_stage: int = 1,
+               skip_init: bool = False, standardize: str = "none",
                ) -> nn.Module:
   """Builds the named model with `norm` (see `make_norm`; `norm_has_bias`
   False for a norm without beta, `NORMS_WITHOUT_BIAS`) and, for the CNN,
-  the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla)."""
+  the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla). The
+  residual CNN (`RESIDUAL_MODELS`, `make_resnet`) also reads `norm_name`
+  (the config's name of `norm`), `blocks_per_stage`, `skip_init` and
+  `standardize`; the others ignore them."""
   common = dict(placement=placement, activation=activation,
                 num_classes=num_classes, norm=norm,
                 norm_has_bias=norm_has_bias, widths=tuple(widths),
@@ -536,10 +594,56 @@ def make_model(model: str, *, placement: str, activation: str,
   if model == "cnn":
     conv = CONVS[resolve_backend_choice(conv, "im2col", "xla")]
     return CNN(channels=tuple(channels), conv=conv, **common)
+  if model in RESIDUAL_MODELS:
+    return make_resnet(channels=channels, norm=norm, conv=conv,
+                       norm_name=norm_name, norm_has_bias=norm_has_bias,
+                       placement=placement, num_classes=num_classes,
+                       blocks_per_stage=blocks_per_stage,
+                       skip_init=skip_init, standardize=standardize)
   if model in SEQUENCE_MODELS:
     raise ValueError(f"model={model!r} reads the image as a sequence; build "
                      "it with make_sequence_model.")
-  raise ValueError(f"model={model!r}; choose one of {MODELS}.")
+  raise ValueError(f"model={model!r}; choose one of "
+                   f"{MODELS + RESIDUAL_MODELS}.")
+
+
+def make_resnet(*, channels: Sequence[int], norm: ModuleDef, conv: str,
+                norm_name: str,
+                norm_has_bias: bool, placement: str, num_classes: int,
+                blocks_per_stage: int, skip_init: bool,
+                standardize: str) -> nn.Module:
+  """bn_lab.resnet.ResNet with the stage widths `channels`: `norm` after
+  every convolution (placement "before_activation", BN -> ReLU as in He et
+  al.) or none (placement "none"); convolutions `CONVS[conv]` ("auto" by
+  backend), weight-standardized as `standardize` says (Conv.standardize;
+  flax's convolution: bn_jax.nn.WSConv)."""
+  if placement not in ("before_activation", "none"):
+    raise ValueError(
+        f"placement={placement!r} does not fit the residual CNN: it puts "
+        "its norm after every convolution (before_activation) or has none "
+        "(none).")
+  if placement == "none":
+    norm = plain_norm = None
+  else:
+    plain_norm = (functools.partial(norm, use_tau=False)
+                  if norm_name == "frn" else norm)
+  if standardize not in STANDARDIZATIONS:
+    raise ValueError(f"standardize={standardize!r}; choose one of "
+                     f"{STANDARDIZATIONS}.")
+  if resolve_backend_choice(conv, "im2col", "xla") == "im2col":
+    conv_module = functools.partial(Conv, standardize=standardize)
+  elif standardize == "none":
+    conv_module = nn.Conv
+  else:
+    scaled = standardize == "scaled"
+    conv_module = functools.partial(bn_nn.WSConv, scaled=scaled,
+                                    gamma=RELU_GAMMA if scaled else 1.0)
+  return resnet.ResNet(
+      norm=norm, plain_norm=plain_norm, conv=conv_module,
+      widths=tuple(channels), blocks_per_stage=blocks_per_stage,
+      num_classes=num_classes, norm_has_bias=norm_has_bias,
+      norm_is_activation=norm_name in NORMS_WITH_ACTIVATION,
+      skip_init=skip_init)
 
 
 # ----------------------------------------------------------------------------

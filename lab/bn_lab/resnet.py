@@ -2,7 +2,7 @@
 takes any normalization layer, or none, and SkipInit.
 
     model = ResNet(norm=functools.partial(bn_nn.BatchNorm, momentum=0.9),
-                   blocks_per_stage=1)                  # 8 layers
+                   conv=models.Conv, blocks_per_stage=1)   # 8 layers
     logits, updates = model.apply(variables, images, train=True,
                                   mutable=["batch_stats"])
 
@@ -32,8 +32,8 @@ that every block starts as its shortcut (the stem and downsampling
 shortcuts still compute).
 
 `conv` is the convolution module (flax.linen.Conv's interface and
-parameter names): the lab's im2col `models.Conv` by default, or a weight-
-standardized one. tests/test_resnet.py checks the parameter count and the
+parameter names): the lab's im2col `models.Conv` (which can standardize
+its kernel), flax.linen.Conv or bn_jax.nn.WSConv. tests/test_resnet.py checks the parameter count and the
 outputs against a PyTorch twin.
 """
 
@@ -96,8 +96,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """The residual CNN: stem, stages of basic blocks, pooling, readout."""
   norm: ModuleDef | None
+  conv: ModuleDef  # e.g. the lab's im2col models.Conv, or flax.linen.Conv
   plain_norm: ModuleDef | None = None  # None: `norm`
-  conv: ModuleDef = None  # None: the lab's im2col models.Conv
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 1
   num_classes: int = 10
@@ -118,9 +118,6 @@ class ResNet(nn.Module):
   def __call__(self, images, *, train: bool):
     self.check()
     conv = self.conv
-    if conv is None:  # imported here: bn_lab.models imports this module
-      from bn_lab import models  # pylint: disable=g-import-not-at-top
-      conv = models.Conv
     x = images
     if x.ndim == 2:  # rows of pixels, as the lab's loaders give them
       x = x.reshape(x.shape[0], *self.image_shape)

@@ -167,6 +167,9 @@ def make_spec(config, num_train: int,
       init=config.init, init_std=config.init_std,
       sequence=config.sequence, hidden_size=config.lstm.hidden_size,
       permutation_seed=config.lstm.permutation_seed,
+      blocks_per_stage=config.resnet.blocks_per_stage,
+      skip_init=bool(config.resnet.skip_init),
+      standardize=config.resnet.standardize,
       bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       schedule_epochs=config.schedule_epochs,
@@ -192,7 +195,8 @@ def make_spec(config, num_train: int,
 # Checks, before anything is loaded or compiled.
 
 _CHOICES = {
-    "model": (*models.MODELS, *models.SEQUENCE_MODELS),
+    "model": (*models.MODELS, *models.RESIDUAL_MODELS,
+              *models.SEQUENCE_MODELS),
     "sequence": models.SEQUENCES, "placement": models.PLACEMENTS,
     "norm": models.NORMS, "init": models.INITS,
     "activation": tuple(models.ACTIVATIONS), "conv": ("auto", *models.CONVS),
@@ -391,6 +395,32 @@ def _check_grad_clip(config) -> None:
                       "None (no clipping).")
 
 
+def _check_residual_model(config) -> None:
+  """model=resnet against the rest of one combination's config."""
+  resnet = config.resnet
+  if not (is_int(resnet.blocks_per_stage) and resnet.blocks_per_stage > 0):
+    raise ConfigError(
+        f"config.resnet.blocks_per_stage={resnet.blocks_per_stage!r} must be "
+        "a positive integer (depth 6 * blocks_per_stage + 2).")
+  if resnet.standardize not in models.STANDARDIZATIONS:
+    raise ConfigError(
+        f"config.resnet.standardize={resnet.standardize!r} is not valid; "
+        f"choose one of {models.STANDARDIZATIONS}.")
+  if not isinstance(resnet.skip_init, bool):
+    raise ConfigError(f"config.resnet.skip_init={resnet.skip_init!r} must "
+                      "be True or False.")
+  if config.model not in models.RESIDUAL_MODELS:
+    return
+  if config.placement not in ("before_activation", "none"):
+    raise ConfigError(
+        f"config.placement={config.placement!r} does not fit "
+        f"model={config.model!r}: its norm follows every convolution "
+        "(before_activation) or there is none (none).")
+  if not config.channels:
+    raise ConfigError(f"config.channels=() gives model={config.model!r} no "
+                      "stage; give its stage widths, e.g. (16, 32, 64).")
+
+
 def _check_sequence_model(config) -> None:
   """model=lstm against the rest of one combination's config: the fields
   the LSTM cannot honour, each rejected in one line."""
@@ -440,7 +470,8 @@ def _check_norm_fits(config) -> None:
   what would otherwise fail only once traced."""
   norm, bn = config.norm, config.bn
   layers = models.normalized_layers(config.model, config.placement,
-                                    config.widths, config.channels)
+                                    config.widths, config.channels,
+                                    config.resnet.blocks_per_stage)
   # Ghost batches are chunks of each device's share of the batch (with
   # mesh_devices="auto" the share is known, and checked, once traced).
   devices = (config.mesh_devices if is_int(config.mesh_devices)
@@ -533,6 +564,7 @@ def validate_config(config) -> None:
     where = f" (combination {combo.name})" if len(combos) > 1 else ""
     _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
     _check_sequence_model(combo.config)
+    _check_residual_model(combo.config)
     _check_norm_fits(combo.config)
     _check_noise_fits(combo.config)
     _check_scaled_learning_rates(combo.config, where)
@@ -555,7 +587,8 @@ def _check_scaled_learning_rates(config, where: str) -> None:
 # The TrainSpec fields the model is built from (TrainSpec.make_model).
 _MODEL_FIELDS = ("model", "placement", "activation", "widths", "channels",
                  "conv", "init", "init_std", "norm", "sequence",
-                 "hidden_size", "permutation_seed", "bn")
+                 "hidden_size", "permutation_seed", "blocks_per_stage",
+                 "skip_init", "standardize", "bn")
 
 
 def _check_placement_normalizes(config, where: str,

@@ -1,9 +1,9 @@
 """Generated and derived data sets: MNIST-1D, printed digits, Stacked-MNIST.
 
-    ds = load_printed_digits()            # data.Dataset, 28x28 uint8, 0..9
+    ds = load_printed_digits()            # Dataset, 28x28 uint8, 0..9
     ds = data.load_dataset("printed_digits")        # the same, by name
     sig = load_mnist1d()                  # Signals: (N, 40) float32, 0..9
-    st = load_stacked_mnist()             # data.Dataset, 28x28x3, 0..999
+    st = load_stacked_mnist(mnist=data.load_dataset("mnist"))  # 28x28x3, 0..999
 
 Nothing here is downloaded and nothing imports JAX: the first two are
 generated on this machine from a fixed seed and cached as .npz files under
@@ -64,8 +64,8 @@ images from its test split, each from its own random stream of the seed;
 built in a second from MNIST, so it is not cached.
 
 Every problem a user can fix (missing fonts or package, a corrupt cache
-file) raises `data.DataError` with one line naming the file or package and
-the fix.
+file) raises `DataError` (bn_lab.data_types) with one line naming the
+file or package and the fix.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bn_lab import data
+from bn_lab import data_types
 
 # ----------------------------------------------------------------------------
 # The cache.
@@ -94,7 +94,7 @@ MNIST1D_VERSION = 1
 
 
 def _cache_dir(name: str, cache_dir) -> Path:
-  return Path(cache_dir or data.DEFAULT_CACHE_ROOT).expanduser() / name
+  return Path(cache_dir or data_types.DEFAULT_CACHE_ROOT).expanduser() / name
 
 
 def _key(params: dict) -> str:
@@ -110,7 +110,7 @@ def _read_cache(path: Path, params: dict) -> dict[str, np.ndarray] | None:
   """The arrays of the cache file `path`, or None if there is none.
 
   Raises:
-    data.DataError: the file is unreadable, or holds other parameters.
+    data_types.DataError: the file is unreadable, or holds other parameters.
   """
   if not path.is_file():
     return None
@@ -121,7 +121,7 @@ def _read_cache(path: Path, params: dict) -> dict[str, np.ndarray] | None:
     # np.load raises many types for a damaged file (BadZipFile, ValueError,
     # OSError, EOFError, zlib.error); the message must stay one line.
     reason = " ".join(str(e).split())[:200]
-    raise data.DataError(
+    raise data_types.DataError(
         f"{path}: corrupt cache file ({type(e).__name__}: {reason}); "
         f"{_fix_cache(path)}.") from e
   stored = arrays.pop("params", None)
@@ -130,7 +130,7 @@ def _read_cache(path: Path, params: dict) -> dict[str, np.ndarray] | None:
   except ValueError:
     stored = None
   if stored != params:
-    raise data.DataError(
+    raise data_types.DataError(
         f"{path}: cache file made with other parameters than its name says "
         f"(a file copied or renamed by hand?); {_fix_cache(path)}.")
   return arrays
@@ -143,7 +143,7 @@ def _write_cache(path: Path, params: dict, arrays: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".",
                                suffix=".tmp")
   except OSError as e:
-    raise data.DataError(
+    raise data_types.DataError(
         f"Cannot write the cache {path.parent} ({e}); pass another "
         "cache_dir.") from e
   try:
@@ -193,7 +193,7 @@ def _mnist1d_package():
   try:
     import mnist1d.data  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise data.DataError(
+    raise data_types.DataError(
         f"MNIST-1D needs the PyPI package mnist1d ({e}); install it: pip "
         "install mnist1d (a dependency of the lab: pip install -e ./lab)."
     ) from e
@@ -241,7 +241,7 @@ def load_mnist1d(cache_dir=None, **args) -> Signals:
     `positions` the signal's `t` grid.
 
   Raises:
-    data.DataError: mnist1d not installed, or a corrupt cache file.
+    data_types.DataError: mnist1d not installed, or a corrupt cache file.
     ValueError: an unknown argument.
   """
   args = mnist1d_args(**args)
@@ -327,7 +327,7 @@ FONT_SPLITS = {
 }
 _INSTALL_FONTS = "apt-get install " + " ".join(FONT_PACKAGES)
 
-IMAGE_SIZE = data.IMAGE_SHAPE[0]  # 28
+IMAGE_SIZE = data_types.IMAGE_SHAPE[0]  # 28
 BOX = 20  # MNIST's: the larger side of the digit, before centring
 CENTRE = 14  # MNIST's centre of mass, in index coordinates (row, column)
 _GLYPH_SIZE = 96  # font size (px) of the large glyphs
@@ -353,7 +353,7 @@ def _check_fonts(font_dir: Path) -> None:
   if missing:
     packages = [p for p, (_, files) in FONT_PACKAGES.items()
                 if set(files) & set(missing)]
-    raise data.DataError(
+    raise data_types.DataError(
         f"printed_digits: {len(missing)} of its {len(FONTS)} font files are "
         f"missing under {font_dir} (e.g. {missing[0]}); install them as "
         f"root: apt-get install {' '.join(packages)}")
@@ -369,7 +369,7 @@ def _glyphs(font_dir: Path, fonts) -> list[list]:
     try:
       font = ImageFont.truetype(str(font_dir / f), _GLYPH_SIZE)
     except OSError as e:
-      raise data.DataError(
+      raise data_types.DataError(
           f"{font_dir / f}: cannot read the font ({e}); reinstall it as "
           f"root: {_INSTALL_FONTS}") from e
     row = []
@@ -380,8 +380,9 @@ def _glyphs(font_dir: Path, fonts) -> list[list]:
                                   anchor="mm")
       box = canvas.getbbox()
       if box is None:
-        raise data.DataError(f"{font_dir / f}: draws no digit {digit}; "
-                             f"reinstall it as root: {_INSTALL_FONTS}")
+        raise data_types.DataError(
+            f"{font_dir / f}: draws no digit {digit}; reinstall it as root: "
+            f"{_INSTALL_FONTS}")
       row.append(canvas.crop(box))
     glyphs.append(row)
   return glyphs
@@ -440,7 +441,7 @@ def _place(glyph, scale: float, shift) -> np.ndarray:
   rows = np.arange(small.shape[0], dtype=np.float32)
   cols = np.arange(small.shape[1], dtype=np.float32)
   com = ((small.sum(1) @ rows) / mass, (small.sum(0) @ cols) / mass)
-  image = np.zeros(data.IMAGE_SHAPE, np.float32)
+  image = np.zeros(data_types.IMAGE_SHAPE, np.float32)
   top = int(np.round(CENTRE - com[0])) + int(shift[0])
   left = int(np.round(CENTRE - com[1])) + int(shift[1])
   # Paste, clipping whatever falls outside (only with large translations).
@@ -467,12 +468,12 @@ def _render_split(glyphs, num: int, rng: np.random.Generator,
   shift = rng.integers(-config.translation, config.translation + 1, (num, 2))
   stroke = rng.choice(np.asarray(config.stroke), num)
   sigma = rng.uniform(0, config.noise, num).astype(np.float32)
-  images = np.empty((num, *data.IMAGE_SHAPE), np.uint8)
+  images = np.empty((num, *data_types.IMAGE_SHAPE), np.uint8)
   for i in range(num):
     glyph = _affine(glyphs[fonts[i]][labels[i]], float(rotation[i]),
                     float(shear[i]), int(stroke[i]))
     image = _place(glyph, float(scale[i]), shift[i])
-    noise = rng.standard_normal(data.IMAGE_SHAPE, dtype=np.float32)
+    noise = rng.standard_normal(data_types.IMAGE_SHAPE, dtype=np.float32)
     image = image + (np.float32(255) * sigma[i]) * noise
     images[i] = np.clip(np.round(image), 0, 255).astype(np.uint8)
   return images, labels, fonts
@@ -496,16 +497,16 @@ def _pillow() -> None:
   try:
     from PIL import ImageFont  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise data.DataError(f"printed_digits needs Pillow ({e}); install it: "
-                         "pip install pillow (it comes with matplotlib, a "
-                         "dependency of the lab).") from e
+    raise data_types.DataError(
+        f"printed_digits needs Pillow ({e}); install it: pip install pillow "
+        "(it comes with matplotlib, a dependency of the lab).") from e
   del ImageFont  # only checked here; _glyphs imports what it uses
 
 
 def load_printed_digits(num_train: int = 60_000, num_test: int = 10_000,
                         seed: int = 0, cache_dir=None,
                         config: PrintedDigitsConfig | None = None
-                        ) -> data.Dataset:
+                        ) -> data_types.Dataset:
   """Printed digits, 28x28 uint8 like MNIST (see the module docstring).
 
   Args:
@@ -517,10 +518,10 @@ def load_printed_digits(num_train: int = 60_000, num_test: int = 10_000,
     config: the ranges of the random transforms.
 
   Returns:
-    data.Dataset: images (N, 28, 28) uint8, labels int32 0..9.
+    data_types.Dataset: images (N, 28, 28) uint8, labels int32 0..9.
 
   Raises:
-    data.DataError: fonts or Pillow missing, or a corrupt cache file.
+    data_types.DataError: fonts or Pillow missing, or a corrupt cache file.
   """
   config = config or PrintedDigitsConfig()
   _check_sizes(num_train, num_test)
@@ -547,7 +548,7 @@ def load_printed_digits(num_train: int = 60_000, num_test: int = 10_000,
   stem = f"printed_digits-{num_train}-{num_test}-seed{seed}"
   arrays, origin = _cached("printed_digits", cache_dir, stem, params,
                            generate)
-  return data.Dataset(
+  return data_types.Dataset(
       name="printed_digits",
       train_images=arrays["train_images"],
       train_labels=arrays["train_labels"],
@@ -576,8 +577,8 @@ def stacked_mnist_indices(num: int, pool_size: int, rng: np.random.Generator
 
 
 def load_stacked_mnist(num_train: int = 60_000, num_test: int = 10_000,
-                       seed: int = 0, mnist: data.Dataset | None = None
-                       ) -> data.Dataset:
+                       seed: int = 0, *, mnist: data_types.Dataset
+                       ) -> data_types.Dataset:
   """Stacked-MNIST: images (N, 28, 28, 3) uint8, labels int32 0..999.
 
   Channel k of an image is an MNIST image of digit d_k; the label is
@@ -587,12 +588,10 @@ def load_stacked_mnist(num_train: int = 60_000, num_test: int = 10_000,
   Args:
     num_train, num_test: sizes of the splits.
     seed: the seed.
-    mnist: the MNIST to draw from; default `data.load_dataset("mnist")`
-      (data_dir/$BN_JAX_DATA_DIR, the cache, else the bundled copy;
-      checksums verified).
+    mnist: the MNIST to draw from, e.g. `data.load_dataset("mnist")` (the
+      bundled copy unless data_dir or the cache say otherwise).
   """
   _check_sizes(num_train, num_test)
-  mnist = mnist if mnist is not None else data.load_dataset("mnist")
   arrays = {}
   streams = np.random.SeedSequence(seed).spawn(2)
   for split, num, stream in (("train", num_train, streams[0]),
@@ -606,6 +605,6 @@ def load_stacked_mnist(num_train: int = 60_000, num_test: int = 10_000,
         np.moveaxis(images[index], 1, -1))
     digits = labels[index].astype(np.int32)
     arrays[f"{split}_labels"] = digits @ np.array([100, 10, 1], np.int32)
-  return data.Dataset(name="stacked_mnist",
+  return data_types.Dataset(name="stacked_mnist",
                       origin=f"Stacked-MNIST (seed {seed}) from "
                       f"{mnist.name}: {mnist.origin}", **arrays)

@@ -132,6 +132,11 @@ class TrainSpec:
   sequence: str = "rows"
   hidden_size: int = 100
   permutation_seed: int = 0
+  # The residual CNN (models.RESIDUAL_MODELS) only: blocks per stage,
+  # SkipInit, the convolutions' weight standardization (models.Conv).
+  blocks_per_stage: int = 1
+  skip_init: bool = False
+  standardize: str = "none"
   # (name, value) pairs of normalization options (config.bn's fields,
   # renorm_schedule in steps); () keeps the layer's defaults. Swept values
   # override them per run (TrainState.bn_hparams).
@@ -196,19 +201,19 @@ class TrainSpec:
           norm="none" if self.placement == "none" else self.norm,
           sequence=self.sequence, hidden_size=self.hidden_size,
           permutation_seed=self.permutation_seed, dense_init=dense_init)
+    common = dict(activation=self.activation, widths=self.widths,
+                  channels=self.channels, conv=self.conv,
+                  dense_init=dense_init, norm_name=self.norm,
+                  blocks_per_stage=self.blocks_per_stage,
+                  skip_init=self.skip_init, standardize=self.standardize)
     if self.norm == "none":  # no layer to build: the placement "none"
-      return models.make_model(
-          self.model, placement="none", activation=self.activation,
-          widths=self.widths, channels=self.channels, conv=self.conv,
-          dense_init=dense_init)
+      return models.make_model(self.model, placement="none", **common)
     norm = models.make_norm({**dict(self.bn), **bn_hparams}, norm=self.norm,
                             axis_name=self.axis_name if self.sync_bn
                             else None)
     return models.make_model(
-        self.model, placement=self.placement, activation=self.activation,
-        widths=self.widths, channels=self.channels, norm=norm,
-        norm_has_bias=self.norm not in models.NORMS_WITHOUT_BIAS,
-        conv=self.conv, dense_init=dense_init)
+        self.model, placement=self.placement, norm=norm,
+        norm_has_bias=self.norm not in models.NORMS_WITHOUT_BIAS, **common)
 
 
 class TrainState(NamedTuple):
