@@ -12,7 +12,9 @@ rounds with bn_jax's under the same machine load.
 
 The model is bn_jax's `:cnn` (models.CNN with BN after each activation):
 conv3x3(32) -> relu -> BN -> maxpool 2x2 -> conv3x3(64) -> relu -> BN ->
-maxpool 2x2 -> Dense(128) -> relu -> BN -> Dense(10); Adam 1e-3, batch
+maxpool 2x2 -> Dense(128) -> relu -> BN -> Dense(10), or with
+--model=resnet the residual CNN's twin (_torch_resnet.py, ResNet-20); Adam
+1e-3, batch
 128, BN epsilon 1e-3 and momentum 0.01 (PyTorch's momentum is the weight
 of the new batch: bn_jax's 0.99 is PyTorch's 0.01). Each step takes the
 next batch of a per-epoch random permutation of the uint8 training images
@@ -31,7 +33,16 @@ import torch
 from torch import nn
 
 
-def make_model() -> nn.Module:
+RESNET_WIDTHS, RESNET_BLOCKS = (16, 32, 64), 3  # ResNet-20
+
+
+def make_model(model: str = "cnn") -> nn.Module:
+  """The `:cnn` model, or (model="resnet") ResNet-20 (_torch_resnet.py;
+  widths 16, 32, 64, BN epsilon 1e-3, PyTorch momentum 0.01)."""
+  if model == "resnet":
+    import _torch_resnet  # pylint: disable=g-import-not-at-top
+    return _torch_resnet.ResNet(RESNET_WIDTHS, RESNET_BLOCKS, True, False,
+                                eps=1e-3, momentum=0.01)
   def block(linear, features, norm):
     return [linear, nn.ReLU(), norm(features, eps=1e-3, momentum=0.01)]
   return nn.Sequential(
@@ -46,11 +57,11 @@ def make_model() -> nn.Module:
 
 class Trainer:
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch: int,
-               channels_last: bool, seed: int):
+               channels_last: bool, seed: int, model: str = "cnn"):
     torch.manual_seed(seed)
     self.format = (torch.channels_last if channels_last
                    else torch.contiguous_format)
-    self.model = make_model().to(memory_format=self.format)
+    self.model = make_model(model).to(memory_format=self.format)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
     self.loss = nn.CrossEntropyLoss()
     self.images = torch.from_numpy(images.reshape(-1, 1, 28, 28))
@@ -83,11 +94,13 @@ def main():
   parser.add_argument("--threads", type=int, required=True)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   with np.load(args.data) as data:
     trainer = Trainer(data["images"], data["labels"], args.batch,
-                      args.layout == "channels_last", args.seed)
+                      args.layout == "channels_last", args.seed,
+                      args.model)
   trainer.step()  # allocations and the first-call work, untimed
   print(json.dumps({"torch": torch.__version__,
                     "threads": torch.get_num_threads()}), flush=True)

@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/cnn_step.py --torch_python=build/torch-venv/bin/python
     .venv/bin/python benchmarks/cnn_step.py --quick     # smoke run (no PyTorch needed)
     .venv/bin/python benchmarks/cnn_step.py --ab --profile  # + the A/B, where the time goes
+    .venv/bin/python benchmarks/cnn_step.py --model=resnet --torch_python=...  # ResNet-20
 
 The `:cnn` model of studies/placements/main_job.py (conv3x3(32) -> relu -> BN ->
 maxpool 2x2 -> conv3x3(64) -> relu -> BN -> maxpool 2x2 -> Dense(128) ->
-relu -> BN -> Dense(10); Adam 1e-3, batch 128, real MNIST), one training
-step of each implementation:
+relu -> BN -> Dense(10); Adam 1e-3, batch 128, real MNIST), or with
+--model=resnet the lab's residual CNN as ResNet-20 (bn_lab.resnet, widths
+16, 32, 64, BN after every convolution; its PyTorch twin is
+benchmarks/_torch_resnet.py), one training step of each implementation:
 
   bn_jax          `train.train_epoch` of `--steps` steps, jitted, as the
                   CLI trains (config.conv="auto" is models.Conv on a CPU).
@@ -56,6 +59,12 @@ from bn_lab import train  # noqa: E402
 HPARAMS = {"learning_rate": 1e-3, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
 SPEC = train.TrainSpec(model="cnn", placement="after_activation",
                        widths=(128,), channels=(32, 64))
+# --model: the CNN above, or ResNet-20 (bn_lab.resnet: widths 16, 32, 64, 3
+# blocks per stage, BN after every convolution).
+SPECS = {"cnn": SPEC,
+         "resnet": train.TrainSpec(model="resnet",
+                                   placement="before_activation", widths=(),
+                                   channels=(16, 32, 64), blocks_per_stage=3)}
 TORCH_WORKER = Path(__file__).resolve().parent / "_torch_cnn.py"
 
 
@@ -78,8 +87,9 @@ class JaxStep:
   """`steps` jitted training steps of bn_jax's CNN per call, compiled under
   `patch` (a context manager; the model is traced on the first call)."""
 
-  def __init__(self, data, steps: int, patch=contextlib.nullcontext):
-    spec = dataclasses.replace(SPEC, steps_per_epoch=steps)
+  def __init__(self, data, steps: int, patch=contextlib.nullcontext,
+               spec=SPEC):
+    spec = dataclasses.replace(spec, steps_per_epoch=steps)
     self.state = train.create_train_state(spec, 0, HPARAMS)
     self._data = data
     self._epoch = jax.jit(
@@ -102,10 +112,11 @@ class TorchStep(_worker.JsonLineWorker):
   `steps` steps there and returns once they are done."""
 
   def __init__(self, python: str, data_file: str, layout: str, threads: int,
-               steps: int):
+               steps: int, model: str = "cnn"):
     self.steps = steps
     super().__init__([python, str(TORCH_WORKER), f"--data={data_file}",
-                      f"--layout={layout}", f"--threads={threads}"])
+                      f"--layout={layout}", f"--threads={threads}",
+                      f"--model={model}"])
 
   def __call__(self):
     return self.ask(f"steps {self.steps}")
@@ -170,29 +181,51 @@ def profile_by_category(step: JaxStep, steps: int) -> dict[str, float]:
   return dict(totals.most_common())
 
 
-def matmul_floor_ms(rounds: int) -> float:
+def matmul_floor_ms(rounds: int, spec: train.TrainSpec = SPEC) -> float:
   """ms for `step_matmul_flops` at the median rate of a large matmul here."""
   matmul, flops = _common.matmul_candidate()
   wall, _ = _common.interleaved({"matmul": matmul}, rounds)
-  return 1e3 * step_matmul_flops(SPEC) * _common.median(wall["matmul"]) / flops
+  return 1e3 * step_matmul_flops(spec) * _common.median(wall["matmul"]) / flops
+
+
+def _conv_layers(spec: train.TrainSpec) -> list[tuple[int, int, int, int]]:
+  """(output side, kernel size, in, out) of each convolution, in order."""
+  if spec.model == "cnn":
+    sides = [28 // 2**i for i in range(len(spec.channels))]
+    ins = (1, *spec.channels[:-1])
+    return [(s, 3, i, o) for s, i, o in zip(sides, ins, spec.channels)]
+  side, width = 28, spec.channels[0]
+  layers = [(side, 3, 1, width)]  # the stem
+  for stage, features in enumerate(spec.channels):
+    for block in range(spec.blocks_per_stage):
+      if stage and not block:
+        side = -(-side // 2)
+      layers += [(side, 3, width, features), (side, 3, features, features)]
+      if width != features or (stage and not block):
+        layers.append((side, 1, width, features))  # the projection
+      width = features
+  return layers
 
 
 def step_matmul_flops(spec: train.TrainSpec) -> float:
-  """FLOPs of the matmuls of one training step of the CNN (2 m n k each):
-  every conv (9 taps, SAME) and Dense layer forward, its weight gradient
-  and its input gradient (none for the first layer, whose input is data)."""
-  side, width, flops = 28, 1, 0.0
-  layers = []
-  for channels in spec.channels:
-    layers.append(spec.batch_size * side * side * 9 * width * channels)
-    side, width = side // 2, channels
-  width *= side * side
-  for features in (*spec.widths, 10):
+  """FLOPs of the matmuls of one training step (2 m n k each): every conv
+  (SAME padding) and Dense layer forward, its weight gradient and its input
+  gradient (none for the first layer, whose input is data). The CNN's
+  Dense layers read the pooled 7x7 maps; the ResNet's readout the
+  globally pooled last stage."""
+  layers = [spec.batch_size * side * side * k * k * cin * cout
+            for side, k, cin, cout in _conv_layers(spec)]
+  if spec.model == "cnn":
+    side = 28 // 2**len(spec.channels)
+    width = spec.channels[-1] * side * side
+    dense = (*spec.widths, 10)
+  else:
+    width, dense = spec.channels[-1], (10,)
+  for features in dense:
     layers.append(spec.batch_size * width * features)
     width = features
-  for i, multiply_adds in enumerate(layers):
-    flops += 2 * multiply_adds * (2 if i == 0 else 3)
-  return flops
+  return sum(2 * multiply_adds * (2 if i == 0 else 3)
+             for i, multiply_adds in enumerate(layers))
 
 
 def write_training_data(dataset, directory: str) -> str:
@@ -219,19 +252,25 @@ def main():
                       "undone")
   parser.add_argument("--profile", action="store_true",
                       help="print where bn_jax's step goes, by part")
+  parser.add_argument("--model", choices=tuple(SPECS), default="cnn",
+                      help="the CNN (default) or ResNet-20 (bn_lab.resnet)")
   args = parser.parse_args()
+  if args.model != "cnn" and (args.ab or args.profile):
+    raise SystemExit(f"--model={args.model}: --ab and --profile are the "
+                     "CNN's (its changes and kernel names); leave them out.")
+  spec = SPECS[args.model]
   rounds = args.rounds or (2 if args.quick else 7)
   steps = args.steps or (4 if args.quick else 20)
   torch_version = (_common.check_torch_python(args.torch_python)
                    if args.torch_python else None)
 
-  print(_common.header("CNN training step: bn_jax vs PyTorch eager"),
-        flush=True)
+  print(_common.header(f"{args.model.upper()} training step: bn_jax vs "
+                       "PyTorch eager"), flush=True)
   dataset = data_lib.load_dataset("mnist", data_dir=args.data_dir or None)
   data = train.to_device(
       data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
       data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
-  candidates = {"bn_jax": JaxStep(data, steps)}
+  candidates = {"bn_jax": JaxStep(data, steps, spec=spec)}
   if args.ab:
     for change, undo in AB_CHANGES.items():
       candidates[f"bn_jax without: {change}"] = JaxStep(data, steps, undo)
@@ -241,7 +280,7 @@ def main():
       data_file = write_training_data(dataset, directory)
       for layout in ("channels_last", "default"):
         worker = TorchStep(args.torch_python, data_file, layout,
-                           args.threads, steps)
+                           args.threads, steps, args.model)
         workers.append(worker)
         candidates[f"PyTorch {torch_version} eager, {layout}, "
                    f"{worker.info['threads']} threads"] = worker
@@ -253,7 +292,7 @@ def main():
       for worker in workers:
         worker.close()
 
-  floor_ms = matmul_floor_ms(rounds)
+  floor_ms = matmul_floor_ms(rounds, spec)
   print(f"\n{steps} steps per call, median of {rounds} interleaved rounds; "
         "ratio = the row's ms per step / bn_jax's\n")
   print("| implementation | ms/step | min-max s per call | ratio to bn_jax |")
@@ -270,7 +309,7 @@ def main():
       if name != "bn_jax" and isinstance(step, JaxStep):
         difference = max_param_difference(step, candidates["bn_jax"])
         print(f"- {name}: {difference:.3g}")
-  print(f"\nThe floor: the step's matmuls ({step_matmul_flops(SPEC) / 1e9:.2f}"
+  print(f"\nThe floor: the step's matmuls ({step_matmul_flops(spec) / 1e9:.2f}"
         f" GFLOP) at this run's rate of a {_common.MATMUL_N}^3 float32 "
         f"matmul take {floor_ms:.1f} ms.")
   if args.profile:

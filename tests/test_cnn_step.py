@@ -94,6 +94,35 @@ def test_kernel_times_counts_asynchronous_dots_from_launch_to_end():
       ("dot.2", 5.0, 2), ("fusion.1", 1.5, 2)]
 
 
+def test_resnet_step_matmul_flops_by_hand():
+  """ResNet-20 on 28x28: the stem; per stage 3 blocks of two 3x3
+  convolutions (the first of stages 2 and 3 at stride 2: 14x14, 7x7) and
+  a 1x1 projection where the width changes; the readout on 64 features."""
+  b = 128
+  stem = b * 28 * 28 * 9 * 1 * 16
+  stage0 = 6 * b * 28 * 28 * 9 * 16 * 16
+  stage1 = (b * 14 * 14 * 9 * 16 * 32 + 5 * b * 14 * 14 * 9 * 32 * 32
+            + b * 14 * 14 * 16 * 32)
+  stage2 = (b * 7 * 7 * 9 * 32 * 64 + 5 * b * 7 * 7 * 9 * 64 * 64
+            + b * 7 * 7 * 32 * 64)
+  readout = b * 64 * 10
+  expected = 2 * (2 * stem + 3 * (stage0 + stage1 + stage2 + readout))
+  assert cnn_step.step_matmul_flops(cnn_step.SPECS["resnet"]) == expected
+
+
+def test_the_torch_resnet_has_bn_jax_s_parameters():
+  """The worker's ResNet-20 has the lab's parameter count. Runs where
+  $BN_JAX_TORCH_PYTHON names a Python with torch."""
+  code = (f"sys.path.insert(0, {str(helpers.REPO / 'benchmarks')!r})\n"
+          "import _torch_cnn\n"
+          "outputs['count'] = np.array(sum(p.numel() for p in "
+          "_torch_cnn.make_model('resnet').parameters()))")
+  count = helpers.run_torch(code)["count"]
+  state = train.create_train_state(cnn_step.SPECS["resnet"], 0,
+                                   cnn_step.HPARAMS)
+  assert int(count) == sum(x.size for x in jax.tree.leaves(state.params))
+
+
 def test_step_matmul_flops_by_hand():
   """The issue's 3.2 GFLOP: conv_0 forward and weight gradient (its input
   is data), conv_1, hidden and readout forward, weight and input gradients;

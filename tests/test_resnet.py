@@ -1,5 +1,5 @@
 """bn_lab.resnet: the residual CNN against a PyTorch twin (torch.nn modules
-of the same architecture, written here from He et al.'s description), in
+of the same architecture, benchmarks/_torch_resnet.py), in
 parameter count, outputs in training and eval mode, and gradients; and its
 structure (depth, SkipInit) checked without torch."""
 
@@ -18,61 +18,8 @@ from bn_lab import resnet
 
 EPSILON = 1e-5
 
-# The twin: torch.nn layers, "SAME" padding as lax computes it (the total
-# padding split with the smaller half first: (0, 1) for a 3x3 convolution
-# at stride 2 on an even size, where padding=1 would shift the windows).
-TWIN = r"""
-from torch import nn
-import torch.nn.functional as F
-
-def same_padding(size, kernel, stride):
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-class Conv(nn.Conv2d):
-  def forward(self, x):
-    k, s = self.kernel_size[0], self.stride[0]
-    top, bottom = same_padding(x.shape[2], k, s)
-    left, right = same_padding(x.shape[3], k, s)
-    return super().forward(F.pad(x, (left, right, top, bottom)))
-
-def conv_norm(cin, cout, kernel, stride, norm):
-  layers = [Conv(cin, cout, kernel, stride, bias=not norm)]
-  if norm:
-    layers.append(nn.BatchNorm2d(cout, eps=EPSILON))
-  return nn.Sequential(*layers)
-
-class Block(nn.Module):
-  def __init__(self, cin, cout, stride, norm, skip_init):
-    super().__init__()
-    self.first = conv_norm(cin, cout, 3, stride, norm)
-    self.second = conv_norm(cout, cout, 3, 1, norm)
-    self.gain = nn.Parameter(torch.zeros(())) if skip_init else None
-    self.shortcut = (conv_norm(cin, cout, 1, stride, norm)
-                     if stride != 1 or cin != cout else nn.Identity())
-  def forward(self, x):
-    y = self.second(F.relu(self.first(x)))
-    if self.gain is not None:
-      y = y * self.gain
-    return F.relu(y + self.shortcut(x))
-
-class ResNet(nn.Module):
-  def __init__(self, widths, blocks, norm, skip_init):
-    super().__init__()
-    self.stem = conv_norm(1, widths[0], 3, 1, norm)
-    stages, cin = [], widths[0]
-    for stage, width in enumerate(widths):
-      for block in range(blocks):
-        stages.append(Block(cin, width, 2 if stage and not block else 1,
-                            norm, skip_init))
-        cin = width
-    self.blocks = nn.Sequential(*stages)
-    self.readout = nn.Linear(cin, 10)
-  def forward(self, x):
-    x = self.blocks(F.relu(self.stem(x)))
-    return self.readout(x.mean(dim=(2, 3)))
-"""
+# The twin: torch.nn layers, "SAME" padding as lax computes it.
+TWIN = (helpers.REPO / "benchmarks" / "_torch_resnet.py").read_text()
 
 
 def _torch_names(flax_path):
@@ -152,9 +99,9 @@ def test_matches_a_pytorch_twin(blocks, use_norm, skip_init):
   for i, (path, value) in enumerate(flat.items()):
     names[f"v{i}"] = _torch_names(path)
     arrays[f"v{i}"] = _to_torch(path, value)
-  code = TWIN.replace("EPSILON", repr(EPSILON)) + f"""
+  code = TWIN + f"""
 names = {names!r}
-model = ResNet({widths!r}, {blocks}, {use_norm}, {skip_init})
+model = ResNet({widths!r}, {blocks}, {use_norm}, {skip_init}, eps={EPSILON})
 outputs["count"] = np.array(sum(p.numel() for p in model.parameters()))
 state = model.state_dict()
 assert set(names.values()) <= set(state), set(names.values()) - set(state)
