@@ -11,6 +11,7 @@ The tests live in tests/ (library and lab) and in each study's folder;
 both import the shared helpers as `import helpers` (tests/helpers.py).
 """
 
+import collections
 from pathlib import Path
 import sys
 
@@ -20,6 +21,47 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The order the xdist workers get the files in (--dist loadfile hands out
+# whole files). xdist's own order, most tests first, leaves files of a few
+# long tests to the end, where one worker finishes them while the other
+# waits. So the files that take longest (their tests' seconds on 2 busy
+# cores, pytest --durations, 2026-12-07) go first, longest first; the others
+# follow as xdist orders them. A test's own order within its file is kept.
+_LONGEST_FILES = (
+    "tests/test_config_commands.py",
+    "studies/gan/test_gan.py",
+    "tests/test_multiprocess.py",
+    "tests/test_studies_page.py",
+    "studies/seq_mnist/test_seq_mnist.py",
+    "tests/test_accumulate.py",
+    "studies/why_bn/test_why_bn.py",
+    "studies/norms/test_norm_study.py",
+    "tests/test_parallel.py",
+    "tests/test_accelerator_script.py",
+    "tests/test_faults.py",
+    "studies/why_bn/test_landscape.py",
+    "tests/test_cnn_step.py",
+    "tests/test_extend.py",
+    "tests/test_doctor_cli.py",
+    "tests/test_packaging.py",
+    "tests/test_new_study.py",
+)
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # xdist's option
+    config.option.loadscopereorder = False  # the order below instead
+
+
+def pytest_collection_modifyitems(config, items):
+  if not hasattr(config, "workerinput"):  # not an xdist worker: as collected
+    return
+  path = lambda item: item.nodeid.split("::")[0]
+  tests = collections.Counter(map(path, items))
+  rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+  items.sort(key=lambda item: (rank.get(path(item), len(rank)),
+                               -tests[path(item)]))  # stable
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,45 @@ def run_cli(args, *, module="experiments.main", env=None, check=True,
   return result
 
 
+def run_studies(runs, timeout=900) -> list[dict]:
+  """`runner.run(registry.get(study), config, workdir, command=command)` for
+  each (study name, config, workdir, command) of `runs`, in order, in one
+  process of its own with the commands' environment (cli_env: unoptimized
+  XLA, which compiles several times faster); what each returned. For runs
+  whose files the tests check against those files themselves (rows,
+  results.json, reports, pages), never against numbers computed in the
+  test's own process."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  env = cli_env()
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  with tempfile.TemporaryDirectory() as directory:
+    given, returned = Path(directory, "runs"), Path(directory, "results")
+    given.write_bytes(pickle.dumps([(study, config, str(workdir), command)
+                                    for study, config, workdir, command
+                                    in runs]))
+    result = subprocess.run(
+        [sys.executable, __file__, str(given), str(returned)], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-3000:]
+                                    + result.stderr[-5000:])
+    return pickle.loads(returned.read_bytes())
+
+
+def _run_studies_here(given: Path, returned: Path) -> None:
+  """run_studies' process: the runs pickled in `given`, what they return
+  pickled to `returned`."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  from bn_lab import runner  # pylint: disable=g-import-not-at-top
+  from studies import registry  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_numpy_rank_promotion", "raise")  # as conftest.py
+  returned.write_bytes(pickle.dumps([
+      runner.run(registry.get(study), config, workdir, command=command)
+      for study, config, workdir, command in pickle.loads(
+          given.read_bytes())]))
+
+
 def files_written(stdout: str, workdir) -> list[str]:
   """The file names a run's closing "Wrote to WORKDIR: a, b" line lists."""
   wrote, = [line for line in stdout.splitlines()
@@ -176,3 +215,7 @@ def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
     if result.returncode:
       raise AssertionError(f"the PyTorch reference failed:\n{result.stderr}")
     return dict(np.load(returned))
+
+
+if __name__ == "__main__":
+  _run_studies_here(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -4,7 +4,6 @@ set in it; the lab (lab/pyproject.toml) owns the rest."""
 
 import email
 import json
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def test_console_scripts_run_a_study_and_its_report_outside_the_repo(
   --config path is read from the repository, --workdir from here."""
   scripts = Path(sys.executable).parent
   idx = helpers.write_tiny_idx(tmp_path / "idx", 200, 100)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = helpers.cli_env()  # on the CPU, unoptimized XLA (as every command)
   run = subprocess.run(
       [scripts / "bn-lab", "--config=studies/placements/main_job.py",
        "--workdir=work", f"--config.data_dir={idx}", "--config.dataset=tiny",

@@ -1,6 +1,11 @@
 """The studies page (bn_lab.page, experiments.report) from tiny runs of every
 study's own config: its sections, figures and provenance, and numbers and
-verdicts checked against the workdirs' metrics recomputed here with NumPy."""
+verdicts checked against the workdirs' metrics recomputed here with NumPy.
+
+The tiny runs train in a process of their own with unoptimized XLA, as the
+commands the other tests run do (helpers.run_studies: compiles several
+times faster); every number checked here is recomputed from the files they
+leave, so the flags cannot hide a mismatch."""
 
 import json
 import re
@@ -63,15 +68,17 @@ RUNS = {
 def workdirs(tmp_path_factory):
   idx_dir = helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), 200, 100)
   root = tmp_path_factory.mktemp("workdirs")
+  runs = []
   for name, (module, arg, changes) in RUNS.items():
     config = module.get_config(arg) if arg else module.get_config()
     suffix = f":{arg}" if arg else ""
     path = module.__name__.replace(".", "/") + ".py"
-    runner.run(
-        registry.for_config_file(module.__file__),
+    runs.append((
+        registry.for_config_file(module.__file__).name,
         _tiny(config, idx_dir, **changes), root / name,
-        command=(f"python -m experiments.main --config={path}{suffix} "
-                 f"--workdir={root / name}"))
+        f"python -m experiments.main --config={path}{suffix} "
+        f"--workdir={root / name}"))
+  helpers.run_studies(runs)
   cost = root / "bn_cost"
   cost.mkdir()
   rows = [{"model": m, "placement": p, "ms_per_step": t, "time_ratio": r,

@@ -67,7 +67,10 @@ def test_shapes_and_variables_of_every_variant(generator_norm,
                              discriminator_norm=discriminator_norm,
                              output=output)
 
-  @jax.jit
+  # Op by op, not jitted: the ops' programs are shared by every variant and
+  # the file's other tests (one program per variant compiled the whole
+  # initialization again, seconds each); create_states, jitted, is
+  # the sweep tests'.
   def run(seed):
     state = gan.create_state(spec, seed)
     images = spec.generator().apply(

@@ -54,6 +54,9 @@ EXPECTED = {
     "group": bn_nn.GroupNorm(num_groups=5, epsilon=1e-3),
     "instance": bn_nn.InstanceNorm(epsilon=1e-3),
     "rms": bn_nn.RMSNorm(epsilon=1e-3),
+    "frn": bn_nn.FRN(epsilon=1e-3),
+    "evonorm_b0": bn_nn.EvoNormB0(momentum=0.99, epsilon=1e-3),
+    "evonorm_s0": bn_nn.EvoNormS0(num_groups=5, epsilon=1e-3),
     "noisy_batch": landscape.NoisyBN(**_BN),  # the paper's noise (defaults)
 }
 
@@ -175,6 +178,12 @@ def test_renorm_schedule_fractions_relax_within_a_short_run():
     ({"norm": "layer", "model": "cnn", "placement": "input"},
      "config.norm='layer' normalizes each example over a layer's features, "
      "and layer input_bn has 1"),
+    ({"norm": "frn", "model": "cnn"},
+     "config.norm='frn' takes its statistics over a layer's spatial "
+     "positions, and layer hidden_0 has none"),
+    ({"norm": "evonorm_b0", "model": "mlp"},
+     "config.norm='evonorm_b0' takes its statistics over a layer's spatial "
+     "positions, and layer hidden_0 has none"),
     ({"norm": "layer", "sweep.bn_momentum": (0.9, 0.99)},
      "config.sweep.bn_momentum sweeps config.bn.momentum, which "
      "norm='layer' does not read"),
@@ -246,7 +255,9 @@ def test_precise_metric_is_eval_mode_with_numpy_population_statistics():
 
 @pytest.fixture(scope="module")
 def norms_study(tmp_path_factory):
-  """studies/norms/config.py on tiny IDX data: every variant, one epoch."""
+  """studies/norms/config.py on tiny IDX data: every variant, one epoch,
+  trained in a process of its own with unoptimized XLA
+  (helpers.run_studies; the tests check its files against themselves)."""
   idx = helpers.write_tiny_idx(tmp_path_factory.mktemp("idx"), 400, 200)
   config = norms_config.get_config()
   for field, value in {"dataset": "tiny", "data_dir": str(idx),
@@ -256,7 +267,8 @@ def norms_study(tmp_path_factory):
   config.bn.virtual_batch_size = 10
   config.precise_bn.num_batches = 5
   workdir = tmp_path_factory.mktemp("norms")
-  results = runner.run(norms_package.STUDY, config, workdir)
+  results, = helpers.run_studies([(norms_package.STUDY.name, config, workdir,
+                                   None)])
   return workdir, results, config
 
 
