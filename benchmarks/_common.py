@@ -48,6 +48,13 @@ def add_common_flags(parser) -> None:
                       "at start-up); doubles the run time")
 
 
+def add_torch_python_flag(parser) -> None:
+  """--torch_python: the Python of a benchmark's PyTorch worker."""
+  parser.add_argument("--torch_python", default=os.environ.get(
+      "BN_JAX_TORCH_PYTHON", ""), help="a Python with torch (default: "
+      "$BN_JAX_TORCH_PYTHON); empty: bn_jax only")
+
+
 def run_tuned_child(script: str) -> None:
   """Repeats the current command line in a child with MALLOC_ENV set."""
   argv, skip = [], False

@@ -241,9 +241,7 @@ def main():
   parser.add_argument("--steps", type=int, default=None,
                       help="training steps per timed call (default 20; "
                       "--quick: 4)")
-  parser.add_argument("--torch_python", default=os.environ.get(
-      "BN_JAX_TORCH_PYTHON", ""), help="a Python with torch (default: "
-      "$BN_JAX_TORCH_PYTHON); empty: bn_jax only")
+  _common.add_torch_python_flag(parser)
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="PyTorch's intra-op threads (default: the CPU "
                       "count, which XLA:CPU also uses)")

@@ -777,9 +777,7 @@ def main():
   parser.add_argument("--steps", type=int, default=None,
                       help="training steps per timed call (default 10; "
                       "--quick: 2)")
-  parser.add_argument("--torch_python", default=os.environ.get(
-      "BN_JAX_TORCH_PYTHON", ""), help="a Python with torch (default: "
-      "$BN_JAX_TORCH_PYTHON); empty: bn_jax only")
+  _common.add_torch_python_flag(parser)
   parser.add_argument("--threads", default=f"{os.cpu_count()},1",
                       help="PyTorch's intra-op threads, one worker (and "
                       "column) each, comma-separated (default: the CPU "
