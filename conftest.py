@@ -25,24 +25,30 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # The order the xdist workers get the files in (--dist loadfile hands out
 # whole files). xdist's own order, most tests first, leaves files of a few
 # long tests to the end, where one worker finishes them while the other
-# waits. So the files that take longest (their tests' seconds on 2 busy
-# cores, pytest --durations, 2026-12-07) go first, longest first; the others
-# follow as xdist orders them. A test's own order within its file is kept.
+# waits. So the files that take longest (their tests' seconds, pytest
+# --durations of a fresh-clone CI run, 2026-12-07) go first, longest
+# first; the others follow as xdist orders them. A test's own order within
+# its file is kept.
 _LONGEST_FILES = (
     "tests/test_config_commands.py",
     "studies/gan/test_gan.py",
     "tests/test_multiprocess.py",
     "tests/test_studies_page.py",
     "studies/seq_mnist/test_seq_mnist.py",
-    "tests/test_accumulate.py",
-    "studies/why_bn/test_why_bn.py",
-    "studies/norms/test_norm_study.py",
-    "tests/test_parallel.py",
     "tests/test_accelerator_script.py",
+    "studies/norms/test_norm_study.py",
+    "tests/test_experiment.py",
+    "tests/test_parallel.py",
+    "studies/why_bn/test_why_bn.py",
+    "tests/test_accumulate.py",
     "tests/test_faults.py",
-    "studies/why_bn/test_landscape.py",
+    "tests/test_reliability.py",
+    "tests/test_resnet.py",
+    "tests/test_train.py",
+    "tests/test_nlp_step.py",
     "tests/test_cnn_step.py",
     "tests/test_extend.py",
+    "studies/why_bn/test_landscape.py",
     "tests/test_doctor_cli.py",
     "tests/test_packaging.py",
     "tests/test_new_study.py",

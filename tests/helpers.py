@@ -180,6 +180,17 @@ def one_epoch_each(specs, data, learning_rate=0.5):
       data) for spec in specs]
 
 
+def require_torch() -> str:
+  """$BN_JAX_TORCH_PYTHON, or a skip saying how to set it: called first by
+  a test whose own work only serves the PyTorch comparison."""
+  python = os.environ.get("BN_JAX_TORCH_PYTHON")
+  if not python:
+    pytest.skip("PyTorch reference: set BN_JAX_TORCH_PYTHON to a Python with "
+                "torch (e.g. python3 -m venv build/torch-venv && "
+                "build/torch-venv/bin/pip install torch numpy)")
+  return python
+
+
 def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
               ) -> dict[str, np.ndarray]:
   """Runs `code` under the Python that $BN_JAX_TORCH_PYTHON names (one with
@@ -189,11 +200,7 @@ def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
   The code sees `torch`, `np`, and `inputs` (a dict of the given arrays),
   and fills the dict `outputs` with arrays, which come back.
   """
-  python = os.environ.get("BN_JAX_TORCH_PYTHON")
-  if not python:
-    pytest.skip("PyTorch reference: set BN_JAX_TORCH_PYTHON to a Python with "
-                "torch (e.g. python3 -m venv build/torch-venv && "
-                "build/torch-venv/bin/pip install torch numpy)")
+  python = require_torch()
   import tempfile  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as directory:
     given, returned = Path(directory, "in.npz"), Path(directory, "out.npz")

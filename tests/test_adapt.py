@@ -69,6 +69,7 @@ outputs["bias"] = model[1].bias.detach().numpy()
 
 
 def test_tent_matches_the_reference_code_in_pytorch():
+  helpers.require_torch()
   model, variables = _model_and_variables()
   batches = _batches()
   logits, adapted = adapt.tent(model, variables, batches)

@@ -113,6 +113,7 @@ def test_resnet_step_matmul_flops_by_hand():
 def test_the_torch_resnet_has_bn_jax_s_parameters():
   """The worker's ResNet-20 has the lab's parameter count. Runs where
   $BN_JAX_TORCH_PYTHON names a Python with torch."""
+  helpers.require_torch()
   code = (f"sys.path.insert(0, {str(helpers.REPO / 'benchmarks')!r})\n"
           "import _torch_cnn\n"
           "outputs['count'] = np.array(sum(p.numel() for p in "

@@ -146,7 +146,7 @@ def reference(idx_dir, tmp_path_factory) -> Path:
     ("bn_stats", "ghost", ["config.bn_stats='ghost'", "'per_device'"]),
     ("activation", "swish2", ["config.activation", "'relu'"]),
     ("optimizer", "adagrad", ["config.optimizer", "'sgd'"]),
-    ("model", "resnet", ["config.model", "'cnn'"]),
+    ("model", "vgg", ["config.model", "'cnn'"]),
     ("data_source", "ftp", ["config.data_source", "'idx'"]),
     ("batch_size", 0, ["config.batch_size=0", "positive"]),
     ("batch_size", -32, ["config.batch_size=-32", "positive"]),

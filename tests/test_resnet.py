@@ -60,6 +60,7 @@ def _to_torch(path, value):
 @pytest.mark.parametrize("blocks,use_norm,skip_init", [
     (1, True, False), (2, True, True), (1, False, True)])
 def test_matches_a_pytorch_twin(blocks, use_norm, skip_init):
+  helpers.require_torch()
   widths = (8, 16, 32)
   norm = (functools.partial(bn_nn.BatchNorm, epsilon=EPSILON, momentum=0.9)
           if use_norm else None)
@@ -267,15 +268,15 @@ def test_the_lab_builds_each_norm_into_the_residual_cnn(norm, skip_init,
 @pytest.mark.slow
 def test_a_resnet_norms_study_runs_from_the_command_line(tmp_path):
   """--config.model=resnet with a norms axis, end to end on tiny data."""
-  idx = helpers.write_tiny_idx(tmp_path / "idx", 200, 100)
+  idx = helpers.write_tiny_idx(tmp_path / "idx", 100, 50)
   workdir = tmp_path / "run"
   helpers.run_cli([
       "--config=lab/bn_lab/config.py", f"--workdir={workdir}",
       f"--config.data_dir={idx}", "--config.dataset=tiny",
       "--config.num_epochs=1", "--config.seeds=(0,)", "--config.model=resnet",
       "--config.placement=before_activation", "--config.channels=(4,8,8)",
-      "--config.widths=()", "--config.norms=('batch','frn','evonorm_s0')",
-      "--config.bn.num_groups=4", "--config.batch_size=20"])
+      "--config.widths=()", "--config.norms=('batch','frn')",
+      "--config.batch_size=20"])
   summary = (workdir / "summary.md").read_text()
-  for norm in ("batch", "frn", "evonorm_s0"):
+  for norm in ("batch", "frn"):
     assert f"| {norm} |" in summary, summary

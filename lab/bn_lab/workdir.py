@@ -482,7 +482,9 @@ ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "sequence": "rows", "lstm.hidden_size": 100,
                 "lstm.permutation_seed": 0, "grad_clip_norm": None,
                 "ics.every_steps": 0, "landscape.every_steps": 0,
-                "schedule_epochs": None, "divergence_factor": 1000.0}
+                "schedule_epochs": None, "divergence_factor": 1000.0,
+                "resnet.blocks_per_stage": 1, "resnet.skip_init": False,
+                "resnet.standardize": "none"}
 # Fields that moved from the base config into one study's config, with the
 # value that left them off: a saved config.json of another study that has
 # them at that value resumes without them.
