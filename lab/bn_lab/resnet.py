@@ -33,8 +33,8 @@ shortcuts still compute).
 
 `conv` is the convolution module (flax.linen.Conv's interface and
 parameter names): the lab's im2col `models.Conv` (which can standardize
-its kernel), flax.linen.Conv or bn_jax.nn.WSConv. tests/test_resnet.py checks the parameter count and the
-outputs against a PyTorch twin.
+its kernel), flax.linen.Conv or bn_jax.nn.WSConv. tests/test_resnet.py
+checks the parameter count and the outputs against a PyTorch twin.
 """
 
 from __future__ import annotations
