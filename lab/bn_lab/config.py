@@ -70,12 +70,15 @@ def get_config():
   # resnet.blocks_per_stage; its norm follows every convolution (placement
   # before_activation) or there is none (placement none); skip_init adds
   # SkipInit's zero-initialized gain on each residual branch; standardize:
-  # none | ws (Weight Standardization) | scaled (Scaled WS, the NF-ResNets').
-  # activation and widths are not read.
+  # none | ws (Weight Standardization) | scaled (Scaled WS, the NF-ResNets');
+  # stem_stride 2 halves the image in the stem (28x28 -> 14x14: 4x less
+  # compute, as ImageNet ResNets' strided stem). activation and widths are
+  # not read.
   c.resnet = ml_collections.ConfigDict()
   c.resnet.blocks_per_stage = 1
   c.resnet.skip_init = False
   c.resnet.standardize = "none"
+  c.resnet.stem_stride = 1
 
   # The normalization layer wherever `placement` puts one (bn_lab.models.
   # NORMS): batch | renorm (Batch Renormalization) | ghost (ghost batches of

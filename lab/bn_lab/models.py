@@ -578,13 +578,13 @@ def make_model(model: str, *, placement: str, activation: str,
                dense_init: Callable[..., Any] = nn.linear.default_kernel_init,
                norm_name: str = "batch", blocks_per_stage: int = 1,
                skip_init: bool = False, standardize: str = "none",
-               ) -> nn.Module:
+               stem_stride: int = 1) -> nn.Module:
   """Builds the named model with `norm` (see `make_norm`; `norm_has_bias`
   False for a norm without beta, `NORMS_WITHOUT_BIAS`) and, for the CNN,
   the convolution `CONVS[conv]` ("auto": im2col on a CPU, else xla). The
   residual CNN (`RESIDUAL_MODELS`, `make_resnet`) also reads `norm_name`
-  (the config's name of `norm`), `blocks_per_stage`, `skip_init` and
-  `standardize`; the others ignore them."""
+  (the config's name of `norm`), `blocks_per_stage`, `skip_init`,
+  `standardize` and `stem_stride`; the others ignore them."""
   common = dict(placement=placement, activation=activation,
                 num_classes=num_classes, norm=norm,
                 norm_has_bias=norm_has_bias, widths=tuple(widths),
@@ -599,7 +599,8 @@ def make_model(model: str, *, placement: str, activation: str,
                        norm_name=norm_name, norm_has_bias=norm_has_bias,
                        placement=placement, num_classes=num_classes,
                        blocks_per_stage=blocks_per_stage,
-                       skip_init=skip_init, standardize=standardize)
+                       skip_init=skip_init, standardize=standardize,
+                       stem_stride=stem_stride)
   if model in SEQUENCE_MODELS:
     raise ValueError(f"model={model!r} reads the image as a sequence; build "
                      "it with make_sequence_model.")
@@ -611,7 +612,7 @@ def make_resnet(*, channels: Sequence[int], norm: ModuleDef, conv: str,
                 norm_name: str,
                 norm_has_bias: bool, placement: str, num_classes: int,
                 blocks_per_stage: int, skip_init: bool,
-                standardize: str) -> nn.Module:
+                standardize: str, stem_stride: int = 1) -> nn.Module:
   """bn_lab.resnet.ResNet with the stage widths `channels`: `norm` after
   every convolution (placement "before_activation", BN -> ReLU as in He et
   al.) or none (placement "none"); convolutions `CONVS[conv]` ("auto" by
@@ -643,7 +644,7 @@ def make_resnet(*, channels: Sequence[int], norm: ModuleDef, conv: str,
       widths=tuple(channels), blocks_per_stage=blocks_per_stage,
       num_classes=num_classes, norm_has_bias=norm_has_bias,
       norm_is_activation=norm_name in NORMS_WITH_ACTIVATION,
-      skip_init=skip_init)
+      skip_init=skip_init, stem_stride=stem_stride)
 
 
 # ----------------------------------------------------------------------------

@@ -104,12 +104,15 @@ class ResNet(nn.Module):
   norm_has_bias: bool = True
   norm_is_activation: bool = False
   skip_init: bool = False
+  stem_stride: int = 1  # 2 halves the stem's output (28x28 -> 14x14)
   image_shape: Sequence[int] = (28, 28, 1)
 
   def check(self):
     if self.blocks_per_stage < 1:
       raise ValueError(f"blocks_per_stage={self.blocks_per_stage}: at least "
                        "1 (depth = 6 * blocks_per_stage + 2).")
+    if self.stem_stride not in (1, 2):
+      raise ValueError(f"stem_stride={self.stem_stride}: 1 or 2.")
     if not self.widths or min(self.widths) < 1:
       raise ValueError(f"widths={tuple(self.widths)}: one positive width "
                        "per stage.")
@@ -124,7 +127,7 @@ class ResNet(nn.Module):
     common = dict(conv=conv, norm=self.norm, plain_norm=self.plain_norm,
                   norm_has_bias=self.norm_has_bias,
                   norm_is_activation=self.norm_is_activation)
-    x = conv_norm(x, self.widths[0], 3, 1, "stem", train=train,
+    x = conv_norm(x, self.widths[0], 3, self.stem_stride, "stem", train=train,
                   activate=True, **common)
     for stage, features in enumerate(self.widths):
       for block in range(self.blocks_per_stage):

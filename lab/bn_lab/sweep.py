@@ -170,6 +170,7 @@ def make_spec(config, num_train: int,
       blocks_per_stage=config.resnet.blocks_per_stage,
       skip_init=bool(config.resnet.skip_init),
       standardize=config.resnet.standardize,
+      stem_stride=config.resnet.stem_stride,
       bn=tuple(sorted(bn.items())), optimizer=config.optimizer,
       schedule=config.schedule, warmup_steps=config.warmup_steps,
       schedule_epochs=config.schedule_epochs,
@@ -409,6 +410,9 @@ def _check_residual_model(config) -> None:
   if not isinstance(resnet.skip_init, bool):
     raise ConfigError(f"config.resnet.skip_init={resnet.skip_init!r} must "
                       "be True or False.")
+  if resnet.stem_stride not in (1, 2) or isinstance(resnet.stem_stride, bool):
+    raise ConfigError(f"config.resnet.stem_stride={resnet.stem_stride!r} "
+                      "must be 1 or 2.")
   if config.model not in models.RESIDUAL_MODELS:
     return
   if config.placement not in ("before_activation", "none"):
@@ -588,7 +592,7 @@ def _check_scaled_learning_rates(config, where: str) -> None:
 _MODEL_FIELDS = ("model", "placement", "activation", "widths", "channels",
                  "conv", "init", "init_std", "norm", "sequence",
                  "hidden_size", "permutation_seed", "blocks_per_stage",
-                 "skip_init", "standardize", "bn")
+                 "skip_init", "standardize", "stem_stride", "bn")
 
 
 def _check_placement_normalizes(config, where: str,

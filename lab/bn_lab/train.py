@@ -133,10 +133,12 @@ class TrainSpec:
   hidden_size: int = 100
   permutation_seed: int = 0
   # The residual CNN (models.RESIDUAL_MODELS) only: blocks per stage,
-  # SkipInit, the convolutions' weight standardization (models.Conv).
+  # SkipInit, the convolutions' weight standardization (models.Conv), the
+  # stem's stride.
   blocks_per_stage: int = 1
   skip_init: bool = False
   standardize: str = "none"
+  stem_stride: int = 1
   # (name, value) pairs of normalization options (config.bn's fields,
   # renorm_schedule in steps); () keeps the layer's defaults. Swept values
   # override them per run (TrainState.bn_hparams).
@@ -205,7 +207,8 @@ class TrainSpec:
                   channels=self.channels, conv=self.conv,
                   dense_init=dense_init, norm_name=self.norm,
                   blocks_per_stage=self.blocks_per_stage,
-                  skip_init=self.skip_init, standardize=self.standardize)
+                  skip_init=self.skip_init, standardize=self.standardize,
+                  stem_stride=self.stem_stride)
     if self.norm == "none":  # no layer to build: the placement "none"
       return models.make_model(self.model, placement="none", **common)
     norm = models.make_norm({**dict(self.bn), **bn_hparams}, norm=self.norm,
