@@ -22,6 +22,7 @@ STUDIES = {
     "staleness": "studies.staleness",
     "article_claims": "studies.article_claims",
     "gan": "studies.gan",
+    "mode_collapse": "studies.mode_collapse",
     "why_bn": "studies.why_bn",
     "lr_range": "studies.lr_range",
     "domain_shift": "studies.domain_shift",

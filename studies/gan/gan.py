@@ -112,13 +112,16 @@ def _normalize(norm: ModuleDef | None, x, train: bool, name: str):
 
 
 class Generator(nn.Module):
-  """z (N, latent_dim) -> images (N, 28, 28, 1) in [-1, 1] (tanh) or
-  [0, 1] (sigmoid). `norm`: None or a layer to be named and placed (built
-  by `GANSpec.generator`); the layers before it have no bias."""
+  """z (N, latent_dim) -> images (N, 28, 28, out_channels) in [-1, 1]
+  (tanh) or [0, 1] (sigmoid). `norm`: None or a layer to be named and placed
+  (built by `GANSpec.generator`); the layers before it have no bias.
+  out_channels: 1 for MNIST, 3 for Stacked-MNIST (studies.mode_collapse);
+  only the last convolution's width depends on it."""
   channels: tuple[int, int] = (32, 16)
   norm: ModuleDef | None = None
   conv: ModuleDef = models.Conv
   output: str = "tanh"
+  out_channels: int = 1
 
   @nn.compact
   def __call__(self, z, *, train: bool):
@@ -129,7 +132,8 @@ class Generator(nn.Module):
     x = nn.relu(_normalize(self.norm, x, train, "norm_0"))
     x = self.conv(c14, (3, 3), use_bias=use_bias, name="conv_0")(upsample(x))
     x = nn.relu(_normalize(self.norm, x, train, "norm_1"))
-    x = self.conv(1, (3, 3), use_bias=True, name="conv_1")(upsample(x))
+    x = self.conv(self.out_channels, (3, 3), use_bias=True,
+                  name="conv_1")(upsample(x))
     return jnp.tanh(x) if self.output == "tanh" else nn.sigmoid(x)
 
 
@@ -196,6 +200,9 @@ class GANSpec:
   steps_per_epoch: int = 200
   num_epochs: int = 5
   data_seed: int | None = None  # as train.TrainSpec (train.over_runs)
+  # Channels of an image: 1 (MNIST, this study) or 3 (Stacked-MNIST,
+  # studies.mode_collapse). G's last convolution and D's first read it.
+  image_channels: int = 1
 
   def generator(self) -> Generator:
     norm = None
@@ -208,7 +215,8 @@ class GANSpec:
                                reduction_axes=(1, 2, 3), feature_axes=-1)
     conv = models.resolve_backend_choice(self.conv, "im2col", "xla")
     return Generator(channels=tuple(self.generator_channels), norm=norm,
-                     conv=GENERATOR_CONVS[conv], output=self.output)
+                     conv=GENERATOR_CONVS[conv], output=self.output,
+                     out_channels=self.image_channels)
 
   def discriminator(self) -> Discriminator:
     batch = self.discriminator_norm != "none"
@@ -223,11 +231,12 @@ class GANSpec:
     return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2)
 
   def images(self, pixels) -> jax.Array:
-    """uint8 (N, 784) pixels -> G's output range, (N, 28, 28, 1)."""
+    """uint8 (N, 784 * C) pixels (each image's (28, 28, C) flattened) ->
+    G's output range, (N, 28, 28, C)."""
     x = data_lib.scale_pixels(pixels, "unit")
     if self.output == "tanh":
       x = 2.0 * x - 1.0
-    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
+    return x.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, self.image_channels)
 
   def to_unit(self, images) -> jax.Array:
     """G's output -> [0, 1] pixels (the classifier's "unit" inputs)."""
@@ -256,7 +265,8 @@ def create_state(spec: GANSpec, seed) -> GANState:
   g_vars = spec.generator().init(
       g_key, jnp.zeros((2, spec.latent_dim)), train=False)
   d_vars = spec.discriminator().init(
-      d_key, (jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1)),), train=False)
+      d_key, (jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, spec.image_channels)),),
+      train=False)
   tx = spec.optimizer()
   return GANState(
       step=jnp.zeros((), jnp.int32),
@@ -395,7 +405,8 @@ def eval_latents(num: int, latent_dim: int) -> jax.Array:
 
 def generate(spec: GANSpec, g_params, g_stats, z, *,
              use_running_average: bool = True) -> jax.Array:
-  """G's images for `z`, in [0, 1], (N, 28, 28). use_running_average=False
+  """G's images for `z`, in [0, 1]: (N, 28, 28) for one channel, else
+  (N, 28, 28, C). use_running_average=False
   normalizes with the statistics of `z`'s batch, as in training (G's BN
   only; nothing is updated)."""
   variables = {"params": g_params, "batch_stats": g_stats}
@@ -405,7 +416,8 @@ def generate(spec: GANSpec, g_params, g_stats, z, *,
   else:
     images, _ = generator.apply(variables, z, train=True,
                                 mutable=["batch_stats"])
-  return spec.to_unit(images)[..., 0]
+  images = spec.to_unit(images)
+  return images[..., 0] if spec.image_channels == 1 else images
 
 
 def to_uint8(images) -> jax.Array:
