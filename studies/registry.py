@@ -26,6 +26,7 @@ STUDIES = {
     "why_bn": "studies.why_bn",
     "lr_range": "studies.lr_range",
     "domain_shift": "studies.domain_shift",
+    "real_shift": "studies.real_shift",
     "transfer": "studies.transfer",
     "seq_mnist": "studies.seq_mnist",
     "norms": "studies.norms",
