@@ -31,12 +31,17 @@ from bn_lab import stats
 PRETTY = {"printed_digits": "printed digits", "mnist": "MNIST"}
 NORM_NAMES = {"batch": "BN", "group": "GN", "layer": "LN"}
 METHOD_NAMES = {"source": "source statistics (eval mode)",
+                "source_precise": "source statistics recomputed (PreciseBN)",
                 "adabn": "AdaBN (target statistics)",
                 "test_batch": "test-batch statistics", "tent": "TENT (online)"}
 # claim key -> (the paper's claim, method a, method b, expected sign of a - b)
 CLAIMS = {
     "adabn": ("AdaBN (Li et al. 2016): recomputing BN's statistics on "
               "the target improves target accuracy", "adabn", "source", 1),
+    "adabn_precise": ("AdaBN, against the source statistics recomputed "
+                      "the same way on source images (our control for "
+                      "stale running averages)", "adabn", "source_precise",
+                      1),
     "tent_source": ("TENT (Wang et al. 2021): entropy minimization of BN's "
                     "scale and bias on target batches improves target "
                     "accuracy", "tent", "source", 1),
@@ -95,7 +100,7 @@ def direction_table(acc: Table, directions, direction: str,
   (columns); a batch-independent method fills the "any" column."""
   sizes = batch_sizes(acc)
   lines = []
-  for method in ("source", "adabn", "test_batch", "tent"):
+  for method in ("source", "source_precise", "adabn", "test_batch", "tent"):
     if method in ("test_batch", "tent"):
       cells = ["·"] + [_cell(acc[(direction, "batch", method, b)])
                        for b in sizes]
@@ -122,9 +127,11 @@ def _comparisons(family, acc: Table, direction: str, norms, sizes):
   get = lambda method, b=None, norm="batch": acc[(direction, norm, method,
                                                   b)]
   label = lambda text: f"{direction}: {text}"
-  claims = {"adabn": {None: family.compare(
-      get("adabn"), get("source"), paired=True,
-      label=label("adabn - source"))}}
+  claims = {key: {None: family.compare(
+      get("adabn"), get(other), paired=True,
+      label=label(f"adabn - {other}"))}
+            for key, other in (("adabn", "source"),
+                               ("adabn_precise", "source_precise"))}
   for key, b_method in (("tent_source", "source"),
                         ("tent_test_batch", "test_batch"),
                         ("tent_adabn", "adabn")):
@@ -190,8 +197,9 @@ def claim_rows(family, acc, directions, norms) -> tuple[list, list, int]:
       effect = "; ".join(
           (f"B = {bs}: " if bs is not None else "") + _effect(c)
           for bs, c in by_size.items())
-      setting = (f"{where}; {METHOD_NAMES[a]} − {METHOD_NAMES[b]}"
-                 + (f" at B = {max(sizes)}" if key == "small_batch" else ""))
+      setting = (f"{where}; test-batch statistics at B − at B = "
+                 f"{max(sizes)}" if key == "small_batch" else
+                 f"{where}; {METHOD_NAMES[a]} − {METHOD_NAMES[b]}")
       rows.append([text, setting, effect,
                    _grouped_verdict(by_size, expected)])
     for (norm, method), c in references.items():
@@ -235,7 +243,11 @@ def section(studies, out: Path) -> str:
       "mode); **AdaBN**: the statistics recomputed over the first "
       f"{a['adabn_examples']:,} unlabeled target *training* images, "
       "weights frozen (pooled mean and biased variance), never over an "
-      "evaluated image; **test-batch statistics**: each batch of B "
+      "evaluated image; as a control, **source statistics recomputed "
+      "(PreciseBN)**: the same recomputation over the first "
+      f"{a['adabn_examples']:,} *source* training images, which separates "
+      "the domain from the moving averages' lag behind the weights after "
+      "a short training; **test-batch statistics**: each batch of B "
       "normalized by its own statistics; **TENT**: on each batch of B, "
       "predict in training mode, then one Adam step on the mean entropy "
       "of those predictions over BN's scale and bias only, "
@@ -259,7 +271,10 @@ def section(studies, out: Path) -> str:
     text.append(direction_table(acc, directions, direction, norms))
     inside = "; ".join(
         f"{NORM_NAMES[n]} {_cell(acc[(direction, n, 'in_domain', None)])}"
-        for n in norms)
+        for n in norms) + (
+            "; BN with its statistics recomputed on source training "
+            f"images (PreciseBN) "
+            f"{_cell(acc[(direction, 'batch', 'in_domain_precise', None)])}")
     text.append(f"In-domain accuracy of the same nets (all "
                 f"{res['test_examples'][source]:,} {PRETTY.get(source)} "
                 f"test images, eval mode): {inside}.\n")

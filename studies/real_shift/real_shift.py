@@ -29,6 +29,12 @@ evaluates every net on a fixed random subset of the target test set
               the accuracy that of the predictions made as the stream is
               adapted, every image counted.
 
+A control: the BN nets' statistics recomputed the same way over the first
+source training images (`SOURCE_PRECISE`, on the target, and
+`IN_DOMAIN_PRECISE`, on the source test set): the moving averages lag
+behind the weights after a short training, and AdaBN's gain over them
+would otherwise mix that lag with the domain.
+
 GN and LN nets normalize each example on its own: nothing about them
 depends on the target batch, so they are evaluated as they are (method
 "source"). Every net is also evaluated on all of its own source test set
@@ -82,6 +88,11 @@ NORMS = ("batch", "group", "layer")
 METHODS = ("source", "adabn", "test_batch", "tent")
 BATCHED = ("test_batch", "tent")  # methods that depend on the batch size
 IN_DOMAIN = "in_domain"
+# BN's statistics recomputed over source training images (PreciseBN, Wu &
+# Johnson 2021), weights frozen: how much of AdaBN's gain is only the
+# running averages' lag behind the weights, on the target and in-domain.
+SOURCE_PRECISE = "source_precise"
+IN_DOMAIN_PRECISE = "in_domain_precise"
 TENT_LR_SCALINGS = ("linear", "none")
 ConfigError = sweep.ConfigError
 
@@ -428,6 +439,15 @@ def evaluate_direction(config, direction: str, nets, source: Domain,
       continue
     add(norm, "adabn", None, adabn_accuracies(
         states, adabn_images, images, labels, spec=spec, chunk=a.adabn_chunk))
+    # The control for stale running averages: the same recomputation over
+    # source training images (PreciseBN), on the target and in-domain.
+    source_images = jnp.asarray(source.train_pixels[:a.adabn_examples])
+    add(norm, SOURCE_PRECISE, None, adabn_accuracies(
+        states, source_images, images, labels, spec=spec,
+        chunk=a.adabn_chunk))
+    add(norm, IN_DOMAIN_PRECISE, None, adabn_accuracies(
+        states, source_images, jnp.asarray(source.test_pixels),
+        jnp.asarray(source.test_labels), spec=spec, chunk=a.adabn_chunk))
     for b in a.batch_sizes:
       add(norm, "test_batch", b, test_batch_accuracies(
           states, images, labels, spec=spec, batch_size=b))

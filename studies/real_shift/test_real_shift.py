@@ -179,15 +179,17 @@ def test_short_run_end_to_end(tmp_path):
   assert res["adapt"]["tent_learning_rates"] == {"1": 1e-3 / 128,
                                                  "16": 1e-3 * 16 / 128}
   rows = res["rows"]
-  # per seed: in_domain, source, adabn, then test_batch and tent at 2 B's
-  assert len(rows) == 2 * (3 + 2 * 2)
+  # per seed: in_domain, source, adabn, source_precise, in_domain_precise,
+  # then test_batch and tent at 2 B's
+  assert len(rows) == 2 * (5 + 2 * 2)
   assert {(r["method"], r["batch_size"]) for r in rows} == {
       ("in_domain", None), ("source", None), ("adabn", None),
+      ("source_precise", None), ("in_domain_precise", None),
       ("test_batch", 1), ("test_batch", 16), ("tent", 1), ("tent", 16)}
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
   # 64 evaluated images: every accuracy is a whole number of them
   assert all(abs(r["accuracy"] * 64 - round(r["accuracy"] * 64)) < 1e-4
-             for r in rows if r["method"] != "in_domain")
+             for r in rows if not r["method"].startswith("in_domain"))
   assert [t["epochs"] for t in res["training"]] == [1]
   assert (workdir / "source" / "printed_digits" / "metrics.jsonl").exists()
 
@@ -202,3 +204,68 @@ def test_short_run_end_to_end(tmp_path):
   assert "| method | any batch | B = 1 | B = 16 |" in text
   assert (tmp_path / "real_shift_short.png").stat().st_size > 1000
   assert "not resolved at this power" in text or "supported" in text
+
+
+def _synthetic_results(seeds=5):
+  """results.json's study part with known effects, both directions (noise
+  of 1 point sd on each): AdaBN 10 points above the source statistics,
+  TENT equal to test-batch statistics, test-batch statistics at B = 1 30
+  points below B = 16."""
+  rng = np.random.default_rng(0)
+  rows = []
+  directions = {"printed_digits_to_mnist": ["printed_digits", "mnist"],
+                "mnist_to_printed_digits": ["mnist", "printed_digits"]}
+  for direction in directions:
+    for seed in range(seeds):
+      base = 0.6 + 0.01 * seed
+      noise = lambda: rng.normal(0, 0.01)
+      values = {("in_domain", None): 0.97, ("in_domain_precise", None): 0.98,
+                ("source", None): base,
+                ("source_precise", None): base + 0.05 + noise(),
+                ("adabn", None): base + 0.1 + noise(),
+                ("test_batch", 1): base - 0.2 + noise(),
+                ("test_batch", 16): base + 0.1 + noise(),
+                ("tent", 1): base - 0.2 + rng.normal(0, 0.01),
+                ("tent", 16): base + 0.1 + rng.normal(0, 0.01)}
+      rows += [{"direction": direction, "norm": "batch", "seed": seed,
+                "method": m, "batch_size": b, "accuracy": v}
+               for (m, b), v in values.items()]
+      rows += [{"direction": direction, "norm": "group", "seed": seed,
+                "method": m, "batch_size": None, "accuracy": 0.7 + 0.01 * seed}
+               for m in ("in_domain", "source")]
+  config = real_shift_config.get_config()
+  config.adapt.batch_sizes = (1, 16)
+  return {"study_id": "real_shift", "real_shift": {
+      "directions": directions, "norms": ["batch", "group"],
+      "seeds": list(range(seeds)), "train": config.train.to_dict(),
+      "adapt": {**config.adapt.to_dict(), "tent_learning_rates": {
+          "1": 1e-3 / 128, "16": 1e-3 / 8}},
+      "test_examples": {"mnist": 10000, "printed_digits": 10000},
+      "rows": rows}}
+
+
+def test_section_judges_known_effects(tmp_path):
+  """The section's verdicts on synthetic rows with known effects: a
+  +10-point AdaBN gain is supported, a 30-point loss at B = 1 is
+  "test-batch statistics degrade: supported", TENT within noise of
+  test-batch statistics is not resolved; the ceiling of one direction is
+  the other's in-domain accuracy; one Holm family over both directions."""
+  study = {"results": _synthetic_results(), "label": "rs", "path": tmp_path,
+           "benchmark": None}
+  text = real_shift_page.section([study], tmp_path)
+  lines = text.splitlines()
+  claim = lambda start, where: next(
+      l for l in lines if l.startswith(f"| {start}") and where in l)
+  for where in ("printed digits → MNIST", "MNIST → printed digits"):
+    assert claim("AdaBN (Li", where).endswith("| **supported** |")
+    assert "**supported** at B = 1 |" in claim("At small batches", where)
+    assert "**not resolved at this power** at B = 1, 16" in claim(
+        "TENT beats test-batch", where)
+    # TENT against AdaBN: -30 points at B = 1, equal at B = 16
+    verdict = claim("TENT beats BN adaptation", where)
+    assert "**contradicted** at B = 1" in verdict
+  assert "| BN net trained on the target (ceiling; all of its test set) | " \
+         "97.0 [97.0, 97.0] |" in text
+  # per direction: 2 AdaBN + 3 x 2 TENT + 1 small-batch + 2 GN references
+  assert "Verdicts (22 comparisons in one Holm family" in text
+  assert (tmp_path / "rs.png").stat().st_size > 1000
