@@ -420,7 +420,15 @@ def _with_statistics(batch_stats, stats: Mapping[ModulePath, tuple]):
   flat = traverse_util.flatten_dict(flax.core.unfreeze(batch_stats))
   for path, (mean, var) in stats.items():
     for name, value in (("mean", mean), ("var", var)):
-      flat[path + (name,)] = jnp.asarray(value, flat[path + (name,)].dtype)
+      old = flat[path + (name,)]
+      new = jnp.asarray(value, old.dtype)
+      # Placed as the variable it replaces: jit compiles anew for every
+      # change of which arguments are committed to a device, so a new
+      # array left uncommitted among committed ones would cost a compile
+      # per layer probed.
+      if getattr(old, "committed", False):
+        new = jax.device_put(new, old.sharding)
+      flat[path + (name,)] = new
   return traverse_util.unflatten_dict(flat)
 
 

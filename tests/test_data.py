@@ -662,3 +662,21 @@ def test_real_fashion_mnist_from_system_package(tmp_path):
   assert ds.test_images.shape == (10000, 28, 28)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
+
+
+def test_train_subset_is_fixed_sorted_and_checked():
+  images = np.arange(100, dtype=np.uint8).reshape(100, 1).repeat(3, 1)
+  labels = np.arange(100) % 10
+  kept, kept_labels = data.train_subset(images, labels, 30)
+  again, _ = data.train_subset(images, labels, 30)
+  np.testing.assert_array_equal(kept, again)  # the same for every run
+  rows = kept[:, 0].astype(int)
+  assert len(set(rows)) == 30 and np.all(np.diff(rows) > 0)
+  np.testing.assert_array_equal(kept_labels, rows % 10)  # pairs kept
+  expected = np.sort(np.random.default_rng(data.SUBSET_SEED).permutation(
+      100)[:30])
+  np.testing.assert_array_equal(rows, expected)
+  assert data.train_subset(images, labels, None)[0] is images
+  for bad in (0, 101):
+    with pytest.raises(ValueError, match=f"train_examples={bad}"):
+      data.train_subset(images, labels, bad)

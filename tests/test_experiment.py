@@ -432,6 +432,57 @@ def test_an_axis_may_set_a_nested_field(monkeypatch):
   assert config.bn.epsilon == 1e-3  # the study's own config is untouched
 
 
+def _with_variants(**settings):
+  config = placements.get_config()
+  with config.unlocked():
+    config.placements = ()
+    config.batch_sizes = (32, 64)
+    config.variants = tuple(settings)
+    config.variant_settings = settings
+  return config
+
+
+def test_a_variant_sets_its_bundle_of_fields():
+  config = _with_variants(
+      plain={"norm": "none", "placement": "none"},
+      ws_gn={"norm": "group", "bn": {"num_groups": 2},
+             "resnet": {"standardize": "ws"}})
+  combos = sweep.combinations(config)
+  assert [c.name for c in combos] == [
+      f"batch_size={b}__variant={v}" for b in (32, 64)
+      for v in ("plain", "ws_gn")]
+  ws_gn = combos[1].config
+  assert (ws_gn.norm, ws_gn.bn.num_groups, ws_gn.resnet.standardize,
+          ws_gn.batch_size) == ("group", 2, "ws", 32)
+  assert (combos[2].config.norm, combos[2].config.placement) == ("none",
+                                                                 "none")
+  # Every row names the variant and the fields it set.
+  assert combos[1].values["variant"] == "ws_gn"
+  assert combos[1].values["norm"] == "group"
+  assert config.norm == "batch" and config.resnet.standardize == "none"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"a": {"nrom": "none"}}, "config.variant_settings.a.nrom: no such "
+     "config field"),
+    ({"a": {"batch_size": 8}}, "config.variant_settings.a sets batch_size, "
+     "which another axis of the study also sweeps"),
+])
+def test_variant_errors_name_the_field(settings, message):
+  with pytest.raises(sweep.ConfigError, match=message):
+    sweep.combinations(_with_variants(**settings))
+
+
+def test_a_variant_without_settings_is_one_line():
+  config = _with_variants(a={"norm": "none"})
+  with config.unlocked():
+    config.variants = ("a", "b")
+  with pytest.raises(sweep.ConfigError) as info:
+    sweep.validate_config(config)
+  assert "config.variants has 'b'" in str(info.value)
+  assert "\n" not in str(info.value)
+
+
 @pytest.mark.slow
 def test_the_trainer_imports_no_plotting():
   """The library and the trainer load without matplotlib (plots load when a

@@ -143,6 +143,37 @@ def test_every_placement_lowers_the_loss(placement, sweeps):
                                 SPEC.total_steps)
 
 
+def test_batch_sizes_share_one_compiled_initialization():
+  """Specs that differ only in what training and evaluation read (here the
+  batch size, the epochs, the warmup and the measurements' cadence) share
+  the compiled initialization, and their states are those each spec's own
+  `create_train_state` makes, op by op (so none of those fields is read)."""
+  spec = spec_for("before_activation", optimizer="momentum",
+                  schedule="warmup_cosine", warmup_steps=3, agc_clip=0.1)
+  other = dataclasses.replace(spec, batch_size=2 * spec.batch_size,
+                              steps_per_epoch=7, num_epochs=2,
+                              warmup_steps=1, log_every_steps=5,
+                              precise_batches=2, eval_train=True)
+  train.create_sweep_states(spec, SEEDS, SWEEP)
+  compiles = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    shared = train.create_sweep_states(other, SEEDS, SWEEP)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  own = jax.vmap(functools.partial(train.create_train_state, other))(
+      jnp.asarray(SEEDS), {k: jnp.asarray(v, jnp.float32)
+                           for k, v in SWEEP.items()})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-6, atol=1e-7), jax.tree.map(np.asarray, own),
+               jax.tree.map(np.asarray, shared))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("placement", models.PLACEMENTS)
 def test_sweep_epoch_is_traced_once_across_epochs(placement, sweeps):
@@ -674,3 +705,41 @@ def test_momentum_none_keeps_the_exact_average_of_the_batches(data):
   images = np.asarray(data.train_images, np.float64)
   expected = np.mean([images[b].mean(0) for b in batches], 0)
   np.testing.assert_allclose(stats["mean"], expected, rtol=1e-5, atol=1e-6)
+
+
+def _agc_numpy(grad, param, clip, eps=1e-3):
+  """Brock et al. (2021)'s AGC, unit-wise over every axis but the last
+  (the output units): G_i * min(1, clip * max(|W_i|, eps) / |G_i|)."""
+  grad, param = np.asarray(grad, np.float64), np.asarray(param, np.float64)
+  if grad.ndim <= 1:  # biases and scales: the whole vector is one unit
+    axes, keep = None, False
+  else:
+    axes, keep = tuple(range(grad.ndim - 1)), True
+  g_norm = np.sqrt(np.sum(grad**2, axis=axes, keepdims=keep))
+  w_norm = np.maximum(np.sqrt(np.sum(param**2, axis=axes, keepdims=keep)),
+                      eps)
+  return grad * np.minimum(1.0, clip * w_norm / np.maximum(g_norm, 1e-6))
+
+
+def test_agc_clips_every_layer_but_the_readout_as_the_paper():
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(
+      np.float32), "bias": rng.normal(size=4).astype(np.float32)},
+            "readout": {"kernel": rng.normal(size=(4, 10)).astype(
+                np.float32)}}
+  # Some units' gradients far above 0.05 x their weights' norm, some below.
+  grads = jax.tree.map(lambda p: (p * rng.choice([0.01, 10.0], p.shape[-1:])
+                                  ).astype(np.float32), params)
+  spec = spec_for("before_activation", optimizer="sgd", agc_clip=0.05)
+  tx = train.make_optimizer(spec, learning_rate=1.0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(
+        -np.asarray(updates["conv"][name]),
+        _agc_numpy(grads["conv"][name], params["conv"][name], 0.05),
+        rtol=1e-5)
+  np.testing.assert_allclose(-np.asarray(updates["readout"]["kernel"]),
+                             grads["readout"]["kernel"], rtol=1e-6)
+  clipped = _agc_numpy(grads["conv"]["kernel"], params["conv"]["kernel"],
+                       0.05)
+  assert not np.allclose(clipped, grads["conv"]["kernel"])  # it did clip

@@ -66,10 +66,15 @@ def load_data(config) -> tuple[train.DeviceData, str]:
   dataset = data_lib.load_dataset(config.dataset,
                                   data_dir=config.data_dir or None,
                                   source=config.data_source)
+  try:
+    train_images, train_labels = data_lib.train_subset(
+        dataset.train_images, dataset.train_labels, config.train_examples)
+  except ValueError as e:
+    raise sweep.ConfigError(f"config.{e}") from e
   # uint8 on the device; each batch is scaled (config.input_scaling) in the
   # compiled step (train.model_inputs).
   device_data = train.to_device(
-      data_lib.flatten_pixels(dataset.train_images), dataset.train_labels,
+      data_lib.flatten_pixels(train_images), train_labels,
       data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
   return device_data, dataset.origin
 

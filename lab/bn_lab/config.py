@@ -10,7 +10,8 @@ import nothing from the training code, so reading one tells the whole setup.
 Study axes. A field that holds a tuple of values for one field of a run:
 `placements` sets `placement`, `batch_sizes` sets `batch_size`, `models`
 sets `model`, `activations` sets `activation`, `norms` sets `norm`,
-`virtual_batch_sizes` sets `bn.virtual_batch_size` (the table is
+`virtual_batch_sizes` sets `bn.virtual_batch_size`, `variants` sets
+`variant` and the fields of `variant_settings[variant]` (the table is
 bn_lab.sweep.AXES). The runs are the product of the axes; each
 combination is one compiled program, in which seeds x numeric sweeps
 (`sweep.*`) train together, vmapped. An empty axis keeps the single field.
@@ -140,6 +141,14 @@ def get_config():
   # Clip each step's gradient to this global norm (optax.clip_by_global_norm,
   # before the optimizer); None: no clipping.
   c.grad_clip_norm = config_dict.placeholder(float)
+  # Adaptive Gradient Clipping (Brock et al. 2021; optax.adaptive_grad_clip):
+  # each unit's gradient clipped to agc_clip x its weights' norm, every
+  # parameter but the readout's (as the paper). The value is the one at
+  # lr_reference_batch_size; another batch size gets agc_clip / (its
+  # learning-rate factor, lr_scaling), so that the bound on each step's
+  # relative change, learning rate x agc_clip, stays the same (the paper:
+  # larger batches need a smaller clip). None: no AGC.
+  c.agc_clip = config_dict.placeholder(float)
   c.batch_size = 128
   # How the learning rate follows the batch size (with config.batch_sizes):
   # none | linear | sqrt, times batch_size / lr_reference_batch_size; the
@@ -147,6 +156,9 @@ def get_config():
   c.lr_scaling = "none"
   c.lr_reference_batch_size = 128
   c.num_epochs = 10
+  # Train on this many training examples (a fixed random subset, the same
+  # for every run; bn_lab.data.subset); None: all of them.
+  c.train_examples = config_dict.placeholder(int)
 
   c.seeds = (0, 1, 2)
   # None: each run's data order follows its seed. An int: every run sees the
@@ -162,6 +174,13 @@ def get_config():
   c.activations = ()
   c.norms = ()
   c.virtual_batch_sizes = ()  # bn.virtual_batch_size (norm="ghost")
+  # Named bundles of settings: each name in `variants` sets `variant` and
+  # the fields variant_settings[name] gives (nested as the config, e.g.
+  # {"norm": "none", "resnet": {"skip_init": True}}), for what one axis
+  # cannot say (NF = no norm + Scaled WS + SkipInit + AGC).
+  c.variant = ""
+  c.variants = ()
+  c.variant_settings = ml_collections.ConfigDict()
   # Numeric sweeps: a tuple of values multiplies the runs inside every
   # combination, vmapped; () keeps the single value.
   c.sweep = ml_collections.ConfigDict()

@@ -616,6 +616,23 @@ def scale_pixels(pixels, scaling: str):
   return x
 
 
+SUBSET_SEED = 0
+
+
+def train_subset(images, labels, num: int | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """`num` training examples, a random subset fixed by SUBSET_SEED (the same
+  for every run and study), in their original order; None: all."""
+  if num is None:
+    return images, labels
+  if not 0 < num <= len(images):
+    raise ValueError(f"train_examples={num!r}: give 1 to {len(images)} (the "
+                     "training set's size), or None for all.")
+  keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(
+      len(images))[:num])
+  return images[keep], labels[keep]
+
+
 def flatten_pixels(images) -> np.ndarray:
   """uint8 images (N, 28, 28) -> uint8 (N, 784), checked."""
   images = np.asarray(images)

@@ -33,6 +33,9 @@ AXES = {
     "activations": "activation",
     "norms": "norm",
     "virtual_batch_sizes": "bn.virtual_batch_size",  # with norm="ghost"
+    # A named bundle of settings (config.variant_settings[name]), e.g. "nf":
+    # no norm, Scaled WS, SkipInit and AGC at once.
+    "variants": "variant",
 }
 
 
@@ -70,9 +73,10 @@ def combinations(config) -> list[Combination]:
     combo_config = config.copy_and_resolve_references()
     with combo_config.unlocked():
       for field, value in chosen.items():
-        section, _, key = field.rpartition(".")
-        (get_dotted(combo_config, section) if section else combo_config)[
-            key] = value
+        set_dotted(combo_config, field, value)
+      if chosen.get("variant"):
+        for field, value in variant_fields(config, chosen["variant"]).items():
+          set_dotted(combo_config, field, value)
     combos.append(Combination(
         name, {f: None if f in unread else get_dotted(combo_config, f)
                for f in AXES.values()},
@@ -90,6 +94,47 @@ def get_dotted(config, dotted: str):
   for name in dotted.split("."):
     config = config[name]
   return config
+
+
+def set_dotted(config, dotted: str, value) -> None:
+  section, _, key = dotted.rpartition(".")
+  (get_dotted(config, section) if section else config)[key] = value
+
+
+def variant_fields(config, name: str) -> dict[str, Any]:
+  """The dotted fields and values config.variant_settings[name] sets, e.g.
+  {"norm": "none", "resnet.skip_init": True}; ConfigError naming a missing
+  variant, an unknown field, or a field another axis of the study sweeps."""
+  settings = config.variant_settings
+  if name not in settings:
+    raise ConfigError(
+        f"config.variants has {name!r}, which config.variant_settings does "
+        f"not define (it defines {', '.join(settings) or 'none'}); add "
+        f"config.variant_settings.{name} = {{field: value, ...}}.")
+  fields = _flatten_settings(settings[name])
+  swept = {f for axis, f in AXES.items() if len(config[axis])}
+  for field in fields:
+    try:
+      get_dotted(config, field)
+    except (KeyError, AttributeError):
+      raise ConfigError(f"config.variant_settings.{name}.{field}: no such "
+                        "config field; name fields of the base config "
+                        "(bn_lab/config.py).") from None
+    if field in swept:
+      raise ConfigError(f"config.variant_settings.{name} sets {field}, "
+                        "which another axis of the study also sweeps; set "
+                        "it in the variants or in that axis, not both.")
+  return fields
+
+
+def _flatten_settings(settings, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in settings.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(_flatten_settings(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def run_grid(config) -> list[dict[str, Any]]:
@@ -176,6 +221,8 @@ def make_spec(config, num_train: int,
       schedule_epochs=config.schedule_epochs,
       weight_decay=config.weight_decay, batch_size=config.batch_size,
       grad_clip_norm=config.grad_clip_norm,
+      agc_clip=(None if config.agc_clip is None
+                else config.agc_clip / learning_rate_scale(config)),
       steps_per_epoch=steps_per_epoch,
       num_epochs=config.num_epochs,
       nan_guard=config.nan_guard is not False,
@@ -396,6 +443,21 @@ def _check_grad_clip(config) -> None:
                       "None (no clipping).")
 
 
+def _check_agc(config, where: str) -> None:
+  value = config.agc_clip
+  if value is not None and not (is_float32_finite(value) and value > 0):
+    raise ConfigError(f"config.agc_clip={value!r}{where} must be a number > "
+                      "0 (Adaptive Gradient Clipping's threshold, e.g. 0.01)"
+                      " or None (no AGC).")
+
+
+def _check_train_examples(config) -> None:
+  value = config.train_examples
+  if value is not None and not (is_int(value) and value > 0):
+    raise ConfigError(f"config.train_examples={value!r} must be a positive "
+                      "integer (a subset of the training set) or None (all).")
+
+
 def _check_residual_model(config) -> None:
   """model=resnet against the rest of one combination's config."""
   resnet = config.resnet
@@ -555,6 +617,7 @@ def validate_config(config) -> None:
   _check_axes(config)
   _check_numbers(config)
   _check_grad_clip(config)
+  _check_train_examples(config)
   _check_runs(config)
   try:
     parallel.check_config(config)
@@ -569,6 +632,7 @@ def validate_config(config) -> None:
     _check_norm(dict(combo.config.bn), f" (combination {combo.name})")
     _check_sequence_model(combo.config)
     _check_residual_model(combo.config)
+    _check_agc(combo.config, where)
     _check_norm_fits(combo.config)
     _check_noise_fits(combo.config)
     _check_scaled_learning_rates(combo.config, where)

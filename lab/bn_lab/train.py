@@ -149,6 +149,8 @@ class TrainSpec:
   schedule_epochs: int | None = None  # the schedule's length; None: all
   weight_decay: float = 0.0
   grad_clip_norm: float | None = None  # clip the gradient's global norm
+  # Adaptive Gradient Clipping's threshold (`make_optimizer`); None: off.
+  agc_clip: float | None = None
   batch_size: int = 128
   steps_per_epoch: int = 468
   num_epochs: int = 10
@@ -289,6 +291,10 @@ def make_optimizer(spec: TrainSpec, learning_rate=0.0,
   scheduled learning rate). With `spec.grad_clip_norm`, the gradient is
   first scaled down to that global norm where it is longer
   (`optax.clip_by_global_norm`), as Cooijmans et al. train their LSTMs.
+  With `spec.agc_clip`, Adaptive Gradient Clipping comes first
+  (`optax.adaptive_grad_clip`: each unit's gradient to at most agc_clip
+  times its weights' norm), on every parameter but the readout's, which
+  Brock et al. (2021) leave unclipped.
   """
   if spec.optimizer not in _OPTIMIZERS:
     raise ValueError(f"optimizer={spec.optimizer!r}; choose one of "
@@ -305,7 +311,16 @@ def make_optimizer(spec: TrainSpec, learning_rate=0.0,
     tx = optax.chain(tx, optax.scale_by_schedule(factor))
   if spec.grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
+  if spec.agc_clip is not None:
+    tx = optax.chain(optax.masked(optax.adaptive_grad_clip(spec.agc_clip),
+                                  _not_readout), tx)
   return tx
+
+
+def _not_readout(params):
+  """True for every parameter outside the "readout" layer (AGC's mask)."""
+  return {name: jax.tree.map(lambda _: name != "readout", layer)
+          for name, layer in params.items()}
 
 
 def split_hparams(hparams: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -985,7 +1000,26 @@ def create_sweep_states(spec: TrainSpec, seeds, hparams: dict[str, Any],
   seeds = jnp.asarray(seeds, jnp.int32)
   hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()
              if v is not None}
-  return _init_sweep(seeds, hparams, spec=spec)
+  return _init_sweep(seeds, hparams, spec=init_spec(spec))
+
+
+# TrainSpec fields that shape training or evaluation but that a fresh state
+# (`create_train_state`) never reads.
+_NOT_READ_BY_INIT = (
+    "batch_size", "steps_per_epoch", "num_epochs", "eval_chunk",
+    "warmup_steps", "schedule_epochs", "nan_guard", "divergence_factor",
+    "input_scaling", "precise_batches", "precise_estimator",
+    "precise_layerwise", "eval_train", "progress_every", "log_every_steps",
+    "measurements")
+
+
+def init_spec(spec: TrainSpec) -> TrainSpec:
+  """`spec` with the fields initialization does not read at their defaults,
+  so that combinations differing only there (a batch-size axis) share one
+  compiled initialization: compiling it takes seconds on a CPU."""
+  defaults = TrainSpec()
+  return dataclasses.replace(spec, **{f: getattr(defaults, f)
+                                      for f in _NOT_READ_BY_INIT})
 
 
 def to_device(train_images, train_labels, test_images, test_labels,
