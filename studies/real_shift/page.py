@@ -297,7 +297,8 @@ def section(studies, out: Path) -> str:
 def plot_real_shift(acc: Table, directions, norms, path: Path | None = None):
   """Target accuracy (%) against the adaptation batch size (log scale), one
   panel per direction; test batch and TENT as lines with 95% intervals,
-  the batch-independent methods (source, AdaBN, GN, LN, ceiling) as
+  the batch-independent methods (source, PreciseBN, AdaBN, GN, LN,
+  ceiling) as
   horizontal lines."""
   shown = [d for d in directions if any(k[0] == d for k in acc)]
   sizes = batch_sizes(acc)
@@ -314,6 +315,8 @@ def plot_real_shift(acc: Table, directions, norms, path: Path | None = None):
                         100 * np.asarray(highs), color=f"C{i}", alpha=0.2)
     flat = [("BN, source statistics", acc[(direction, "batch", "source",
                                             None)], "C2", "-"),
+            ("BN, source statistics recomputed (PreciseBN)",
+             acc[(direction, "batch", "source_precise", None)], "C8", "-."),
             ("BN, AdaBN", acc[(direction, "batch", "adabn", None)], "C3",
              "-")]
     flat += [(f"{NORM_NAMES[n]} net", acc[(direction, n, "source", None)],
