@@ -30,6 +30,7 @@ STUDIES = {
     "transfer": "studies.transfer",
     "seq_mnist": "studies.seq_mnist",
     "norms": "studies.norms",
+    "remove_bn": "studies.remove_bn",
     "sentiment": "studies.sentiment",
     "char_lm": "studies.char_lm",
     "transformer": "studies.transformer",
