@@ -15,7 +15,9 @@ source/<source data set>/ of the workdir, so that a rerun resumes). Then
 every net is evaluated on a fixed random subset of 2,048 target test
 images (`adapt.eval_examples`, from `adapt.eval_seed`): BN with its source
 (running) statistics; AdaBN: the statistics recomputed over the first
-10,000 unlabeled target *training* images, weights frozen; test-batch
+10,000 unlabeled target *training* images, weights frozen; as a control,
+the same recomputation over source training images (PreciseBN: what is
+left of AdaBN's gain once the moving averages' lag is removed); test-batch
 statistics at every adaptation batch size; TENT (online: one pass over
 the stream, each batch predicted before its own step, the adaptation
 carried to the next batch) at every batch size, Adam with the learning
@@ -25,14 +27,17 @@ GN and LN nets as they are. Each net's accuracy on its own source test set
 (all of it) is recorded too: for the reverse direction it is the ceiling
 (a net trained on the target domain).
 
-Full run: about 30 minutes on 2 CPU cores under the load of other jobs
-(measured 2026-12-08; results.json's wall_time has each run's own).
+Full run: 35 minutes on 2 CPU cores under a load average of 5 to 8 from
+other jobs (measured 2026-12-08: the training of each net, about 3 to 6
+minutes, and the evaluation, 2 to 5 minutes per direction, are in
+results.json).
 
-Short run (under a minute on 2 CPU cores, the test's; printed -> MNIST
-only, BN only, 2 seeds, 1 epoch on 512 images, batch sizes 1 and 16 on
-64 target images):
+Short run (the test's; printed -> MNIST only, BN only, 2 seeds, stage
+widths 4 and 8, 1 epoch on 512 images, batch sizes 1 and 16 on 64 target
+images; 90 s wall, 60 s of CPU time, on 2 CPU cores under a load average
+of 6 from other jobs, measured 2026-12-08; mostly compilation):
 
-    .venv/bin/python -m experiments.main --config=studies/real_shift/config.py --workdir=workdirs/real_shift_short --config.directions="('printed_digits_to_mnist',)" --config.norms="('batch',)" --config.seeds='(0,1)' --config.train.num_epochs=1 --config.train.train_examples=512 --config.train.batch_size=64 --config.adapt.batch_sizes='(1,16)' --config.adapt.eval_examples=64 --config.adapt.adabn_examples=256 --config.adapt.adabn_chunk=128
+    .venv/bin/python -m experiments.main --config=studies/real_shift/config.py --workdir=workdirs/real_shift_short --config.directions="('printed_digits_to_mnist',)" --config.norms="('batch',)" --config.seeds='(0,1)' --config.train.channels='(4,8)' --config.train.num_epochs=1 --config.train.train_examples=512 --config.train.batch_size=64 --config.adapt.batch_sizes='(1,16)' --config.adapt.eval_examples=64 --config.adapt.adabn_examples=256 --config.adapt.adabn_chunk=128
 """
 
 import ml_collections
@@ -82,6 +87,7 @@ def short_config():
   c.directions = ("printed_digits_to_mnist",)
   c.norms = ("batch",)
   c.seeds = (0, 1)
+  c.train.channels = (4, 8)  # two stages: a third less to compile
   c.train.num_epochs = 1
   c.train.train_examples = 512
   c.train.batch_size = 64

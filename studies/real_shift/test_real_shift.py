@@ -6,7 +6,9 @@ config errors, and the short run end to end through bn_lab.runner (the
 results' fields and ranges, a rerun that resumes to the same numbers, the
 section)."""
 
+import ast
 import json
+import shlex
 
 import flax
 from flax import traverse_util
@@ -269,3 +271,18 @@ def test_section_judges_known_effects(tmp_path):
   # per direction: 2 AdaBN + 3 x 2 TENT + 1 small-batch + 2 GN references
   assert "Verdicts (22 comparisons in one Holm family" in text
   assert (tmp_path / "rs.png").stat().st_size > 1000
+
+
+def test_documented_short_command_is_short_config():
+  """config.py's short command sets exactly what `short_config` does (the
+  test runs `short_config`; the docstring tells users the command)."""
+  doc = real_shift_config.__doc__
+  line = next(l for l in doc.splitlines() if "workdirs/real_shift_short" in l)
+  config = real_shift_config.get_config()
+  for arg in shlex.split(line):
+    if not arg.startswith("--config."):
+      continue
+    field, value = arg.removeprefix("--config.").split("=", 1)
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = ast.literal_eval(value)
+  assert config.to_dict() == real_shift_config.short_config().to_dict()
