@@ -3,6 +3,7 @@
 Imported as `helpers` (pytest puts tests/ on sys.path).
 """
 
+import contextlib
 import functools
 import os
 import shutil
@@ -226,3 +227,18 @@ def run_torch(code: str, arrays: dict[str, np.ndarray] | None = None
 
 if __name__ == "__main__":
   _run_studies_here(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Yields a list that collects the XLA compilations made inside."""
+  compiles = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -14,7 +14,6 @@ whole global batch (synchronized BN), and a `jax.vmap` over ghost batches
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -156,21 +155,6 @@ SWEEP_HPARAMS = {"learning_rate": [0.5, 0.1], "bn_momentum": [0.9, 0.8],
                  "bn_epsilon": [1e-3, 1e-5]}
 
 
-@contextlib.contextmanager
-def _count_compiles():
-  """Yields a list that collects the XLA compilations made inside."""
-  compiles = []
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compiles
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def check_training_matches_one_device():
   """Two runs (vmapped), two epochs: params, BN statistics, optimizer state
   and every metric equal the single-device sweep. SGD, so a gradient off by
@@ -235,7 +219,7 @@ def _check_training_matches_one_device(spec):
   epoch_many = parallel.sweep_epoch_fn(spec, mesh, "sync")
   for epoch in range(spec.num_epochs):
     one, metrics_one = train.sweep_epoch(one, data, spec=spec)
-    with _count_compiles() as compiles:
+    with helpers.count_compiles() as compiles:
       many, metrics_many = epoch_many(many, data)
     # Epoch 2 takes epoch 1's output as it is: no retrace, no recompile.
     assert epoch == 0 or not compiles, compiles

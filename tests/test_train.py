@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import re
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,16 +156,8 @@ def test_batch_sizes_share_one_compiled_initialization():
                               warmup_steps=1, log_every_steps=5,
                               precise_batches=2, eval_train=True)
   train.create_sweep_states(spec, SEEDS, SWEEP)
-  compiles = []
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with helpers.count_compiles() as compiles:
     shared = train.create_sweep_states(other, SEEDS, SWEEP)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiles
   own = jax.vmap(functools.partial(train.create_train_state, other))(
       jnp.asarray(SEEDS), {k: jnp.asarray(v, jnp.float32)
