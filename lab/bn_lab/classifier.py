@@ -68,7 +68,8 @@ def load_data(config) -> tuple[train.DeviceData, str]:
                                   source=config.data_source)
   try:
     train_images, train_labels = data_lib.train_subset(
-        dataset.train_images, dataset.train_labels, config.train_examples)
+        dataset.train_images, dataset.train_labels,
+        config.get("train_examples"))
   except ValueError as e:
     raise sweep.ConfigError(f"config.{e}") from e
   # uint8 on the device; each batch is scaled (config.input_scaling) in the

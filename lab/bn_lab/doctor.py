@@ -118,15 +118,18 @@ def restore_run(workdir: Path, combo: sweep.Combination, num_train: int,
 
 
 def training_batches(config, num_batches: int):
-  """((N, B, 784) model inputs: the first N batches of the training set,
-  scaled as the trainer scales them; the training set's size)."""
+  """((N, B, 784) model inputs: the first N batches of the training set
+  the run trained on (config.train_examples' subset, if set), scaled as
+  the trainer scales them; that set's size)."""
   dataset = data_lib.load_dataset(config.dataset,
                                   data_dir=config.data_dir or None,
                                   source=config.data_source)
-  num_train = len(dataset.train_images)
+  images, _ = data_lib.train_subset(dataset.train_images,
+                                    dataset.train_labels,
+                                    config.get("train_examples"))
+  num_train = len(images)
   count = max(1, min(num_batches, num_train // config.batch_size))
-  pixels = data_lib.flatten_pixels(
-      dataset.train_images[:count * config.batch_size])
+  pixels = data_lib.flatten_pixels(images[:count * config.batch_size])
   inputs = data_lib.scale_pixels(jnp.asarray(pixels), config.input_scaling)
   return inputs.reshape(count, config.batch_size, -1), num_train
 

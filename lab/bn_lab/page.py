@@ -44,7 +44,9 @@ def load_study(path: Path) -> dict[str, Any]:
     # A study without metrics.jsonl (transfer, domain shift) has only
     # results.json; with neither, load_rows says what is missing.
     if (path / report.METRICS_FILE).exists() or results is None:
-      rows = report.load_rows(path)
+      # Every study's rows have a run and an epoch; the rest is each
+      # study's own (a GAN's have no accuracy), read by its section.
+      rows = report.load_rows(path, numeric=("run", "epoch"))
       steps = report.load_steps(path)
     config_path = path / "config.json"
     try:

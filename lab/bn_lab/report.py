@@ -65,7 +65,8 @@ class ReportError(ValueError):
 # Reading a workdir.
 
 
-def load_rows(workdir: Path | str) -> list[dict[str, Any]]:
+def load_rows(workdir: Path | str, numeric: Sequence[str] = _NUMERIC_FIELDS,
+              ) -> list[dict[str, Any]]:
   """The rows of a workdir's metrics.jsonl, one per (combo, run, epoch).
 
   A resumed run may have appended a row twice after a crash: the last one
@@ -73,6 +74,8 @@ def load_rows(workdir: Path | str) -> list[dict[str, Any]]:
 
   Args:
     workdir: a training workdir.
+    numeric: the fields every row must hold as numbers (default: a
+      classifier's, which the summary table reads).
 
   Returns:
     The rows as dicts. Rows without "combo" (from the trainer before
@@ -86,7 +89,7 @@ def load_rows(workdir: Path | str) -> list[dict[str, Any]]:
   path = _metrics_path(Path(workdir))
   rows: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
   for number, value in _jsonl_lines(path):
-    row = _check_row(value, path, number)
+    row = _check_row(value, path, number, numeric)
     rows[(row["combo"], row["run"], row["epoch"])] = row
   if not rows:
     raise ReportError(f"{path} is empty: no epoch has finished yet.")
@@ -118,13 +121,14 @@ def _metrics_path(workdir: Path) -> Path:
   return path
 
 
-def _check_row(row: Any, path: Path, number: int) -> dict[str, Any]:
+def _check_row(row: Any, path: Path, number: int,
+               numeric: Sequence[str] = _NUMERIC_FIELDS) -> dict[str, Any]:
   """A parsed line as a row with what the table needs, or ReportError."""
   where = f"{path}, line {number}"
   if not isinstance(row, dict):
     raise ReportError(f"{where} is not a JSON object but "
                       f"{type(row).__name__}.")
-  bad = [k for k in _NUMERIC_FIELDS
+  bad = [k for k in numeric
          if isinstance(row.get(k), bool)
          or not isinstance(row.get(k), (int, float))]
   if bad:
