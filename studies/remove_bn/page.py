@@ -55,8 +55,12 @@ CLAIMS = (
     Claim("Brock et al. (2021a, b): a normalizer-free ResNet (Scaled WS, "
           "AGC, a zero-initialized residual gain) matches the BN ResNet",
           "nf", "bn", 128, 0),
+    Claim("... the same, at the batch with the most steps", "nf", "bn", 2,
+          0),
     Claim("De & Smith (2020): SkipInit trains a residual net without "
           "normalization (better than none)", "skip_init", "none", 128, +1),
+    Claim("... the same, at the batch with the most steps", "skip_init",
+          "none", 2, +1),
 )
 
 
@@ -138,9 +142,10 @@ def claims(by: Cells, config: Mapping[str, Any],
                        label=f"{claim.a} - {claim.b}, batch {claim.batch}")
     verdict = (match_verdict(c) if claim.expected == 0
                else page.claim_verdict(c, claim.expected))
+    steps = (config["train_examples"] // claim.batch) * config["num_epochs"]
     setting = (f"ResNet-8 (widths {tuple(config['channels'])}) on "
-               f"{config['dataset']}, batch {claim.batch}, "
-               f"{NAMES[claim.a]} - {NAMES[claim.b]}, test accuracy")
+               f"{config['dataset']}, batch {claim.batch} ({steps:,} "
+               f"steps), {NAMES[claim.a]} - {NAMES[claim.b]}, test accuracy")
     if claim.expected == 0:
       setting += f"; 'matches' = the interval within +-{MATCH_MARGIN:g} point"
     rows.append([claim.claim, setting,
