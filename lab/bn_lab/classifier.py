@@ -277,7 +277,7 @@ def train_sweeps(context: study_lib.RunContext,
       "target_accuracy": config.target_accuracy,
       "num_epochs": config.num_epochs,
       "axes": {field: list(dict.fromkeys(c.values[field] for c in combos))
-               for field in sweep.AXES.values()},
+               for field in sweep.row_axes(config)},
       "combos": trained}
 
 

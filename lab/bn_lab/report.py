@@ -33,8 +33,9 @@ from bn_lab import train
 from bn_lab import workdir as workdir_lib
 
 # The study axes of the trainer's rows when results.json (which lists them
-# under "axes") is absent: the fields the trainer's axes set.
-DEFAULT_AXES = tuple(sweep.AXES.values())
+# under "axes") is absent: the fields the trainer's axes set (`variant`
+# only where a study has variants, which results.json then lists).
+DEFAULT_AXES = tuple(f for f in sweep.AXES.values() if f != "variant")
 DEFAULT_TARGET = 0.97
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"

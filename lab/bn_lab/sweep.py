@@ -79,9 +79,17 @@ def combinations(config) -> list[Combination]:
           set_dotted(combo_config, field, value)
     combos.append(Combination(
         name, {f: None if f in unread else get_dotted(combo_config, f)
-               for f in AXES.values()},
+               for f in row_axes(config)},
         combo_config))
   return combos
+
+
+def row_axes(config) -> tuple[str, ...]:
+  """The axis fields every row of `config`'s runs carries: all of them but
+  `variant` where the study has no variants (its rows, and old workdirs'
+  rows, stay as they were)."""
+  return tuple(f for a, f in AXES.items()
+               if a != "variants" or len(config.variants))
 
 
 def _is_unread_norm_option(field: str, norm: str) -> bool:

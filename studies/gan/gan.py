@@ -451,7 +451,7 @@ def classify(classifier: train.TrainSpec, variables, pixels,
   return features, jnp.argmax(logits, axis=-1)
 
 
-def _chunked(fn, inputs, chunk: int, num: int):
+def chunked(fn, inputs, chunk: int, num: int):
   """fn over `inputs`' leading axis in chunks of `chunk` (lax.map, so that
   the classifier's im2col copies stay small), the first `num` results."""
   pad = (-inputs.shape[0]) % chunk
@@ -490,7 +490,7 @@ def sample_features(states: GANState, classifier_variables, *,
             use_running_average=False))(z.reshape(-1, batch, z.shape[-1]))
       return classify(classifier, classifier_variables,
                       images.reshape(z.shape[0], -1))
-    return _chunked(one_chunk, z, chunk, num)
+    return chunked(one_chunk, z, chunk, num)
 
   return jax.vmap(one_run)(states)
 
@@ -499,7 +499,7 @@ def sample_features(states: GANState, classifier_variables, *,
 def real_features(classifier_variables, pixels, *,
                   classifier: train.TrainSpec, chunk: int):
   """The classifier's (features, labels) of uint8 images (N, 784)."""
-  return _chunked(
+  return chunked(
       lambda x: classify(classifier, classifier_variables,
                          data_lib.scale_pixels(x, "unit")),
       pixels, chunk, pixels.shape[0])
@@ -776,12 +776,12 @@ def _real_reference(config, data, classifier, variables):
   return statistics, reference
 
 
-def _finite(value):
+def finite(value):
   value = float(value)
   return value if math.isfinite(value) else None
 
 
-def _save_npy(path: Path, array) -> None:
+def save_npy(path: Path, array) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   with workdir_lib.atomic_file(path, "wb") as f:
     np.save(f, np.asarray(array))
@@ -801,7 +801,7 @@ def _evaluate(states, spec, config, classifier, classifier_variables,
           for f, l in zip(features, labels)]
 
 
-def _initial_states(spec: GANSpec, seeds, manager, recorded: int):
+def initial_states(spec: GANSpec, seeds, manager, recorded: int):
   """(epoch, states) from the newest checkpoint that loads, up to the
   `recorded` epochs of metrics rows, else (0, fresh states), as the
   classifier studies do (`checkpoints.restore_or_create`)."""
@@ -824,7 +824,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   with contextlib.closing(checkpoints.manager(
       workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
     recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
-    start_epoch, states = _initial_states(spec, seeds, manager, recorded)
+    start_epoch, states = initial_states(spec, seeds, manager, recorded)
     kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
     wall = kept[-1]["wall_time"] if kept else 0.0
     if start_epoch:
@@ -842,7 +842,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
                _evaluate(states, spec, config, classifier,
                          classifier_variables, real_statistics,
                          config.eval.curve_samples))
-      _save_npy(samples_dir / f"epoch_{epoch:03d}.npy", sample_grid(
+      save_npy(samples_dir / f"epoch_{epoch:03d}.npy", sample_grid(
           states, spec=spec, num=config.eval.epoch_grid_samples))
       wall += time.perf_counter() - started
       writer.write([{
@@ -850,7 +850,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
           "discriminator_norm": discriminator_norm, "run": i, "seed": seed,
           "epoch": epoch, "step": epoch * spec.steps_per_epoch,
           "wall_time": wall,
-          **{k: _finite(metrics[k][i]) for k in TRAIN_METRICS},
+          **{k: finite(metrics[k][i]) for k in TRAIN_METRICS},
           **({"eval_samples": config.eval.curve_samples, **curve[i]}
              if curve[i] else {})} for i, seed in enumerate(seeds)])
       checkpoints.save(manager, epoch, states)
@@ -873,7 +873,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
     final["batch_stats_mode"] = _evaluate(
         states, spec, config, classifier, classifier_variables,
         real_statistics, config.eval.num_samples, batch=spec.batch_size)
-  _save_npy(samples_dir / "final.npy", sample_grid(
+  save_npy(samples_dir / "final.npy", sample_grid(
       states, spec=spec, num=config.eval.grid_samples))
   eval_time = time.perf_counter() - started
   result = {
@@ -897,6 +897,31 @@ def _mean_std(values) -> str:
   if not values:
     return "n/a"
   return f"{np.mean(values):.3g} +- {np.std(values):.2g}"
+
+
+def train_variants(variants, workdir: Path, started: float, train_one
+                   ) -> list[dict[str, Any]]:
+  """Each (generator norm, discriminator norm) of `variants` in order:
+  train_one(g_norm, d_norm, metrics writer) -> its result, kept in
+  <workdir>/variants/<name>.json, so that a rerun skips the finished
+  ones. Returns the results, in order."""
+  writer = workdir_lib.MetricsWriter(workdir, TRAIN_METRICS)
+  results = []
+  for i, (g_norm, d_norm) in enumerate(variants, 1):
+    name = variant_name(g_norm, d_norm)
+    done = workdir / "variants" / f"{name}.json"
+    if done.exists():
+      logging.info("[%s] finished before; skipped (%d/%d)", name, i,
+                   len(variants))
+      results.append(json.loads(done.read_text()))
+      continue
+    logging.info("[%s] variant %d/%d, %.0f s into the study", name, i,
+                 len(variants), time.perf_counter() - started)
+    result = train_one(g_norm, d_norm, writer)
+    done.parent.mkdir(exist_ok=True)
+    workdir_lib.write_atomic(done, json.dumps(result, indent=2) + "\n")
+    results.append(result)
+  return results
 
 
 def load_data(config) -> tuple[train.DeviceData, str]:
@@ -943,23 +968,11 @@ def run(context: study_lib.RunContext) -> dict[str, Any]:
   logging.info("real data: test coverage entropy %.3f; train vs test FD "
                "%.3f", reference["test_coverage_entropy"],
                reference["train_frechet_distance"])
-  writer = workdir_lib.MetricsWriter(workdir, TRAIN_METRICS)
-  results = []
-  for i, (g_norm, d_norm) in enumerate(all_variants, 1):
-    name = variant_name(g_norm, d_norm)
-    done = workdir / "variants" / f"{name}.json"
-    if done.exists():
-      logging.info("[%s] finished before; skipped (%d/%d)", name, i,
-                   len(all_variants))
-      results.append(json.loads(done.read_text()))
-      continue
-    logging.info("[%s] variant %d/%d, %.0f s into the study", name, i,
-                 len(all_variants), time.perf_counter() - started)
-    result = train_variant(config, g_norm, d_norm, data, workdir, writer,
-                           classifier, classifier_variables, real_statistics)
-    done.parent.mkdir(exist_ok=True)
-    workdir_lib.write_atomic(done, json.dumps(result, indent=2) + "\n")
-    results.append(result)
+  results = train_variants(
+      all_variants, workdir, started,
+      lambda g_norm, d_norm, writer: train_variant(
+          config, g_norm, d_norm, data, workdir, writer, classifier,
+          classifier_variables, real_statistics))
   return {
       "study": config.study, "dataset": config.dataset,
       "data_origin": context.origin, "seeds": list(config.seeds),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -178,7 +177,7 @@ def sample_modes(states: gan.GANState, classifier_variables, *,
     def one_chunk(z):
       images = gan.generate(spec, state.g_params, state.g_stats, z)
       return read_modes(classifier, classifier_variables, images)
-    return gan._chunked(one_chunk, z, chunk, num)  # pylint: disable=protected-access
+    return gan.chunked(one_chunk, z, chunk, num)
 
   return jax.lax.map(one_run, states)
 
@@ -192,7 +191,7 @@ def real_modes(classifier_variables, pixels, *, classifier: train.TrainSpec,
     images = data_lib.scale_pixels(x, "unit").reshape(
         -1, gan.IMAGE_SIZE, gan.IMAGE_SIZE, CHANNELS)
     return read_modes(classifier, classifier_variables, images)
-  return gan._chunked(one_chunk, pixels, chunk, pixels.shape[0])  # pylint: disable=protected-access
+  return gan.chunked(one_chunk, pixels, chunk, pixels.shape[0])
 
 
 # ----------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   with contextlib.closing(checkpoints.manager(
       workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
     recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
-    start_epoch, states = gan._initial_states(  # pylint: disable=protected-access
+    start_epoch, states = gan.initial_states(
         spec, seeds, manager, recorded)
     kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
     wall = kept[-1]["wall_time"] if kept else 0.0
@@ -314,7 +313,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
           "discriminator_norm": discriminator_norm, "run": i, "seed": seed,
           "epoch": epoch, "step": epoch * spec.steps_per_epoch,
           "wall_time": wall,
-          **{k: gan._finite(metrics[k][i]) for k in TRAIN_METRICS},  # pylint: disable=protected-access
+          **{k: gan.finite(metrics[k][i]) for k in TRAIN_METRICS},
           **({"eval_samples": curve_num, **curve[i]} if curve[i] else {})}
                     for i, seed in enumerate(seeds)])
       checkpoints.save(manager, epoch, states)
@@ -329,9 +328,9 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   started = time.perf_counter()
   modes, final = _evaluate(states, spec, config, classifier,
                            classifier_variables, config.eval.num_samples)
-  gan._save_npy(samples_dir / "mode_counts.npy",  # pylint: disable=protected-access
+  gan.save_npy(samples_dir / "mode_counts.npy",
                 np.stack([mode_counts(m) for m in modes]))
-  gan._save_npy(samples_dir / "final.npy", gan.sample_grid(  # pylint: disable=protected-access
+  gan.save_npy(samples_dir / "final.npy", gan.sample_grid(
       states, spec=spec, num=config.eval.grid_samples))
   eval_time = time.perf_counter() - started
   result = {
@@ -397,23 +396,11 @@ def run(context: study_lib.RunContext) -> dict[str, Any]:
                "%.4f", classifier_summary["test_accuracy"],
                reference["images"], reference["three_digit_accuracy"],
                reference["modes_covered"], reference["kl_to_uniform"])
-  writer = workdir_lib.MetricsWriter(workdir, TRAIN_METRICS)
-  results = []
-  for i, (g_norm, d_norm) in enumerate(all_variants, 1):
-    name = gan.variant_name(g_norm, d_norm)
-    done = workdir / "variants" / f"{name}.json"
-    if done.exists():
-      logging.info("[%s] finished before; skipped (%d/%d)", name, i,
-                   len(all_variants))
-      results.append(json.loads(done.read_text()))
-      continue
-    logging.info("[%s] variant %d/%d, %.0f s into the study", name, i,
-                 len(all_variants), time.perf_counter() - started)
-    result = train_variant(config, g_norm, d_norm, data, workdir, writer,
-                           classifier, classifier_variables)
-    done.parent.mkdir(exist_ok=True)
-    workdir_lib.write_atomic(done, json.dumps(result, indent=2) + "\n")
-    results.append(result)
+  results = gan.train_variants(
+      all_variants, workdir, started,
+      lambda g_norm, d_norm, writer: train_variant(
+          config, g_norm, d_norm, data, workdir, writer, classifier,
+          classifier_variables))
   return {
       "study": config.study, "dataset": "stacked_mnist",
       "data_origin": context.origin, "seeds": list(config.seeds),

@@ -25,7 +25,6 @@ from bn_lab import page as page_lib
 from bn_lab import report as report_lib
 from bn_lab import stats
 from bn_lab import workdir as workdir_lib
-from studies.gan import report as gan_report
 from studies.mode_collapse import mode_collapse
 
 ReportError = report_lib.ReportError
@@ -152,7 +151,7 @@ def plot_curves(rows, results, path: Path) -> bool:
   rows = [r for r in rows if "modes_covered" in r]
   if not rows:
     return False
-  fig = gan_report._figure((6.0, 3.6))  # pylint: disable=protected-access
+  fig = report_lib.new_figure((6.0, 3.6))
   ax = fig.add_subplot(1, 1, 1)
   for v in results["variants"]:
     mine = [r for r in rows if r["combo"] == v["variant"]]
@@ -169,14 +168,14 @@ def plot_curves(rows, results, path: Path) -> bool:
   ax.set_ylabel(f"modes covered of {results['num_modes']}\n"
                 f"({results['curve_samples']:,} samples)")
   ax.legend(fontsize=7)
-  gan_report._save(fig, path)  # pylint: disable=protected-access
+  report_lib.save_figure(fig, path)
   return True
 
 
 def plot_samples(workdir: Path, results, path: Path) -> None:
   """The first seed's first final samples, one row per variant, as RGB."""
   variants = results["variants"]
-  fig = gan_report._figure((6.0, 1.0 * len(variants) + 0.3))  # pylint: disable=protected-access
+  fig = report_lib.new_figure((6.0, 1.0 * len(variants) + 0.3))
   for i, v in enumerate(variants):
     samples = np.load(workdir / "samples" / v["variant"] / "final.npy")[0]
     n = min(8, len(samples))
@@ -187,7 +186,7 @@ def plot_samples(workdir: Path, results, path: Path) -> None:
     ax.set_yticks([])
     ax.set_ylabel(v["variant"].replace("_", "\n"), fontsize=6, rotation=0,
                   ha="right", va="center")
-  gan_report._save(fig, path)  # pylint: disable=protected-access
+  report_lib.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------

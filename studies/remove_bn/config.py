@@ -1,5 +1,4 @@
-r"""Can you remove BN? A residual CNN with BN, its batch-independent
-replacements and the normalizer-free recipes, at batch sizes 2 to 512.
+r"""Can you remove BN? BN and its replacements in a ResNet, batch 2 to 512.
 
     .venv/bin/python -m experiments.main --config=studies/remove_bn/config.py --workdir=workdirs/remove_bn
 
