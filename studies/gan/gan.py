@@ -821,50 +821,24 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   spec = make_spec(config, generator_norm, discriminator_norm)
   seeds = list(config.seeds)
   samples_dir = workdir / "samples" / name
-  with contextlib.closing(checkpoints.manager(
-      workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
-    recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
-    start_epoch, states = initial_states(spec, seeds, manager, recorded)
-    kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
-    wall = kept[-1]["wall_time"] if kept else 0.0
-    if start_epoch:
-      logging.info("[%s] resumed from the checkpoint of epoch %d", name,
-                   start_epoch)
-    compile_time = None
-    for epoch in range(start_epoch + 1, spec.num_epochs + 1):
-      started = time.perf_counter()
-      states, metrics = sweep_epoch(states, data, spec=spec)
-      metrics = jax.device_get(metrics)
-      epoch_time = time.perf_counter() - started
-      if compile_time is None and epoch == start_epoch + 1:
-        compile_time = epoch_time  # compile + one epoch
-      curve = ([{} for _ in seeds] if not config.eval.curve_samples else
-               _evaluate(states, spec, config, classifier,
-                         classifier_variables, real_statistics,
-                         config.eval.curve_samples))
-      save_npy(samples_dir / f"epoch_{epoch:03d}.npy", sample_grid(
-          states, spec=spec, num=config.eval.epoch_grid_samples))
-      wall += time.perf_counter() - started
-      writer.write([{
-          "combo": name, "generator_norm": generator_norm,
-          "discriminator_norm": discriminator_norm, "run": i, "seed": seed,
-          "epoch": epoch, "step": epoch * spec.steps_per_epoch,
-          "wall_time": wall,
-          **{k: finite(metrics[k][i]) for k in TRAIN_METRICS},
-          **({"eval_samples": config.eval.curve_samples, **curve[i]}
-             if curve[i] else {})} for i, seed in enumerate(seeds)])
-      checkpoints.save(manager, epoch, states)
-      distances = [c.get("frechet_distance") for c in curve]
-      shown = ("" if not config.eval.curve_samples else
-               "  FD %s  classes %s" % (
-                   _mean_std([d for d in distances if d is not None]),
-                   _mean_std([c["classes_5pct"] for c in curve])))
-      logging.info("[%s] epoch %d/%d  d_loss %.3f  g_loss %.3f  D(x) %.2f  "
-                   "D(G(z)) %.2f%s  %.1f s", name, epoch, spec.num_epochs,
-                   np.mean(metrics["d_loss"]), np.mean(metrics["g_loss"]),
-                   np.mean(metrics["d_real"]), np.mean(metrics["d_fake"]),
-                   shown, epoch_time)
-    writer.close()
+
+  def after_epoch(states, epoch):
+    curve = ([{} for _ in seeds] if not config.eval.curve_samples else
+             _evaluate(states, spec, config, classifier,
+                       classifier_variables, real_statistics,
+                       config.eval.curve_samples))
+    save_npy(samples_dir / f"epoch_{epoch:03d}.npy", sample_grid(
+        states, spec=spec, num=config.eval.epoch_grid_samples))
+    distances = [c.get("frechet_distance") for c in curve]
+    shown = ("" if not config.eval.curve_samples else
+             "  FD %s  classes %s" % (
+                 _mean_std([d for d in distances if d is not None]),
+                 _mean_std([c["classes_5pct"] for c in curve])))
+    return curve, shown
+
+  states, wall, compile_time = train_epochs(
+      config, spec, name, (generator_norm, discriminator_norm), data,
+      workdir, writer, after_epoch)
   started = time.perf_counter()
   final = {"eval_mode": _evaluate(states, spec, config, classifier,
                                   classifier_variables, real_statistics,
@@ -891,6 +865,51 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
                _mean_std([d for d in result["eval_mode"]["frechet_distance"]
                           if d is not None]), eval_time)
   return result
+
+
+def train_epochs(config, spec: GANSpec, name: str, norms: tuple[str, str],
+                 data, workdir: Path, writer, after_epoch):
+  """One variant's seeds (vmapped) epoch by epoch, resuming from its
+  checkpoints: after each epoch, after_epoch(states, epoch) -> (a dict of
+  curve metrics per seed, a text for the log line); one metrics row per
+  seed and epoch, then a checkpoint. Returns (states, training wall time,
+  compile time: that of the first epoch this process trained)."""
+  seeds = list(config.seeds)
+  with contextlib.closing(checkpoints.manager(
+      workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
+    recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
+    start_epoch, states = initial_states(spec, seeds, manager, recorded)
+    kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
+    wall = kept[-1]["wall_time"] if kept else 0.0
+    if start_epoch:
+      logging.info("[%s] resumed from the checkpoint of epoch %d", name,
+                   start_epoch)
+    compile_time = None
+    for epoch in range(start_epoch + 1, spec.num_epochs + 1):
+      started = time.perf_counter()
+      states, metrics = sweep_epoch(states, data, spec=spec)
+      metrics = jax.device_get(metrics)
+      epoch_time = time.perf_counter() - started
+      if compile_time is None:
+        compile_time = epoch_time  # compile + one epoch
+      curve, shown = after_epoch(states, epoch)
+      wall += time.perf_counter() - started
+      writer.write([{
+          "combo": name, "generator_norm": norms[0],
+          "discriminator_norm": norms[1], "run": i, "seed": seed,
+          "epoch": epoch, "step": epoch * spec.steps_per_epoch,
+          "wall_time": wall,
+          **{k: finite(metrics[k][i]) for k in TRAIN_METRICS},
+          **({"eval_samples": config.eval.curve_samples, **curve[i]}
+             if curve[i] else {})} for i, seed in enumerate(seeds)])
+      checkpoints.save(manager, epoch, states)
+      logging.info("[%s] epoch %d/%d  d_loss %.3f  g_loss %.3f  D(x) %.2f  "
+                   "D(G(z)) %.2f%s  %.1f s", name, epoch, spec.num_epochs,
+                   np.mean(metrics["d_loss"]), np.mean(metrics["g_loss"]),
+                   np.mean(metrics["d_real"]), np.mean(metrics["d_fake"]),
+                   shown, epoch_time)
+    writer.close()
+  return states, wall, compile_time
 
 
 def _mean_std(values) -> str:

@@ -24,7 +24,6 @@ The study (`studies.mode_collapse.STUDY`) runs through bn_lab.runner:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -37,13 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bn_lab import checkpoints
 from bn_lab import data as data_lib
 from bn_lab import study as study_lib
 from bn_lab import sweep
 from bn_lab import synthetic
 from bn_lab import train
-from bn_lab import workdir as workdir_lib
 from studies.gan import gan
 
 NUM_MODES = synthetic.STACKED_MODES  # 1,000
@@ -286,45 +283,19 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
   seeds = list(config.seeds)
   samples_dir = workdir / "samples" / name
   curve_num = config.eval.curve_samples
-  with contextlib.closing(checkpoints.manager(
-      workdir / "checkpoints" / name, config.keep_checkpoints)) as manager:
-    recorded = workdir_lib.recorded_epochs(writer.rows(), name, len(seeds))
-    start_epoch, states = gan.initial_states(
-        spec, seeds, manager, recorded)
-    kept = writer.forget_after(name, start_epoch, spec.steps_per_epoch)
-    wall = kept[-1]["wall_time"] if kept else 0.0
-    if start_epoch:
-      logging.info("[%s] resumed from the checkpoint of epoch %d", name,
-                   start_epoch)
-    compile_time = None
-    for epoch in range(start_epoch + 1, spec.num_epochs + 1):
-      started = time.perf_counter()
-      states, metrics = gan.sweep_epoch(states, data.stacked, spec=spec)
-      metrics = jax.device_get(metrics)
-      epoch_time = time.perf_counter() - started
-      if compile_time is None:
-        compile_time = epoch_time  # compile + one epoch
-      curve = ([{} for _ in seeds] if not curve_num else
-               _evaluate(states, spec, config, classifier,
-                         classifier_variables, curve_num)[1])
-      wall += time.perf_counter() - started
-      writer.write([{
-          "combo": name, "generator_norm": generator_norm,
-          "discriminator_norm": discriminator_norm, "run": i, "seed": seed,
-          "epoch": epoch, "step": epoch * spec.steps_per_epoch,
-          "wall_time": wall,
-          **{k: gan.finite(metrics[k][i]) for k in TRAIN_METRICS},
-          **({"eval_samples": curve_num, **curve[i]} if curve[i] else {})}
-                    for i, seed in enumerate(seeds)])
-      checkpoints.save(manager, epoch, states)
-      shown = ("" if not curve_num else "  modes covered (%d samples) %s" % (
-          curve_num, _median_range([c["modes_covered"] for c in curve])))
-      logging.info("[%s] epoch %d/%d  d_loss %.3f  g_loss %.3f  D(x) %.2f  "
-                   "D(G(z)) %.2f%s  %.1f s", name, epoch, spec.num_epochs,
-                   np.mean(metrics["d_loss"]), np.mean(metrics["g_loss"]),
-                   np.mean(metrics["d_real"]), np.mean(metrics["d_fake"]),
-                   shown, time.perf_counter() - started)
-    writer.close()
+
+  def after_epoch(states, epoch):
+    del epoch
+    curve = ([{} for _ in seeds] if not curve_num else
+             _evaluate(states, spec, config, classifier,
+                       classifier_variables, curve_num)[1])
+    shown = ("" if not curve_num else "  modes covered (%d samples) %s" % (
+        curve_num, _median_range([c["modes_covered"] for c in curve])))
+    return curve, shown
+
+  states, wall, compile_time = gan.train_epochs(
+      config, spec, name, (generator_norm, discriminator_norm),
+      data.stacked, workdir, writer, after_epoch)
   started = time.perf_counter()
   modes, final = _evaluate(states, spec, config, classifier,
                            classifier_variables, config.eval.num_samples)
