@@ -15,6 +15,7 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
 
@@ -119,7 +120,8 @@ def variant_fields(config, name: str) -> dict[str, Any]:
         f"config.variants has {name!r}, which config.variant_settings does "
         f"not define (it defines {', '.join(settings) or 'none'}); add "
         f"config.variant_settings.{name} = {{field: value, ...}}.")
-  fields = _flatten_settings(settings[name])
+  fields = traverse_util.flatten_dict(
+      ml_collections.ConfigDict(settings[name]).to_dict(), sep=".")
   swept = {f for axis, f in AXES.items() if len(config[axis])}
   for field in fields:
     try:
@@ -133,16 +135,6 @@ def variant_fields(config, name: str) -> dict[str, Any]:
                         "which another axis of the study also sweeps; set "
                         "it in the variants or in that axis, not both.")
   return fields
-
-
-def _flatten_settings(settings, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in settings.items():
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      flat.update(_flatten_settings(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def run_grid(config) -> list[dict[str, Any]]:
