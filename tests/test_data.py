@@ -664,6 +664,27 @@ def test_real_fashion_mnist_from_system_package(tmp_path):
   np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
 
 
+def test_validation_split_is_fixed_disjoint_and_checked():
+  images = np.arange(100, dtype=np.uint8).reshape(100, 1).repeat(3, 1)
+  labels = np.arange(100) % 10
+  train_x, train_y, val_x, val_y = data.validation_split(images, labels, 20)
+  rows, val_rows = train_x[:, 0].astype(int), val_x[:, 0].astype(int)
+  assert len(rows) == 80 and len(val_rows) == 20
+  np.testing.assert_array_equal(np.sort(np.r_[rows, val_rows]),
+                                np.arange(100))  # a partition
+  assert np.all(np.diff(rows) > 0) and np.all(np.diff(val_rows) > 0)
+  np.testing.assert_array_equal(val_y, val_rows % 10)  # pairs kept
+  expected = np.sort(np.random.default_rng(data.VALIDATION_SEED).permutation(
+      100)[:20])
+  np.testing.assert_array_equal(val_rows, expected)
+  np.testing.assert_array_equal(
+      data.validation_split(images, labels, 20)[2], val_x)  # every run
+  assert data.validation_split(images, labels, 0)[2:] == (None, None)
+  for bad in (-1, 100):
+    with pytest.raises(ValueError, match=f"validation_examples={bad}"):
+      data.validation_split(images, labels, bad)
+
+
 def test_train_subset_is_fixed_sorted_and_checked():
   images = np.arange(100, dtype=np.uint8).reshape(100, 1).repeat(3, 1)
   labels = np.arange(100) % 10

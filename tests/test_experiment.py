@@ -266,6 +266,27 @@ def test_a_new_axis_is_one_table_entry(idx_dir, tmp_path, monkeypatch):
   assert rows[0]["train_loss"] != rows[1]["train_loss"]
 
 
+def test_a_validation_split_is_held_out_of_training(idx_dir, tmp_path):
+  """config.validation_examples: the rows carry val_loss / val_accuracy, and
+  the run trains on the rest (its log's train count)."""
+  config = study_config(idx_dir, placements=("before_activation",),
+                        batch_sizes=(), seeds=(0,), num_epochs=1)
+  config.sweep.bn_momentum = ()
+  config.validation_examples = 40
+  data, _ = classifier.load_data(config)
+  assert data.train_images.shape[0] == NUM_TRAIN - 40
+  assert data.val_images.shape[0] == 40
+  # No validation image is a training image (the tiny set's rows differ).
+  train_rows = {bytes(x) for x in np.asarray(data.train_images)}
+  assert not any(bytes(x) in train_rows for x in np.asarray(data.val_images))
+  classifier.train_and_evaluate(config, tmp_path)
+  (row,) = read_rows(tmp_path)
+  assert 0 <= row["val_accuracy"] <= 1 and row["val_loss"] > 0
+  config.validation_examples = NUM_TRAIN
+  with pytest.raises(sweep.ConfigError, match="config.validation_examples="):
+    classifier.load_data(config)
+
+
 @pytest.mark.slow
 def test_a_resumed_study_repeats_the_uninterrupted_one(study_run, idx_dir,
                                                        tmp_path):

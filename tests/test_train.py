@@ -568,6 +568,30 @@ def assert_momentum_update(before, after, x, placement, momentum, unbiased):
       atol=1e-6)
 
 
+def test_epoch_scores_the_validation_split_in_eval_mode(arrays):
+  """With validation arrays, each epoch's val_loss / val_accuracy are eval
+  mode on exactly them, from the state the epoch leaves (NumPy); the
+  training never sees them (the same epoch without them trains alike)."""
+  train_x, train_y, test_x, test_y = arrays
+  val = (test_x[:50], test_y[:50])
+  spec = dataclasses.replace(SPEC, num_epochs=1)
+  state = jit_create_train_state(spec, 0, run_hparams(0))
+  epoch = jax.jit(functools.partial(train.epoch_and_eval, spec=spec))
+  with_val, metrics = epoch(state, train.to_device(
+      train_x, train_y, test_x, test_y, validation=val))
+  without, plain = epoch(state, train.to_device(train_x, train_y, test_x,
+                                                test_y))
+  assert "val_accuracy" not in plain
+  jax.tree.map(np.testing.assert_array_equal, with_val.params,
+               without.params)
+  expected = np_metrics(np_forward(jax.device_get(with_val), val[0],
+                                   spec.placement, train_mode=False)[0],
+                        val[1])
+  assert round(float(metrics["val_accuracy"]) * 50) == expected["correct"]
+  np.testing.assert_allclose(metrics["val_loss"], expected["loss_sum"] / 50,
+                             rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_evaluate_matches_numpy(arrays, data, sweeps):
   """`evaluate` called directly, on run 0 of the trained before_activation

@@ -56,6 +56,8 @@ METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
 def metric_names(config) -> tuple[str, ...]:
   """The per-run metrics of every epoch under `config`."""
   return (METRICS
+          + (train.VALIDATION_METRICS if config.get("validation_examples")
+             else ())
           + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
           + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
              if config.precise_bn.num_batches
@@ -67,16 +69,20 @@ def load_data(config) -> tuple[train.DeviceData, str]:
                                   data_dir=config.data_dir or None,
                                   source=config.data_source)
   try:
+    train_images, train_labels, val_images, val_labels = (
+        data_lib.validation_split(dataset.train_images, dataset.train_labels,
+                                  config.get("validation_examples", 0)))
     train_images, train_labels = data_lib.train_subset(
-        dataset.train_images, dataset.train_labels,
-        config.get("train_examples"))
+        train_images, train_labels, config.get("train_examples"))
   except ValueError as e:
     raise sweep.ConfigError(f"config.{e}") from e
   # uint8 on the device; each batch is scaled (config.input_scaling) in the
   # compiled step (train.model_inputs).
   device_data = train.to_device(
       data_lib.flatten_pixels(train_images), train_labels,
-      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels)
+      data_lib.flatten_pixels(dataset.test_images), dataset.test_labels,
+      validation=None if val_images is None else (
+          data_lib.flatten_pixels(val_images), val_labels))
   return device_data, dataset.origin
 
 

@@ -159,6 +159,12 @@ def get_config():
   # Train on this many training examples (a fixed random subset, the same
   # for every run; bn_lab.data.subset); None: all of them.
   c.train_examples = config_dict.placeholder(int)
+  # Hold out this many training examples as a validation split (a fixed
+  # random subset, the same for every run; bn_lab.data.validation_split),
+  # before train_examples picks its subset from the rest. Each epoch then
+  # records val_loss and val_accuracy: what selection (a rate, an epoch, a
+  # variant) reads, so that the test set only reports. 0: no split.
+  c.validation_examples = 0
 
   c.seeds = (0, 1, 2)
   # None: each run's data order follows its seed. An int: every run sees the

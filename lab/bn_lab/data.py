@@ -633,6 +633,27 @@ def train_subset(images, labels, num: int | None
   return images[keep], labels[keep]
 
 
+VALIDATION_SEED = 1  # not SUBSET_SEED: the split is not the subset's head
+
+
+def validation_split(images, labels, num: int):
+  """(train images, train labels, validation images, validation labels):
+  `num` training examples held out for selection (rates, epochs, variants),
+  a random subset fixed by VALIDATION_SEED (the same for every run and
+  study), each part in its original order; num 0: validation None."""
+  if not num:
+    return images, labels, None, None
+  if not 0 < num < len(images):
+    raise ValueError(f"validation_examples={num!r}: give 0 (none) to "
+                     f"{len(images) - 1} (fewer than the training set's "
+                     f"{len(images)}).")
+  held_out = np.zeros(len(images), bool)
+  held_out[np.random.default_rng(VALIDATION_SEED).permutation(
+      len(images))[:num]] = True
+  return (images[~held_out], labels[~held_out], images[held_out],
+          labels[held_out])
+
+
 def flatten_pixels(images) -> np.ndarray:
   """uint8 images (N, 28, 28) -> uint8 (N, 784), checked."""
   images = np.asarray(images)

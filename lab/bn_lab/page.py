@@ -231,6 +231,21 @@ def claim_verdict(c: stats.Comparison, expected: int) -> str:
       CLAIM_VERDICTS[1])
 
 
+def equivalence_verdict(c: stats.Comparison, margin: float,
+                        scale: float = 100.0) -> str:
+  """A claim of no difference ("matches", "little or no benefit") judged
+  against `margin` (in the unit of c times `scale`: points by default):
+  "supported" when the whole 95% interval lies within the margin,
+  "contradicted" when the difference is beyond noise and its interval lies
+  wholly outside the margin, else "not resolved at this power"."""
+  low, high = scale * c.low, scale * c.high
+  if np.isfinite(low) and -margin <= low and high <= margin:
+    return CLAIM_VERDICTS[0]
+  if c.significant and (low > margin or high < -margin):
+    return CLAIM_VERDICTS[1]
+  return CLAIM_VERDICTS[2]
+
+
 def claims_table(rows: Sequence[Sequence[str]]) -> str:
   """The claim rows every NLP-era section prints: the paper's claim, our
   setting (where it differs), the effect with its 95% CI and test, the

@@ -43,6 +43,8 @@ PRECISE_METRIC = "test_accuracy_precise"
 # over features and BN layers (`running_statistics_gaps`).
 STALENESS_METRICS = ("running_mean_gap", "running_var_gap")
 TRAIN_EVAL_METRICS = ("train_loss_eval", "train_accuracy_eval")
+# Eval mode on the validation split (DeviceData.val_images), every epoch.
+VALIDATION_METRICS = ("val_loss", "val_accuracy")
 # Bit i of the NaN guard's flags: NONFINITE_QUANTITIES[i] was NaN or inf.
 NONFINITE_QUANTITIES = ("loss", "parameters", "BN statistics")
 # The guard's next bit: the training loss was finite but above the
@@ -249,6 +251,9 @@ class DeviceData(NamedTuple):
   train_labels: jax.Array  # (N,) int32
   test_images: jax.Array
   test_labels: jax.Array
+  # Held out of the training set for selection (config.validation_examples).
+  val_images: jax.Array | None = None
+  val_labels: jax.Array | None = None
 
 
 def model_inputs(images, spec: TrainSpec) -> jax.Array:
@@ -869,6 +874,10 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
       "test_accuracy": test["correct"] / test["count"],
       "test_accuracy_batch_stats": test_bs["correct"] / test_bs["count"],
   }
+  if data.val_images is not None:
+    val = evaluate_fn(state, data.val_images, data.val_labels, spec=spec)
+    metrics["val_loss"] = val["loss_sum"] / val["count"]
+    metrics["val_accuracy"] = val["correct"] / val["count"]
   if spec.eval_train:
     train_eval = evaluate_fn(state, data.train_images, data.train_labels,
                              spec=spec)
@@ -1023,9 +1032,10 @@ def init_spec(spec: TrainSpec) -> TrainSpec:
 
 
 def to_device(train_images, train_labels, test_images, test_labels,
-              ) -> DeviceData:
+              validation=None) -> DeviceData:
   """Puts the data set on the default device once: (N, 784) images as uint8
-  pixels (kept as they are; see `DeviceData`) or as float32 inputs."""
+  pixels (kept as they are; see `DeviceData`) or as float32 inputs;
+  `validation`: None or (images, labels) held out of the training set."""
   def images(x):
     x = np.asarray(x)
     if x.dtype == np.uint8:
@@ -1038,4 +1048,7 @@ def to_device(train_images, train_labels, test_images, test_labels,
       train_images=images(train_images),
       train_labels=jax.device_put(np.asarray(train_labels, np.int32)),
       test_images=images(test_images),
-      test_labels=jax.device_put(np.asarray(test_labels, np.int32)))
+      test_labels=jax.device_put(np.asarray(test_labels, np.int32)),
+      **({} if validation is None else dict(
+          val_images=images(validation[0]),
+          val_labels=jax.device_put(np.asarray(validation[1], np.int32)))))

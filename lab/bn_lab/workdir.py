@@ -486,7 +486,7 @@ ADDED_FIELDS = {"norm": "batch", "norms": [], "precise_bn.num_batches": 0,
                 "resnet.blocks_per_stage": 1, "resnet.skip_init": False,
                 "resnet.standardize": "none", "resnet.stem_stride": 1,
                 "agc_clip": None, "train_examples": None, "variant": "",
-                "variants": []}
+                "variants": [], "validation_examples": 0}
 # Fields that moved from the base config into one study's config, with the
 # value that left them off: a saved config.json of another study that has
 # them at that value resumes without them.

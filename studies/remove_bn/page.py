@@ -119,18 +119,6 @@ def best_per_size(by: Cells, variants, sizes) -> str:
       parts) + ".\n"
 
 
-def match_verdict(c: stats.Comparison) -> str:
-  """An equivalence claim: "supported" when the whole 95% interval lies
-  within MATCH_MARGIN points of 0, "contradicted" when the difference is
-  beyond noise and its interval leaves the margin, else not resolved."""
-  low, high = 100 * c.low, 100 * c.high
-  if np.isfinite(low) and -MATCH_MARGIN <= low and high <= MATCH_MARGIN:
-    return page.CLAIM_VERDICTS[0]
-  if c.significant and (low > MATCH_MARGIN or high < -MATCH_MARGIN):
-    return page.CLAIM_VERDICTS[1]
-  return page.CLAIM_VERDICTS[2]
-
-
 def claims(by: Cells, config: Mapping[str, Any],
            family: page.Family) -> list[list[str]]:
   rows = []
@@ -140,7 +128,8 @@ def claims(by: Cells, config: Mapping[str, Any],
       continue
     c = family.compare(a["accuracy"], b["accuracy"],
                        label=f"{claim.a} - {claim.b}, batch {claim.batch}")
-    verdict = (match_verdict(c) if claim.expected == 0
+    verdict = (page.equivalence_verdict(c, MATCH_MARGIN)
+               if claim.expected == 0
                else page.claim_verdict(c, claim.expected))
     steps = (config["train_examples"] // claim.batch) * config["num_epochs"]
     setting = (f"ResNet-8 (widths {tuple(config['channels'])}) on "

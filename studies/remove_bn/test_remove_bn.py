@@ -127,5 +127,6 @@ def _comparison(a, b):
     ([0.80, 0.95, 0.85, 0.92, 0.88], [0.90, 0.82, 0.93, 0.84, 0.91],
      "not resolved at this power"),
 ])
-def test_match_verdict(a, b, verdict):
-  assert remove_bn_page.match_verdict(_comparison(a, b)) == verdict
+def test_equivalence_verdict_at_the_study_margin(a, b, verdict):
+  assert page.equivalence_verdict(_comparison(a, b),
+                                  remove_bn_page.MATCH_MARGIN) == verdict
