@@ -18,7 +18,9 @@ activation (`activation_inputs`), in evaluation mode (running statistics):
 Every unit of the layer is returned. The figure plots one unit, `FIGURE_UNIT`
 (a fixed index rather than a chosen one, so that "typical" is not picked
 after the fact; the units of a layer are exchangeable at initialization);
-the drift summary (`drift`) takes every unit.
+the drift summaries take every unit: `drift` of the median (in units of the
+final interquartile range) and `spread_drift` of the p15-p85 spread (as a
+log ratio to the final spread), each 0 at the last probe by construction.
 
 All functions are pure jnp: they run under `jax.jit` (the model static, e.g.
 through `functools.partial`) and under `jax.vmap` over stacked variables (a
@@ -177,6 +179,65 @@ def drift_of_probes(series: jax.Array, qs: Sequence[float] = QS,
                      "the quartiles; probe with qs=QS.")
   at = lambda q: series[:, qs.index(q)]
   return drift(at(50), at(75)[-1] - at(25)[-1])
+
+
+def spread_drift(low_series: jax.Array, high_series: jax.Array) -> jax.Array:
+  """How far the spread of the units' inputs is from where it ends, as a
+  factor: the median over units of |ln(spread(t) / spread(end))|, where
+  spread = high - low (the figure's p85 - p15). The log makes a spread that
+  doubles and one that halves the same distance (ln 2), and it is 0 at the
+  end by construction.
+
+  Args:
+    low_series, high_series: (T, units), each unit's low and high
+      percentile at each probe, the last row the end of training.
+
+  Returns:
+    (T,). A unit whose spread is 0 at some probe contributes inf (nan where
+    it is 0 at both), which propagates rather than being hidden.
+  """
+  if low_series.ndim != 2 or high_series.shape != low_series.shape:
+    raise ValueError(
+        f"low_series.shape={low_series.shape}, high_series.shape="
+        f"{high_series.shape}: pass two (T, units) percentile series.")
+  spread = high_series - low_series
+  return jnp.median(jnp.abs(jnp.log(spread / spread[-1:])), axis=1)
+
+
+def spread_drift_of_probes(series: jax.Array, qs: Sequence[float] = QS,
+                           ) -> jax.Array:
+  """`spread_drift` of a series of probes (T, len(qs), units) between the
+  figure's outer percentiles, p15 and p85, which qs must include.
+  Returns (T,)."""
+  qs = _check_qs(qs)
+  low, high = FIGURE_QS[0], FIGURE_QS[-1]
+  missing = [q for q in (low, high) if q not in qs]
+  if missing:
+    raise ValueError(f"qs={qs} lacks {missing}: the spread drift reads "
+                     f"p{low} and p{high}; probe with qs=QS.")
+  return spread_drift(series[:, qs.index(low)], series[:, qs.index(high)])
+
+
+def early_mean(series: np.ndarray, steps: np.ndarray,
+               fraction: float = 0.5) -> np.ndarray:
+  """The mean of a drift series over the probes in the first `fraction` of
+  training (steps <= fraction x the last step): one number per run, where
+  the drift away from the end is not yet shrunk by the end's nearness.
+
+  Args:
+    series: (..., T), e.g. one `drift_of_probes` per run stacked.
+    steps: (T,), the probes' steps, increasing.
+  """
+  steps = np.asarray(steps)
+  if not 0 < fraction < 1 or series.shape[-1] != steps.size:
+    raise ValueError(f"fraction={fraction}, series.shape={series.shape}, "
+                     f"steps.shape={steps.shape}: give a fraction in (0, 1) "
+                     "and one step per probe.")
+  early = steps <= fraction * steps[-1]
+  if not early.any():
+    raise ValueError(f"no probe at or before {fraction:g} of step "
+                     f"{steps[-1]}: probe more often.")
+  return np.asarray(series)[..., early].mean(axis=-1)
 
 
 # ----------------------------------------------------------------------------

@@ -138,6 +138,32 @@ def test_drift_of_probes_reads_the_median_and_quartiles():
     probes.drift_of_probes(series[:, :3], probes.FIGURE_QS)
 
 
+def test_spread_drift_of_probes_reads_p15_and_p85():
+  series = jnp.asarray(np.random.default_rng(4).uniform(
+      0, 1, (4, len(probes.QS), 5)).cumsum(axis=1), jnp.float32)
+  at = {q: np.asarray(series[:, i]) for i, q in enumerate(probes.QS)}
+  spread = at[85] - at[15]
+  want = np.median(np.abs(np.log(spread / spread[-1])), axis=1)
+  got = probes.spread_drift_of_probes(series)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert got[-1] == 0.0
+  # Doubling and halving the spread are the same distance, ln 2.
+  low, high = jnp.zeros((3, 1)), jnp.array([[2.0], [0.5], [1.0]])
+  np.testing.assert_allclose(probes.spread_drift(low, high),
+                             [np.log(2), np.log(2), 0.0], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"lacks \[15, 85\]"):
+    probes.spread_drift_of_probes(series[:, 1:4], (25, 50, 75))
+
+
+def test_early_mean_averages_the_first_part_of_training():
+  series = np.arange(12.0).reshape(2, 6)
+  steps = np.array([10, 20, 30, 40, 50, 60])
+  np.testing.assert_allclose(probes.early_mean(series, steps, 0.5),
+                             [1.0, 7.0])  # steps 10, 20, 30
+  with pytest.raises(ValueError, match="no probe at or before"):
+    probes.early_mean(series, np.array([50, 51, 52, 53, 54, 100]), 0.4)
+
+
 def test_jit_and_vmap_over_stacked_runs_from_a_checkpoint(tmp_path):
   """A sweep's two runs, saved and restored as the trainer's checkpoints
   are, probed in one jitted vmap: each equals numpy.percentile of its own
