@@ -13,8 +13,8 @@ classifier trained here (cached in the workdir); after every epoch on
 1,000 samples (the plateau curve). A run with fewer than `collapse_modes` modes covered
 counts as collapsed. See docs/mode_collapse.md for the measured time.
 
-Short run (about 76 s on 2 CPU cores, measured 2026-12-08; under a load
-average of 3 to 4, 241 s at 8. `:short` is a smoke run: 2 variants x 2
+Short run (about 38 s on 2 CPU cores, measured 2026-12-08; at a load
+average of 1 to 2, 57 s of CPU time. `:short` is a smoke run: 2 variants x 2
 seeds x 2 epochs of 10 steps, 1,000 samples per run):
 
     .venv/bin/python -m experiments.main --config=studies/mode_collapse/config.py:short --workdir=workdirs/mode_collapse_short

@@ -33,9 +33,8 @@ other jobs (measured 2026-12-08: the training of each net, about 3 to 6
 minutes, and the evaluation, 2 to 5 minutes per direction, are in
 results.json).
 
-Short run (about 90 s on 2 CPU cores, measured 2026-12-08; under a load
-average of 6 from other jobs, 60 s of CPU time, mostly compilation; the
-test's: printed -> MNIST only, BN only, 2 seeds, stage widths 4 and 8, 1
+Short run (about 32 s on 2 CPU cores, measured 2026-12-08; at a load
+average of 1 to 2, 47 s of CPU time, mostly compilation; the test's: printed -> MNIST only, BN only, 2 seeds, stage widths 4 and 8, 1
 epoch on 512 images, batch sizes 1 and 16 on 64 target images):
 
     .venv/bin/python -m experiments.main --config=studies/real_shift/config.py --workdir=workdirs/real_shift_short --config.directions="('printed_digits_to_mnist',)" --config.norms="('batch',)" --config.seeds='(0,1)' --config.train.channels='(4,8)' --config.train.num_epochs=1 --config.train.train_examples=512 --config.train.batch_size=64 --config.adapt.batch_sizes='(1,16)' --config.adapt.eval_examples=64 --config.adapt.adabn_examples=256 --config.adapt.adabn_chunk=128

@@ -6,12 +6,12 @@ config errors, and the short run end to end through bn_lab.runner (the
 results' fields and ranges, a rerun that resumes to the same numbers, the
 section)."""
 
-import ast
 import json
 import shlex
 
 import flax
 from flax import traverse_util
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,15 +274,10 @@ def test_section_judges_known_effects(tmp_path):
 
 
 def test_documented_short_command_is_short_config():
-  """config.py's short command sets exactly what `short_config` does (the
-  test runs `short_config`; the docstring tells users the command)."""
+  """config.py's short command, parsed by experiments.main's own flags, is
+  exactly `short_config` (the test above trains `short_config`, and
+  tests/test_config_commands.py leaves the command to it)."""
   doc = real_shift_config.__doc__
   line = next(l for l in doc.splitlines() if "workdirs/real_shift_short" in l)
-  config = real_shift_config.get_config()
-  for arg in shlex.split(line):
-    if not arg.startswith("--config."):
-      continue
-    field, value = arg.removeprefix("--config.").split("=", 1)
-    section, _, name = field.rpartition(".")
-    (config[section] if section else config)[name] = ast.literal_eval(value)
+  config = helpers.resolved_config(shlex.split(line.strip())[3:])
   assert config.to_dict() == real_shift_config.short_config().to_dict()

@@ -299,15 +299,15 @@ def test_each_cell_trains_and_resumes(norm, idx_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sequence", ["pixels", "permuted"])
-def test_pixel_sequences_smoke(sequence, idx_dir, tmp_path):
-  """The GPU-sized variants, 784 steps: one epoch of the tiny data set."""
-  config = tiny_config(idx_dir, sequence=sequence, num_epochs=1,
-                       seeds=(0,))
+def test_pixel_sequences_smoke(idx_dir, tmp_path):
+  """The GPU-sized variants, 784 steps: one epoch of the tiny data set, the
+  permuted pixels (the unpermuted ones are the same program on other
+  inputs) with BN, the cell that keeps statistics for every step."""
+  config = tiny_config(idx_dir, sequence="permuted", num_epochs=1,
+                       seeds=(0,), norms=("batch",))
   runner.run(seq_mnist_study.STUDY, config, tmp_path)
-  rows = read_rows(tmp_path)
-  assert [r["norm"] for r in rows] == list(NORMS)
-  assert all(np.isfinite(r["test_loss"]) for r in rows)
+  (row,) = read_rows(tmp_path)
+  assert row["norm"] == "batch" and np.isfinite(row["test_loss"])
 
 
 def test_eval_mode_reads_each_steps_running_statistics(idx_dir):
