@@ -74,15 +74,20 @@ def flag(argv: list[str], name: str) -> list[str]:
   return [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
 
 
-# Short runs that a study's own test already trains in full, in process,
-# from a config its test proves equal to the command's (`resolved_config`):
-# run again here they would cost CI a second training and show nothing
-# new, the command line's parsing being checked by the cheap test below.
-# "path#index" -> (test file, the test that trains it, the equality test).
+# Short runs that a study's own test already trains in full, with more
+# checks than here: the command itself (read from the docstring), or a
+# config its test proves equal to the command's (`resolved_config`). Run
+# again here they would cost CI a second training and show nothing new;
+# the command's flags are still parsed by the cheap test below.
+# "path#index" -> (test file, the test that trains it, the test that reads
+# the documented command).
 TRAINED_BY_STUDY_TESTS = {
     "studies/real_shift/config.py#0": (
         "studies/real_shift/test_real_shift.py", "test_short_run_end_to_end",
         "test_documented_short_command_is_short_config"),
+    "studies/mode_collapse/config.py#0": (
+        "studies/mode_collapse/test_mode_collapse.py",
+        "test_short_study_end_to_end", "test_short_study_end_to_end"),
 }
 
 CONFIGS = config_files()
@@ -197,17 +202,23 @@ def _redirect(argv, root):
 
 
 def test_short_runs_trained_elsewhere_are_trained_there():
-  """Each short run skipped below names a study test that exists and runs
-  that config's short config (and one that ties it to the command)."""
-  ids = {p.id for p in SHORT_RUNS}
-  for run_id, (test_file, trains, equal) in TRAINED_BY_STUDY_TESTS.items():
-    assert run_id in ids, run_id
+  """Each short run skipped below names study tests that exist: one reads
+  the documented command (by its workdir) and one trains it: runs that
+  command, or `short_config()` where the reader proves them equal."""
+  runs = {p.id: p.values[1] for p in SHORT_RUNS}
+  for run_id, (test_file, trains, reads) in TRAINED_BY_STUDY_TESTS.items():
+    (command,) = runs[run_id]
+    workdir, = flag(command, "workdir")
     tree = ast.parse((helpers.REPO / test_file).read_text())
     tests = {f.name: ast.unparse(f) for f in tree.body
              if isinstance(f, ast.FunctionDef)}
-    assert "short_config()" in tests[trains], (test_file, trains)
-    assert "short_config()" in tests[equal] and "resolved_config" in tests[
-        equal], (test_file, equal)
+    assert workdir in tests[reads], (test_file, reads, workdir)
+    if trains == reads:
+      assert "run_cli(" in tests[trains], (test_file, trains)
+    else:
+      assert "short_config()" in tests[trains], (test_file, trains)
+      assert "short_config()" in tests[reads] and "resolved_config" in (
+          tests[reads]), (test_file, reads)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ through experiments.main."""
 import dataclasses
 import json
 import math
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -229,36 +230,46 @@ def test_configs_are_valid_and_registered():
 
 @pytest.mark.slow
 def test_short_study_end_to_end(tmp_path):
+  """config.py's short command exactly as documented (only its workdir
+  moved; tests/test_config_commands.py leaves it to this test)."""
   workdir = tmp_path / "work"
-  args = ["--config=studies/mode_collapse/config.py:short",
-          f"--workdir={workdir}", "--config.latent_dim=8",
-          "--config.generator_channels=(4, 4)",
-          "--config.discriminator_channels=(4, 4)",
-          "--config.classifier.channels=(4, 8)",
-          "--config.classifier.widths=(16,)",
-          "--config.eval.num_samples=300", "--config.eval.curve_samples=100",
-          "--config.stacked.num_test=300", "--config.eval.chunk=100"]
+  line = next(l for l in mc_config.__doc__.splitlines()
+              if "workdirs/mode_collapse_short" in l)
+  argv = shlex.split(line.strip())
+  assert argv[:3] == [".venv/bin/python", "-m", "experiments.main"]
+  args = [f"--workdir={workdir}" if a.startswith("--workdir=") else a
+          for a in argv[3:]]
   run = helpers.run_cli(args)
   assert "[G-none_D-batch_separate] epoch 2/2" in run.stderr
   results = json.loads((workdir / "results.json").read_text())
   assert results["study_id"] == "mode_collapse"
   assert [v["variant"] for v in results["variants"]] == [
       "G-batch_D-batch_separate", "G-none_D-batch_separate"]
+  short = mc_config.get_config("short")
+  samples = short.eval.num_samples
   for v in results["variants"]:
     assert len(v["modes_covered"]) == len(v["kl_to_uniform"]) == 2
-    assert all(1 <= m <= 300 for m in v["modes_covered"])
+    assert all(1 <= m <= samples for m in v["modes_covered"])
     assert all(0 <= k <= math.log(1000) + 1e-9 for k in v["kl_to_uniform"])
-    assert v["collapsed"] == 2  # 300 samples cannot cover 500 modes
     counts = np.load(workdir / "samples" / v["variant"] / "mode_counts.npy")
-    assert counts.shape == (2, 1000) and np.all(counts.sum(1) == 300)
-    assert list((counts > 0).sum(1)) == v["modes_covered"]
+    assert counts.shape == (2, 1000) and np.all(counts.sum(1) == samples)
+    covered = (counts > 0).sum(1)
+    assert list(covered) == v["modes_covered"]
+    assert v["collapsed"] == int(np.sum(covered < results["collapse_modes"]))
+    p = counts / samples  # KL(mode histogram || uniform), recomputed
+    kl = np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) * 1000), 0),
+                1)
+    np.testing.assert_allclose(v["kl_to_uniform"], kl, rtol=1e-6)
   ref = results["reference"]
-  assert ref["images"] == 300 and 0 <= ref["three_digit_accuracy"] <= 1
-  assert ref["modes_covered"] <= 300 and ref["true_modes_covered"] <= 300
+  assert ref["images"] == short.stacked.num_test
+  assert 0 <= ref["three_digit_accuracy"] <= 1
+  assert max(ref["modes_covered"], ref["true_modes_covered"]) <= min(
+      1000, short.stacked.num_test)
   assert 0.5 < results["classifier"]["test_accuracy"] <= 1
   rows = workdir_lib.read_jsonl(workdir / "metrics.jsonl")
   assert len(rows) == 2 * 2 * 2  # variants x seeds x epochs
-  assert all(r["eval_samples"] == 100 and r["modes_covered"] <= 100
+  assert all(r["eval_samples"] == short.eval.curve_samples
+             and r["modes_covered"] <= short.eval.curve_samples
              for r in rows)
   report = (workdir / "report.md").read_text()
   assert "| batch | batch_separate |" in report and "Verdict:" in report
