@@ -2,9 +2,11 @@
 
 Final test accuracy against the learning rate with and without BN, which
 runs diverged (their rows' `diverged_at`, from nan_guard="record"), and
-the verdicts on Bjorck et al. (2018), computed from the recorded runs: BN
-permits larger learning rates, and its benefit comes from them (little or
-none when both networks use the same small rate).
+the claims of Bjorck et al. (2018), judged on the recorded runs: BN
+permits larger learning rates, they give better accuracy, and BN gives
+little or no benefit when both networks use the same small rate (compared
+at a matched training loss: at a fixed epoch the slower network has not
+converged). Selection reads the validation split; the test set reports.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import numpy as np
 
 from bn_lab import page
 from bn_lab import report
-from bn_lab import stats
 
 BN, PLAIN = "before_activation", "none"
 NAMES = {PLAIN: "no BN", BN: "BN"}
+# "Little or no benefit" at the small rate: BN - no BN within this many
+# points of test accuracy (the whole 95% interval).
+SMALL_RATE_MARGIN = 0.5
 
 
 def final_runs(rows: Sequence[Mapping[str, Any]],
@@ -34,10 +38,11 @@ def final_runs(rows: Sequence[Mapping[str, Any]],
 
 
 def trains(run: Mapping[str, Any], threshold: float) -> bool:
-  """A run trains when it did not diverge and its final test accuracy
+  """A run trains when it did not diverge and its final validation accuracy
   reaches `threshold` (a run frozen by the NaN guard counts as failed
-  whatever its frozen weights score)."""
-  return run.get("diverged_at") is None and run["test_accuracy"] >= threshold
+  whatever its frozen weights score). Validation, not test: this picks the
+  rates the claims read."""
+  return run.get("diverged_at") is None and run["val_accuracy"] >= threshold
 
 
 def largest_training_rate(by_rate: Mapping[float, Sequence[Mapping]],
@@ -49,13 +54,38 @@ def largest_training_rate(by_rate: Mapping[float, Sequence[Mapping]],
 
 
 def best_rate(by_rate: Mapping[float, Sequence[Mapping]]) -> float:
-  """The learning rate of the highest mean final test accuracy."""
+  """The learning rate of the highest mean final validation accuracy."""
   return max(by_rate, key=lambda lr: np.mean(
-      [r["test_accuracy"] for r in by_rate[lr]]))
+      [r["val_accuracy"] for r in by_rate[lr]]))
 
 
-def _accuracies(runs) -> list[float]:
-  return [r["test_accuracy"] for r in runs]
+def matched_loss(rows: Sequence[Mapping[str, Any]], small: float):
+  """The small pair at a matched training loss, per seed: no BN's loss
+  after its last epoch, and the BN run of the same seed at the first epoch
+  whose mean training loss is at or below it. Returns (BN's test
+  accuracies there, no BN's final ones, BN's epochs, no BN's losses);
+  a seed whose BN run never gets there is left out."""
+  runs = {}
+  for row in rows:
+    if row["learning_rate"] == small:
+      runs.setdefault((row["placement"], row["seed"]), []).append(row)
+  bn_acc, plain_acc, epochs, losses = [], [], [], []
+  for (placement, seed), plain in sorted(runs.items()):
+    if placement != PLAIN or (BN, seed) not in runs:
+      continue
+    target = max(plain, key=lambda r: r["epoch"])
+    at = next((r for r in sorted(runs[BN, seed], key=lambda r: r["epoch"])
+               if r["train_loss"] <= target["train_loss"]), None)
+    if at is not None:
+      bn_acc.append(at["test_accuracy"])
+      plain_acc.append(target["test_accuracy"])
+      epochs.append(at["epoch"])
+      losses.append(target["train_loss"])
+  return bn_acc, plain_acc, epochs, losses
+
+
+def _accuracies(runs, key: str = "test_accuracy") -> list[float]:
+  return [r[key] for r in runs]
 
 
 def _diverged(runs) -> str:
@@ -86,6 +116,11 @@ def section(studies, out: Path) -> str:
         f"{study['path']}: no runs with placement {', '.join(missing)}; the "
         "learning-rate section compares placements none and "
         "before_activation (studies/lr_range/config.py).")
+  if "val_accuracy" not in rows[0]:
+    raise report.ReportError(
+        f"{study['path']}: its rows have no val_accuracy; the section picks "
+        "rates on a validation split (config.validation_examples > 0): "
+        "rerun the study with studies/lr_range/config.py.")
   rates = sorted(set(finals[PLAIN]) & set(finals[BN]))
   small = _check_small_rate(config, rates)
   threshold = config["lr_range"]["trains_at"]
@@ -100,97 +135,119 @@ def section(studies, out: Path) -> str:
       f"order; {len(rates)} learning rates from {rates[0]:g} to "
       f"{rates[-1]:g}, each network's runs one vmapped sweep. BN before "
       f"each {config['activation']} (epsilon {config['bn']['epsilon']:g}). "
-      "A run whose loss or weights turn NaN/inf"
+      f"{config['validation_examples']:,} training images are held out as "
+      "a validation split: every selection (which runs *train*, the best "
+      "rate) reads it; the test set only reports. A run whose loss or "
+      "weights turn NaN/inf"
       + (f", or whose loss passes {config['divergence_factor']:g} x ln(10) "
          "(config.divergence_factor)," if config.get("divergence_factor")
          else "") + " is frozen at its last finite state "
       "(nan_guard=\"record\"); \"diverged at\" is the global step of its "
       "first such update. A run *trains* when it did not "
-      f"diverge and ends at >= {100 * threshold:g}% test accuracy. Final "
-      "test accuracy in eval mode, mean +- sample std over seeds.\n"]
-  family = comparisons(finals, rates)
+      f"diverge and ends at >= {100 * threshold:g}% validation accuracy. "
+      "Final accuracies in eval mode, mean +- sample std over seeds.\n"]
+  text.append(page.in_one_family(lambda family: _body(
+      family, study, finals, rates, small, threshold, out)))
+  return "\n".join(text)
+
+
+def _body(family: page.Family, study, finals, rates, small, threshold,
+          out: Path) -> str:
+  """The table, figure and claims; every comparison in `family` (one Holm
+  family for the section)."""
+  config, rows = study["config"], study["rows"]
+  compared = {}
   lines = []
   for lr in rates:
     plain, bn = finals[PLAIN][lr], finals[BN][lr]
+    if any(trains(r, threshold) for r in plain + bn):
+      compared[lr] = family.compare(
+          _accuracies(bn), _accuracies(plain), label=f"BN - no BN at {lr:g}")
+      verdict = page.judged(compared[lr], unit="")
+    else:  # two failed networks: their difference says nothing
+      verdict = "neither trains: not compared"
     lines.append([f"{lr:g}" + (" (small pair)" if lr == small else ""),
+                  page.percent(_accuracies(plain, "val_accuracy")),
                   page.percent(_accuracies(plain)), _diverged(plain),
-                  page.percent(_accuracies(bn)), _diverged(bn),
-                  page.judged(family[lr, lr], unit="")])
-  text.append(page.table(
-      ["learning rate", "no BN: test acc", "no BN: diverged at",
-       "BN: test acc", "BN: diverged at", "BN - no BN (points)"], lines))
+                  page.percent(_accuracies(bn, "val_accuracy")),
+                  page.percent(_accuracies(bn)), _diverged(bn), verdict])
+  text = [page.table(
+      ["learning rate", "no BN: val acc", "no BN: test acc",
+       "no BN: diverged at", "BN: val acc", "BN: test acc",
+       "BN: diverged at", "BN - no BN, test (points)"], lines)]
   text.append(
       "BN - no BN: Welch's t test over seeds (the two networks differ, so "
-      "a seed shares no initialization), at every rate and with each at "
-      "its best rate, one Holm family; a diverged run counts with the "
-      "accuracy its frozen weights score.\n")
+      "a seed shares no initialization), at every rate where at least one "
+      "network trains; every comparison of the section is one Holm family. "
+      "A diverged run counts with the accuracy its frozen weights score.\n")
   text.append(page.figure(
       out, f"{study['label']}.png",
       lambda p: plot_lr_range(finals, rates, small, threshold, p),
       "final test accuracy against the learning rate"))
-  text.append(_verdicts(finals, rates, small, threshold, family))
+  text.append(page.claims_table(_claims(family, config, rows, finals, rates,
+                                        small, threshold, compared)))
   return "\n".join(text)
 
 
-def comparisons(finals, rates) -> dict[tuple[float, float], Any]:
-  """The section's family, Holm-corrected: (BN rate, no-BN rate) -> BN's
-  final test accuracies against no BN's (Welch), at every rate (lr, lr)
-  and with each at its best rate (once, where the best rates differ)."""
-  best = {p: best_rate({lr: finals[p][lr] for lr in rates})
-          for p in (PLAIN, BN)}
-  pairs = [(lr, lr) for lr in rates]
-  if (best[BN], best[PLAIN]) not in pairs:
-    pairs.append((best[BN], best[PLAIN]))
-  return dict(zip(pairs, stats.holm_family(
-      stats.welch(_accuracies(finals[BN][b]), _accuracies(finals[PLAIN][p]),
-                  label=f"BN at {b:g} - no BN at {p:g}")
-      for b, p in pairs)))
-
-
-def _verdicts(finals, rates, small, threshold, family) -> str:
+def _claims(family, config, rows, finals, rates, small, threshold,
+            compared) -> list[list[str]]:
+  show = lambda lr: "none" if lr is None else f"{lr:g}"
   largest = {p: largest_training_rate(
       {lr: finals[p][lr] for lr in rates}, threshold) for p in (PLAIN, BN)}
-  first_nan = {p: next((lr for lr in rates if any(
-      r.get("diverged_at") is not None for r in finals[p][lr])), None)
-               for p in (PLAIN, BN)}
-  show = lambda lr: "none" if lr is None else f"{lr:g}"
-  wider = (largest[BN] is not None
-           and (largest[PLAIN] is None or largest[BN] > largest[PLAIN]))
-  lines = [
-      f"* **BN permits larger learning rates: "
-      f"{'holds' if wider else 'does not hold'}.** The largest rate at "
-      f"which every seed trains: {show(largest[BN])} with BN, "
-      f"{show(largest[PLAIN])} without"
-      + (f" ({largest[BN] / largest[PLAIN]:.3g}x)" if wider and largest[PLAIN]
-         else "")
-      + f". First rate with a diverged (NaN) run: {show(first_nan[BN])} "
-      f"with BN, {show(first_nan[PLAIN])} without."]
+  # The rates BN trains at and no BN does not: the range's extension.
+  beyond = [lr for lr in rates if largest[BN] is not None
+            and lr <= largest[BN]
+            and (largest[PLAIN] is None or lr > largest[PLAIN])]
+  wins = [compared[lr] for lr in beyond if lr in compared]
+  if beyond and all(c.significant and c.diff > 0 for c in wins):
+    wider = page.CLAIM_VERDICTS[0]
+  elif largest[PLAIN] is not None and (largest[BN] is None
+                                       or largest[PLAIN] > largest[BN]):
+    wider = page.CLAIM_VERDICTS[1]
+  else:
+    wider = page.CLAIM_VERDICTS[2]
+  effect = (f"largest rate at which every seed trains: {show(largest[BN])} "
+            f"with BN, {show(largest[PLAIN])} without"
+            + "".join(f"; at {lr:g}: {page.judged(compared[lr], unit='')}"
+                      for lr in beyond if lr in compared))
+  claims = [["BN permits larger learning rates",
+             f"plain SGD, {config['num_epochs']} epochs; \"trains\": not "
+             f"diverged and >= {100 * threshold:g}% validation accuracy",
+             effect + " (Welch)", wider]]
   best = {p: best_rate({lr: finals[p][lr] for lr in rates})
           for p in (PLAIN, BN)}
-  at_best = family[best[BN], best[PLAIN]]
-  at_small = family[small, small]
-  best_acc = {p: _accuracies(finals[p][best[p]]) for p in (PLAIN, BN)}
-  lines.append(
-      f"* **Each at its best rate:** BN {page.percent(best_acc[BN])} at "
-      f"{best[BN]:g}, no BN {page.percent(best_acc[PLAIN])} at "
-      f"{best[PLAIN]:g}: BN - no BN {page.judged(at_best)}.")
-  # "Little or no benefit": BN no better on average, or not beyond noise.
-  little = ("holds" if at_small.diff <= 0 else
-            "undetermined" if stats.verdict(at_small) == "undetermined" else
-            "does not hold" if at_small.significant else "holds")
-  lines.append(
-      f"* **Little or no benefit from BN at the same small rate ({small:g}): "
-      f"{little}.** BN "
-      f"{page.percent(_accuracies(finals[BN][small]))} against "
-      f"{page.percent(_accuracies(finals[PLAIN][small]))}: "
-      f"{page.judged(at_small)}; "
-      f"against {100 * at_best.diff:+.2f} with each at its best rate; "
-      + ("BN's advantage is larger at the small rate than at the best "
-         "rates, so here it does not come only from the larger rates."
-         if at_small.diff > at_best.diff else
-         "BN's advantage at the small rate is no larger than at the best "
-         "rates."))
-  return "\n".join(lines) + "\n"
+  at_best = family.compare(_accuracies(finals[BN][best[BN]]),
+                           _accuracies(finals[PLAIN][best[PLAIN]]),
+                           label=f"BN at {best[BN]:g} - no BN at "
+                           f"{best[PLAIN]:g}")
+  claims.append(
+      ["BN's larger rates give better accuracy",
+       f"each network at its best rate on validation (BN {best[BN]:g}, no "
+       f"BN {best[PLAIN]:g}), test accuracy",
+       f"BN - no BN {page.judged(at_best)} (Welch)",
+       page.claim_verdict(at_best, +1)])
+  bn_acc, plain_acc, epochs, losses = matched_loss(rows, small)
+  if len(epochs) < 2:
+    claims.append(["little or no benefit from BN at the same small rate",
+                   f"rate {small:g}, at a matched training loss",
+                   f"BN reaches no BN's final training loss in {len(epochs)}"
+                   " seed(s): no comparison", page.CLAIM_VERDICTS[2]])
+    return claims
+  at_small = family.compare(bn_acc, plain_acc,
+                            label=f"BN - no BN at {small:g}, matched loss")
+  claims.append(
+      ["little or no benefit from BN at the same small rate",
+       f"rate {small:g}; no BN after {config['num_epochs']} epochs (mean "
+       f"training loss {np.mean(losses):.3f}) against BN at the first "
+       "epoch its training loss is as low (epochs "
+       f"{', '.join(map(str, epochs))}; {len(epochs)} seeds); \"little\": "
+       f"the interval within +-{SMALL_RATE_MARGIN:g} point",
+       f"BN - no BN {page.judged(at_small)} (Welch); at the same epoch "
+       f"{config['num_epochs']}: {100 * compared[small].diff:+.2f} points"
+       if small in compared else
+       f"BN - no BN {page.judged(at_small)} (Welch)",
+       page.equivalence_verdict(at_small, SMALL_RATE_MARGIN)])
+  return claims
 
 
 def plot_lr_range(finals, rates, small: float, threshold: float,
@@ -215,7 +272,7 @@ def plot_lr_range(finals, rates, small: float, threshold: float,
   ax.axvline(small, color="grey", ls=":", lw=1,
              label=f"small pair ({small:g})")
   ax.axhline(100 * threshold, color="grey", ls="--", lw=1,
-             label=f"trains ({100 * threshold:g}%)")
+             label=f"\"trains\": {100 * threshold:g}% on validation")
   ax.set(xscale="log", xlabel="learning rate (plain SGD)",
          ylabel="final test accuracy (%)", ylim=(0, 100),
          title="mean over seeds, band: min to max")
