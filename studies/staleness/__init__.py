@@ -1,4 +1,5 @@
-"""How stale BN"s moving average is, by momentum. See README.md."""
+"""How stale BN's moving average is, by momentum, in the reference MLP (one
+BN layer, before the readout) and a deep probe (three). See README.md."""
 
 from bn_lab import classifier
 from bn_lab import study
@@ -9,4 +10,5 @@ STUDY = classifier.study(
     section=page.section,
     commands=study.main_commands({
         "workdirs/staleness": "studies/staleness/config.py",
+        "workdirs/staleness_deep": "studies/staleness/config.py:deep",
     }))
