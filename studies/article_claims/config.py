@@ -13,7 +13,11 @@ feeds raw 0..255 pixels (no preprocessing):
 
     .venv/bin/python -m experiments.main --config=studies/article_claims/config.py --workdir=workdirs/article_claims_raw --config.input_scaling=raw
 
-Step time and memory: benchmarks/bn_cost.py.
+Step time and memory: benchmarks/bn_cost.py. The section (page.py) judges
+each claim on every run, Welch's t between networks and the one-sample t
+against a stated level, one Holm family; "BN may hurt generalization" on
+test accuracy and test NLL, with the train - test gap split into its two
+parts.
 
 Short run (about 14 s on 2 CPU cores, measured 2026-12-07; one epoch, one
 seed, the three networks):
