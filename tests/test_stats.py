@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from bn_lab import page
 from bn_lab import stats
 
 RTOL = 1e-9
@@ -162,6 +163,16 @@ def test_mean_interval_degenerate():
   assert math.isnan(stats.mean_interval([])[0])
   with pytest.raises(ValueError, match="values"):
     stats.mean_interval([0.9, math.nan])
+
+
+def test_page_interval_text_is_the_t_interval_in_the_given_unit():
+  values = [0.91, 0.93, 0.92, 0.95]
+  low, high = sps.t.interval(0.95, 3, loc=np.mean(values),
+                             scale=sps.sem(values))
+  assert page.interval(values, 100.0, 1) == (
+      f"{100 * np.mean(values):.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+  assert page.interval([0.25], 100.0) == "25.00"  # one value: no interval
+  assert page.interval([]) == "-"
 
 
 def assert_undetermined(c):

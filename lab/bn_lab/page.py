@@ -123,6 +123,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
                                 if values.size > 1 else None)
 
 
+def interval(values: Sequence[float], scale: float = 1.0,
+             digits: int = 2) -> str:
+  """"97.09 [96.99, 97.19]": the mean of values x scale and its 95% t
+  interval (`stats.mean_interval`); the mean alone for one value, "-" for
+  none."""
+  if not len(values):
+    return "-"
+  mean, low, high = stats.mean_interval(np.asarray(values) * scale)
+  if not np.isfinite(low):
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def percent(values: Sequence[float]) -> str:
   """"97.09 +- 0.08" (%, mean +- sample std) of fractions."""
   mean, std = mean_std(values)

@@ -12,7 +12,7 @@ read: every number is the last epoch's, or a fixed epoch's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -97,13 +97,8 @@ def no_worse_verdict(c: stats.Comparison, control: stats.Comparison) -> str:
 
 
 def interval(values, scale: float = 100.0, digits: int = 2) -> str:
-  """"97.09 [96.99, 97.19]": the mean and its 95% t interval."""
-  if not len(values):
-    return "-"
-  mean, low, high = stats.mean_interval(np.asarray(values) * scale)
-  if not np.isfinite(low):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+  """"97.09 [96.99, 97.19]": in points by default."""
+  return page.interval(values, scale, digits)
 
 
 def welch_text(c: stats.Comparison, **kw) -> str:

@@ -22,10 +22,7 @@ def _variants(results) -> dict[str, Mapping[str, Any]]:
 
 
 def _interval(values) -> str:
-  mean, low, high = stats.mean_interval(values)
-  if not np.isfinite(low):
-    return f"{mean:.3f}"
-  return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+  return page.interval(values, digits=3)
 
 
 def _early_index(curve) -> int:

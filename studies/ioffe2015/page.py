@@ -16,12 +16,11 @@ both initializations, are one Holm family (`page.in_one_family`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 from bn_lab import page
-from bn_lab import stats
 from studies.ioffe2015 import figure
 from studies.ioffe2015 import probes
 
@@ -200,10 +199,7 @@ def claim_rows(panels, family: page.Family) -> list[list[str]]:
 
 
 def _interval(values, scale: float = 1.0, digits: int = 3) -> str:
-  mean, low, high = stats.mean_interval(np.asarray(values) * scale)
-  if not np.isfinite(low):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+  return page.interval(values, scale, digits)
 
 
 def table_line(init: str, network: str, runs: Runs) -> list[str]:

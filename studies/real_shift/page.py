@@ -77,10 +77,7 @@ def _pretty(direction: str, directions: Mapping[str, Sequence[str]]) -> str:
 
 
 def _cell(values) -> str:
-  mean, low, high = stats.mean_interval(values)
-  if not np.isfinite(low):
-    return f"{100 * mean:.1f}"
-  return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+  return page.interval(values, 100.0, 1)
 
 
 def ceiling(acc: Table, directions, direction: str, norm: str = "batch"):
@@ -216,7 +213,6 @@ def section(studies, out: Path) -> str:
   directions = res["directions"]
   norms = res["norms"]
   t, a = res["train"], res["adapt"]
-  sizes = batch_sizes(acc)
   lrs = ", ".join(f"{v:.3g} at B = {b}"
                   for b, v in a["tent_learning_rates"].items())
   text = [

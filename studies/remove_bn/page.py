@@ -78,13 +78,8 @@ def cells(rows) -> Cells:
 
 
 def _interval(values, scale: float = 100.0) -> str:
-  """"87.31 [86.90, 87.72]": the mean and its 95% t interval."""
-  if not len(values):
-    return "-"
-  mean, low, high = stats.mean_interval(np.asarray(values) * scale)
-  if not np.isfinite(low):
-    return f"{mean:.2f}"
-  return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+  """"87.31 [86.90, 87.72]": in points by default."""
+  return page.interval(values, scale)
 
 
 def accuracy_table(by: Cells, variants: Sequence[str],

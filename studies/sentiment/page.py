@@ -30,10 +30,7 @@ def variants(results) -> dict[tuple[str, str], Mapping[str, Any]]:
 
 
 def _interval(values, scale: float = 1.0, digits: int = 3) -> str:
-  mean, low, high = stats.mean_interval(np.asarray(values) * scale)
-  if not np.isfinite(low):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+  return page.interval(values, scale, digits)
 
 
 def _plus_minus(values, scale: float = 100.0) -> str:

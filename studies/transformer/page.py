@@ -13,7 +13,6 @@ import numpy as np
 
 from bn_lab import page
 from bn_lab import report
-from bn_lab import stats
 from bn_lab import text as text_lib
 
 NAMES = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BN (masked)",
@@ -38,12 +37,7 @@ def final_fluctuation(variant, key: str) -> list[float]:
 
 
 def _interval(values, scale: float = 1.0, digits: int = 2) -> str:
-  if not values:
-    return "-"
-  mean, low, high = (v * scale for v in stats.mean_interval(values))
-  if not np.isfinite(low):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+  return page.interval(values, scale, digits)
 
 
 def results_table(results) -> str:
