@@ -59,7 +59,8 @@ def metric_names(config) -> tuple[str, ...]:
           + (train.VALIDATION_METRICS if config.get("validation_examples")
              else ())
           + (train.TRAIN_EVAL_METRICS if config.eval_train else ())
-          + ((train.PRECISE_METRIC, *train.STALENESS_METRICS)
+          + ((train.PRECISE_METRIC, train.PRECISE_LOSS_METRIC,
+              *train.STALENESS_METRICS)
              if config.precise_bn.num_batches
              or config.precise_bn.num_examples else ()))
 

@@ -39,6 +39,7 @@ BN_SWEEPABLE = {"bn_momentum": "momentum", "bn_epsilon": "epsilon"}
 # (`TrainSpec.precise_batches`), and those of the training set in eval mode
 # (`TrainSpec.eval_train`).
 PRECISE_METRIC = "test_accuracy_precise"
+PRECISE_LOSS_METRIC = "test_loss_precise"  # its test NLL
 # How far the running statistics are from the recomputed ones, averaged
 # over features and BN layers (`running_statistics_gaps`).
 STALENESS_METRICS = ("running_mean_gap", "running_var_gap")
@@ -894,6 +895,7 @@ def epoch_and_eval(state: TrainState, data: DeviceData, *, spec: TrainSpec,
                             data.test_images, data.test_labels, spec=spec)
       gaps = running_statistics_gaps(state.batch_stats, recomputed)
     metrics[PRECISE_METRIC] = precise["correct"] / precise["count"]
+    metrics[PRECISE_LOSS_METRIC] = precise["loss_sum"] / precise["count"]
     metrics.update(zip(STALENESS_METRICS, gaps))
   if spec.freeze_diverged:
     metrics["diverged_at"] = state.diverged_at

@@ -247,6 +247,8 @@ def test_precise_metric_is_eval_mode_with_numpy_population_statistics():
                             data.test_images, data.test_labels, spec=spec)
   assert metrics["test_accuracy_precise"] == pytest.approx(
       float(expected["correct"] / expected["count"]))
+  assert metrics["test_loss_precise"] == pytest.approx(
+      float(expected["loss_sum"] / expected["count"]), rel=1e-6)
   # The moving averages after 6 steps are far from the population: the
   # metric is not eval mode's.
   moving = np.asarray(state.batch_stats["input_bn"]["var"])

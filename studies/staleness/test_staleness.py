@@ -60,6 +60,7 @@ def _rows(exact_minus_moving, slow_cost, seeds=(0, 1, 2, 3, 4), epochs=2,
             "test_accuracy": (exact - exact_minus_moving[momentum]
                               + rng.normal(0, noise)),
             "test_loss": 0.1 + slow_cost * gap + rng.normal(0, 0.001),
+            train.PRECISE_LOSS_METRIC: 0.1 + rng.normal(0, 0.001),
             "running_mean_gap": gap / 2, "running_var_gap": gap})
   order = rng.permutation(len(rows))
   return [rows[i] for i in order]
@@ -99,9 +100,9 @@ def test_claims_match_scipy_and_holm_by_hand():
                              rng_seed=1), "deep", "staleness_deep")]
   lines = _claim_rows(networks)
   claims = staleness_page.claims_for(MOMENTA)
-  assert len(lines) == 2 * len(claims) == 12
+  assert len(lines) == 2 * len(claims) == 18
   # Independently: scipy's paired t test and its t interval of every
-  # claim, then Holm over the twelve.
+  # claim, then Holm over the eighteen.
   expected = []
   for net in networks:
     rows, seeds = net["rows"], [0, 1, 2, 3, 4]
