@@ -1,7 +1,10 @@
-"""The transfer-learning study (studies.transfer: transfer, page, report):
-class subsets and the labeled budget against NumPy, what each variant may
-change, recomputed statistics against a NumPy forward pass, config errors,
-the page's verdicts on hand-built results, and (slow) the study end to end
+"""The transfer-learning study (studies.transfer: transfer, probe, page,
+report): class subsets, the labeled budget and the validation part against
+NumPy, what each variant may change, recomputed statistics and the probe's
+features against a NumPy forward pass, the convex probe against a known
+optimum and an independent scipy fit, the feature measures against known
+matrices, config errors, the page's claims on hand-built results against
+scipy and Holm's correction, and (slow) the study end to end
 through the one command line (experiments.main), the runner's resume check
 on its workdir, and the page's section on its run."""
 
@@ -27,6 +30,7 @@ from studies import registry
 import studies.transfer as transfer_study
 from studies.transfer import config as transfer_config
 from studies.transfer import page as transfer_page
+from studies.transfer import probe
 from studies.transfer import transfer
 
 
@@ -230,6 +234,9 @@ def test_config_variants_are_valid():
     ("transfer.readout_learning_rate", -1.0, "config.transfer."
      "readout_learning_rate=-1.0 must be a number > 0."),
     ("placement", "input", "config.placement='input' is not valid"),
+    ("transfer.probe_folds", 1, "config.transfer.probe_folds=1 must be an "
+     "integer >= 2"),
+    ("transfer.budgets", (5,), "has 5: fewer than 2 per class"),
     ("bn.momentum", 1.0, "config.bn.momentum=1.0 must be a number in "
      "[0, 1)."),
 ])
@@ -252,135 +259,285 @@ def test_budget_larger_than_a_class_is_refused():
 
 
 # ----------------------------------------------------------------------------
-# The page's verdicts, table and figure on hand-built results.
+# The convex probe and the feature measures, against independent
+# computations.
 
 
-def cell(norm, variant, test_accuracy):
-  return {"norm": norm, "variant": variant, "budget": 100,
-          "test_accuracy": test_accuracy,
-          "train_accuracy": [1.0] * len(test_accuracy)}
+def test_probe_solves_a_symmetric_problem_to_its_known_optimum():
+  """Two classes at x = -1 and x = +1 (one example each), penalty l2: by
+  symmetry the optimum has equal biases and weights +w, -w, with w the
+  root of d/dw [log(1 + exp(-2w)) + l2 w^2] = 0, which brentq finds."""
+  from scipy import optimize
+  l2 = 0.1
+  w = optimize.brentq(lambda w: -2 / (1 + np.exp(2 * w)) + 2 * l2 * w,
+                      0.0, 50.0, xtol=1e-14)
+  fitted = probe.fit(np.array([[-1.0], [1.0]]), np.array([0, 1]), l2)
+  assert fitted.converged and fitted.gradient_norm < 1e-6
+  np.testing.assert_allclose(fitted.weights, [[-w, w]], atol=1e-6)
+  assert fitted.bias[0] == pytest.approx(fitted.bias[1], abs=1e-6)
+  assert fitted.accuracy(np.array([[-2.0], [0.5]]), [0, 1]) == 1.0
 
 
-# The frozen BN baseline is 81% +- 1 point over 3 seeds; each other cell is
-# placed against it by hand. BN's variants that start from the pretrained
-# networks pair with it seed by seed (the paired t test, df = 2: t(0.975, 2)
-# = 4.303); the other norms and from scratch do not (Welch).
+def test_probe_matches_an_independent_fit_on_a_small_problem():
+  """3 classes, 40 examples, 4 features: the probe's optimum against
+  scipy's BFGS on the objective written with scipy.special.logsumexp and
+  finite-difference gradients; the probe's gradient vanishes there."""
+  from scipy import optimize, special
+  rng = np.random.default_rng(0)
+  labels = np.arange(40) % 3
+  features = rng.normal(size=(40, 4)) + labels[:, None] * 0.7
+  l2 = 0.05
+
+  def objective(theta):
+    weights, bias = theta[:12].reshape(4, 3), theta[12:]
+    logits = features @ weights + bias
+    nll = special.logsumexp(logits, axis=1) - logits[np.arange(40), labels]
+    return nll.mean() + 0.5 * l2 * np.sum(weights ** 2)
+
+  reference = optimize.minimize(objective, np.zeros(15), method="BFGS",
+                                options={"gtol": 1e-9}).x
+  fitted = probe.fit(features, labels, l2)
+  assert fitted.converged
+  # The softmax is unchanged by one shift of all biases: compare logits.
+  got = features @ fitted.weights + fitted.bias
+  want = features @ reference[:12].reshape(4, 3) + reference[12:]
+  np.testing.assert_allclose(got - got.mean(1, keepdims=True),
+                             want - want.mean(1, keepdims=True), atol=1e-4)
+  theta = np.concatenate([fitted.weights.ravel(), fitted.bias])
+  assert objective(theta) == pytest.approx(objective(reference), abs=1e-10)
+  assert fitted.mean_log_loss(features, labels) == pytest.approx(
+      objective(theta) - 0.5 * l2 * np.sum(fitted.weights ** 2), rel=1e-12)
+
+
+def test_cross_validation_folds_are_stratified_and_the_best_penalty_wins():
+  labels = np.repeat(np.arange(5), 20)
+  fold = probe.stratified_folds(labels, 5, seed=3)
+  for k in range(5):
+    np.testing.assert_array_equal(np.bincount(labels[fold == k]), [4] * 5)
+  rng = np.random.default_rng(1)
+  features = rng.normal(size=(100, 6)) + labels[:, None] * 0.3
+  fitted, scores = probe.select_and_fit(features, labels, seed=3,
+                                        grid=(1e-3, 1.0))
+  # Each penalty's score by hand: fit on four folds, held-out mean NLL.
+  for l2, score in scores.items():
+    losses = [probe.fit(features[fold != k], labels[fold != k], l2)
+              .mean_log_loss(features[fold == k], labels[fold == k])
+              for k in range(5)]
+    assert score == pytest.approx(np.mean(losses), rel=1e-6)
+  assert fitted.l2 == min(scores, key=scores.get)
+
+
+def test_feature_ranks_and_saturation_against_known_matrices():
+  """Features with known centred singular values (4, 2, 1, 1): effective
+  rank exp(H(p)) for p = s / 8, numerical rank 4, or 2 once two values are
+  below 1e-3 of the largest; a fixed offset changes nothing."""
+  rng = np.random.default_rng(0)
+  basis, _ = np.linalg.qr(rng.normal(size=(50, 5)))
+  # Orthonormal columns orthogonal to the ones vector: centred already.
+  ones = np.ones((50, 1)) / np.sqrt(50)
+  basis, _ = np.linalg.qr(np.hstack([ones, basis]))
+  u = basis[:, 1:5]
+  v, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  s = np.array([4.0, 2.0, 1.0, 1.0])
+  features = u @ np.diag(s) @ v.T + 0.3
+  p = s / s.sum()
+  assert probe.effective_rank(features) == pytest.approx(
+      np.exp(-np.sum(p * np.log(p))), rel=1e-9)
+  assert probe.numerical_rank(features) == 4
+  small = u @ np.diag([4.0, 2.0, 1e-4, 1e-5]) @ v.T
+  assert probe.numerical_rank(small) == 2
+  assert probe.saturated_fraction(np.array([[0.01, 0.5], [0.96, 0.94]])) \
+      == 0.5
+
+
+def test_validation_part_is_held_out_of_the_budgets():
+  rng = np.random.default_rng(0)
+  split = {"train_images": np.arange(300)[:, None],
+           "train_labels": rng.integers(0, 5, 300),
+           "test_images": np.zeros((7, 1)), "test_labels": np.zeros(7)}
+  held = transfer.hold_out_validation(split, 60, seed=2)
+  kept_ids = held["train_images"][:, 0]
+  validation_ids = held["validation_images"][:, 0]
+  assert len(validation_ids) == 60 and len(kept_ids) == 240
+  assert not set(kept_ids) & set(validation_ids)
+  np.testing.assert_array_equal(np.sort(np.r_[kept_ids, validation_ids]),
+                                np.arange(300))
+  np.testing.assert_array_equal(held["validation_labels"],
+                                split["train_labels"][validation_ids])
+  np.testing.assert_array_equal(held["train_labels"],
+                                split["train_labels"][kept_ids])
+  assert held["test_images"] is split["test_images"]
+
+
+def test_hidden_activations_are_each_layers_sigmoid_outputs_in_eval_mode():
+  """The features the probe reads, against a float64 NumPy forward pass
+  with the running statistics."""
+  config = tiny_config()
+  spec = tiny_spec()
+  variables = pretrained_variables(spec, seed=3)
+  images = pixels(6, seed=4)
+  got = jax.jit(functools.partial(transfer.hidden_activations, spec))(
+      variables, jnp.asarray(images))
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                        variables["params"])
+  x = images.astype(np.float64) / 255
+  assert len(got) == len(config.widths)
+  for i in range(len(config.widths)):
+    stats = variables["batch_stats"][f"hidden_{i}"]["BatchNorm_0"]
+    bn = params[f"hidden_{i}"]["BatchNorm_0"]
+    h = x @ params[f"hidden_{i}"]["Dense_0"]["kernel"]
+    h = ((h - np.asarray(stats["mean"])) / np.sqrt(
+        np.asarray(stats["var"], np.float64) + config.bn.epsilon)
+         * bn["scale"] + bn["bias"])
+    x = _sigmoid(h)
+    np.testing.assert_allclose(got[i], x, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The page's claims, tables and figure on hand-built results.
+
+
+def cell(norm, variant, test, validation=None, probe_test=None,
+         probe_validation=None):
+  """A hand-built cell of 5 seeds; a readout-only variant also has its
+  probe (its score) and features."""
+  out = {"norm": norm, "variant": variant, "budget": 100,
+         "test_accuracy": test,
+         "validation_accuracy": validation or test,
+         "train_accuracy": [0.75] * len(test)}
+  if variant in transfer_page.READOUT_ONLY:
+    out["probe"] = {"test_accuracy": probe_test,
+                    "validation_accuracy": probe_validation or probe_test,
+                    "train_accuracy": [1.0] * 5, "l2": [1e-3] * 5,
+                    "iterations": [10, 20, 30, 40, 50],
+                    "gradient_norm": [1e-7] * 5, "converged": [True] * 5,
+                    "least_penalty_train_accuracy": [0.9] * 5,
+                    "least_penalty_converged": [True] * 4 + [False]}
+    out["features"] = {"effective_rank": [50.0, 52.0, 54.0, 56.0, 58.0],
+                       "numerical_rank": [90] * 5,
+                       "saturated": [[0.1, 0.2, 0.3]] * 5}
+  return out
+
+
+FROZEN = [0.80, 0.81, 0.82, 0.83, 0.84]
+ADAM_READOUT = [0.60, 0.61, 0.62, 0.63, 0.64]
+shifted = lambda values, by: [v + d for v, d in zip(values, by)]
+# The probe's frozen BN baseline FROZEN; the other cells placed against it
+# seed by seed (every comparison is paired: one budget).
 HAND_BUILT = {
     "budgets": [100], "norms": ["batch", "layer", "none"],
+    "network": {"widths": [8, 7, 6]},
+    "transfer": {"target_train_images": 24404, "recompute_chunk": 1000,
+                 "target_validation_images": 5000,
+                 "probe": {"l2_grid": [1e-3, 1e-5, 1e-1]}},
     "variants": [
-        cell("batch", "frozen", [0.80, 0.81, 0.82]),
-        # Paired differences +10, +11, +9 points: mean +10, sd 1, SE
-        # 1 / sqrt(3) = 0.577, t = 17.3, p = 0.0033: beyond noise.
-        cell("batch", "recomputed", [0.90, 0.92, 0.91]),
-        # +2, -1, +2 points: mean +1, sd 1.73, SE 1.0, t = 1.0, p = 0.42:
-        # within noise.
-        cell("batch", "recomputed_unlabeled", [0.82, 0.80, 0.84]),
-        # -10, -9, -11 points: t = -17.3, p = 0.0033: beyond noise, the
-        # wrong way.
-        cell("batch", "trained", [0.70, 0.72, 0.71]),
-        # One seed: no spread, so no verdict either way (Welch against
-        # trained, undetermined: not in the family).
-        cell("batch", "scratch", [0.60]),
-        # Against BN trained (Welch): the same three values, +0.00.
-        cell("layer", "trained", [0.70, 0.71, 0.72]),
-        # Against BN frozen (Welch): +30 points, SE 0.82, p = 3e-6.
-        cell("none", "frozen", [0.50, 0.51, 0.52])]}
+        cell("batch", "frozen", ADAM_READOUT, probe_test=FROZEN),
+        # +10 points each seed, +-1: supported.
+        cell("batch", "recomputed", ADAM_READOUT,
+             probe_test=shifted(FROZEN, [0.10, 0.11, 0.09, 0.10, 0.10])),
+        # Within noise: not resolved.
+        cell("batch", "recomputed_unlabeled", ADAM_READOUT,
+             probe_test=shifted(FROZEN, [0.02, -0.01, 0.02, -0.02, 0.01])),
+        # -10 points: contradicted. Best on validation, not on test.
+        cell("batch", "trained", shifted(FROZEN, [-0.10, -0.09, -0.11,
+                                                  -0.10, -0.10]),
+             validation=[0.99] * 5),
+        cell("batch", "scratch", [0.60, 0.63, 0.61, 0.62, 0.64]),
+        cell("layer", "frozen", ADAM_READOUT,
+             probe_test=shifted(FROZEN, [-0.05, -0.03, -0.06, -0.05, -0.04])),
+        cell("none", "frozen", ADAM_READOUT,
+             probe_test=shifted(FROZEN, [-0.20, -0.21, -0.19, -0.20, -0.22])),
+        cell("none", "trained", [0.70, 0.69, 0.71, 0.72, 0.70])]}
 
 
-def test_verdicts_on_hand_built_results():
-  """Every claim's verdict, and the first three lines' numbers, with the
-  family's Holm correction worked out: 7 determined comparisons (the pair
-  with one seed does not count), p values in order 1.0e-6 (best vs no
-  norm), 3.3e-6 (BN vs no norm frozen), 1.6e-5 (best vs LayerNorm), 0.0033
-  twice (recomputed, trained; paired), 0.42 (AdaBN, paired), 1.0 (BN vs
-  LayerNorm trained); Holm multiplies them by 7, 6, 5, 4, 3, 2, 1 and keeps
-  the running maximum: 0.0033 x 4 = 0.013 for both, 0.42 x 2 = 0.85."""
+def _holm(p):
+  """Holm's adjusted p values, written out (the stats module's own is
+  tested in tests/)."""
+  order = np.argsort(p)
+  adjusted, running = np.empty(len(p)), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(p) - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted
+
+
+def test_scores_are_the_probes_where_only_the_readout_trains():
+  scores = transfer_page.scores(HAND_BUILT)
+  np.testing.assert_array_equal(scores[("batch", "frozen", 100)], FROZEN)
+  np.testing.assert_array_equal(scores[("batch", "scratch", 100)],
+                                [0.60, 0.63, 0.61, 0.62, 0.64])
+
+
+def test_best_variant_is_picked_on_validation_not_test():
+  """BN's trained variant is worst on test but best on validation: the
+  pick is trained."""
+  best = transfer_page.best_variants(HAND_BUILT)
+  assert best[("batch", 100)] == "trained"
+  # No norm: the probe on frozen features (61.4%) below fine-tuning
+  # (70.4%).
+  assert best[("none", 100)] == "trained"
+  assert best[("layer", 100)] == "frozen"
+
+
+def test_claims_on_hand_built_results_against_scipy_and_holm():
+  """Each claim's verdict from scipy's paired t test and Holm's correction
+  written out over the 8 distinct pairs (BN's best against no norm's best
+  is BN fine-tuned against no norm fine-tuned: one comparison for two
+  claims); the first row's interval from scipy."""
   from scipy import stats as sps
-  lines = transfer_page.verdicts(HAND_BUILT)
-  assert lines[0] == "\n**100 labeled examples of 5-9:**\n"
-  expected = {
-      "Recomputing BN's statistics on the budget's images beats frozen "
-      "statistics": "holds",
-      "Recomputing them on all unlabeled 5-9 images (AdaBN) beats frozen "
-      "statistics": "not shown (within noise)",
-      "Fine-tuning everything beats frozen BN statistics and layers":
-          "does not hold (the opposite, beyond noise)",
-      "Pretraining helps BN (fine-tuned beats from scratch)":
-          "not shown (undetermined)",
-      "BN beats no norm, both frozen": "holds",
-      "BN beats LayerNorm, both trained": "not shown (within noise)",
-      "BN's best variant (recomputed) beats no norm's best (frozen)":
-          "holds",
-      "BN's best variant (recomputed) beats LayerNorm's best (trained)":
-          "holds"}
-  verdicts = dict(re.fullmatch(r"\* (.*): \*\*(.*)\*\* \(.*\)\.", line)
-                  .groups() for line in lines[1:])
-  # No claim about cells the results lack (LayerNorm frozen, no norm
-  # trained).
-  assert verdicts == expected
-  frozen = [0.80, 0.81, 0.82]
-  recomputed, adabn = [0.90, 0.92, 0.91], [0.82, 0.80, 0.84]
-  res = sps.ttest_rel(recomputed, frozen)
+  rows, size = studies_page.in_one_family(
+      lambda family: transfer_page.claim_rows(family, HAND_BUILT))
+  claims = transfer_page.claims(HAND_BUILT)
+  assert len(rows) == len(claims) == 9 and size == 8
+  scores = transfer_page.scores(HAND_BUILT)
+  pairs = list(dict.fromkeys((c.a, c.b) for c in claims))
+  p = np.array([sps.ttest_rel(scores[a], scores[b]).pvalue
+                for a, b in pairs])
+  holm = dict(zip(pairs, _holm(p)))
+  expected = []
+  for claim in claims:
+    diff = scores[claim.a].mean() - scores[claim.b].mean()
+    expected.append("**supported**" if holm[(claim.a, claim.b)] < 0.05
+                    and diff > 0 else "**contradicted**"
+                    if holm[(claim.a, claim.b)] < 0.05
+                    else "**not resolved at this power**")
+  assert [row[3] for row in rows] == expected
+  # Each kind of verdict occurs: the test can tell them apart.
+  assert expected[:4] == ["**supported**", "**not resolved at this power**",
+                          "**contradicted**", "**supported**"]
+  res = sps.ttest_rel(scores[claims[0].a], scores[claims[0].b])
   ci = res.confidence_interval(0.95)
-  assert (res.pvalue, 100 * ci.low, 100 * ci.high) == pytest.approx(
-      (0.003317, 7.516, 12.484), rel=1e-3)
-  assert lines[1] == (
-      "* Recomputing BN's statistics on the budget's images beats frozen "
-      "statistics: **holds** (91.00% vs 81.00%: +10.00 [+7.52, +12.48] "
-      "points, p = 0.0033 (Holm 0.013), beyond noise, paired over seeds).")
-  res = sps.ttest_rel(adabn, frozen)
-  assert res.pvalue == pytest.approx(0.4226, rel=1e-3)
-  assert lines[2].endswith(
-      "(82.00% vs 81.00%: +1.00 [-3.30, +5.30] points, p = 0.42 (Holm "
-      "0.85), within noise, paired over seeds).")
-  assert lines[4].endswith("(71.00% vs 60.00%: +11.00 points, undetermined "
-                           "(n < 2)).")
-  # Across norms: Welch, as scipy computes it.
-  res = sps.ttest_ind(frozen, [0.50, 0.51, 0.52], equal_var=False)
-  family = transfer_page.comparisons(HAND_BUILT)
-  c = family[(("batch", "frozen", 100), ("none", "frozen", 100))]
-  assert not c.paired and c.p == pytest.approx(res.pvalue, rel=1e-9)
-  assert c.p_holm == pytest.approx(6 * res.pvalue, rel=1e-9)
-  assert not any("nan" in line for line in lines)
+  assert f"[+{100 * ci.low:.2f}, +{100 * ci.high:.2f}] points" in rows[0][2]
+  assert rows[0][2].endswith("; paired t, 5 seeds")
+  assert "label shift" in rows[0][1] and "label shift" in rows[1][1]
+  assert "recomputed on 24,000 unlabeled images" in rows[1][1]
+  # The best-variant claims name the validation pick.
+  assert "BN fine-tuned (every layer), no norm fine-tuned" in rows[-1][1]
+  assert "validation images" in rows[-1][1]
 
 
-def test_variants_of_one_pretraining_are_paired():
-  """Recomputed against frozen statistics on the same pretrained networks:
-  seeds 5 points apart, each recomputed seed 1.0 to 1.2 points above its
-  frozen one. Paired: t = 19.1 at df = 2, p = 0.0027, beyond noise; Welch's
-  test (which the pairing makes wrong here) would see the seeds' spread,
-  p = 0.80."""
-  from scipy import stats as sps
-  frozen = [0.80, 0.85, 0.90]
-  recomputed = [0.810, 0.862, 0.911]
-  results = {"budgets": [100], "norms": ["batch"], "variants": [
-      cell("batch", "frozen", frozen),
-      cell("batch", "recomputed", recomputed),
-      cell("batch", "scratch", [0.5, 0.6, 0.7])]}
-  assert sps.ttest_ind(recomputed, frozen, equal_var=False).pvalue > 0.5
-  (line,) = [l for l in transfer_page.verdicts(results)
-             if l.startswith("* Recomputing BN's")]
-  assert "**holds**" in line and "paired over seeds" in line, line
-  c = transfer_page.comparisons(results)[(("batch", "recomputed", 100),
-                                          ("batch", "frozen", 100))]
-  assert c.paired and c.p == pytest.approx(
-      sps.ttest_rel(recomputed, frozen).pvalue, rel=1e-9)
-  assert transfer_page.is_paired(("batch", "trained", 100),
-                                 ("batch", "frozen", 100))
-  assert not transfer_page.is_paired(("batch", "trained", 100),
-                                     ("batch", "scratch", 100))
-  assert not transfer_page.is_paired(("batch", "frozen", 100),
-                                     ("layer", "frozen", 100))
-
-
-def test_table_says_training_mode_only_for_bn():
+def test_tables_show_probe_adam_readout_and_features():
   table = transfer_page.results_table(HAND_BUILT)
+  assert ("| BN | frozen features: convex probe | 82.00 +- 1.58 (100.0) |"
+          in table)
+  assert ("| BN | frozen features: Adam readout | 62.00 +- 1.58 (75.0) |"
+          in table)
   assert ("| BN | fine-tuned (every layer; BN in training mode) | "
-          "71.00 +- 1.00 (100.0) |") in table
-  assert "| LayerNorm | fine-tuned (every layer) | 71.00 +- 1.00 (100.0) |" \
-      in table
-  assert table.count("training mode") == 1
-  assert "| BN | from scratch (no pretraining) | 60.00 (100.0) |" in table
+          in table)
+  assert "| no norm | fine-tuned (every layer) |" in table
+  probes = transfer_page.probe_table(HAND_BUILT)
+  assert "| BN | frozen features | 100 | 0.001 | 50 | 1.0e-07 | 5/5 | "       "100.0 | 75.0 |" in probes
+  readouts = transfer_page.readout_table(HAND_BUILT)
+  assert "probe at L2 1e-05: train |" in readouts
+  # The probe's test accuracy: FROZEN less 20.4 points on average.
+  assert ("| no norm | 100 | 75.0 | 62.0 | 100.0 | 61.6 | 90.0 (not all "
+          "converged) |" in readouts), readouts
+  features = transfer_page.features_table(HAND_BUILT)
+  assert "effective rank (of 6)" in features
+  assert "saturated % (layer 1 / 2 / 3)" in features
+  assert ("| BN | frozen features | 54.0 +- 3.2 | 90.0 +- 0.0 | "
+          "10.0 +- 0.0 / 20.0 +- 0.0 / 30.0 +- 0.0 |") in features
+  assert "on the budget (100 images)" in features
 
 
 def test_figure_is_written(tmp_path):
@@ -407,7 +564,8 @@ def tiny_run(tmp_path_factory):
           "--config.norms=('batch',)",
           "--config.transfer.variants=('frozen', 'recomputed', 'trained')",
           "--config.transfer.steps=6", "--config.transfer.batch_size=5",
-          "--config.transfer.recompute_chunk=50"]
+          "--config.transfer.recompute_chunk=50",
+          "--config.transfer.validation_images=40"]
   first = helpers.run_cli(args)
   copy = tmp / "transfer_first"
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("*.lock"))
@@ -433,7 +591,7 @@ def test_entry_point_end_to_end_and_rerun(tiny_run):
   assert results["command"].startswith(
       "python -m experiments.main --config=studies/transfer/config.py:short")
   assert results["machine"]["cpu_count"] > 0
-  assert "| BN | frozen (readout only) |" in (workdir / "report.md"
+  assert "| BN | frozen features: convex probe |" in (workdir / "report.md"
                                               ).read_text()
 
   # A rerun of the same pretraining loads the saved networks (no data
@@ -469,31 +627,46 @@ def test_entry_point_end_to_end_and_rerun(tiny_run):
 
 @pytest.mark.slow
 def test_page_section_on_the_tiny_run(tiny_run, tmp_path):
-  """The table's means, the figure, and a verdict for each claim the run's
-  cells allow (the verdict rules: test_verdicts_on_hand_built_results)."""
+  """The table's means, the probe's and the features' tables, the figure,
+  and a claim row for each claim the run's cells allow (the verdict rules:
+  test_claims_on_hand_built_results_against_scipy_and_holm)."""
   _, _, _, workdir = tiny_run
   study = studies_page.load_study(workdir)
   # The page finds the study by results.json's study_id.
   assert studies_page.study_of(study, registry.all_studies()) is (
       transfer_study.STUDY)
   text = transfer_page.section([study], tmp_path)
-  accuracy = {(c["norm"], c["variant"]): np.asarray(c["test_accuracy"])
-              for c in study["results"]["variants"]}
-  assert len(accuracy) == 3
-  for (norm, variant), acc in accuracy.items():
+  cells = {(c["norm"], c["variant"]): c for c in study["results"]["variants"]}
+  assert len(cells) == 3
+  for (norm, variant), c in cells.items():
+    name = transfer_page.variant_name(norm, variant)
+    if variant in transfer_page.READOUT_ONLY:
+      name += ": convex probe"
+      # Each probe's fit met the gradient tolerance, on a budget of 10.
+      assert all(c["probe"]["converged"])
+      assert max(c["probe"]["gradient_norm"]) < 1e-5
+      assert len(c["features"]["saturated"][0]) == 2  # two hidden layers
+      assert len(c["probe"]["least_penalty_train_accuracy"]) == 3
+    acc = np.asarray((c["probe"] if variant in transfer_page.READOUT_ONLY
+                      else c)["test_accuracy"])
     row = next(line for line in text.splitlines()
                if line.startswith(
-                   f"| {transfer_page.NORM_NAMES[norm]} | "
-                   f"{transfer_page.variant_name(norm, variant)} |"))
+                   f"| {transfer_page.NORM_NAMES[norm]} | {name} |"))
     assert f"{100 * acc.mean():.2f} +- {100 * acc.std(ddof=1):.2f}" in row
+    assert len(c["validation_accuracy"]) == 3
   assert "| norm | variant | 10 labeled |" in text
+  assert "| norm | features | budget | L2 chosen |" in text
+  assert "effective rank (of 8)" in text
   assert (tmp_path / f"{study['label']}.png").exists()
-  claims = [line for line in text.splitlines() if line.startswith("* ")]
-  assert [line.split(": **")[0] for line in claims] == [
-      "* Recomputing BN's statistics on the budget's images beats frozen "
-      "statistics",
-      "* Fine-tuning everything beats frozen BN statistics and layers"]
+  claims = [line for line in text.splitlines()
+            if line.startswith("| AdaBN") or line.startswith("| Yosinski")]
+  assert [line.split(" | ")[0] for line in claims] == [
+      "| AdaBN (Li et al. 2016): BN's statistics recomputed on the target's "
+      "images improve accuracy on the target",
+      "| Yosinski et al. (2014): fine-tuning the transferred layers beats "
+      "keeping them frozen"]
   for line in claims:
-    assert line.split("**")[1] in transfer_page.VERDICTS.values()
+    assert line.split("**")[1] in studies_page.CLAIM_VERDICTS
+  assert "2 comparisons in one Holm family" in text
   # Only the cells of the run: no claim about norms it did not train.
   assert "no norm" not in text and "LayerNorm" not in text

@@ -24,8 +24,10 @@ competes), and the new task is learned from a small labeled budget (100 or
                mean and biased variance: bn_jax.precise, "pooled",
                layerwise). BN only.
   recomputed_unlabeled  the same on all the target classes' training
-               images, their labels unused (AdaBN; semi-supervised: more
-               images than the labeled budget). BN only.
+               images outside the validation part, their labels unused
+               (AdaBN's operation; semi-supervised: more images than the
+               labeled budget). BN only. 0-4 -> 5-9 is a label shift, not
+               the covariate shift of the same classes AdaBN assumes.
   trained      fine-tune everything (new readout included) with
                bn_lab.train.train_step: BN in training mode, its running
                statistics updated by the moving average.
@@ -34,10 +36,21 @@ competes), and the new task is learned from a small labeled budget (100 or
 
 Each seed has its own pretrained network (pretraining is vmapped over
 seeds), its own labeled subset, readout initialization and data order, so
-the spread over seeds includes all three. Adam throughout; the readout-only
-variants with their own learning rate (config.transfer.
+the spread over seeds includes all three; every cell's seed i uses the
+same labeled subset (the page pairs cells seed by seed). Adam throughout;
+the readout-only variants with their own learning rate (config.transfer.
 readout_learning_rate): a linear readout on fixed features converges slowly
-at the fine-tuning one.
+at the fine-tuning one. For that reason each readout-only variant is also
+scored by a convex probe (`probe_runs`, studies.transfer.probe): logistic
+regression on the frozen features solved to a gradient tolerance, its
+penalty cross-validated on the budget; beside it the features' rank and
+saturation.
+
+The target's training images are split once (`hold_out_validation`): a
+validation part, on which the page picks each norm's best variant and the
+features are measured, and the rest, from which the budgets are drawn and
+which recomputed_unlabeled reads. The test images give the final numbers
+only.
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from bn_lab import study as study_lib
 from bn_lab import sweep
 from bn_lab import train
 from bn_lab import workdir as workdir_lib
+from studies.transfer import probe
 
 ConfigError = sweep.ConfigError
 
@@ -120,6 +134,23 @@ def labeled_budget(labels, budget: int, seed: int) -> np.ndarray:
   chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
             for c in range(num_classes)]
   return np.sort(np.concatenate(chosen))
+
+
+def hold_out_validation(split: dict[str, np.ndarray], size: int, seed: int,
+                        ) -> dict[str, np.ndarray]:
+  """`split` with `size` of its training examples, drawn by `seed`, moved
+  to validation_images / validation_labels (the rest stay, in their
+  order): labeled budgets and the unlabeled pool come from the rest, and
+  any selection among variants reads the validation part, never the
+  test set."""
+  order = np.random.default_rng(seed).permutation(
+      split["train_labels"].shape[0])
+  held, kept = np.sort(order[:size]), np.sort(order[size:])
+  return {**split,
+          "train_images": split["train_images"][kept],
+          "train_labels": split["train_labels"][kept],
+          "validation_images": split["train_images"][held],
+          "validation_labels": split["train_labels"][held]}
 
 
 # ----------------------------------------------------------------------------
@@ -184,13 +215,14 @@ def readout_step(state: train.TrainState, images, labels, *,
                         opt_state=opt_state), metrics
 
 
-def train_and_test(state: train.TrainState, images, labels, test_images,
-                   test_labels, *, spec: TransferSpec, readout_only: bool,
+def train_and_test(state: train.TrainState, images, labels, validation,
+                   test, *, spec: TransferSpec, readout_only: bool,
                    ) -> tuple[train.TrainState, dict[str, jax.Array]]:
   """`spec.num_epochs` epochs over (images, labels) (one run's labeled
   budget) as one scan of `readout_step` or `bn_lab.train.train_step`, then
-  the test set in eval mode. Returns the state and the last epoch's train
-  loss and accuracy with the test loss and accuracy."""
+  the validation and the test set ((images, labels) each) in eval mode.
+  Returns the state and the last epoch's train loss and accuracy with the
+  validation and test loss and accuracy."""
   n = images.shape[0]
   batches = jax.vmap(lambda e: train.epoch_batches(state.data_key, e, n,
                                                    spec))(
@@ -204,22 +236,52 @@ def train_and_test(state: train.TrainState, images, labels, test_images,
   state, metrics = jax.lax.scan(body, state, batches.reshape(
       -1, spec.batch_size))
   last = jax.tree.map(lambda m: jnp.sum(m[-spec.steps_per_epoch:]), metrics)
-  test = train.evaluate(state, test_images, test_labels, spec=spec)
-  return state, {"train_loss": last["loss_sum"] / last["count"],
-                 "train_accuracy": last["correct"] / last["count"],
-                 "test_loss": test["loss_sum"] / test["count"],
-                 "test_accuracy": test["correct"] / test["count"]}
+  out = {"train_loss": last["loss_sum"] / last["count"],
+         "train_accuracy": last["correct"] / last["count"]}
+  for name, (eval_images, eval_labels) in (("validation", validation),
+                                           ("test", test)):
+    sums = train.evaluate(state, eval_images, eval_labels, spec=spec)
+    out[f"{name}_loss"] = sums["loss_sum"] / sums["count"]
+    out[f"{name}_accuracy"] = sums["correct"] / sums["count"]
+  return state, out
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "readout_only"))
-def train_and_test_runs(states, images, labels, test_images, test_labels, *,
+def train_and_test_runs(states, images, labels, validation, test, *,
                         spec: TransferSpec, readout_only: bool):
   """`train_and_test` of K stacked runs, each on its own labeled budget
-  ((K, budget, 784) images), vmapped; the test set is shared."""
+  ((K, budget, 784) images), vmapped; the validation and test sets are
+  shared."""
   return jax.vmap(functools.partial(train_and_test, spec=spec,
                                     readout_only=readout_only),
                   in_axes=(0, 0, 0, None, None))(
-                      states, images, labels, test_images, test_labels)
+                      states, images, labels, validation, test)
+
+
+def hidden_activations(spec: TransferSpec, variables, images,
+                       ) -> tuple[jax.Array, ...]:
+  """Each hidden layer's output (after its activation) on `images`, the
+  network in eval mode (BN with `variables`' batch_stats): the features a
+  readout-only variant learns from are the last of them."""
+  model = spec.make_model({})
+  is_hidden = lambda module, method: (
+      method == "__call__" and isinstance(module.name, str)
+      and module.name.startswith("hidden_"))
+  _, captured = model.apply(variables, train.model_inputs(images, spec),
+                            train=False, capture_intermediates=is_hidden,
+                            mutable=["intermediates"])
+  layers = captured["intermediates"]
+  return tuple(layers[f"hidden_{i}"]["__call__"][0]
+               for i in range(len(spec.widths)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "shared"))
+def _activations_runs(variables, images, *, spec: TransferSpec,
+                      shared: bool):
+  """`hidden_activations` of K stacked networks, on one (N, 784) set of
+  images (`shared`) or on each run's own (K, N, 784)."""
+  return jax.vmap(functools.partial(hidden_activations, spec),
+                  in_axes=(0, None if shared else 0))(variables, images)
 
 
 def recompute_statistics(spec: TransferSpec, variables, batches):
@@ -306,9 +368,13 @@ def validate_config(config) -> None:
                 f"has {budget}, not a multiple of the "
                 f"{len(config.target_classes)} target classes (each class gets "
                 "the same share)")
+    sweep.check(budget >= 2 * len(config.target_classes), "transfer.budgets",
+                tuple(config.transfer.budgets),
+                f"has {budget}: fewer than 2 per class, and the probe's "
+                "penalty is cross-validated on the budget")
   for field in ("pretrain.batch_size", "pretrain.num_epochs",
                 "transfer.batch_size", "transfer.steps",
-                "transfer.recompute_chunk"):
+                "transfer.recompute_chunk", "transfer.validation_images"):
     value = sweep.get_dotted(config, field)
     sweep.check(sweep.is_int(value) and value > 0, field, value,
                 "must be a positive integer")
@@ -316,11 +382,22 @@ def validate_config(config) -> None:
     value = sweep.get_dotted(config, field)
     sweep.check(value >= 2, field, value,
                 "must be at least 2 (batch statistics of one example are 0)")
+  grid = config.transfer.probe_l2_grid
+  sweep.check(isinstance(grid, (tuple, list)) and len(grid) > 0
+              and all(sweep.is_number(v) and v > 0 for v in grid),
+              "transfer.probe_l2_grid", grid,
+              "must be a non-empty tuple of numbers > 0")
+  folds = config.transfer.probe_folds
+  sweep.check(sweep.is_int(folds) and folds >= 2, "transfer.probe_folds",
+              folds, "must be an integer >= 2")
   for field in ("pretrain.learning_rate", "transfer.learning_rate",
                 "transfer.readout_learning_rate", "bn.epsilon"):
     value = sweep.get_dotted(config, field)
     sweep.check(sweep.is_number(value) and value > 0, field, value,
                 "must be a number > 0")
+  seed = config.transfer.validation_seed
+  sweep.check(sweep.is_int(seed) and seed >= 0, "transfer.validation_seed",
+              seed, "must be an integer >= 0")
   momentum = config.bn.momentum
   sweep.check(sweep.is_number(momentum) and 0 <= momentum < 1, "bn.momentum",
               momentum, "must be a number in [0, 1)")
@@ -429,12 +506,77 @@ def pretrain(config, norm: str, source: train.DeviceData, directory: Path,
   return variables, summary
 
 
+def probe_runs(config, spec: TransferSpec, variables, images, labels,
+               target: dict[str, Any]) -> dict[str, Any]:
+  """A readout-only cell's convex probe and its features, per seed: the K
+  networks `variables` in eval mode give features on their budgets (images
+  (K, budget, 784), labels (K, budget)), the validation and the test
+  images; on each budget a multinomial logistic regression is solved to
+  convergence, its penalty cross-validated on that budget (probe.
+  select_and_fit), and scored on the validation and test images. The
+  features' effective and numerical rank (last hidden layer) and each
+  layer's saturated fraction (sigmoid only) are measured on the validation
+  images (target training images outside every budget)."""
+  on_budget = _activations_runs(variables, images, spec=spec, shared=False)
+  on_validation = _activations_runs(variables, target["validation_images"],
+                                    spec=spec, shared=True)
+  on_test = _activations_runs(variables, target["test_images"], spec=spec,
+                              shared=True)
+  on_budget, on_validation, on_test = jax.device_get(
+      (on_budget[-1], on_validation, on_test[-1]))
+  labels = np.asarray(labels)
+  validation_labels = np.asarray(target["validation_labels"])
+  test_labels = np.asarray(target["test_labels"])
+  classes = len(config.target_classes)
+  out = {k: [] for k in ("l2", "cv_log_loss", "train_accuracy",
+                         "train_loss", "validation_accuracy",
+                         "test_accuracy", "test_loss", "gradient_norm",
+                         "iterations", "converged",
+                         "least_penalty_train_accuracy",
+                         "least_penalty_converged")}
+  features = {"effective_rank": [], "numerical_rank": [], "saturated": []}
+  for k, seed in enumerate(config.seeds):
+    fitted, scores = probe.select_and_fit(
+        on_budget[k], labels[k], seed + TRANSFER_SEED_OFFSET,
+        grid=tuple(config.transfer.probe_l2_grid),
+        folds=config.transfer.probe_folds, num_classes=classes)
+    # How much of the budget the features can fit at all: the fit at the
+    # grid's smallest penalty (the chosen one trades fit for held-out
+    # loss, so its training accuracy is no ceiling).
+    with probe.single_threaded_blas():
+      least = probe.fit(on_budget[k], labels[k],
+                        min(config.transfer.probe_l2_grid), classes,
+                        start=fitted)
+    for key, value in (
+        ("l2", fitted.l2), ("cv_log_loss", scores[fitted.l2]),
+        ("train_accuracy", fitted.accuracy(on_budget[k], labels[k])),
+        ("train_loss", fitted.mean_log_loss(on_budget[k], labels[k])),
+        ("validation_accuracy", fitted.accuracy(on_validation[-1][k],
+                                                validation_labels)),
+        ("test_accuracy", fitted.accuracy(on_test[k], test_labels)),
+        ("test_loss", fitted.mean_log_loss(on_test[k], test_labels)),
+        ("gradient_norm", fitted.gradient_norm),
+        ("iterations", fitted.iterations), ("converged", fitted.converged),
+        ("least_penalty_train_accuracy", least.accuracy(on_budget[k],
+                                                        labels[k])),
+        ("least_penalty_converged", least.converged)):
+      out[key].append(value)
+    last = on_validation[-1][k]
+    features["effective_rank"].append(probe.effective_rank(last))
+    features["numerical_rank"].append(probe.numerical_rank(last))
+    features["saturated"].append(
+        [probe.saturated_fraction(layer[k]) for layer in on_validation]
+        if config.activation == "sigmoid" else None)
+  return {"probe": out, "features": features}
+
+
 def transfer_runs(config, norm: str, variant: str, budget: int, pretrained,
                   target: dict[str, np.ndarray], budgets: np.ndarray,
                   ) -> dict[str, Any]:
   """One (norm, variant, budget) cell: the K seeds' transfer runs, each on
   its labeled subset `budgets` (K, budget) of the target training images;
-  returns their accuracies (lists over seeds)."""
+  returns their accuracies (lists over seeds), and for a readout-only
+  variant its convex probe and features (`probe_runs`)."""
   batch = transfer_batch_size(config, budget)
   steps_per_epoch = budget // batch
   spec = make_spec(config, norm=norm, batch_size=batch,
@@ -446,6 +588,7 @@ def transfer_runs(config, norm: str, variant: str, budget: int, pretrained,
         else config.transfer.learning_rate)
   images = target["train_images"][budgets]  # (K, budget, 784) uint8
   labels = target["train_labels"][budgets]
+  variables = None
   if variant == "scratch":
     states = train.create_sweep_states(spec, seeds,
                                        {"learning_rate": [lr] * len(seeds)})
@@ -464,14 +607,21 @@ def transfer_runs(config, norm: str, variant: str, budget: int, pretrained,
     states = _transfer_states(variables, seeds, lr, spec=spec,
                               readout_only=readout_only)
   _, metrics = train_and_test_runs(
-      states, images, labels, target["test_images"], target["test_labels"],
+      states, images, labels,
+      (target["validation_images"], target["validation_labels"]),
+      (target["test_images"], target["test_labels"]),
       spec=spec, readout_only=readout_only)
   metrics = jax.device_get(metrics)
-  return {"norm": norm, "variant": variant, "budget": budget,
-          "steps": spec.total_steps, "batch_size": batch,
-          "learning_rate": lr,
-          **{k: [float(v) for v in metrics[k]] for k in
-             ("test_accuracy", "test_loss", "train_accuracy", "train_loss")}}
+  result = {"norm": norm, "variant": variant, "budget": budget,
+            "steps": spec.total_steps, "batch_size": batch,
+            "learning_rate": lr,
+            **{k: [float(v) for v in metrics[k]] for k in
+               ("test_accuracy", "test_loss", "validation_accuracy",
+                "validation_loss", "train_accuracy", "train_loss")}}
+  if readout_only:
+    result.update(probe_runs(config, spec, variables, images, labels,
+                             target))
+  return result
 
 
 def cells(config) -> list[tuple[str, str, int]]:
@@ -507,20 +657,30 @@ def load_split(config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
 def load_data(config) -> tuple[tuple[dict[str, np.ndarray],
                                      dict[str, np.ndarray]], str]:
   """The study's `load_data`: ((source, target), origin), the class splits
-  of `load_split` checked against the config's batch sizes and budgets."""
+  of `load_split`, the target's validation part held out
+  (`hold_out_validation`), checked against the config's batch sizes and
+  budgets."""
   source, target, origin = load_split(config)
+  num_target = target["train_labels"].shape[0]
+  sweep.check(config.transfer.validation_images < num_target,
+              "transfer.validation_images",
+              config.transfer.validation_images,
+              f"leaves none of the {num_target} target training images")
+  target = hold_out_validation(target, config.transfer.validation_images,
+                               config.transfer.validation_seed)
   validate_data_size(
       config, source["train_images"].shape[0],
       target["train_images"].shape[0],
       np.bincount(target["train_labels"],
                   minlength=len(config.target_classes)))
   logging.info("data: %s from %s; source classes %s: %d train / %d test, "
-               "target classes %s: %d train / %d test", config.dataset,
-               origin, tuple(config.source_classes),
+               "target classes %s: %d train / %d validation / %d test",
+               config.dataset, origin, tuple(config.source_classes),
                source["train_images"].shape[0],
                source["test_images"].shape[0],
                tuple(config.target_classes),
                target["train_images"].shape[0],
+               target["validation_images"].shape[0],
                target["test_images"].shape[0])
   return (source, target), origin
 
@@ -587,10 +747,19 @@ def run(context: study_lib.RunContext) -> dict[str, Any]:
                    "steps": config.transfer.steps,
                    "batch_size": config.transfer.batch_size,
                    "recompute_chunk": config.transfer.recompute_chunk,
+                   "validation_seed": config.transfer.validation_seed,
                    "target_train_images": int(
                        target["train_images"].shape[0]),
+                   "target_validation_images": int(
+                       target["validation_images"].shape[0]),
                    "target_test_images": int(
-                       target["test_images"].shape[0])},
+                       target["test_images"].shape[0]),
+                   "probe": {"l2_grid": list(
+                                 config.transfer.probe_l2_grid),
+                             "folds": config.transfer.probe_folds,
+                             "gradient_tolerance": probe.GRADIENT_TOLERANCE,
+                             "max_iterations": probe.MAX_ITERATIONS,
+                             "saturation": probe.SATURATION}},
       # The study's cells, named "variants" as the GAN study's.
       "variants": results,
       "wall_time": time.perf_counter() - started}
