@@ -21,15 +21,12 @@ NumPy and scipy only, float64: independent of the JAX code that trains.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import scipy.optimize
+import threadpoolctl
 
 # The penalties cross-validation chooses among (the L2 weight on the mean
 # cross-entropy: loss = mean CE + l2 / 2 * |W|^2). Features are sigmoid
@@ -48,34 +45,14 @@ SATURATION = 0.05
 # Multinomial logistic regression.
 
 
-@functools.cache
-def _numpy_openblas():
-  """NumPy's bundled OpenBLAS (its wheels' numpy.libs), or None."""
-  libs = Path(np.__file__).parent.parent / "numpy.libs"
-  for path in sorted(libs.glob("libscipy_openblas*.so*")):
-    lib = ctypes.CDLL(str(path))
-    if hasattr(lib, "openblas_set_num_threads_local"):
-      return lib
-  return None
-
-
-@contextlib.contextmanager
 def single_threaded_blas():
-  """NumPy's OpenBLAS on one thread (this thread's setting, restored on
-  exit). The probe's products are small (1,000 x 100 by 100 x 5), and
-  handing each to OpenBLAS's threads on a loaded machine, beside JAX's,
-  made an L-BFGS iteration about 10 times slower (32 s against 2.6 s for
-  one cross-validation on a budget of 1,000, 2026-12-08, under load). A
-  no-op where NumPy has no bundled OpenBLAS."""
-  lib = _numpy_openblas()
-  if lib is None:
-    yield
-    return
-  previous = lib.openblas_set_num_threads_local(1)
-  try:
-    yield
-  finally:
-    lib.openblas_set_num_threads_local(previous)
+  """NumPy's BLAS on one thread inside the `with` (threadpoolctl; the
+  setting is restored on exit). The probe's products are small (1,000 x
+  100 by 100 x 5), and handing each to OpenBLAS's threads on a loaded
+  machine, beside JAX's, made an L-BFGS iteration about 10 times slower
+  (32 s against 2.6 s for one cross-validation on a budget of 1,000,
+  2026-12-08, under load)."""
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
 def _unpack(theta: np.ndarray, dim: int, classes: int):
