@@ -5,7 +5,7 @@ r"""BN against mode collapse: the GAN study's nets on Stacked-MNIST.
 Generator norm (batch | none) x discriminator norm (none | batch_separate:
 real and fake batches normalized separately, as DCGAN's code), 10 seeds
 each (vmapped), the nets, loss and Adam(2e-4, b1=0.5) of studies/gan with
-3-channel images, batch 32, 8 x 100 steps (an "epoch" is a chunk of
+3-channel images, batch 32, 20 x 100 steps (an "epoch" is a chunk of
 steps, not a pass over the 60,000 images). Each run is measured on 10,000
 samples (VEEGAN and PacGAN use 26,000; the time budget): modes covered of
 1,000 and KL(mode histogram || uniform), each channel read by an MNIST
@@ -35,13 +35,13 @@ def get_config(arg: str = ""):
   c.generator_norms = ("batch", "none")
   c.discriminator_norms = ("none", "batch_separate")
   c.seeds = tuple(range(10))
-  # Sized to the 40-minute budget on a shared 2-core CPU (measured
-  # 2026-12-08: 50 steps of batch 64 x 10 seeds took 37 to 68 s under a
-  # load of 4): batch 32, 800 steps (an epoch here is a chunk of 100 steps,
+  # Sized to the 40-minute budget on the 2-core CPU (measured 2026-12-08:
+  # 800 steps took 15.5 minutes alone and every variant was still gaining
+  # modes): batch 32, 2,000 steps (an epoch here is a chunk of 100 steps,
   # one point of the plateau curve).
   c.batch_size = 32
   c.steps_per_epoch = 100
-  c.num_epochs = 8
+  c.num_epochs = 20
 
   # Stacked-MNIST (bn_lab.synthetic.load_stacked_mnist) from MNIST's
   # splits: each channel an independent uniform draw.
