@@ -809,6 +809,16 @@ def initial_states(spec: GANSpec, seeds, manager, recorded: int):
       create_states, jnp.asarray(seeds, jnp.int32), spec=spec), recorded)
 
 
+def result_header(name, generator_norm, discriminator_norm, seeds, spec,
+                  train_time, compile_time, eval_time) -> dict[str, Any]:
+  """The fields every GAN study's per-variant result starts with."""
+  return {"variant": name, "generator_norm": generator_norm,
+          "discriminator_norm": discriminator_norm, "seeds": seeds,
+          "steps": spec.steps_per_epoch * spec.num_epochs,
+          "train_time": train_time, "compile_time": compile_time,
+          "eval_time": eval_time}
+
+
 def train_variant(config, generator_norm: str, discriminator_norm: str,
                   data: train.DeviceData, workdir: Path, writer,
                   classifier, classifier_variables, real_statistics,
@@ -849,13 +859,9 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
         real_statistics, config.eval.num_samples, batch=spec.batch_size)
   save_npy(samples_dir / "final.npy", sample_grid(
       states, spec=spec, num=config.eval.grid_samples))
-  eval_time = time.perf_counter() - started
   result = {
-      "variant": name, "generator_norm": generator_norm,
-      "discriminator_norm": discriminator_norm, "seeds": seeds,
-      "steps": spec.steps_per_epoch * spec.num_epochs,
-      "train_time": wall, "compile_time": compile_time,
-      "eval_time": eval_time,
+      **result_header(name, generator_norm, discriminator_norm, seeds, spec,
+                      wall, compile_time, time.perf_counter() - started),
       **{mode: {k: [run[k] for run in runs] for k in SAMPLE_METRICS}
          for mode, runs in final.items()}}
   logging.info("[%s] %d samples per run: entropy %s  classes >= 5%% %s  "
@@ -863,7 +869,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
                _mean_std(result["eval_mode"]["coverage_entropy"]),
                _mean_std(result["eval_mode"]["classes_5pct"]),
                _mean_std([d for d in result["eval_mode"]["frechet_distance"]
-                          if d is not None]), eval_time)
+                          if d is not None]), result["eval_time"])
   return result
 
 

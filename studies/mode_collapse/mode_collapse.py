@@ -303,13 +303,10 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
                 np.stack([mode_counts(m) for m in modes]))
   gan.save_npy(samples_dir / "final.npy", gan.sample_grid(
       states, spec=spec, num=config.eval.grid_samples))
-  eval_time = time.perf_counter() - started
   result = {
-      "variant": name, "generator_norm": generator_norm,
-      "discriminator_norm": discriminator_norm, "seeds": seeds,
-      "steps": spec.steps_per_epoch * spec.num_epochs,
-      "train_time": wall, "compile_time": compile_time,
-      "eval_time": eval_time,
+      **gan.result_header(name, generator_norm, discriminator_norm, seeds,
+                          spec, wall, compile_time,
+                          time.perf_counter() - started),
       **{k: [run[k] for run in final] for k in MODE_METRICS},
       "collapsed": count_below([r["modes_covered"] for r in final],
                                config.collapse_modes)}
@@ -317,7 +314,7 @@ def train_variant(config, generator_norm: str, discriminator_norm: str,
                "seeds cover fewer than %d modes (evaluated in %.1f s)", name,
                config.eval.num_samples, _median_range(result["modes_covered"]),
                _median_range(result["kl_to_uniform"]), result["collapsed"],
-               len(seeds), config.collapse_modes, eval_time)
+               len(seeds), config.collapse_modes, result["eval_time"])
   return result
 
 
